@@ -1,0 +1,59 @@
+"""The example API that ``plangate demo`` serves."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+from ..asgi import PlanGateMiddleware
+
+CONFIG = Path(__file__).with_name("plangate.yaml")
+
+
+async def health(request: Request) -> JSONResponse:
+    return JSONResponse({"status": "ok"})
+
+
+async def export_report(request: Request) -> JSONResponse:
+    report_id = request.path_params["report_id"]
+    return JSONResponse({"report": report_id, "export": f"/downloads/{report_id}.csv"})
+
+
+async def completions(request: Request) -> JSONResponse:
+    body: Any = await request.json() if await request.body() else {}
+    prompt = str(body.get("prompt", "hello")) if isinstance(body, dict) else "hello"
+    tokens = 10 * len(prompt.split()) + 50  # what a model call would report
+    return JSONResponse(
+        {"completion": "…", "usage": {"tokens": tokens}}, headers={"X-Usage-Tokens": str(tokens)}
+    )
+
+
+async def projects(request: Request) -> JSONResponse:
+    gate = request.state.plangate
+    limit = gate.value("max_projects")
+    return JSONResponse(
+        {
+            "customer": gate.customer,
+            "plan": gate.plan,
+            "max_projects": "unlimited" if limit == float("inf") else limit,
+            "api_calls_left": gate.remaining("api_calls"),
+        }
+    )
+
+
+def create_app(config: str | Path = CONFIG, storage: str | None = None) -> Starlette:
+    app = Starlette(
+        routes=[
+            Route("/health", health),
+            Route("/v1/reports/{report_id}/export", export_report, methods=["POST"]),
+            Route("/v1/completions", completions, methods=["POST"]),
+            Route("/v1/projects", projects),
+        ]
+    )
+    app.add_middleware(PlanGateMiddleware, config=config, storage=storage)
+    return app

@@ -1,0 +1,176 @@
+"""The ``plangate`` command: check, token, explain, demo (SPEC §9)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import jwt
+
+from .__about__ import __version__
+from ._enforcer import Enforcer
+from .config import Config, load_config, parse_duration
+from .errors import ConfigError
+
+DEMO_CONFIG = Path(__file__).parent / "_demo" / "plangate.yaml"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if not hasattr(args, "run"):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.run(args))
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return 1
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="plangate", description="Entitlements for your API.")
+    parser.add_argument("--version", action="version", version=f"plangate {__version__}")
+    commands = parser.add_subparsers(title="commands", metavar="COMMAND")
+
+    check = commands.add_parser("check", help="validate a config file")
+    check.add_argument("file")
+    check.set_defaults(run=_check)
+
+    token = commands.add_parser("token", help="mint a development token with the config's secret")
+    token.add_argument("--customer", required=True, help="the customer id to put in the token")
+    token.add_argument("--plan", help="the plan claim (optional)")
+    token.add_argument("--config", help="the config (default: ./plangate.yaml, else the demo's)")
+    token.add_argument("--ttl", default="1h", help="lifetime, such as 15m, 1h or 7d (default 1h)")
+    token.set_defaults(run=_token)
+
+    explain = commands.add_parser(
+        "explain", help="show the decision for a request, consuming nothing"
+    )
+    explain.add_argument("--config", required=True)
+    explain.add_argument("--token", help="the JWT to decide for (omit: no token)")
+    explain.add_argument("request", help='"METHOD /path", such as "POST /v1/reports/7/export"')
+    explain.set_defaults(run=_explain)
+
+    demo = commands.add_parser("demo", help="serve an example API on memory storage")
+    demo.add_argument("--host", default="127.0.0.1")
+    demo.add_argument("--port", type=int, default=8000)
+    demo.set_defaults(run=_demo)
+    return parser
+
+
+def _check(args: argparse.Namespace) -> int:
+    config = load_config(args.file)
+    m = config.model
+    print(
+        f"{args.file}: ok — {len(m.features)} features, {len(m.plans)} plans, "
+        f"{len(m.routes)} routes"
+    )
+    for note in config.notes:
+        print(f"note: {note}")
+    return 0
+
+
+def _default_config(path: str | None) -> Config:
+    if path:
+        return load_config(path)
+    here = Path("plangate.yaml")
+    return load_config(here if here.exists() else DEMO_CONFIG)
+
+
+def mint_token(config: Config, customer: str, plan: str | None = None, ttl: float = 3600) -> str:
+    """A token the config's own HS secret signs: for development and tests only."""
+    settings = config.model.identity.jwt
+    if settings.secret is None:
+        raise SystemExit(
+            "plangate token: the config verifies tokens with a public key; it has no secret to sign with"
+        )
+    now = int(time.time())
+    claims: dict[str, Any] = {"iat": now, "exp": now + int(ttl)}
+    _put(claims, settings.customer_claim, customer)
+    if plan is not None:
+        if settings.plan_claim is None:
+            raise SystemExit("plangate token: --plan needs identity.jwt.plan_claim in the config")
+        _put(claims, settings.plan_claim, plan)
+    if settings.issuer:
+        claims["iss"] = settings.issuer
+    if settings.audience:
+        claims["aud"] = settings.audience
+    return jwt.encode(claims, settings.secret, algorithm=settings.algorithms[0])
+
+
+def _put(claims: dict[str, Any], dotted: str, value: str) -> None:
+    *parents, last = dotted.split(".")
+    for part in parents:
+        claims = claims.setdefault(part, {})
+    claims[last] = value
+
+
+def _token(args: argparse.Namespace) -> int:
+    config = _default_config(args.config)
+    print(mint_token(config, args.customer, args.plan, parse_duration(args.ttl)))
+    return 0
+
+
+def _explain(args: argparse.Namespace) -> int:
+    method, _, path = args.request.strip().partition(" ")
+    if not path.startswith("/"):
+        print('plangate explain: give the request as "METHOD /path"', file=sys.stderr)
+        return 2
+    gate = Enforcer(args.config)
+    decision = gate.check(method.upper(), path, args.token, consume=False)
+    print(f"{method.upper()} {path}")
+    for reason in decision.reasons or ():
+        print(f"  - {reason}")
+    if decision.problem is not None and not decision.shadowed:
+        print(f"decision: DENY {decision.problem.status} {decision.problem.name}")
+    else:
+        print("decision: ALLOW")
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from ._demo.app import create_app
+
+    config = load_config(DEMO_CONFIG)
+    base = f"http://{args.host}:{args.port}"
+    print("plangate demo — an example API on memory storage, config:", DEMO_CONFIG)
+    print()
+    for customer, plan in (
+        ("acme-free", "free"),
+        ("acme-pro", "pro"),
+        ("acme-enterprise", "enterprise"),
+    ):
+        token = mint_token(config, customer, plan, ttl=86400)
+        print(f"# {plan}: customer {customer}")
+        print(f"export TOKEN_{plan.upper()}={token}")
+    print()
+    print("# try them:")
+    print(f"curl -i {base}/health")
+    print(
+        f'curl -i -X POST {base}/v1/reports/42/export -H "Authorization: Bearer $TOKEN_FREE"        # 402'
+    )
+    print(
+        f'curl -i -X POST {base}/v1/reports/42/export -H "Authorization: Bearer $TOKEN_PRO"         # 200'
+    )
+    print(
+        f'for i in 1 2 3 4 5 6; do curl -s -o /dev/null -w "%{{http_code}}\\n" {base}/v1/projects -H "Authorization: Bearer $TOKEN_PRO"; done   # 5/10s, then 429'
+    )
+    print(
+        f'curl -i -X POST {base}/v1/completions -H "Authorization: Bearer $TOKEN_ENTERPRISE" -d \'{{"prompt": "write a haiku"}}\''
+    )
+    print(f'curl -s {base}/.plangate/entitlements -H "Authorization: Bearer $TOKEN_PRO"')
+    print()
+    sys.stdout.flush()
+    uvicorn.run(create_app(DEMO_CONFIG), host=args.host, port=args.port, log_level="info")
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

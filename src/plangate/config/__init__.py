@@ -1,0 +1,75 @@
+"""``plangate.yaml``: the models, the loader and the compiled catalog.
+
+``load_config(path)`` reads and checks a file; ``load_config(mapping)`` checks an object
+already in memory (then messages carry key paths but no line numbers).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..errors import ConfigError, ConfigIssue
+from ._catalog import Catalog, CreditGrant, Limit, MeterCost, MeterGrant, Plan, Rule, build_catalog
+from ._durations import parse_duration
+from ._loader import Document, read_source, validate_model
+from ._models import ConfigModel
+
+__all__ = [
+    "Catalog",
+    "Config",
+    "ConfigModel",
+    "CreditGrant",
+    "Limit",
+    "MeterCost",
+    "MeterGrant",
+    "Plan",
+    "Rule",
+    "load_config",
+    "parse_duration",
+]
+
+
+@dataclass(frozen=True)
+class Config:
+    """A loaded, checked config: the file as written (``model``) and compiled (``catalog``)."""
+
+    model: ConfigModel
+    catalog: Catalog
+    source: str | None = None
+
+    @property
+    def notes(self) -> tuple[ConfigIssue, ...]:
+        """What the file declares that this release validates but does not enforce yet."""
+        return self.catalog.notes
+
+
+def load_config(
+    source: str | os.PathLike[str] | Mapping[str, Any] | Config,
+    *,
+    env: Mapping[str, str] | None = None,
+) -> Config:
+    """Load and check a config. Raises ``ConfigError`` listing every problem found.
+
+    ``PLANGATE_STORAGE`` in the environment overrides ``storage:``.
+    """
+    if isinstance(source, Config):
+        return source
+    if isinstance(source, Mapping):
+        doc = Document(dict(source), {}, None)
+    else:
+        doc = read_source(source, env)
+    model = validate_model(ConfigModel, doc.data, doc)
+    environ = os.environ if env is None else env
+    override = environ.get("PLANGATE_STORAGE")
+    if override:
+        try:
+            model = model.model_copy(update={"storage": ConfigModel.check_storage(override)})
+        except ValueError as exc:
+            issue = ConfigIssue("storage", f"PLANGATE_STORAGE: {exc}", doc.file)
+            raise ConfigError([issue]) from None
+    catalog = build_catalog(model, doc)
+    return Config(model, catalog, str(source) if isinstance(source, (str, Path)) else None)

@@ -1,0 +1,397 @@
+"""The config, compiled: plans flattened and typed, routes compiled, every reference checked."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import ConfigError, ConfigIssue
+from ._durations import parse_duration
+from ._loader import Document, Loc, validate_model
+from ._models import AddonGrantSpec, ConfigModel, CreditGrantSpec, HeaderCost, LimitSpec
+from ._routes import Router, Template, parse_template
+
+UNLIMITED = "unlimited"
+
+
+@dataclass(frozen=True, slots=True)
+class Limit:
+    """``limit`` units per sliding ``window`` (seconds) or per calendar ``period``."""
+
+    meter: str
+    limit: int
+    policy: str  # "api_calls-1d": the quota policy name in RateLimit headers
+    window: float | None = None
+    period: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class MeterGrant:
+    """A metered feature in a plan: every limit must hold; none at all means unlimited."""
+
+    limits: tuple[Limit, ...]
+    overage: str | None = None
+    rate: float | None = None
+
+    @property
+    def unlimited(self) -> bool:
+        return not self.limits
+
+
+@dataclass(frozen=True, slots=True)
+class CreditGrant:
+    grant: int
+    period: str
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A plan after ``extends``: every feature it grants, typed by the feature's kind."""
+
+    name: str
+    legacy: bool
+    trial_days: int | None
+    values: Mapping[str, Any]  # boolean → True, config → its value (unlimited → math.inf)
+    meters: Mapping[str, MeterGrant]
+    credits: Mapping[str, CreditGrant]
+
+    def grants(self, feature: str) -> bool:
+        return feature in self.values or feature in self.meters or feature in self.credits
+
+
+@dataclass(frozen=True, slots=True)
+class MeterCost:
+    """What a route charges one meter: a fixed cost, or a response header's value."""
+
+    meter: str
+    cost: int  # the fixed cost, or the estimate reserved before the handler runs
+    header: str | None = None  # lower-case response header carrying the actual amount
+    expose: bool = False
+
+
+@dataclass(frozen=True)
+class Rule:
+    index: int
+    template: Template
+    public: bool
+    feature: str | None
+    meters: tuple[MeterCost, ...]
+    count_always: bool
+    shadow: bool
+    #: every feature the plan must grant: the rule's feature, then each meter
+    required: tuple[str, ...] = field(init=False)
+    #: lower-case response header → the meter cost it reports
+    usage_headers: Mapping[str, MeterCost] = field(init=False)
+
+    def __post_init__(self) -> None:
+        required = ((self.feature,) if self.feature else ()) + tuple(m.meter for m in self.meters)
+        object.__setattr__(self, "required", required)
+        headers = {m.header: m for m in self.meters if m.header}
+        object.__setattr__(self, "usage_headers", headers)
+
+    @property
+    def match(self) -> str:
+        methods = "|".join(self.template.methods)
+        return f"{methods} {self.template.path}" if methods else self.template.path
+
+
+@dataclass(frozen=True)
+class Catalog:
+    plans: Mapping[str, Plan]
+    rules: tuple[Rule, ...]
+    router: Router
+    default_plan: str | None
+    notes: tuple[ConfigIssue, ...] = field(default=())  # valid, but not enforced yet
+
+
+def build_catalog(model: ConfigModel, doc: Document) -> Catalog:
+    builder = _Builder(model, doc)
+    catalog = builder.build()
+    if builder.issues:
+        builder.issues.sort(key=lambda issue: (issue.line or 0, issue.path))
+        raise ConfigError(builder.issues)
+    return catalog
+
+
+class _Builder:
+    def __init__(self, model: ConfigModel, doc: Document) -> None:
+        self.model = model
+        self.doc = doc
+        self.issues: list[ConfigIssue] = []
+        self.notes: list[ConfigIssue] = []
+
+    def fail(self, loc: Loc, message: str) -> None:
+        self.issues.append(self.doc.issue(loc, message))
+
+    def note(self, loc: Loc, message: str) -> None:
+        self.notes.append(self.doc.issue(loc, message))
+
+    def sub(self, model: Any, value: Any, loc: Loc) -> Any:
+        try:
+            return validate_model(model, value, self.doc, loc)
+        except ConfigError as exc:
+            self.issues.extend(exc.issues)
+            return None
+
+    def build(self) -> Catalog:
+        plans = self._plans()
+        rules = self._rules()
+        self._addons()
+        self._billing()
+        m = self.model
+        if m.default_plan is not None and m.default_plan not in m.plans:
+            self.fail(("default_plan",), f"unknown plan {m.default_plan!r}{self._known(m.plans)}")
+        if m.admin.token:
+            self.note(("admin",), "the admin API is not served yet; admin.token is unused")
+        key = m.identity.jwt.public_key
+        if key is not None and key.startswith("file:") and not Path(key[5:]).is_file():
+            self.fail(("identity", "jwt", "public_key"), f"cannot read the key file {key[5:]!r}")
+        if not m.storage.startswith("memory://"):
+            self.note(
+                ("storage",),
+                "only memory:// storage is available in this release; Redis comes next",
+            )
+        router = Router([rule.template for rule in rules])
+        notes = tuple(sorted(self.notes, key=lambda issue: (issue.line or 0, issue.path)))
+        return Catalog(plans, tuple(rules), router, m.default_plan, notes)
+
+    @staticmethod
+    def _known(names: Mapping[str, Any]) -> str:
+        return f" (known: {', '.join(names)})" if names else ""
+
+    # plans -------------------------------------------------------------------------------
+
+    def _plans(self) -> dict[str, Plan]:
+        resolved: dict[str, dict[str, Any]] = {}
+        for name in self.model.plans:
+            self._resolve(name, resolved, ())
+        plans = {}
+        for name, features in resolved.items():
+            spec = self.model.plans[name]
+            values, meters, credits = {}, {}, {}
+            for feature, grant in features.items():
+                if grant is None:
+                    continue
+                if isinstance(grant, MeterGrant):
+                    meters[feature] = grant
+                elif isinstance(grant, CreditGrant):
+                    credits[feature] = grant
+                else:
+                    values[feature] = grant
+            if spec.trial_days is not None:
+                self.note(
+                    ("plans", name, "trial_days"),
+                    "trials are not enforced yet: they need the customer store",
+                )
+            plans[name] = Plan(name, spec.legacy, spec.trial_days, values, meters, credits)
+        return plans
+
+    def _resolve(self, name: str, done: dict[str, dict[str, Any]], chain: tuple[str, ...]) -> Any:
+        if name in done:
+            return done[name]
+        spec = self.model.plans[name]
+        if name in chain:
+            cycle = " → ".join((*chain[chain.index(name) :], name))
+            self.fail(("plans", chain[-1], "extends"), f"extends cycle: {cycle}")
+            return {}
+        inherited: dict[str, Any] = {}
+        if spec.extends is not None:
+            if spec.extends not in self.model.plans:
+                self.fail(
+                    ("plans", name, "extends"),
+                    f"unknown plan {spec.extends!r}{self._known(self.model.plans)}",
+                )
+            else:
+                inherited = dict(self._resolve(spec.extends, done, (*chain, name)))
+        features = inherited
+        for feature, value in spec.features.items():
+            features[feature] = self._entitlement(
+                feature, value, ("plans", name, "features", feature)
+            )
+        done[name] = features
+        return features
+
+    def _entitlement(self, feature: str, value: Any, loc: Loc) -> Any:
+        """The typed grant, or None for a feature that is not granted (``false``)."""
+        spec = self.model.features.get(feature)
+        if spec is None:
+            self.fail(loc, f"unknown feature {feature!r}{self._known(self.model.features)}")
+            return None
+        if value is False:
+            return None
+        kind = spec.kind
+        if kind == "boolean":
+            if value is not True:
+                self.fail(loc, f"{feature} is a boolean feature: use true or false, got {value!r}")
+            return True
+        if kind == "config":
+            if value == UNLIMITED:
+                return math.inf
+            if isinstance(value, (dict, list)) or value is None:
+                self.fail(loc, f"{feature} is a config feature: give a single value, got {value!r}")
+            return value
+        if kind == "credits":
+            grant = self.sub(CreditGrantSpec, value, loc) if isinstance(value, dict) else None
+            if not isinstance(value, dict):
+                self.fail(loc, f"{feature} is a credits feature: use {{grant: N, period: month}}")
+            self.note(loc, "credit balances are not enforced yet: the grant is validated only")
+            return CreditGrant(grant.grant, grant.period) if grant else None
+        return self._meter_grant(feature, value, loc)
+
+    def _meter_grant(self, feature: str, value: Any, loc: Loc) -> MeterGrant | None:
+        if value == UNLIMITED:
+            return MeterGrant(())
+        if isinstance(value, dict):
+            items: list[tuple[Any, Loc]] = [(value, loc)]
+        elif isinstance(value, list) and value:
+            items = [(item, (*loc, i)) for i, item in enumerate(value)]
+        else:
+            self.fail(
+                loc,
+                f"{feature} is a metered feature: use unlimited, {{limit: N, window: 1d}}, "
+                f"{{limit: N, period: month}} or a list of limits, got {value!r}",
+            )
+            return None
+        limits: list[Limit] = []
+        overage, rate = None, None
+        for item, item_loc in items:
+            spec = self.sub(LimitSpec, item, item_loc)
+            if spec is None:
+                continue
+            if spec.overage is not None:
+                overage, rate = spec.overage, spec.rate
+                target = self.model.features.get(spec.overage)
+                if target is None or target.kind != "credits":
+                    self.fail((*item_loc, "overage"), f"{spec.overage!r} is not a credits feature")
+                else:
+                    self.note(
+                        (*item_loc, "overage"),
+                        "overage to credits is not enforced yet: "
+                        "requests over the limit are refused",
+                    )
+            if spec.window is not None:
+                limit = Limit(
+                    feature,
+                    spec.limit,
+                    f"{feature}-{spec.window}",
+                    window=parse_duration(spec.window),
+                )
+            else:
+                limit = Limit(feature, spec.limit, f"{feature}-{spec.period}", period=spec.period)
+            if any(existing.policy == limit.policy for existing in limits):
+                self.fail(item_loc, f"two limits of {feature} share the policy {limit.policy!r}")
+            limits.append(limit)
+        return MeterGrant(tuple(limits), overage, rate)
+
+    # routes ------------------------------------------------------------------------------
+
+    def _rules(self) -> list[Rule]:
+        rules = []
+        features = self.model.features
+        for index, route in enumerate(self.model.routes):
+            loc: Loc = ("routes", index)
+            try:
+                template = parse_template(route.match)
+            except ValueError as exc:
+                self.fail((*loc, "match"), str(exc))
+                continue
+            if route.feature is not None and route.feature not in features:
+                self.fail(
+                    (*loc, "feature"), f"unknown feature {route.feature!r}{self._known(features)}"
+                )
+            costs = []
+            for meter, cost in route.meters.items():
+                meter_loc = (*loc, "meters", meter)
+                spec = features.get(meter)
+                if spec is None:
+                    self.fail(meter_loc, f"unknown feature {meter!r}{self._known(features)}")
+                    continue
+                if spec.kind != "metered":
+                    self.fail(meter_loc, f"{meter} is a {spec.kind} feature, not metered")
+                    continue
+                if isinstance(cost, bool) or not isinstance(cost, (int, dict)):
+                    self.fail(
+                        meter_loc,
+                        "the cost is a whole number, or {response_header: NAME, estimate: N}",
+                    )
+                elif isinstance(cost, int):
+                    if cost < 0:
+                        self.fail(meter_loc, f"the cost must be 0 or more, got {cost}")
+                    costs.append(MeterCost(meter, cost))
+                else:
+                    header = self.sub(HeaderCost, cost, meter_loc)
+                    if header is not None:
+                        name = header.response_header.lower()
+                        costs.append(MeterCost(meter, header.estimate, name, header.expose))
+            rules.append(
+                Rule(
+                    index=index,
+                    template=template,
+                    public=route.public,
+                    feature=route.feature,
+                    meters=tuple(costs),
+                    count_always=route.count == "always",
+                    shadow=route.mode == "shadow",
+                )
+            )
+        return rules
+
+    # sections validated now, enforced by later releases ---------------------------------
+
+    def _addons(self) -> None:
+        for name, addon in self.model.addons.items():
+            for feature, value in addon.features.items():
+                loc: Loc = ("addons", name, "features", feature)
+                spec = self.model.features.get(feature)
+                if spec is None:
+                    self.fail(loc, f"unknown feature {feature!r}{self._known(self.model.features)}")
+                elif value is True:
+                    continue
+                elif spec.kind != "metered":
+                    self.fail(
+                        loc,
+                        f"{feature} is a {spec.kind} feature: an add-on can only enable it (true)",
+                    )
+                elif not isinstance(value, dict):
+                    self.fail(loc, "use true, or {add: N} to raise a metered limit")
+                else:
+                    self.sub(AddonGrantSpec, value, loc)
+        if self.model.addons:
+            self.note(("addons",), "add-ons are not enforced yet: they need the customer store")
+
+    def _billing(self) -> None:
+        billing = self.model.billing
+        if billing is None:
+            return
+        self.note(
+            ("billing",), "billing webhooks are not served yet; this section is validated only"
+        )
+        for provider, table_name in (("stripe", "prices"), ("zuora", "rate_plans")):
+            section = getattr(billing, provider)
+            if section is None:
+                continue
+            for key, target in getattr(section, table_name).items():
+                self._billing_target(target, ("billing", provider, table_name, key))
+
+    def _billing_target(self, target: Any, loc: Loc) -> None:
+        m = self.model
+        if isinstance(target, str):
+            if target not in m.plans:
+                self.fail(loc, f"unknown plan {target!r}{self._known(m.plans)}")
+        elif isinstance(target, dict) and set(target) == {"addon"}:
+            if target["addon"] not in m.addons:
+                self.fail(
+                    (*loc, "addon"), f"unknown add-on {target['addon']!r}{self._known(m.addons)}"
+                )
+        elif isinstance(target, dict) and set(target) == {"credits", "amount"}:
+            feature = m.features.get(target["credits"])
+            if feature is None or feature.kind != "credits":
+                self.fail((*loc, "credits"), f"{target['credits']!r} is not a credits feature")
+            amount = target["amount"]
+            if isinstance(amount, bool) or not isinstance(amount, int) or amount <= 0:
+                self.fail((*loc, "amount"), "the amount is a whole number above 0")
+        else:
+            self.fail(loc, "map to a plan name, {addon: NAME} or {credits: FEATURE, amount: N}")

@@ -1,0 +1,151 @@
+"""The decision for one request, and the handler's view of its customer."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from ..config import Limit, Plan, Rule
+from ..identity import Identity
+from ..storage import Counter, CounterState
+from ._problems import Problem
+
+
+@dataclass(frozen=True, slots=True)
+class Charge:
+    """What a rule charges one customer on one plan: computed once, reused until ``valid_until``."""
+
+    counters: tuple[Counter, ...]
+    meters: tuple[str, ...]  # the meter of each counter
+    limits: tuple[Limit | None, ...]  # the limit of each counter; None: unlimited
+    windows: tuple[int, ...]  # each counter's window or period length, whole seconds
+    policy: str  # the RateLimit-Policy header value ("" when nothing is limited)
+    valid_until: float  # the end of the earliest calendar period among the counters
+
+
+class Decision:
+    """What plangate decided for one request.
+
+    Handlers read it as ``request.state.plangate`` (ASGI) or ``environ["plangate"]`` (WSGI):
+    ``customer``, ``plan``, ``has(feature)``, ``value(feature)``, ``remaining(meter)`` and
+    ``record(meter, amount)`` to set what this request actually used.
+    """
+
+    __slots__ = (
+        "_kinds",
+        "charge",
+        "headers",
+        "identity",
+        "params",
+        "plan_entitlements",
+        "problem",
+        "reasons",
+        "recorded",
+        "reservation_id",
+        "rule",
+        "settled",
+        "shadowed",
+        "slots",
+        "states",
+    )
+
+    def __init__(
+        self,
+        rule: Rule | None,
+        params: Mapping[str, str],
+        kinds: Mapping[str, str],
+        explain: bool = False,
+    ) -> None:
+        self.rule = rule
+        self.params = params
+        self._kinds = kinds
+        self.identity: Identity | None = None
+        self.plan_entitlements: Plan | None = None
+        self.problem: Problem | None = None
+        self.shadowed = False  # denied, but the rule is in shadow mode: let through
+        self.headers: list[tuple[str, str]] = []  # quota headers for the response
+        #: why, step by step; kept only when explaining (``plangate explain``)
+        self.reasons: list[str] | None = [] if explain else None
+        self.charge: Charge | None = None
+        self.states: tuple[CounterState, ...] = ()  # each counter after the reservation
+        self.slots: tuple[int, ...] = ()  # where the storage placed each cost
+        self.reservation_id = ""  # given when a settle has to reach the storage
+        self.recorded: dict[str, int] = {}
+        self.settled = False
+
+    def __repr__(self) -> str:
+        state = "allowed" if self.allowed else f"denied {self.problem.name}"  # type: ignore[union-attr]
+        return f"<Decision {state} customer={self.customer!r} plan={self.plan!r}>"
+
+    @property
+    def allowed(self) -> bool:
+        return self.problem is None or self.shadowed
+
+    @property
+    def reserved(self) -> bool:
+        """Whether units were reserved that must be committed or refunded."""
+        return bool(self.slots) and not self.settled
+
+    @property
+    def customer(self) -> str | None:
+        return self.identity.customer if self.identity else None
+
+    @property
+    def plan(self) -> str | None:
+        return self.plan_entitlements.name if self.plan_entitlements else None
+
+    @property
+    def meters(self) -> tuple[str, ...]:
+        """The meter of each reserved counter."""
+        return self.charge.meters if self.charge else ()
+
+    def has(self, feature: str) -> bool:
+        """Whether the customer's plan grants ``feature``."""
+        plan = self.plan_entitlements
+        return plan is not None and plan.grants(feature)
+
+    def value(self, feature: str) -> Any:
+        """A config feature's value (``math.inf`` for unlimited), a boolean's on/off, else None."""
+        plan = self.plan_entitlements
+        if self._kinds.get(feature) == "boolean":
+            return plan is not None and feature in plan.values
+        if plan is None:
+            return None
+        return plan.values.get(feature)
+
+    def remaining(self, meter: str) -> float:
+        """Units of ``meter`` left after this request's reservation (``math.inf`` if unlimited).
+
+        Known for the meters this request's route reserves; the entitlements endpoint
+        reports every meter.
+        """
+        charge = self.charge
+        left: float | None = None
+        if charge is not None and self.states:
+            for i, name in enumerate(charge.meters):
+                if name != meter:
+                    continue
+                limit = charge.limits[i]
+                here = math.inf if limit is None else max(0, limit.limit - self.states[i].used)
+                left = here if left is None else min(left, here)
+        if left is None:
+            reserved = ", ".join(sorted(set(self.meters))) or "none"
+            raise LookupError(
+                f"remaining({meter!r}): this request reserved no {meter} "
+                f"(it reserved: {reserved}); GET /.plangate/entitlements reports every meter"
+            )
+        return left
+
+    def record(self, meter: str, amount: int) -> None:
+        """Set what this request actually used of ``meter``; charged once the response is sent."""
+        if meter not in self.meters:
+            reserved = ", ".join(sorted(set(self.meters))) or "none"
+            raise ValueError(
+                f"record({meter!r}): the route of this request does not meter {meter} "
+                f"(it meters: {reserved})"
+            )
+        if isinstance(amount, bool) or not isinstance(amount, int) or amount < 0:
+            raise ValueError(f"record({meter!r}, {amount!r}): the amount is a whole number ≥ 0")
+        self.recorded[meter] = amount

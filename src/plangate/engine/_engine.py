@@ -1,0 +1,363 @@
+"""The decision of SPEC §3, as a flow that yields storage operations and does no I/O."""
+
+from __future__ import annotations
+
+import math
+import secrets
+from collections.abc import Callable, Mapping
+from datetime import datetime
+from typing import Any
+
+from ..config import Config, Limit, Plan, Rule
+from ..errors import AuthenticationError
+from ..identity import Identity
+from ..storage import (
+    Counter,
+    CounterState,
+    CustomerRecord,
+    Flow,
+    LoadCustomer,
+    Peek,
+    Reserve,
+    Settle,
+)
+from ._decision import Charge, Decision
+from ._headers import ceil_seconds, policy_header, quota_headers
+from ._periods import period_bounds
+from ._problems import Problem
+
+_KEY_PREFIX = "plangate:"
+_CACHE_SIZE = 50_000  # entries of each per-request cache before it starts afresh
+
+ChargeKey = tuple[str, str, int, "datetime | None"]
+
+
+class Engine:
+    """Decides requests against one config. Pure: facts in, decisions and ``Op``s out."""
+
+    def __init__(self, config: Config) -> None:
+        model = config.model
+        self.catalog = config.catalog
+        self.kinds = {name: feature.kind for name, feature in model.features.items()}
+        self.units = {name: feature.unit for name, feature in model.features.items()}
+        self.upgrade_url = model.responses.upgrade_url
+        self.legacy_headers = model.responses.legacy_headers
+        self.deny_unmatched = model.unmatched == "deny"
+        self._router = self.catalog.router
+        self._rules = self.catalog.rules
+        self._routes: dict[tuple[str, str], tuple[int, dict[str, str]] | None] = {}
+        self._charges: dict[ChargeKey, Charge] = {}
+
+    # 1. route ----------------------------------------------------------------------------
+
+    def route(self, method: str, path: str, *, explain: bool = False) -> Decision:
+        """The rule for a request. ``decision.rule is None``: unmatched; public: no more to do."""
+        key = (method, path)
+        try:
+            found = self._routes[key]
+        except KeyError:
+            found = self._router.match(method, path)
+            if len(self._routes) >= _CACHE_SIZE:
+                self._routes.clear()
+            self._routes[key] = found
+        if found is None:
+            decision = Decision(None, {}, self.kinds, explain)
+            if self.deny_unmatched:
+                detail = f"{method} {path} is not an API route of this service"
+                decision.problem = Problem("route-not-allowed", detail)
+            if decision.reasons is not None:
+                policy = "deny" if self.deny_unmatched else "allow"
+                decision.reasons.append(f"no route rule matches: unmatched {policy}")
+            return decision
+        index, params = found
+        rule = self._rules[index]
+        decision = Decision(rule, params, self.kinds, explain)
+        if decision.reasons is not None:
+            public = " (public)" if rule.public else ""
+            decision.reasons.append(f"route rule {index}: {rule.match}{public}")
+        return decision
+
+    # 2-5. identity, entitlements, feature, meters -----------------------------------------
+
+    def decide(
+        self,
+        decision: Decision,
+        identity: Identity | AuthenticationError,
+        now: float,
+        *,
+        consume: bool = True,
+    ) -> Flow[Decision]:
+        """Complete ``decision`` for a non-public rule. ``consume=False`` reserves nothing."""
+        rule = decision.rule
+        assert rule is not None
+        reasons = decision.reasons
+        if isinstance(identity, AuthenticationError):
+            headers: tuple[tuple[str, str], ...] = ()
+            if identity.token_given:
+                headers = (("www-authenticate", 'Bearer error="invalid_token"'),)
+            self._deny(decision, Problem("unauthenticated", identity.detail, headers=headers))
+            return decision
+        decision.identity = identity
+        if reasons is not None:
+            reasons.append(f"customer {identity.customer!r}")
+
+        record: CustomerRecord | None = yield LoadCustomer(identity.customer)
+        plan = self._plan(decision, identity, record)
+        if plan is None:
+            return decision
+        decision.plan_entitlements = plan
+
+        for feature in rule.required:
+            if not plan.grants(feature):
+                detail = f"the {plan.name} plan does not include {feature}"
+                members = self._upsell(feature=feature, plan=plan.name)
+                self._deny(decision, Problem("feature-not-in-plan", detail, members))
+                return decision
+        if reasons is not None and rule.feature:
+            reasons.append(f"feature {rule.feature}: granted by {plan.name}")
+        if not rule.meters:
+            return decision
+
+        anchor = record.billing_anchor if record else None
+        charge = self._charge(rule, identity.customer, plan, anchor, now)
+        decision.charge = charge
+        if not consume:
+            states = yield Peek(charge.counters, now)
+            decision.states = tuple(
+                CounterState(s.used + c.cost, s.reset_after)
+                for c, s in zip(charge.counters, states, strict=True)
+            )
+            if reasons is not None:
+                reasons.append("meters: " + self._describe(charge, decision.states))
+            over = [
+                i
+                for i, (c, s) in enumerate(zip(charge.counters, states, strict=True))
+                if c.limit is not None and s.used + c.cost > c.limit
+            ]
+            if over:
+                wait = max(states[i].reset_after for i in over)
+                self._deny_quota(decision, plan, over, wait)
+            return decision
+
+        result = yield Reserve(charge.counters, now, enforce=not rule.shadow)
+        decision.states = result.states
+        decision.slots = result.slots
+        if reasons is not None:
+            reasons.append("meters: " + self._describe(charge, result.states))
+        if result.violated:
+            self._deny_quota(decision, plan, result.violated, result.retry_after)
+            if not decision.shadowed:
+                return decision
+        if charge.policy:
+            decision.headers = self._quota_headers(charge, result.states)
+        return decision
+
+    def _plan(
+        self, decision: Decision, identity: Identity, record: CustomerRecord | None
+    ) -> Plan | None:
+        if record is not None and record.plan:
+            name, source = record.plan, "the customer store"
+        elif identity.plan:
+            name, source = identity.plan, "the token's plan claim"
+        elif self.catalog.default_plan:
+            name, source = self.catalog.default_plan, "default_plan"
+        else:
+            detail = f"customer {identity.customer!r} has no plan"
+            self._deny(decision, Problem("no-active-plan", detail, self._upsell()))
+            return None
+        plan = self.catalog.plans.get(name)
+        if plan is None:
+            detail = f"customer {identity.customer!r} is on plan {name!r}, which is not offered"
+            self._deny(decision, Problem("no-active-plan", detail, self._upsell()))
+            return None
+        if decision.reasons is not None:
+            decision.reasons.append(f"plan {name} (from {source})")
+        return plan
+
+    def _charge(
+        self, rule: Rule, customer: str, plan: Plan, anchor: datetime | None, now: float
+    ) -> Charge:
+        key = (customer, plan.name, rule.index, anchor)
+        charge = self._charges.get(key)
+        if charge is None or now >= charge.valid_until:
+            costs = [(m.meter, m.cost) for m in rule.meters]
+            charge = self.build_charge(costs, customer, plan, anchor, now)
+            if len(self._charges) >= _CACHE_SIZE:
+                self._charges.clear()
+            self._charges[key] = charge
+        return charge
+
+    @staticmethod
+    def build_charge(
+        costs: list[tuple[str, int]], customer: str, plan: Plan, anchor: datetime | None, now: float
+    ) -> Charge:
+        """One counter per limit of every meter charged; unlimited meters get a monthly one."""
+        counters: list[Counter] = []
+        meters: list[str] = []
+        limits: list[Limit | None] = []
+        windows: list[int] = []
+        valid_until = math.inf
+        tag = f"{_KEY_PREFIX}{{{customer}}}:"
+        for meter, cost in costs:
+            grant = plan.meters[meter]
+            for limit in grant.limits or (None,):
+                if limit is not None and limit.window is not None:
+                    counter = Counter(
+                        f"{tag}{limit.policy}", limit.limit, cost, window=limit.window
+                    )
+                    window = math.ceil(limit.window)
+                else:  # a calendar period; unlimited meters are counted per billing month
+                    period = limit.period if limit is not None else "month"
+                    start, end = period_bounds(period or "month", now, anchor)
+                    policy = limit.policy if limit is not None else f"{meter}-month"
+                    quota = limit.limit if limit is not None else None
+                    counter = Counter(f"{tag}{policy}:{int(start)}", quota, cost, resets_at=end)
+                    window = round(end - start)
+                    valid_until = min(valid_until, end)
+                counters.append(counter)
+                meters.append(meter)
+                limits.append(limit)
+                windows.append(window)
+        policy = policy_header(
+            (lim.policy, lim.limit, w) for lim, w in zip(limits, windows, strict=True) if lim
+        )
+        return Charge(
+            tuple(counters), tuple(meters), tuple(limits), tuple(windows), policy, valid_until
+        )
+
+    def _quota_headers(
+        self, charge: Charge, states: tuple[CounterState, ...]
+    ) -> list[tuple[str, str]]:
+        return quota_headers(
+            charge.policy,
+            (
+                (lim.policy, lim.limit, max(0, lim.limit - s.used), s.reset_after)
+                for lim, s in zip(charge.limits, states, strict=True)
+                if lim is not None
+            ),
+            self.legacy_headers,
+        )
+
+    @staticmethod
+    def _describe(charge: Charge, states: tuple[CounterState, ...]) -> str:
+        parts = []
+        for meter, limit, state in zip(charge.meters, charge.limits, states, strict=True):
+            if limit is None:
+                parts.append(f"{meter} unlimited")
+            else:
+                left = max(0, limit.limit - state.used)
+                parts.append(f"{limit.policy} {left}/{limit.limit} left")
+        return ", ".join(parts)
+
+    def _deny(self, decision: Decision, problem: Problem) -> None:
+        decision.problem = problem
+        decision.shadowed = bool(decision.rule and decision.rule.shadow)
+        if decision.reasons is not None:
+            shadow = " (shadow: let through)" if decision.shadowed else ""
+            decision.reasons.append(
+                f"deny {problem.status} {problem.name}: {problem.detail}{shadow}"
+            )
+
+    def _deny_quota(
+        self, decision: Decision, plan: Plan, violated: Any, retry_after: float
+    ) -> None:
+        charge = decision.charge
+        assert charge is not None
+        policies = [str(getattr(charge.limits[i], "policy", "")) for i in violated]
+        retry = ceil_seconds(retry_after)
+        members = {"violated-policies": policies, **self._upsell(plan=plan.name)}
+        detail = (
+            f"the {plan.name} plan's quota {', '.join(policies)} is used up; retry in {retry} s"
+        )
+        headers = [("retry-after", str(retry)), *self._quota_headers(charge, decision.states)]
+        self._deny(decision, Problem("quota-exceeded", detail, members, tuple(headers)))
+
+    def _upsell(self, **members: Any) -> dict[str, Any]:
+        if self.upgrade_url:
+            members["upgrade_url"] = self.upgrade_url
+        return members
+
+    # 6. after the handler -----------------------------------------------------------------
+
+    def settle(
+        self,
+        decision: Decision,
+        status: int,
+        reported: Mapping[str, int],
+        clock: Callable[[], float],
+        *,
+        refund: bool = False,
+    ) -> Settle | None:
+        """The storage call that commits, adjusts or refunds the reservation; None if none is due.
+
+        ``reported`` holds amounts read from response headers; ``decision.record()`` wins over
+        them. ``refund=True`` (the handler raised) gives everything back.
+        """
+        if decision.settled or not decision.slots:
+            return None
+        decision.settled = True
+        rule = decision.rule
+        charge = decision.charge
+        assert rule is not None
+        assert charge is not None
+        counts = not refund and (rule.count_always or status < 400)
+        if counts and not reported and not decision.recorded:
+            return None  # the reservation was the actual cost: nothing to change
+        deltas = []
+        recorded = decision.recorded
+        for counter, meter in zip(charge.counters, charge.meters, strict=True):
+            actual = recorded.get(meter, reported.get(meter, counter.cost)) if counts else 0
+            deltas.append(actual - counter.cost)
+        if not any(deltas):
+            return None
+        decision.reservation_id = secrets.token_hex(16)
+        return Settle(
+            decision.reservation_id, charge.counters, decision.slots, tuple(deltas), clock()
+        )
+
+    # the entitlements endpoint -----------------------------------------------------------
+
+    def entitlements(self, identity: Identity, now: float) -> Flow[dict[str, Any] | Problem]:
+        """What ``GET /.plangate/entitlements`` answers for the caller (nothing is consumed)."""
+        record: CustomerRecord | None = yield LoadCustomer(identity.customer)
+        probe = Decision(None, {}, self.kinds)
+        plan = self._plan(probe, identity, record)
+        if plan is None:
+            assert probe.problem is not None
+            return probe.problem
+        anchor = record.billing_anchor if record else None
+        features: dict[str, Any] = {}
+        for name, kind in self.kinds.items():
+            if kind in ("boolean", "config"):
+                value = plan.values.get(name, False if kind == "boolean" else None)
+                features[name] = "unlimited" if value == math.inf else value
+        meters: dict[str, Any] = {}
+        for name in plan.meters:
+            charge = self.build_charge([(name, 0)], identity.customer, plan, anchor, now)
+            states = yield Peek(charge.counters, now)
+            entries = []
+            for limit, state in zip(charge.limits, states, strict=True):
+                entry: dict[str, Any] = {"used": state.used}
+                if limit is None:
+                    entry.update(policy=f"{name}-month", limit="unlimited", remaining="unlimited")
+                else:
+                    where = {"window": limit.window} if limit.window else {"period": limit.period}
+                    remaining = max(0, limit.limit - state.used)
+                    entry.update(
+                        policy=limit.policy, limit=limit.limit, remaining=remaining, **where
+                    )
+                entry["reset"] = ceil_seconds(state.reset_after) if state.used else 0
+                entries.append(entry)
+            meters[name] = {"unit": self.units.get(name), "limits": entries}
+        credits = {
+            name: {"grant": g.grant, "period": g.period, "enforced": False}
+            for name, g in plan.credits.items()
+        }
+        return {
+            "customer": identity.customer,
+            "plan": plan.name,
+            "features": features,
+            "meters": meters,
+            "credits": credits,
+            **self._upsell(),
+        }

@@ -1,0 +1,69 @@
+"""Every exception plangate raises on purpose.
+
+::
+
+    PlanGateError
+    ├── ConfigError            a config file or object that cannot be used; lists every issue
+    ├── AuthenticationError    a missing, malformed, expired or forged token (→ 401)
+    └── StorageError           a storage backend failed; wraps the backend's exception
+
+A denial (402, 403, 429) is not an exception: it is a decision, returned by the engine.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = [
+    "AuthenticationError",
+    "ConfigError",
+    "ConfigIssue",
+    "PlanGateError",
+    "StorageError",
+]
+
+
+class PlanGateError(Exception):
+    """Base class of every plangate exception."""
+
+
+@dataclass(frozen=True)
+class ConfigIssue:
+    """One problem in a config: where it is and what is wrong."""
+
+    path: str
+    message: str
+    file: str | None = None
+    line: int | None = None
+
+    def __str__(self) -> str:
+        where = self.file or "<config>"
+        if self.line is not None:
+            where = f"{where}:{self.line}"
+        key = f" {self.path}:" if self.path else ""
+        return f"{where}:{key} {self.message}"
+
+
+class ConfigError(PlanGateError):
+    """The config cannot be used. ``issues`` lists every problem found, in file order."""
+
+    def __init__(self, issues: list[ConfigIssue]) -> None:
+        self.issues = issues
+        super().__init__("\n".join(str(issue) for issue in issues))
+
+
+class AuthenticationError(PlanGateError):
+    """The request carries no usable identity.
+
+    ``token_given`` tells whether a token was present (then the response carries
+    ``WWW-Authenticate: Bearer error="invalid_token"``).
+    """
+
+    def __init__(self, detail: str, *, token_given: bool) -> None:
+        self.detail = detail
+        self.token_given = token_given
+        super().__init__(detail)
+
+
+class StorageError(PlanGateError):
+    """A storage backend failed. The backend's own exception is the ``__cause__``."""

@@ -1,0 +1,196 @@
+"""``memory://``: counters in this process. Exact, thread-safe, nothing shared."""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+from ._base import (
+    SLIDING_BUCKETS,
+    Counter,
+    CounterState,
+    CustomerRecord,
+    Peek,
+    Reserve,
+    ReserveResult,
+    Settle,
+    Storage,
+)
+
+_SWEEP_EVERY = 60.0  # seconds between sweeps of expired counters
+_SETTLED_TTL = 600.0  # how long a settled reservation id is remembered
+_SETTLED_MAX = 100_000
+
+
+@dataclass(slots=True)
+class _Sliding:
+    width: float  # bucket width, seconds
+    window: float
+    buckets: dict[int, int] = field(default_factory=dict)  # bucket index → units, oldest first
+    total: int = 0
+
+    def evict(self, now: float) -> None:
+        # A bucket counts while any part of it lies inside (now - window, now].
+        horizon = now - self.window
+        buckets = self.buckets
+        while buckets:
+            index = next(iter(buckets))
+            if (index + 1) * self.width > horizon:
+                break
+            self.total -= buckets.pop(index)
+
+    def expires_in(self, index: int, now: float) -> float:
+        return (index + 1) * self.width + self.window - now
+
+    def reset_after(self, now: float) -> float:
+        if not self.buckets:
+            return 0.0
+        return self.expires_in(next(iter(self.buckets)), now)
+
+    def wait_for(self, excess: int, now: float) -> float:
+        """Seconds until at least ``excess`` units have left the window."""
+        freed = 0
+        for index, units in self.buckets.items():
+            freed += units
+            if freed >= excess:
+                return self.expires_in(index, now)
+        return self.window
+
+    def add(self, index: int, units: int) -> None:
+        self.buckets[index] = self.buckets.get(index, 0) + units
+        self.total += units
+
+    @property
+    def expires_at(self) -> float:
+        last = next(reversed(self.buckets), None) if self.buckets else None
+        return math.inf if last is None else (last + 1) * self.width + self.window
+
+
+@dataclass(slots=True)
+class _Fixed:
+    resets_at: float
+    total: int = 0
+
+    @property
+    def expires_at(self) -> float:
+        return self.resets_at
+
+
+class MemoryStorage(Storage):
+    """Counters in a dict behind one lock. For one process: tests, demos, single workers."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._counters: dict[str, _Sliding | _Fixed] = {}
+        self._customers: dict[str, CustomerRecord] = {}
+        self._settled: OrderedDict[str, float] = OrderedDict()
+        self._next_sweep = 0.0
+
+    def _counter(self, counter: Counter, now: float, create: bool) -> _Sliding | _Fixed | None:
+        state = self._counters.get(counter.key)
+        if state is None:
+            if not create:
+                return None
+            if counter.window > 0:
+                state = _Sliding(counter.window / SLIDING_BUCKETS, counter.window)
+            else:
+                state = _Fixed(counter.resets_at)
+            self._counters[counter.key] = state
+        elif isinstance(state, _Sliding):
+            state.evict(now)
+        return state
+
+    def reserve(self, op: Reserve) -> ReserveResult:
+        now = op.now
+        with self._lock:
+            self._maybe_sweep(now)
+            states = [self._counter(c, now, create=True) for c in op.counters]
+            violated = tuple(
+                i
+                for i, (c, s) in enumerate(zip(op.counters, states, strict=True))
+                if c.limit is not None and s is not None and s.total + c.cost > c.limit
+            )
+            admitted = not violated
+            if violated and op.enforce:
+                retry = 0.0
+                for i in violated:
+                    c, s = op.counters[i], states[i]
+                    retry = max(retry, self._wait(c, s, now))  # type: ignore[arg-type]
+                reported = tuple(self._state(s, now) for s in states)  # type: ignore[arg-type]
+                return ReserveResult(False, reported, (), violated, retry)
+            slots = []
+            for c, s in zip(op.counters, states, strict=True):
+                if isinstance(s, _Sliding):
+                    index = int(now // s.width)
+                    s.add(index, c.cost)
+                    slots.append(index)
+                else:
+                    assert s is not None
+                    s.total += c.cost
+                    slots.append(0)
+            reported = tuple(self._state(s, now) for s in states)  # type: ignore[arg-type]
+            return ReserveResult(admitted, reported, tuple(slots), violated)
+
+    @staticmethod
+    def _wait(counter: Counter, state: _Sliding | _Fixed, now: float) -> float:
+        if isinstance(state, _Fixed):
+            return state.resets_at - now
+        assert counter.limit is not None
+        if counter.cost > counter.limit:
+            return state.window  # can never fit; say when the window is clear again
+        return state.wait_for(state.total + counter.cost - counter.limit, now)
+
+    @staticmethod
+    def _state(state: _Sliding | _Fixed, now: float) -> CounterState:
+        if isinstance(state, _Fixed):
+            return CounterState(state.total, state.resets_at - now)
+        return CounterState(state.total, state.reset_after(now))
+
+    def settle(self, op: Settle) -> bool:
+        with self._lock:
+            if op.reservation_id in self._settled:
+                return False
+            self._settled[op.reservation_id] = op.now + _SETTLED_TTL
+            while self._settled and (
+                len(self._settled) > _SETTLED_MAX or next(iter(self._settled.values())) < op.now
+            ):
+                self._settled.popitem(last=False)
+            for counter, slot, delta in zip(op.counters, op.slots, op.deltas, strict=True):
+                if delta == 0:
+                    continue
+                state = self._counter(counter, op.now, create=delta > 0)
+                if isinstance(state, _Sliding):
+                    if slot in state.buckets:  # a bucket already out of the window stays out
+                        units = max(delta, -state.buckets[slot])
+                        state.add(slot, units)
+                elif state is not None:
+                    state.total = max(0, state.total + delta)
+            return True
+
+    def peek(self, op: Peek) -> tuple[CounterState, ...]:
+        with self._lock:
+            result = []
+            for counter in op.counters:
+                state = self._counter(counter, op.now, create=False)
+                if state is None:
+                    reset = counter.resets_at - op.now if counter.window == 0 else 0.0
+                    result.append(CounterState(0, reset))
+                else:
+                    result.append(self._state(state, op.now))
+            return tuple(result)
+
+    def load_customer(self, customer: str) -> CustomerRecord | None:
+        return self._customers.get(customer)
+
+    def save_customer(self, record: CustomerRecord) -> None:
+        self._customers[record.customer] = record
+
+    def _maybe_sweep(self, now: float) -> None:
+        if now < self._next_sweep:
+            return
+        self._next_sweep = now + _SWEEP_EVERY
+        expired = [key for key, state in self._counters.items() if state.expires_at <= now]
+        for key in expired:
+            del self._counters[key]

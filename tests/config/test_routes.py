@@ -1,0 +1,232 @@
+"""Route templates (``parse_template``) and the first-match-wins ``Router``."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from plangate.config._routes import Router, parse_template
+
+
+def _router(*templates: str) -> Router:
+    return Router([parse_template(text) for text in templates])
+
+
+# parse_template ------------------------------------------------------------------------
+
+
+def test_template_with_one_method() -> None:
+    template = parse_template("POST /v1/completions")
+    assert (template.methods, template.path, template.params) == (
+        ("POST",),
+        "/v1/completions",
+        (),
+    )
+
+
+def test_template_with_several_methods() -> None:
+    assert parse_template("GET|HEAD /items").methods == ("GET", "HEAD")
+
+
+def test_template_without_method_has_no_methods() -> None:
+    assert parse_template("/items").methods == ()
+
+
+def test_template_lists_its_parameters_in_order() -> None:
+    template = parse_template("GET /orgs/{org}/files/{rest:path}")
+    assert template.params == ("org", "rest")
+
+
+def test_template_ignores_surrounding_whitespace() -> None:
+    assert parse_template("  GET   /items  ") == parse_template("GET /items")
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        pytest.param("", "expected 'METHOD /path' or '/path', got ''", id="empty"),
+        pytest.param(
+            "GET /a extra",
+            "expected 'METHOD /path' or '/path', got 'GET /a extra'",
+            id="three-parts",
+        ),
+        pytest.param(
+            "get /a",
+            "invalid methods 'get': use upper-case names joined by |, such as GET or GET|HEAD",
+            id="lower-case-method",
+        ),
+        pytest.param(
+            "GET||HEAD /a",
+            "invalid methods 'GET||HEAD': use upper-case names joined by |, such as GET or GET|HEAD",
+            id="empty-method",
+        ),
+        pytest.param(
+            "GET,HEAD /a",
+            "invalid methods 'GET,HEAD': use upper-case names joined by |, such as GET or GET|HEAD",
+            id="comma-methods",
+        ),
+        pytest.param("GET items", "the path must start with /, got 'items'", id="relative-path"),
+        pytest.param("GET", "the path must start with /, got 'GET'", id="method-only"),
+        pytest.param("/a/{id", "unbalanced braces in '/a/{id'", id="unclosed-brace"),
+        pytest.param("/a/id}", "unbalanced braces in '/a/id}'", id="stray-close-brace"),
+        pytest.param("/a/{{id}", "unbalanced braces in '/a/{{id}'", id="double-open-brace"),
+        pytest.param("/a/{id}}", "unbalanced braces in '/a/{id}}'", id="double-close-brace"),
+        pytest.param("/a/{}", "invalid parameter name '' in '/a/{}'", id="empty-name"),
+        pytest.param("/a/{1st}", "invalid parameter name '1st' in '/a/{1st}'", id="digit-name"),
+        pytest.param(
+            "/a/{report-id}",
+            "invalid parameter name 'report-id' in '/a/{report-id}'",
+            id="dash-name",
+        ),
+        pytest.param(
+            "/a/{id}/b/{id}", "parameter 'id' appears twice in '/a/{id}/b/{id}'", id="repeated-name"
+        ),
+        pytest.param(
+            "/a/{id:int}",
+            "unknown parameter type 'int' in '/a/{id:int}': use {name} or {name:path}",
+            id="unknown-type",
+        ),
+        pytest.param(
+            "/files/{rest:path}/meta",
+            "{rest:path} must end the path in '/files/{rest:path}/meta'",
+            id="path-not-last",
+        ),
+    ],
+)
+def test_invalid_template_message(text: str, message: str) -> None:
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        parse_template(text)
+
+
+# Router: methods ------------------------------------------------------------------------
+
+
+def test_method_template_matches_its_method() -> None:
+    assert _router("POST /v1/completions").match("POST", "/v1/completions") == (0, {})
+
+
+def test_method_template_refuses_other_methods() -> None:
+    assert _router("POST /v1/completions").match("GET", "/v1/completions") is None
+
+
+def test_get_or_head_matches_get() -> None:
+    assert _router("GET|HEAD /items").match("GET", "/items") == (0, {})
+
+
+def test_get_or_head_matches_head() -> None:
+    assert _router("GET|HEAD /items").match("HEAD", "/items") == (0, {})
+
+
+def test_get_or_head_refuses_post() -> None:
+    assert _router("GET|HEAD /items").match("POST", "/items") is None
+
+
+@pytest.mark.parametrize("method", ["GETX", "GE", "XGET"])
+def test_method_must_match_whole(method: str) -> None:
+    assert _router("GET /items").match(method, "/items") is None
+
+
+@pytest.mark.parametrize("method", ["GET", "POST", "DELETE", "PATCH", "OPTIONS", "PROPFIND"])
+def test_template_without_method_matches_any_method(method: str) -> None:
+    assert _router("/items").match(method, "/items") == (0, {})
+
+
+# Router: paths and parameters -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("path", ["/items/", "/items/7", "/item", "/v1/items"])
+def test_literal_path_must_match_whole(path: str) -> None:
+    assert _router("GET /items").match("GET", path) is None
+
+
+def test_parameter_captures_one_segment() -> None:
+    assert _router("POST /v1/reports/{id}/export").match("POST", "/v1/reports/42/export") == (
+        0,
+        {"id": "42"},
+    )
+
+
+def test_parameter_does_not_cross_a_slash() -> None:
+    assert _router("GET /v1/reports/{id}").match("GET", "/v1/reports/4/2") is None
+
+
+def test_parameter_does_not_match_an_empty_segment() -> None:
+    assert _router("GET /v1/reports/{id}/export").match("GET", "/v1/reports//export") is None
+
+
+def test_several_parameters_are_all_captured() -> None:
+    assert _router("GET /orgs/{org}/projects/{project}").match("GET", "/orgs/acme/projects/p1") == (
+        0,
+        {"org": "acme", "project": "p1"},
+    )
+
+
+def test_path_parameter_captures_the_rest_with_slashes() -> None:
+    assert _router("/v1/{rest:path}").match("GET", "/v1/a/b/c.txt") == (0, {"rest": "a/b/c.txt"})
+
+
+def test_path_parameter_matches_the_empty_rest() -> None:
+    assert _router("/v1/{rest:path}").match("GET", "/v1/") == (0, {"rest": ""})
+
+
+def test_path_parameter_still_needs_its_prefix() -> None:
+    assert _router("/v1/{rest:path}").match("GET", "/v2/a") is None
+
+
+@pytest.mark.parametrize(
+    ("template", "same", "different"),
+    [
+        pytest.param("/a.b", "/a.b", "/aXb", id="dot"),
+        pytest.param("/a+b", "/a+b", "/aab", id="plus"),
+        pytest.param("/a*", "/a*", "/aaa", id="star"),
+        pytest.param("/(x)", "/(x)", "/x", id="parentheses"),
+        pytest.param("/[ab]", "/[ab]", "/a", id="brackets"),
+        pytest.param("/a?b", "/a?b", "/b", id="question-mark"),
+        pytest.param("/a|b", "/a|b", "/b", id="bar"),
+        pytest.param("/^a$", "/^a$", "/a", id="anchors"),
+        pytest.param("/a\\d", "/a\\d", "/a1", id="backslash"),
+    ],
+)
+def test_regex_metacharacters_in_a_literal_path_are_literal(
+    template: str, same: str, different: str
+) -> None:
+    router = _router(template)
+    assert (router.match("GET", same), router.match("GET", different)) == ((0, {}), None)
+
+
+# Router: order --------------------------------------------------------------------------
+
+
+def test_first_matching_rule_wins() -> None:
+    router = _router("GET /v1/projects", "/v1/{rest:path}")
+    assert router.match("GET", "/v1/projects") == (0, {})
+
+
+def test_later_rule_applies_when_earlier_ones_do_not_match() -> None:
+    router = _router("GET /v1/projects", "/v1/{rest:path}")
+    assert router.match("POST", "/v1/projects") == (1, {"rest": "projects"})
+
+
+def test_broad_rule_first_shadows_a_narrow_one() -> None:
+    router = _router("/v1/{rest:path}", "GET /v1/projects")
+    assert router.match("GET", "/v1/projects") == (0, {"rest": "projects"})
+
+
+def test_parameters_come_from_the_rule_that_matched() -> None:
+    # The first rule matches a prefix of the request and captures x before failing.
+    router = _router("GET /a/{x}/{y}", "POST /a/{x}", "/a/{x}/z")
+    assert router.match("PUT", "/a/b/z") == (2, {"x": "b"})
+
+
+def test_rules_may_reuse_parameter_names() -> None:
+    router = _router("GET /a/{id}", "POST /b/{id}")
+    assert router.match("POST", "/b/7") == (1, {"id": "7"})
+
+
+def test_no_matching_rule_gives_none() -> None:
+    assert _router("GET /health", "POST /v1/{rest:path}").match("GET", "/v2/x") is None
+
+
+def test_router_without_rules_matches_nothing() -> None:
+    assert Router([]).match("GET", "/") is None

@@ -1,0 +1,35 @@
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import httpx
+import pytest
+
+from plangate import asgi, wsgi
+from tests.middleware.apps import asgi_app, wsgi_app
+from tests.support import serve_asgi, serve_wsgi
+
+Serve = Callable[..., httpx.Client]
+
+
+@pytest.fixture(params=["asgi", "wsgi"])
+def serve(request: pytest.FixtureRequest) -> Iterator[Serve]:
+    """``serve(config, **middleware_kwargs)`` → an httpx client for the test API behind
+    plangate, served by uvicorn (ASGI) or werkzeug (WSGI)."""
+    stack = contextlib.ExitStack()
+
+    def start(config: Any, **kwargs: Any) -> httpx.Client:
+        if request.param == "asgi":
+            url = stack.enter_context(
+                serve_asgi(asgi.PlanGateMiddleware(asgi_app(), config, **kwargs))
+            )
+        else:
+            url = stack.enter_context(
+                serve_wsgi(wsgi.PlanGateMiddleware(wsgi_app, config, **kwargs))
+            )
+        return stack.enter_context(httpx.Client(base_url=url, timeout=10))
+
+    with stack:
+        yield start

@@ -1,0 +1,136 @@
+"""The engine through the sync driver, with an injected clock and a customer record."""
+
+from __future__ import annotations
+
+import math
+from datetime import datetime, timezone
+
+import pytest
+
+from plangate import CustomerRecord, Enforcer, MemoryStorage
+from plangate.engine import quota_headers
+from tests.support import config, token
+
+UTC = timezone.utc
+
+
+def at(*args: int) -> float:
+    return datetime(*args, tzinfo=UTC).timestamp()
+
+
+def monthly_config():
+    plans = {"free": {"features": {"ai_tokens": {"limit": 100, "period": "month"}}}}
+    routes = [{"match": "POST /v1/chat", "meters": {"ai_tokens": 100}}]
+    return config(plans=plans, routes=routes)
+
+
+def test_monthly_quota_resets_on_the_customers_billing_anchor():
+    now = [at(2026, 3, 14, 12)]
+    store = MemoryStorage()
+    store.save_customer(CustomerRecord("acme", billing_anchor=datetime(2025, 1, 15, tzinfo=UTC)))
+    gate = Enforcer(monthly_config(), storage=store, clock=lambda: now[0])
+    tok = token("acme")
+    assert gate.check("POST", "/v1/chat", tok).allowed
+    refused = gate.check("POST", "/v1/chat", tok)
+    assert refused.problem is not None
+    assert refused.problem.name == "quota-exceeded"
+    assert dict(refused.problem.headers)["retry-after"] == str(int(at(2026, 3, 15) - now[0]))
+    now[0] = at(2026, 3, 15, 0, 0, 1)  # the anchor's day: a new period
+    assert gate.check("POST", "/v1/chat", tok).allowed
+
+
+def test_monthly_quota_without_anchor_resets_on_the_first():
+    now = [at(2026, 3, 31, 23)]
+    gate = Enforcer(monthly_config(), clock=lambda: now[0])
+    tok = token("acme")
+    assert gate.check("POST", "/v1/chat", tok).allowed
+    assert not gate.check("POST", "/v1/chat", tok).allowed
+    now[0] = at(2026, 4, 1)
+    assert gate.check("POST", "/v1/chat", tok).allowed
+
+
+def test_store_plan_wins_over_the_token_claim():
+    store = MemoryStorage()
+    store.save_customer(CustomerRecord("acme", plan="pro"))
+    gate = Enforcer(config(), storage=store)
+    assert gate.check("GET", "/v1/projects", token("acme", "free")).plan == "pro"
+    explained = gate.check("GET", "/v1/projects", token("acme", "free"), consume=False)
+    assert "plan pro (from the customer store)" in (explained.reasons or [])
+
+
+def test_check_without_consume_reserves_nothing():
+    gate = Enforcer(config())
+    tok = token("acme", "free")
+    for _ in range(10):
+        assert gate.check("GET", "/v1/projects", tok, consume=False).allowed
+    assert gate.check("GET", "/v1/projects", tok).remaining("api_calls") == 4
+
+
+def test_check_without_consume_reports_a_used_up_quota():
+    gate = Enforcer(config())
+    tok = token("acme", "free")
+    for _ in range(5):
+        assert gate.check("GET", "/v1/projects", tok).allowed
+    decision = gate.check("GET", "/v1/projects", tok, consume=False)
+    assert decision.problem is not None
+    assert decision.problem.name == "quota-exceeded"
+    assert decision.reasons[-1].startswith("deny 429 quota-exceeded")
+
+
+def test_settle_is_skipped_when_the_actual_cost_equals_the_reservation():
+    class Counting(MemoryStorage):
+        settles = 0
+
+        def settle(self, op):
+            Counting.settles += 1
+            return super().settle(op)
+
+    gate = Enforcer(config(), storage=Counting())
+    decision = gate.check("GET", "/v1/projects", token())
+    gate.settle(decision, 200)
+    assert Counting.settles == 0
+    failed = gate.check("GET", "/v1/projects", token())
+    gate.settle(failed, 500)
+    gate.settle(failed, 500)
+    assert Counting.settles == 1
+
+
+def test_decision_helpers():
+    gate = Enforcer(config())
+    decision = gate.check("GET", "/v1/projects", token("acme", "enterprise"))
+    assert decision.has("export_reports")
+    assert not decision.has("nonexistent")
+    assert decision.value("max_projects") == math.inf
+    assert decision.value("export_reports") is True
+    assert decision.remaining("api_calls") == math.inf
+    free = gate.check("GET", "/v1/projects", token("acme", "free"))
+    assert free.value("export_reports") is False
+    assert free.value("max_projects") == 3
+
+
+def test_remaining_of_a_meter_the_route_does_not_reserve_is_an_error():
+    decision = Enforcer(config()).check("GET", "/v1/projects", token())
+    with pytest.raises(LookupError, match="reserved no ai_tokens"):
+        decision.remaining("ai_tokens")
+
+
+@pytest.mark.parametrize("amount", [-1, 1.5, True, "3"])
+def test_record_refuses_what_is_not_a_whole_number(amount):
+    decision = Enforcer(config()).check("POST", "/v1/chat", token())
+    with pytest.raises(ValueError, match="whole number"):
+        decision.record("ai_tokens", amount)
+
+
+def test_record_refuses_a_meter_the_route_does_not_meter():
+    decision = Enforcer(config()).check("GET", "/v1/projects", token())
+    with pytest.raises(ValueError, match="does not meter ai_tokens"):
+        decision.record("ai_tokens", 1)
+
+
+def test_quota_headers_syntax_and_the_policy_closest_to_exhaustion():
+    policy = '"api_calls-1d";q=10000;w=86400, "api_calls-1s";q=10;w=1'
+    states = [("api_calls-1d", 10000, 9941, 3600.0), ("api_calls-1s", 10, 10, 0.5)]
+    assert quota_headers(policy, states, legacy=False) == [
+        ("ratelimit-policy", policy),
+        ("ratelimit", '"api_calls-1d";r=9941;t=3600'),
+    ]

@@ -1,0 +1,171 @@
+"""The storage contract: reserve all-or-nothing, settle once, peek without touching."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from plangate.storage import SLIDING_BUCKETS, Counter, MemoryStorage, Peek, Reserve, Settle
+
+T0 = 1_700_000_000.0
+
+
+def sliding(key="c:api-1m", limit=5, cost=1, window=60.0):
+    return Counter(key, limit, cost, window=window)
+
+
+def fixed(key="c:tokens-month:0", limit=100, cost=10, resets_at=T0 + 3600):
+    return Counter(key, limit, cost, resets_at=resets_at)
+
+
+def test_reserve_admits_up_to_the_limit(storage):
+    results = [storage.reserve(Reserve((sliding(),), T0)) for _ in range(6)]
+    assert [r.admitted for r in results] == [True] * 5 + [False]
+    assert [r.states[0].used for r in results[:5]] == [1, 2, 3, 4, 5]
+    assert results[5].violated == (0,)
+
+
+def test_reservation_is_all_or_nothing(storage):
+    roomy, tight = sliding("c:a", limit=100), sliding("c:b", limit=1)
+    assert storage.reserve(Reserve((roomy, tight), T0)).admitted
+    refused = storage.reserve(Reserve((roomy, tight), T0))
+    assert not refused.admitted
+    assert refused.violated == (1,)
+    assert storage.peek(Peek((roomy, tight), T0))[0].used == 1  # roomy took nothing
+
+
+def test_sliding_window_recovers_after_the_window(storage):
+    for _ in range(5):
+        storage.reserve(Reserve((sliding(),), T0))
+    assert not storage.reserve(Reserve((sliding(),), T0 + 59)).admitted
+    width = 60 / SLIDING_BUCKETS
+    assert storage.reserve(Reserve((sliding(),), T0 + 60 + width)).admitted
+
+
+def test_retry_after_is_exactly_when_capacity_returns(storage):
+    for i in range(5):
+        storage.reserve(Reserve((sliding(),), T0 + i * 10))
+    refused = storage.reserve(Reserve((sliding(),), T0 + 45))
+    assert not refused.admitted
+    assert 0 < refused.retry_after <= 60
+    again = T0 + 45 + refused.retry_after
+    assert not storage.reserve(Reserve((sliding(),), again - 0.01)).admitted
+    assert storage.reserve(Reserve((sliding(),), again)).admitted
+
+
+def test_fixed_period_refuses_until_it_resets(storage):
+    counter = fixed(limit=20, cost=10)
+    assert storage.reserve(Reserve((counter,), T0)).admitted
+    assert storage.reserve(Reserve((counter,), T0)).admitted
+    refused = storage.reserve(Reserve((counter,), T0 + 600))
+    assert not refused.admitted
+    assert refused.retry_after == pytest.approx(3000)
+
+
+def test_unlimited_counter_counts_and_never_refuses(storage):
+    counter = Counter("c:calls-month:0", None, 1000, resets_at=T0 + 3600)
+    for _ in range(50):
+        assert storage.reserve(Reserve((counter,), T0)).admitted
+    assert storage.peek(Peek((counter,), T0))[0].used == 50_000
+
+
+def test_refund_gives_the_units_back(storage):
+    counters = (sliding(), fixed())
+    result = storage.reserve(Reserve(counters, T0))
+    assert storage.settle(Settle("r1", counters, result.slots, (-1, -10), T0 + 1))
+    assert [s.used for s in storage.peek(Peek(counters, T0 + 1))] == [0, 0]
+
+
+def test_settle_is_idempotent_per_reservation(storage):
+    counters = (sliding(),)
+    result = storage.reserve(Reserve(counters, T0))
+    assert storage.settle(Settle("r1", counters, result.slots, (-1,), T0))
+    assert not storage.settle(Settle("r1", counters, result.slots, (-1,), T0))
+    storage.reserve(Reserve(counters, T0))
+    assert storage.peek(Peek(counters, T0))[0].used == 1
+
+
+def test_commit_beyond_the_limit_is_recorded_in_full(storage):
+    counter = fixed(limit=100, cost=10)
+    result = storage.reserve(Reserve((counter,), T0))
+    assert storage.settle(Settle("r1", (counter,), result.slots, (490,), T0))
+    assert storage.peek(Peek((counter,), T0))[0].used == 500
+    assert not storage.reserve(Reserve((counter,), T0)).admitted
+
+
+def test_refund_after_the_window_moved_on_takes_nothing_from_newer_usage(storage):
+    counter = sliding(limit=10)
+    old = storage.reserve(Reserve((counter,), T0))
+    storage.reserve(Reserve((counter,), T0 + 120))
+    storage.settle(Settle("late", (counter,), old.slots, (-1,), T0 + 120))
+    assert storage.peek(Peek((counter,), T0 + 120))[0].used == 1
+
+
+def test_peek_consumes_nothing(storage):
+    counter = sliding()
+    storage.reserve(Reserve((counter,), T0))
+    for _ in range(10):
+        assert storage.peek(Peek((counter,), T0))[0].used == 1
+
+
+def test_peek_of_an_unknown_counter_is_zero(storage):
+    assert storage.peek(Peek((fixed(key="nobody"),), T0))[0].used == 0
+
+
+def test_not_enforced_reservation_takes_the_cost_and_reports_the_violation(storage):
+    counter = sliding(limit=1)
+    storage.reserve(Reserve((counter,), T0))
+    shadow = storage.reserve(Reserve((counter,), T0, enforce=False))
+    assert not shadow.admitted
+    assert shadow.violated == (0,)
+    assert shadow.states[0].used == 2
+
+
+def test_async_calls_share_the_same_counters(storage):
+    async def run():
+        await storage.areserve(Reserve((sliding(),), T0))
+        return await storage.apeek(Peek((sliding(),), T0))
+
+    assert asyncio.run(run())[0].used == 1
+    assert storage.reserve(Reserve((sliding(),), T0)).states[0].used == 2
+
+
+def test_memory_forgets_expired_counters():
+    store = MemoryStorage()
+    store.reserve(Reserve((sliding("a"), fixed("b")), T0))
+    store.reserve(Reserve((sliding("c"),), T0 + 10_000))  # the next sweep runs here
+    assert set(store._counters) == {"c"}
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    steps=st.lists(
+        st.tuples(
+            st.floats(min_value=0, max_value=7, allow_nan=False),  # seconds since the last request
+            st.integers(min_value=1, max_value=4),  # cost
+            st.booleans(),  # refund it afterwards (a failed response)
+        ),
+        max_size=120,
+    ),
+    limit=st.integers(min_value=1, max_value=12),
+    window=st.sampled_from([1.0, 5.0, 10.0, 60.0]),
+)
+def test_no_trailing_window_ever_holds_more_than_the_limit(steps, limit, window):
+    store = MemoryStorage()
+    now = T0
+    kept: list[tuple[float, int]] = []
+    for n, (dt, cost, refund) in enumerate(steps):
+        now += dt
+        counter = Counter("k", limit, cost, window=window)
+        result = store.reserve(Reserve((counter,), now))
+        if not result.admitted:
+            continue
+        if refund:
+            store.settle(Settle(f"r{n}", (counter,), result.slots, (-cost,), now))
+            continue
+        kept.append((now, cost))
+        in_window = sum(c for t, c in kept if t > now - window)
+        assert in_window <= limit
