@@ -14,7 +14,6 @@ __all__ = [
     "Decision",
     "Engine",
     "Problem",
-    "Quota",
     "period_bounds",
     "quota_headers",
 ]
