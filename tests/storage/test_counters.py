@@ -144,7 +144,9 @@ def test_memory_forgets_expired_counters():
 @given(
     steps=st.lists(
         st.tuples(
-            st.floats(min_value=0, max_value=7, allow_nan=False),  # seconds since the last request
+            # seconds since the last request; negative: this request read the clock a little
+            # before the previous one did (threads read it outside the store's lock)
+            st.floats(min_value=-0.5, max_value=7, allow_nan=False),
             st.integers(min_value=1, max_value=4),  # cost
             st.booleans(),  # refund it afterwards (a failed response)
         ),
@@ -167,5 +169,18 @@ def test_no_trailing_window_ever_holds_more_than_the_limit(steps, limit, window)
             store.settle(Settle(f"r{n}", (counter,), result.slots, (-cost,), now))
             continue
         kept.append((now, cost))
-        in_window = sum(c for t, c in kept if t > now - window)
-        assert in_window <= limit
+    # The fullest trailing window ends at one of the admitted requests.
+    for end, _ in kept:
+        assert sum(c for t, c in kept if end - window < t <= end) <= limit
+
+
+def test_a_request_that_read_the_clock_late_still_counts_for_a_whole_window():
+    base = 3 * 566_666_667.0  # a bucket boundary: a 60 s window has buckets of 3 s
+    store = MemoryStorage()
+    store.reserve(Reserve((sliding("other"),), base + 3.0))  # the next sweep runs at +63
+    counter = Counter("k", 2, 1, window=60.0)
+    assert store.reserve(Reserve((counter,), base + 3.5)).admitted
+    assert store.reserve(Reserve((counter,), base + 2.5)).admitted  # read the clock earlier
+    # At +63.2 the unit of +3.5 is still inside the trailing minute: the sweep that runs now
+    # must keep the counter, and the request is refused.
+    assert not store.reserve(Reserve((counter,), base + 63.2)).admitted

@@ -58,9 +58,28 @@ class _Sliding:
                 return self.expires_in(index, now)
         return self.window
 
-    def add(self, index: int, units: int) -> None:
-        self.buckets[index] = self.buckets.get(index, 0) + units
+    def add(self, now: float, units: int) -> int:
+        """Count ``units`` used at ``now``; the index of the bucket that holds them.
+
+        Buckets stay in time order even when ``now`` is a little behind a time already seen
+        (clocks read by threads outside the lock): such units go into the newest bucket, where
+        they count a little longer, never shorter.
+        """
+        index = int(now // self.width)
+        buckets = self.buckets
+        if buckets:
+            index = max(index, next(reversed(buckets)))
+        buckets[index] = buckets.get(index, 0) + units
         self.total += units
+        return index
+
+    def adjust(self, index: int, units: int) -> None:
+        """Add ``units`` (may be negative) to a bucket still in the window; never below 0."""
+        held = self.buckets.get(index)
+        if held is not None:
+            units = max(units, -held)
+            self.buckets[index] = held + units
+            self.total += units
 
     @property
     def expires_at(self) -> float:
@@ -104,34 +123,34 @@ class MemoryStorage(Storage):
 
     def reserve(self, op: Reserve) -> ReserveResult:
         now = op.now
+        counters = op.counters
         with self._lock:
-            self._maybe_sweep(now)
-            states = [self._counter(c, now, create=True) for c in op.counters]
+            if now >= self._next_sweep:
+                self._sweep(now)
+            states = [self._counter(c, now, create=True) for c in counters]
             violated = tuple(
                 i
-                for i, (c, s) in enumerate(zip(op.counters, states, strict=True))
-                if c.limit is not None and s is not None and s.total + c.cost > c.limit
+                for i, c in enumerate(counters)
+                if c.limit is not None and states[i].total + c.cost > c.limit  # type: ignore[union-attr]
             )
-            admitted = not violated
             if violated and op.enforce:
                 retry = 0.0
                 for i in violated:
-                    c, s = op.counters[i], states[i]
-                    retry = max(retry, self._wait(c, s, now))  # type: ignore[arg-type]
+                    retry = max(retry, self._wait(counters[i], states[i], now))  # type: ignore[arg-type]
                 reported = tuple(self._state(s, now) for s in states)  # type: ignore[arg-type]
                 return ReserveResult(False, reported, (), violated, retry)
-            slots = []
-            for c, s in zip(op.counters, states, strict=True):
-                if isinstance(s, _Sliding):
-                    index = int(now // s.width)
-                    s.add(index, c.cost)
-                    slots.append(index)
+            slots: list[int] = []
+            after: list[CounterState] = []
+            for c, s in zip(counters, states, strict=True):
+                if type(s) is _Sliding:
+                    slots.append(s.add(now, c.cost))
+                    after.append(CounterState(s.total, s.reset_after(now)))
                 else:
-                    assert s is not None
+                    assert type(s) is _Fixed
                     s.total += c.cost
                     slots.append(0)
-            reported = tuple(self._state(s, now) for s in states)  # type: ignore[arg-type]
-            return ReserveResult(admitted, reported, tuple(slots), violated)
+                    after.append(CounterState(s.total, s.resets_at - now))
+            return ReserveResult(not violated, tuple(after), tuple(slots), violated)
 
     @staticmethod
     def _wait(counter: Counter, state: _Sliding | _Fixed, now: float) -> float:
@@ -162,9 +181,7 @@ class MemoryStorage(Storage):
                     continue
                 state = self._counter(counter, op.now, create=delta > 0)
                 if isinstance(state, _Sliding):
-                    if slot in state.buckets:  # a bucket already out of the window stays out
-                        units = max(delta, -state.buckets[slot])
-                        state.add(slot, units)
+                    state.adjust(slot, delta)  # a bucket already out of the window stays out
                 elif state is not None:
                     state.total = max(0, state.total + delta)
             return True
@@ -187,9 +204,7 @@ class MemoryStorage(Storage):
     def save_customer(self, record: CustomerRecord) -> None:
         self._customers[record.customer] = record
 
-    def _maybe_sweep(self, now: float) -> None:
-        if now < self._next_sweep:
-            return
+    def _sweep(self, now: float) -> None:
         self._next_sweep = now + _SWEEP_EVERY
         expired = [key for key, state in self._counters.items() if state.expires_at <= now]
         for key in expired:
