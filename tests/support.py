@@ -76,6 +76,7 @@ BASE_CONFIG: dict[str, Any] = {
             },
         },
         {"match": "POST /v1/chat", "meters": {"api_calls": 1, "ai_tokens": 100}},
+        {"match": "POST /v1/stream", "meters": {"ai_tokens": 100}},
         {"match": "/v1/{rest:path}", "meters": {"api_calls": 1}},
     ],
     "responses": {"upgrade_url": "https://example.test/pricing"},

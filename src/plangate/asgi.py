@@ -45,8 +45,13 @@ class PlanGateMiddleware:
         self._token_header = self.gate.token_source.header.encode("latin-1")
 
     def _token(self, scope: Scope) -> str | None:
+        wanted = self._token_header
+        if wanted == b"cookie":  # HTTP/2 may split cookies over several header fields
+            values = [v for n, v in scope["headers"] if n == wanted]
+            joined = b"; ".join(values).decode("latin-1")
+            return self.gate.token_source.extract(joined) if values else None
         for name, value in scope["headers"]:
-            if name == self._token_header:
+            if name == wanted:
                 return self.gate.token_source.extract(value.decode("latin-1"))
         return None
 
@@ -65,7 +70,8 @@ class PlanGateMiddleware:
                 await _send_problem(send, decision.problem)
                 return
             log_shadow(decision, method, path)
-        if decision.identity is None:  # public, unmatched, or a shadowed 401
+        rule = decision.rule
+        if rule is None or rule.public:
             await self.app(scope, receive, send)
             return
 

@@ -66,7 +66,8 @@ class PlanGateMiddleware:
             if not decision.shadowed:
                 return _problem(start_response, decision.problem)
             log_shadow(decision, method, path)
-        if decision.identity is None:
+        rule = decision.rule
+        if rule is None or rule.public:
             return self.app(environ, start_response)
         environ["plangate"] = decision
         if not decision.reserved:
@@ -134,6 +135,9 @@ class _Settling:
     def __iter__(self) -> Iterator[bytes]:
         try:
             yield from self._body
+        except GeneratorExit:  # the client went away mid-body: the work was done, charge it
+            self._settle()
+            raise
         except BaseException:
             self._gate.settle(self._decision, 500, refund=True)
             raise

@@ -88,7 +88,7 @@ def test_explain_shows_each_reason_and_consumes_nothing(config_file, capsys):
     out = capsys.readouterr().out.splitlines()
     assert out[-6:] == [
         "GET /v1/projects",
-        "  - route rule 4: /v1/{rest:path}",
+        "  - route rule 5: /v1/{rest:path}",
         "  - customer 'acme'",
         "  - plan free (from the token's plan claim)",
         "  - meters: api_calls-1m 4/5 left",

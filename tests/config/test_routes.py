@@ -118,6 +118,14 @@ def test_get_or_head_matches_head() -> None:
     assert _router("GET|HEAD /items").match("HEAD", "/items") == (0, {})
 
 
+def test_get_matches_head_because_frameworks_answer_head_with_the_get_handler() -> None:
+    assert _router("GET /items/{id}").match("HEAD", "/items/7") == (0, {"id": "7"})
+
+
+def test_head_alone_does_not_match_get() -> None:
+    assert _router("HEAD /items").match("GET", "/items") is None
+
+
 def test_get_or_head_refuses_post() -> None:
     assert _router("GET|HEAD /items").match("POST", "/items") is None
 

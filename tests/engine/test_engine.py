@@ -110,7 +110,7 @@ def test_decision_helpers():
 
 def test_remaining_of_a_meter_the_route_does_not_reserve_is_an_error():
     decision = Enforcer(config()).check("GET", "/v1/projects", token())
-    with pytest.raises(LookupError, match="reserved no ai_tokens"):
+    with pytest.raises(LookupError, match="does not meter ai_tokens"):
         decision.remaining("ai_tokens")
 
 

@@ -7,7 +7,7 @@ from typing import Any
 
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, PlainTextResponse
+from starlette.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.routing import Route
 from werkzeug.exceptions import HTTPException, NotFound
 from werkzeug.routing import Map, Rule
@@ -30,6 +30,11 @@ def describe(gate: Any) -> dict[str, Any]:
         else gate.value("max_projects"),
         "api_calls_left": "unlimited" if remaining == math.inf else remaining,
     }
+
+
+def _left(gate: Any) -> Any:
+    left = gate.remaining("api_calls")
+    return "unlimited" if left == math.inf else left
 
 
 # ASGI ------------------------------------------------------------------------------------
@@ -61,6 +66,23 @@ async def a_status(request: Request) -> PlainTextResponse:
     return PlainTextResponse("status", status_code=int(request.path_params["code"]))
 
 
+async def a_stream(request: Request) -> StreamingResponse:
+    gate = request.state.plangate
+    tokens = int(request.query_params["tokens"])
+
+    async def chunks():  # an AI answer streamed out; its size is known at the end
+        for word in ("once ", "upon ", "a time"):
+            yield word.encode()
+        gate.record("ai_tokens", tokens)
+
+    return StreamingResponse(chunks())
+
+
+async def a_whoami(request: Request) -> JSONResponse:
+    gate = request.state.plangate
+    return JSONResponse({"customer": gate.customer, "left": _left(gate)})
+
+
 async def a_boom(request: Request) -> PlainTextResponse:
     raise Boom("the handler failed")
 
@@ -75,6 +97,8 @@ def asgi_app() -> Starlette:
             Route("/v1/projects", a_projects),
             Route("/v1/status/{code}", a_status),
             Route("/v1/boom", a_boom),
+            Route("/v1/stream", a_stream, methods=["POST"]),
+            Route("/v1/whoami", a_whoami),
         ]
     )
 
@@ -90,6 +114,8 @@ _urls = Map(
         Rule("/v1/projects", endpoint="projects"),
         Rule("/v1/status/<int:code>", endpoint="status"),
         Rule("/v1/boom", endpoint="boom"),
+        Rule("/v1/stream", endpoint="stream", methods=["POST"]),
+        Rule("/v1/whoami", endpoint="whoami"),
     ]
 )
 
@@ -113,6 +139,17 @@ def _dispatch(request: WRequest) -> WResponse:
         return WResponse("status", status=args["code"])
     if endpoint == "boom":
         raise Boom("the handler failed")
+    if endpoint == "stream":
+        tokens = int(request.args["tokens"])
+
+        def chunks():
+            yield from (b"once ", b"upon ", b"a time")
+            gate.record("ai_tokens", tokens)
+
+        return WResponse(chunks())
+    if endpoint == "whoami":
+        body = {"customer": gate.customer, "left": _left(gate)}
+        return WResponse(_json(body), content_type="application/json")
     raise NotFound()  # pragma: no cover
 
 

@@ -8,7 +8,8 @@ import re
 import pytest
 
 from plangate.engine import PROBLEM_BASE
-from tests.support import bearer, config
+from plangate import CustomerRecord, MemoryStorage
+from tests.support import bearer, config, token
 
 PROBLEM = "application/problem+json"
 
@@ -316,3 +317,67 @@ def test_entitlements_endpoint_requires_a_token(serve):
 def test_entitlements_path_is_configurable(serve):
     client = serve(config(), entitlements_path="/me/plan")
     assert client.get("/me/plan", headers=bearer()).json()["plan"] == "free"
+
+
+def test_head_on_a_get_rule_is_enforced_like_get(serve):
+    routes = [{"match": "GET /v1/reports/{id}", "feature": "export_reports"}]
+    client = serve(config(routes=routes))
+    assert client.head("/v1/reports/7").status_code == 401
+    assert client.head("/v1/reports/7", headers=bearer("acme", "free")).status_code == 402
+
+
+def test_token_from_a_cookie(serve):
+    identity = {**config()["identity"], "token_from": "cookie:session"}
+    client = serve(config(identity=identity))
+    cookie = {"cookie": f"theme=dark; session={token('acme', 'pro')}"}
+    assert client.get("/v1/projects", headers=cookie).json()["plan"] == "pro"
+    assert client.get("/v1/projects", headers=bearer("acme", "pro")).status_code == 401
+
+
+def test_token_from_another_header(serve):
+    identity = {**config()["identity"], "token_from": "header:X-Api-Token"}
+    client = serve(config(identity=identity))
+    headers = {"x-api-token": token("acme", "pro")}
+    assert client.get("/v1/projects", headers=headers).json()["plan"] == "pro"
+
+
+def test_storage_argument_overrides_the_config(serve):
+    store = MemoryStorage()
+    store.save_customer(CustomerRecord("acme", plan="enterprise"))
+    client = serve(config(), storage=store)
+    # The store's record wins over the token's plan claim.
+    assert client.get("/v1/projects", headers=bearer("acme", "free")).json()["plan"] == "enterprise"
+
+
+def test_record_while_streaming_the_body_is_charged(serve):
+    client = serve(config())  # /v1/stream charges ai_tokens 100; the stream records 1234
+    response = client.post("/v1/stream?tokens=1234", headers=bearer())
+    assert response.status_code == 200
+    assert response.text == "once upon a time"
+    assert used(client, "ai_tokens") == 1234
+
+
+def test_shadow_mode_counts_usage_of_a_feature_outside_the_plan(serve, caplog):
+    routes = [
+        {
+            "match": "/v1/{rest:path}",
+            "feature": "export_reports",
+            "meters": {"api_calls": 1},
+            "mode": "shadow",
+        }
+    ]
+    client = serve(config(routes=routes))
+    with caplog.at_level(logging.INFO, logger="plangate"):
+        response = client.get("/v1/whoami", headers=bearer("acme", "free"))
+    assert response.status_code == 200
+    assert response.json() == {"customer": "acme", "left": 4}
+    assert "ratelimit" in response.headers
+    assert used(client, "api_calls") == 1
+    assert any("feature-not-in-plan" in r.getMessage() for r in caplog.records)
+
+
+def test_shadow_mode_lets_a_request_without_token_reach_the_handler(serve):
+    routes = [{"match": "/v1/{rest:path}", "meters": {"api_calls": 1}, "mode": "shadow"}]
+    response = serve(config(routes=routes)).get("/v1/whoami")
+    assert response.status_code == 200
+    assert response.json() == {"customer": None, "left": "unlimited"}

@@ -61,7 +61,10 @@ def parse_template(text: str) -> Template:
     if "{" in rest or "}" in rest:
         raise ValueError(f"unbalanced braces in {path!r}")
     regex += re.escape(rest)
-    method_regex = "|".join(methods) if methods else "[^ ]+"
+    # Every framework answers HEAD with its GET handler: a GET rule must cover HEAD too, or
+    # HEAD would be an unenforced way to the same handler.
+    matched = (*methods, "HEAD") if "GET" in methods and "HEAD" not in methods else methods
+    method_regex = "|".join(matched) if matched else "[^ ]+"
     return Template(methods, path, f"(?:{method_regex}) {regex}", tuple(params))
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -11,6 +12,8 @@ from ..config import Limit, Plan, Rule
 from ..identity import Identity
 from ..storage import Counter, CounterState
 from ._problems import Problem
+
+logger = logging.getLogger("plangate")
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,7 +74,7 @@ class Decision:
         self.charge: Charge | None = None
         self.states: tuple[CounterState, ...] = ()  # each counter after the reservation
         self.slots: tuple[int, ...] = ()  # where the storage placed each cost
-        self.reservation_id = ""  # given when a settle has to reach the storage
+        self.reservation_id = ""  # names the reservation, once units are reserved
         self.recorded: dict[str, int] = {}
         self.settled = False
 
@@ -118,8 +121,8 @@ class Decision:
     def remaining(self, meter: str) -> float:
         """Units of ``meter`` left after this request's reservation (``math.inf`` if unlimited).
 
-        Known for the meters this request's route reserves; the entitlements endpoint
-        reports every meter.
+        Known for the meters this request's route charges; the entitlements endpoint reports
+        every meter. A meter that shadow mode let through without counting is ``math.inf``.
         """
         charge = self.charge
         left: float | None = None
@@ -131,21 +134,34 @@ class Decision:
                 here = math.inf if limit is None else max(0, limit.limit - self.states[i].used)
                 left = here if left is None else min(left, here)
         if left is None:
-            reserved = ", ".join(sorted(set(self.meters))) or "none"
+            if meter in self._rule_meters():
+                return math.inf  # not counted: a shadowed denial came before the meters
+            charged = ", ".join(self._rule_meters()) or "none"
             raise LookupError(
-                f"remaining({meter!r}): this request reserved no {meter} "
-                f"(it reserved: {reserved}); GET /.plangate/entitlements reports every meter"
+                f"remaining({meter!r}): the route of this request does not meter {meter} "
+                f"(it meters: {charged}); GET /.plangate/entitlements reports every meter"
             )
         return left
 
     def record(self, meter: str, amount: int) -> None:
         """Set what this request actually used of ``meter``; charged once the response is sent."""
-        if meter not in self.meters:
-            reserved = ", ".join(sorted(set(self.meters))) or "none"
+        if meter not in self._rule_meters():
+            charged = ", ".join(self._rule_meters()) or "none"
             raise ValueError(
                 f"record({meter!r}): the route of this request does not meter {meter} "
-                f"(it meters: {reserved})"
+                f"(it meters: {charged})"
             )
         if isinstance(amount, bool) or not isinstance(amount, int) or amount < 0:
             raise ValueError(f"record({meter!r}, {amount!r}): the amount is a whole number ≥ 0")
+        if self.settled:
+            logger.warning(
+                "record(%r, %d) after the response was settled is ignored: call it before "
+                "the handler returns its response",
+                meter,
+                amount,
+            )
+            return
         self.recorded[meter] = amount
+
+    def _rule_meters(self) -> tuple[str, ...]:
+        return tuple(m.meter for m in self.rule.meters) if self.rule else ()

@@ -27,6 +27,13 @@ from ._periods import period_bounds
 from ._problems import Problem
 
 _KEY_PREFIX = "plangate:"
+
+
+def new_reservation_id() -> str:
+    """An unguessable id (128 random bits): commits and refunds name it, once each."""
+    return secrets.token_hex(16)
+
+
 _CACHE_SIZE = 50_000  # entries of each per-request cache before it starts afresh
 
 ChargeKey = tuple[str, str, int, "datetime | None"]
@@ -112,14 +119,17 @@ class Engine:
                 detail = f"the {plan.name} plan does not include {feature}"
                 members = self._upsell(feature=feature, plan=plan.name)
                 self._deny(decision, Problem("feature-not-in-plan", detail, members))
-                return decision
-        if reasons is not None and rule.feature:
-            reasons.append(f"feature {rule.feature}: granted by {plan.name}")
-        if not rule.meters:
-            return decision
+                if not decision.shadowed:
+                    return decision
+                break  # shadow mode: still count what the plan meters
+        else:
+            if reasons is not None and rule.feature:
+                reasons.append(f"feature {rule.feature}: granted by {plan.name}")
 
         anchor = record.billing_anchor if record else None
         charge = self._charge(rule, identity.customer, plan, anchor, now)
+        if charge is None:
+            return decision
         decision.charge = charge
         if not consume:
             states = yield Peek(charge.counters, now)
@@ -134,17 +144,20 @@ class Engine:
                 for i, (c, s) in enumerate(zip(charge.counters, states, strict=True))
                 if c.limit is not None and s.used + c.cost > c.limit
             ]
-            if over:
+            if over and decision.problem is None:
                 wait = max(states[i].reset_after for i in over)
                 self._deny_quota(decision, plan, over, wait)
             return decision
 
-        result = yield Reserve(charge.counters, now, enforce=not rule.shadow)
+        decision.reservation_id = new_reservation_id()
+        result = yield Reserve(
+            charge.counters, now, enforce=not rule.shadow, reservation_id=decision.reservation_id
+        )
         decision.states = result.states
         decision.slots = result.slots
         if reasons is not None:
             reasons.append("meters: " + self._describe(charge, result.states))
-        if result.violated:
+        if result.violated and decision.problem is None:
             self._deny_quota(decision, plan, result.violated, result.retry_after)
             if not decision.shadowed:
                 return decision
@@ -176,11 +189,15 @@ class Engine:
 
     def _charge(
         self, rule: Rule, customer: str, plan: Plan, anchor: datetime | None, now: float
-    ) -> Charge:
+    ) -> Charge | None:
+        """What the rule charges; None if it meters nothing the plan grants."""
         key = (customer, plan.name, rule.index, anchor)
         charge = self._charges.get(key)
         if charge is None or now >= charge.valid_until:
-            costs = [(m.meter, m.cost) for m in rule.meters]
+            # Only a shadowed denial gets here with a meter the plan does not grant.
+            costs = [(m.meter, m.cost) for m in rule.meters if m.meter in plan.meters]
+            if not costs:
+                return None
             charge = self.build_charge(costs, customer, plan, anchor, now)
             if len(self._charges) >= _CACHE_SIZE:
                 self._charges.clear()
@@ -310,7 +327,6 @@ class Engine:
             deltas.append(actual - counter.cost)
         if not any(deltas):
             return None
-        decision.reservation_id = secrets.token_hex(16)
         return Settle(
             decision.reservation_id, charge.counters, decision.slots, tuple(deltas), clock()
         )

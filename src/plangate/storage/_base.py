@@ -81,6 +81,8 @@ class Reserve(Op[ReserveResult]):
     counters: tuple[Counter, ...]
     now: float
     enforce: bool = True
+    #: names the reservation; the ``Settle`` that commits or refunds it carries the same id
+    reservation_id: str = ""
 
     def run(self, storage: Storage) -> ReserveResult:
         return storage.reserve(self)
