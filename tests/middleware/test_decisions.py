@@ -7,8 +7,8 @@ import re
 
 import pytest
 
-from plangate.engine import PROBLEM_BASE
 from plangate import CustomerRecord, MemoryStorage
+from plangate.engine import PROBLEM_BASE
 from tests.support import bearer, config, token
 
 PROBLEM = "application/problem+json"
