@@ -11,10 +11,12 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import anyio.to_thread
+
 from .config import Config, load_config
-from .engine import Decision, Engine, Problem
-from .errors import AuthenticationError
-from .identity import Identity, TokenSource, TokenVerifier
+from .engine import Decision, Engine, Problem, identity_problem
+from .errors import AuthenticationError, KeysUnavailableError
+from .identity import Identity, IdentityResult, TokenSource, TokenVerifier
 from .storage import Flow, Storage, adrive, drive, open_storage
 
 Clock = Callable[[], float]
@@ -39,30 +41,30 @@ class _Gate:
         self.token_source = TokenSource(identity.token_from)
         self.clock = clock
 
-    def identify(self, token: str | None) -> Identity | AuthenticationError:
+    def identify(self, token: str | None) -> IdentityResult:
+        """The caller, or why there is none. Never raises for bad input."""
         try:
             return self.verifier.verify(token)
-        except AuthenticationError as exc:
+        except (AuthenticationError, KeysUnavailableError) as exc:
             return exc
 
-    def _check(self, method: str, path: str, token: str | None, consume: bool) -> Flow[Decision]:
-        decision = self.engine.route(method, path, explain=not consume)
-        rule = decision.rule
-        if rule is None or rule.public:
-            return decision
-        identity = self.identify(token)
-        return (yield from self.engine.decide(decision, identity, self.clock(), consume=consume))
+    def _route(self, method: str, path: str, consume: bool) -> Decision:
+        return self.engine.route(method, path, explain=not consume)
 
-    def _entitlements(self, token: str | None) -> Flow[dict[str, Any] | Problem]:
-        identity = self.identify(token)
-        if isinstance(identity, AuthenticationError):
-            headers = (
-                (("www-authenticate", 'Bearer error="invalid_token"'),)
-                if identity.token_given
-                else ()
-            )
-            return Problem("unauthenticated", identity.detail, headers=headers)
+    def _decide(
+        self, decision: Decision, identity: IdentityResult, consume: bool
+    ) -> Flow[Decision]:
+        return self.engine.decide(decision, identity, self.clock(), consume=consume)
+
+    def _entitlements(self, identity: IdentityResult) -> Flow[dict[str, Any] | Problem]:
+        if not isinstance(identity, Identity):
+            return identity_problem(identity)
         return (yield from self.engine.entitlements(identity, self.clock()))
+
+
+def _needs_identity(decision: Decision) -> bool:
+    rule = decision.rule
+    return rule is not None and not rule.public
 
 
 class Enforcer(_Gate):
@@ -70,7 +72,10 @@ class Enforcer(_Gate):
 
     def check(self, method: str, path: str, token: str | None, *, consume: bool = True) -> Decision:
         """The decision for a request; reserves its meters unless ``consume=False``."""
-        return drive(self._check(method, path, token, consume), self.storage)
+        decision = self._route(method, path, consume)
+        if not _needs_identity(decision):
+            return decision
+        return drive(self._decide(decision, self.identify(token), consume), self.storage)
 
     def settle(
         self,
@@ -86,16 +91,30 @@ class Enforcer(_Gate):
             op.run(self.storage)
 
     def entitlements(self, token: str | None) -> dict[str, Any] | Problem:
-        return drive(self._entitlements(token), self.storage)
+        return drive(self._entitlements(self.identify(token)), self.storage)
 
 
 class AsyncEnforcer(_Gate):
     """The same as ``Enforcer``, with awaited storage calls (ASGI)."""
 
+    async def aidentify(self, token: str | None) -> IdentityResult:
+        """``identify``, without blocking the event loop on a JWKS fetch."""
+        verifier = self.verifier
+        if verifier.fetches_keys:
+            hit = verifier.cached(token)
+            if hit is not None:
+                return hit
+            return await anyio.to_thread.run_sync(self.identify, token)
+        return self.identify(token)
+
     async def check(
         self, method: str, path: str, token: str | None, *, consume: bool = True
     ) -> Decision:
-        return await adrive(self._check(method, path, token, consume), self.storage)
+        decision = self._route(method, path, consume)
+        if not _needs_identity(decision):
+            return decision
+        identity = await self.aidentify(token)
+        return await adrive(self._decide(decision, identity, consume), self.storage)
 
     async def settle(
         self,
@@ -110,4 +129,5 @@ class AsyncEnforcer(_Gate):
             await op.arun(self.storage)
 
     async def entitlements(self, token: str | None) -> dict[str, Any] | Problem:
-        return await adrive(self._entitlements(token), self.storage)
+        identity = await self.aidentify(token)
+        return await adrive(self._entitlements(identity), self.storage)

@@ -5,6 +5,7 @@
     PlanGateError
     ├── ConfigError            a config file or object that cannot be used; lists every issue
     ├── AuthenticationError    a missing, malformed, expired or forged token (→ 401)
+    ├── KeysUnavailableError   the issuer's signing keys (JWKS) could not be fetched (→ 503)
     └── StorageError           a storage backend failed; wraps the backend's exception
 
 A denial (402, 403, 429) is not an exception: it is a decision, returned by the engine.
@@ -18,6 +19,7 @@ __all__ = [
     "AuthenticationError",
     "ConfigError",
     "ConfigIssue",
+    "KeysUnavailableError",
     "PlanGateError",
     "StorageError",
 ]
@@ -63,6 +65,11 @@ class AuthenticationError(PlanGateError):
         self.detail = detail
         self.token_given = token_given
         super().__init__(detail)
+
+
+class KeysUnavailableError(PlanGateError):
+    """The keys that verify tokens could not be fetched: not the client's fault, and no
+    identity can be trusted meanwhile. The backend's exception is the ``__cause__``."""
 
 
 class StorageError(PlanGateError):

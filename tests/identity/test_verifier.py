@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import json
+import socket
+import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -13,7 +15,7 @@ import pytest
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
 from plangate.config._models import JwtConfig
-from plangate.errors import AuthenticationError
+from plangate.errors import AuthenticationError, KeysUnavailableError
 from plangate.identity import TokenSource, TokenVerifier
 from tests.identity.keys import pem_pair
 from tests.support import SECRET
@@ -147,6 +149,44 @@ def test_cache_is_bounded():
     for token in tokens:
         verifier.verify(token)
     assert list(verifier._cache) == tokens[1:]
+
+
+def test_threads_sharing_a_full_cache_get_identities_not_errors():
+    # Threaded WSGI servers share one verifier; evicting from a full cache races.
+    verifier = TokenVerifier(settings(), cache_size=4)
+    tokens = [jwt.encode(claims(org_id=f"c{i}"), SECRET) for i in range(300)]
+    errors: list[BaseException] = []
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+
+    def work() -> None:
+        for token in tokens:
+            try:
+                verifier.verify(token)
+            except BaseException as exc:  # anything here would be a 500
+                errors.append(exc)
+
+    try:
+        threads = [threading.Thread(target=work) for _ in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    finally:
+        sys.setswitchinterval(interval)
+    assert errors == []
+    assert len(verifier._cache) <= 4
+
+
+def test_jwks_outage_is_keys_unavailable_not_a_bad_token():
+    with socket.socket() as sock:  # a port that nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{sock.getsockname()[1]}/jwks.json"
+    verifier = TokenVerifier(settings(algorithms=["RS256"], secret=None, jwks_url=url))
+    private, _ = pem_pair("rsa")
+    token = jwt.encode(claims(), private, algorithm="RS256", headers={"kid": "key-1"})
+    with pytest.raises(KeysUnavailableError):
+        verifier.verify(token)
 
 
 def test_oversized_token_is_refused_before_decoding(monkeypatch):

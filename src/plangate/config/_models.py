@@ -41,7 +41,7 @@ class JwtConfig(Model):
     customer_claim: str
     plan_claim: str | None = None
     required_claims: list[str] = Field(default_factory=lambda: ["exp"])
-    jwks_cache_seconds: float = Field(default=300, gt=0)
+    jwks_cache_seconds: int = Field(default=300, ge=1)
     max_token_bytes: int = Field(default=8192, gt=0)
 
     @field_validator("algorithms")

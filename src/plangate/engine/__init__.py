@@ -6,7 +6,7 @@ from ._decision import Charge, Decision
 from ._engine import Engine
 from ._headers import quota_headers
 from ._periods import period_bounds
-from ._problems import PROBLEM_BASE, Problem
+from ._problems import PROBLEM_BASE, Problem, identity_problem
 
 __all__ = [
     "PROBLEM_BASE",
@@ -14,6 +14,7 @@ __all__ = [
     "Decision",
     "Engine",
     "Problem",
+    "identity_problem",
     "period_bounds",
     "quota_headers",
 ]

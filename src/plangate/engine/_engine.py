@@ -9,8 +9,7 @@ from datetime import datetime
 from typing import Any
 
 from ..config import Config, Limit, Plan, Rule
-from ..errors import AuthenticationError
-from ..identity import Identity
+from ..identity import Identity, IdentityResult
 from ..storage import (
     Counter,
     CounterState,
@@ -24,7 +23,7 @@ from ..storage import (
 from ._decision import Charge, Decision
 from ._headers import ceil_seconds, policy_header, quota_headers
 from ._periods import period_bounds
-from ._problems import Problem
+from ._problems import Problem, identity_problem
 
 _KEY_PREFIX = "plangate:"
 
@@ -89,7 +88,7 @@ class Engine:
     def decide(
         self,
         decision: Decision,
-        identity: Identity | AuthenticationError,
+        identity: IdentityResult,
         now: float,
         *,
         consume: bool = True,
@@ -98,11 +97,8 @@ class Engine:
         rule = decision.rule
         assert rule is not None
         reasons = decision.reasons
-        if isinstance(identity, AuthenticationError):
-            headers: tuple[tuple[str, str], ...] = ()
-            if identity.token_given:
-                headers = (("www-authenticate", 'Bearer error="invalid_token"'),)
-            self._deny(decision, Problem("unauthenticated", identity.detail, headers=headers))
+        if not isinstance(identity, Identity):
+            self._deny(decision, identity_problem(identity))
             return decision
         decision.identity = identity
         if reasons is not None:

@@ -6,6 +6,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..errors import AuthenticationError, KeysUnavailableError
+
 PROBLEM_BASE = "https://plangate.dev/problems/"
 CONTENT_TYPE = "application/problem+json"
 
@@ -53,3 +55,13 @@ class Problem:
     def response_headers(self) -> list[tuple[str, str]]:
         """Content-Type plus the problem's own headers (not Content-Length)."""
         return [("content-type", CONTENT_TYPE), *self.headers]
+
+
+def identity_problem(error: AuthenticationError | KeysUnavailableError) -> Problem:
+    """The 401 for a missing or bad token; the 503 when the keys to check it are unreachable."""
+    if isinstance(error, KeysUnavailableError):
+        return Problem("entitlements-unavailable", str(error), headers=(("retry-after", "5"),))
+    headers: tuple[tuple[str, str], ...] = ()
+    if error.token_given:
+        headers = (("www-authenticate", 'Bearer error="invalid_token"'),)
+    return Problem("unauthenticated", error.detail, headers=headers)

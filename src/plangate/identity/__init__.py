@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from ..errors import AuthenticationError, KeysUnavailableError
 from ._jwt import Identity, TokenVerifier
 from ._source import TokenSource
 
-__all__ = ["Identity", "TokenSource", "TokenVerifier"]
+#: what identifying a request gives: the caller, or why there is none
+IdentityResult = Identity | AuthenticationError | KeysUnavailableError
+
+__all__ = ["Identity", "IdentityResult", "TokenSource", "TokenVerifier"]

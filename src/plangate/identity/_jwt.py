@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -12,7 +13,7 @@ from typing import Any
 import jwt
 
 from ..config._models import JwtConfig
-from ..errors import AuthenticationError
+from ..errors import AuthenticationError, KeysUnavailableError
 
 logger = logging.getLogger("plangate.identity")
 
@@ -57,6 +58,7 @@ class TokenVerifier:
         self._clock = clock
         self._cache: dict[str, tuple[Identity, float]] = {}
         self._cache_size = cache_size
+        self._cache_lock = threading.Lock()  # threaded WSGI servers share one verifier
         self._jwks: jwt.PyJWKClient | None = None
         self._key: Any = None
         if config.secret is not None:
@@ -73,16 +75,32 @@ class TokenVerifier:
         if config.audience is None:
             self._options["verify_aud"] = False
 
+    @property
+    def fetches_keys(self) -> bool:
+        """Whether verifying a new token may wait on the network (a JWKS fetch)."""
+        return self._jwks is not None
+
+    def cached(self, token: str | None) -> Identity | None:
+        """The identity of a token verified before and not expired since; no cryptography."""
+        if not token:
+            return None
+        hit = self._cache.get(token)
+        if hit is not None and self._clock() < hit[1]:
+            return hit[0]
+        return None
+
     def verify(self, token: str | None) -> Identity:
-        """The identity in ``token``; ``AuthenticationError`` if it is missing or not valid."""
+        """The identity in ``token``.
+
+        Raises ``AuthenticationError`` if it is missing or not valid, ``KeysUnavailableError``
+        if the JWKS endpoint could not be reached to verify it.
+        """
         if not token:
             raise AuthenticationError("a bearer token is required", token_given=False)
         now = self._clock()
-        cached = self._cache.get(token)
-        if cached is not None:
-            if now < cached[1]:
-                return cached[0]
-            del self._cache[token]
+        hit = self._cache.get(token)
+        if hit is not None and now < hit[1]:
+            return hit[0]
         if len(token) > self._config.max_token_bytes:
             raise AuthenticationError("the token is too large", token_given=True)
         claims = self._decode(token)
@@ -96,6 +114,19 @@ class TokenVerifier:
             key = self._key
             if self._jwks is not None:
                 key = self._jwks.get_signing_key_from_jwt(token).key
+        except jwt.PyJWKClientConnectionError as exc:
+            # Not the client's fault: PyJWT keeps the last key set for jwks_cache_seconds and
+            # lets an unknown kid force at most one fetch per cooldown.
+            logger.warning("JWKS endpoint unreachable: %s", exc)
+            raise KeysUnavailableError("the token's signing keys could not be fetched") from exc
+        except jwt.PyJWKClientError:
+            raise AuthenticationError(
+                "the token's key id is not one of the issuer's keys", token_given=True
+            ) from None
+        except Exception as exc:  # malformed input must never become a 500
+            logger.debug("token refused: %r", exc)
+            raise AuthenticationError("the token is malformed", token_given=True) from None
+        try:
             claims: dict[str, Any] = jwt.decode(
                 token,
                 key,
@@ -155,6 +186,7 @@ class TokenVerifier:
         exp = claims.get("exp")
         if isinstance(exp, (int, float)):
             until = min(until, exp + self._config.leeway)
-        if len(self._cache) >= self._cache_size:
-            del self._cache[next(iter(self._cache))]  # the oldest entry
-        self._cache[token] = (identity, until)
+        with self._cache_lock:
+            if len(self._cache) >= self._cache_size:
+                self._cache.pop(next(iter(self._cache)), None)  # the oldest entry
+            self._cache[token] = (identity, until)
