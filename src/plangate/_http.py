@@ -15,6 +15,7 @@ logger = logging.getLogger("plangate")
 AnyStr = TypeVar("AnyStr", str, bytes)
 
 ENTITLEMENTS_PATH = "/.plangate/entitlements"
+_MAX_DIGITS = 15  # a reported amount stays far inside a 64-bit counter
 
 
 def take_usage(
@@ -32,20 +33,17 @@ def take_usage(
         if cost is None:
             kept.append((name, value))
             continue
-        raw = value.decode("latin-1") if isinstance(value, bytes) else value
-        try:
-            amount = int(raw.strip())
-            if amount < 0:
-                raise ValueError(raw)
-        except ValueError:
+        raw = (value.decode("latin-1") if isinstance(value, bytes) else value).strip()
+        if raw.isascii() and raw.isdigit() and len(raw) <= _MAX_DIGITS:
+            reported[cost.meter] = int(raw)
+        else:
             logger.warning(
-                "%s: response header %s=%r is not a whole number ≥ 0; charging the estimate",
+                "%s: response header %s=%r is not a whole number from 0 to 10^15; "
+                "charging the estimate",
                 cost.meter,
                 text,
                 raw,
             )
-        else:
-            reported[cost.meter] = amount
         if cost.expose:
             kept.append((name, value))
     return kept, reported

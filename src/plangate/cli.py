@@ -112,7 +112,15 @@ def _put(claims: dict[str, Any], dotted: str, value: str) -> None:
 
 def _token(args: argparse.Namespace) -> int:
     config = _default_config(args.config)
-    print(mint_token(config, args.customer, args.plan, parse_duration(args.ttl)))
+    try:
+        ttl = parse_duration(args.ttl)
+    except ValueError as exc:
+        print(f"plangate token: --ttl: {exc}", file=sys.stderr)
+        return 2
+    if ttl < 1:
+        print("plangate token: --ttl: a token lives at least 1s", file=sys.stderr)
+        return 2
+    print(mint_token(config, args.customer, args.plan, ttl))
     return 0
 
 

@@ -48,6 +48,15 @@ def test_token_is_signed_with_the_config_secret(config_file, capsys):
     assert claims["exp"] - claims["iat"] == 900
 
 
+@pytest.mark.parametrize(
+    ("ttl", "message"),
+    [("1x", "invalid duration '1x'"), ("500ms", "a token lives at least 1s")],
+)
+def test_token_with_a_bad_ttl_says_why(ttl, message, capsys):
+    assert main(["token", "--customer", "acme", "--ttl", ttl]) == 2
+    assert message in capsys.readouterr().err
+
+
 def test_token_defaults_to_the_demo_config(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("PLANGATE_JWT_SECRET", raising=False)

@@ -151,6 +151,15 @@ def test_usage_from_response_header_is_recorded_in_full(serve):
     assert refused.json()["violated-policies"] == ["ai_tokens-month"]
 
 
+@pytest.mark.parametrize("value", ["-5", "1_000", "12.5", "9" * 16, "³"])
+def test_usage_header_that_is_not_a_plain_whole_number_charges_the_estimate(serve, value, caplog):
+    client = serve(config())
+    response = client.post(f"/v1/completions?tokens={value}", headers=bearer())
+    assert response.status_code == 200
+    assert used(client, "ai_tokens") == 100  # the route's estimate
+    assert any("charging the estimate" in r.getMessage() for r in caplog.records)
+
+
 def test_usage_header_is_removed_from_the_response(serve):
     response = serve(config()).post("/v1/completions?tokens=10", headers=bearer())
     assert response.status_code == 200

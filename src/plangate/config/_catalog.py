@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from datetime import date
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +17,10 @@ from ._models import AddonGrantSpec, ConfigModel, CreditGrantSpec, HeaderCost, L
 from ._routes import Router, Template, parse_template
 
 UNLIMITED = "unlimited"
+
+# Names travel in quota headers (structured-field strings), problem bodies, storage keys and
+# X-Plangate-* headers: keep them to characters that are safe in all of them.
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,6 +143,7 @@ class _Builder:
             return None
 
     def build(self) -> Catalog:
+        self._names()
         plans = self._plans()
         rules = self._rules()
         self._addons()
@@ -144,6 +151,12 @@ class _Builder:
         m = self.model
         if m.default_plan is not None and m.default_plan not in m.plans:
             self.fail(("default_plan",), f"unknown plan {m.default_plan!r}{self._known(m.plans)}")
+        elif m.default_plan is not None and m.plans[m.default_plan].legacy:
+            self.fail(
+                ("default_plan",),
+                f"{m.default_plan!r} is a legacy plan: nothing new is assigned to it; "
+                "name a current plan",
+            )
         if m.admin.token:
             self.note(("admin",), "the admin API is not served yet; admin.token is unused")
         key = m.identity.jwt.public_key
@@ -157,6 +170,17 @@ class _Builder:
         router = Router([rule.template for rule in rules])
         notes = tuple(sorted(self.notes, key=lambda issue: (issue.line or 0, issue.path)))
         return Catalog(plans, tuple(rules), router, m.default_plan, notes)
+
+    def _names(self) -> None:
+        m = self.model
+        for section, names in (("features", m.features), ("plans", m.plans), ("addons", m.addons)):
+            for name in names:
+                if not _NAME.fullmatch(name):
+                    self.fail(
+                        (section, name),
+                        f"{name!r} is not a usable name: use up to 64 letters, digits, '_', "
+                        "'-' and '.', starting with a letter or digit",
+                    )
 
     @staticmethod
     def _known(names: Mapping[str, Any]) -> str:
@@ -232,6 +256,14 @@ class _Builder:
                 return math.inf
             if isinstance(value, (dict, list)) or value is None:
                 self.fail(loc, f"{feature} is a config feature: give a single value, got {value!r}")
+            elif isinstance(value, date):
+                self.fail(
+                    loc,
+                    f"{feature}: YAML reads {value} as a date; quote it to give it as text "
+                    f"('{value}')",
+                )
+            elif isinstance(value, float) and not math.isfinite(value):
+                self.fail(loc, f"{feature}: {value} is not a usable number; use unlimited")
             return value
         if kind == "credits":
             grant = self.sub(CreditGrantSpec, value, loc) if isinstance(value, dict) else None
