@@ -8,10 +8,16 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import jwt
 import uvicorn
+
+#: A copy of ../shared/examples/plangate.yaml, the reference config the core must load;
+#: tests/config/test_load.py checks that the copy matches it wherever ../shared exists.
+REFERENCE = Path(__file__).parent / "config" / "reference" / "plangate.yaml"
+SHARED_REFERENCE = Path(__file__).parents[2] / "shared" / "examples" / "plangate.yaml"
 
 SECRET = "a-test-secret-that-is-long-enough-for-hs256"
 ISSUER = "https://auth.test/"

@@ -7,7 +7,6 @@ file whose expected message is the correct behaviour that the loader does not gi
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,6 +16,7 @@ import pytest
 from plangate import cli
 from plangate.config import load_config
 from plangate.errors import ConfigError
+from tests.support import REFERENCE
 
 INVALID = Path(__file__).parent / "invalid"
 # An explicit environment, so that the machine's variables never leak into a test.
@@ -25,12 +25,7 @@ SECRET = "a-test-secret-that-is-long-enough-for-hs256"
 
 
 def _example() -> Path:
-    """The reference example; ``PLANGATE_SHARED`` names the shared folder elsewhere."""
-    path = Path(__file__).parents[3] / "shared" / "examples" / "plangate.yaml"
-    shared = os.environ.get("PLANGATE_SHARED")
-    if not path.exists() and shared:
-        path = Path(shared) / "examples" / "plangate.yaml"
-    return path
+    return REFERENCE
 
 
 def _header(path: Path) -> tuple[list[str], str | None]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 
 import pytest
@@ -16,6 +15,7 @@ from plangate.config import (
     load_config,
 )
 from plangate.errors import ConfigError
+from tests.support import REFERENCE, SHARED_REFERENCE
 
 SECRET = "a-test-secret-that-is-long-enough-for-hs256"
 HEAD = f"""\
@@ -29,12 +29,7 @@ identity:
 
 
 def _example() -> Path:
-    """The reference example; ``PLANGATE_SHARED`` names the shared folder elsewhere."""
-    path = Path(__file__).parents[3] / "shared" / "examples" / "plangate.yaml"
-    shared = os.environ.get("PLANGATE_SHARED")
-    if not path.exists() and shared:
-        path = Path(shared) / "examples" / "plangate.yaml"
-    return path
+    return REFERENCE
 
 
 EXAMPLE = _example()
@@ -61,6 +56,11 @@ def _minimal() -> dict[str, object]:
 
 
 # the reference example -----------------------------------------------------------------
+
+
+@pytest.mark.skipif(not SHARED_REFERENCE.exists(), reason="no ../shared beside this checkout")
+def test_the_copy_of_the_reference_example_is_current() -> None:
+    assert REFERENCE.read_text(encoding="utf-8") == SHARED_REFERENCE.read_text(encoding="utf-8")
 
 
 def test_reference_example_exists() -> None:
