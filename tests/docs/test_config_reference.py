@@ -105,3 +105,55 @@ def test_http_page_documents_every_problem_type_with_its_uri_and_status():
         assert any(str(status) in row and title in row for row in rows), (
             f"docs/http.md: the row of {uri} must give status {status} and title {title!r}"
         )
+
+
+def _rows(body: str) -> dict[str, list[str]]:
+    """Table rows of a section: the key in the first column → every column."""
+    rows = {}
+    for line in body.splitlines():
+        match = re.match(r"^\| `([^`]+)` \|", line)
+        if match:
+            rows[match.group(1)] = [cell.strip() for cell in line.strip().strip("|").split(" | ")]
+    return rows
+
+
+def _documented_default(value: typing.Any) -> str | None:
+    """How config.md writes a simple default, in YAML terms; None for defaults it describes."""
+    if isinstance(value, bool):
+        return f"`{str(value).lower()}`"
+    if value is None:
+        return None
+    if isinstance(value, (int, float, str)):
+        return f"`{value}`"
+    return None
+
+
+def test_config_reference_rows_match_the_models_required_keys_and_defaults():
+    sections = _sections((DOCS / "config.md").read_text(encoding="utf-8"))
+    places = {**_sections_of_config_model(), **UNTYPED_SECTIONS}
+    wrong = []
+    for model, path in places.items():
+        if model is _models.ConfigModel:
+            heading = "## Top-level keys"
+        else:
+            heading = next(h for h in sections if re.fullmatch(rf"#+ `{re.escape(path)}`", h))
+        rows = _rows(sections[heading])
+        stale = set(rows) - set(model.model_fields)
+        wrong += [f"{path or '(top level)'}.{key}: no such key" for key in sorted(stale)]
+        for name, field in model.model_fields.items():
+            cells = rows.get(name)
+            if cells is None or len(cells) < 3:
+                continue
+            default = cells[2]
+            where = f"{path or '(top level)'}.{name}"
+            if field.is_required():
+                if default != "required":
+                    wrong.append(f"{where}: required, but documented with default {default}")
+                continue
+            if default == "required":
+                wrong.append(f"{where}: optional, but documented as required")
+                continue
+            expected = _documented_default(field.default)
+            if expected is not None and expected not in default:
+                wrong.append(f"{where}: the default is {expected}, documented as {default}")
+    assert not wrong, "docs/config.md disagrees with the models:\n" + "\n".join(wrong)

@@ -130,6 +130,48 @@ class _Reader:
         )
 
 
+def _path_at_error(text: str) -> Loc:
+    """The key path the YAML parser had reached when it found a syntax error."""
+    # Each frame: [is_mapping, key or item index, in a mapping: reading a value (not a key)]
+    frames: list[list[Any]] = []
+
+    def consumed_value() -> None:
+        if frames:
+            top = frames[-1]
+            if top[0]:
+                top[2] = not top[2]
+
+    try:
+        for event in yaml.parse(text, Loader=yaml.SafeLoader):
+            top = frames[-1] if frames else None
+            if isinstance(event, (yaml.MappingStartEvent, yaml.SequenceStartEvent)):
+                if top is not None and not top[0]:
+                    top[1] += 1
+                frames.append([isinstance(event, yaml.MappingStartEvent), -1, False])
+            elif isinstance(event, (yaml.MappingEndEvent, yaml.SequenceEndEvent)):
+                frames.pop()
+                consumed_value()
+            elif isinstance(event, (yaml.ScalarEvent, yaml.AliasEvent)):
+                if top is None:
+                    continue
+                if not top[0]:
+                    top[1] += 1
+                elif not top[2]:
+                    top[1] = getattr(event, "value", None)
+                    top[2] = True
+                else:
+                    top[2] = False
+    except yaml.YAMLError:
+        pass
+    loc: list[str | int] = []
+    for is_mapping, key, in_value in frames:
+        if is_mapping and in_value and isinstance(key, str):
+            loc.append(key)
+        elif not is_mapping and key >= 0:
+            loc.append(key)
+    return tuple(loc)
+
+
 def read_yaml(text: str, file: str | None, env: Mapping[str, str]) -> Document:
     reader = _Reader(file, env)
     try:
@@ -138,7 +180,8 @@ def read_yaml(text: str, file: str | None, env: Mapping[str, str]) -> Document:
         mark = exc.problem_mark or exc.context_mark
         line = mark.line + 1 if mark is not None else None
         problem = exc.problem or "invalid YAML"
-        raise ConfigError([ConfigIssue("", f"invalid YAML: {problem}", file, line)]) from None
+        where = format_path(_path_at_error(text))
+        raise ConfigError([ConfigIssue(where, f"invalid YAML: {problem}", file, line)]) from None
     if node is None:
         raise ConfigError([ConfigIssue("", "the file is empty", file, 1)])
     data = reader.read(node, ())
