@@ -163,13 +163,11 @@ def _path_at_error(text: str) -> Loc:
                     top[2] = False
     except yaml.YAMLError:
         pass
-    loc: list[str | int] = []
-    for is_mapping, key, in_value in frames:
-        if is_mapping and in_value and isinstance(key, str):
-            loc.append(key)
-        elif not is_mapping and key >= 0:
-            loc.append(key)
-    return tuple(loc)
+    return tuple(
+        key
+        for is_mapping, key, in_value in frames
+        if (in_value and isinstance(key, str)) if is_mapping else key >= 0
+    )
 
 
 def read_yaml(text: str, file: str | None, env: Mapping[str, str]) -> Document:
