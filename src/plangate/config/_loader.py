@@ -166,7 +166,7 @@ def _path_at_error(text: str) -> Loc:
     return tuple(
         key
         for is_mapping, key, in_value in frames
-        if (in_value and isinstance(key, str)) if is_mapping else key >= 0
+        if ((in_value and isinstance(key, str)) if is_mapping else key >= 0)
     )
 
 
