@@ -61,14 +61,10 @@ class _Sliding:
     def add(self, now: float, units: int) -> int:
         """Count ``units`` used at ``now``; the index of the bucket that holds them.
 
-        Buckets stay in time order even when ``now`` is a little behind a time already seen
-        (clocks read by threads outside the lock): such units go into the newest bucket, where
-        they count a little longer, never shorter.
+        ``now`` never goes back (``MemoryStorage._clock``), so buckets stay in time order.
         """
         index = int(now // self.width)
         buckets = self.buckets
-        if buckets:
-            index = max(index, next(reversed(buckets)))
         buckets[index] = buckets.get(index, 0) + units
         self.total += units
         return index
@@ -106,6 +102,7 @@ class MemoryStorage(Storage):
         self._customers: dict[str, CustomerRecord] = {}
         self._settled: OrderedDict[str, float] = OrderedDict()
         self._next_sweep = 0.0
+        self._now = 0.0
 
     def _counter(self, counter: Counter, now: float, create: bool) -> _Sliding | _Fixed | None:
         state = self._counters.get(counter.key)
@@ -121,18 +118,30 @@ class MemoryStorage(Storage):
             state.evict(now)
         return state
 
+    def _clock(self, now: float) -> float:
+        """The store's time: the latest ``now`` it was given.
+
+        Requests read the clock before they take the lock, so their times can arrive a little
+        out of order. Counting each at the latest time seen keeps the buckets in time order and
+        never lets a late arrival see a window that a newer one has already moved past.
+        """
+        if now > self._now:
+            self._now = now
+            return now
+        return self._now
+
     def reserve(self, op: Reserve) -> ReserveResult:
-        now = op.now
         counters = op.counters
         with self._lock:
+            now = self._clock(op.now)
             if now >= self._next_sweep:
                 self._sweep(now)
             states = [self._counter(c, now, create=True) for c in counters]
-            violated = tuple(
-                i
-                for i, c in enumerate(counters)
-                if c.limit is not None and states[i].total + c.cost > c.limit  # type: ignore[union-attr]
-            )
+            over = []
+            for i, c in enumerate(counters):
+                if c.limit is not None and states[i].total + c.cost > c.limit:  # type: ignore[union-attr]
+                    over.append(i)
+            violated = tuple(over)
             if violated and op.enforce:
                 retry = 0.0
                 for i in violated:
@@ -169,17 +178,18 @@ class MemoryStorage(Storage):
 
     def settle(self, op: Settle) -> bool:
         with self._lock:
+            now = self._clock(op.now)
             if op.reservation_id in self._settled:
                 return False
-            self._settled[op.reservation_id] = op.now + _SETTLED_TTL
+            self._settled[op.reservation_id] = now + _SETTLED_TTL
             while self._settled and (
-                len(self._settled) > _SETTLED_MAX or next(iter(self._settled.values())) < op.now
+                len(self._settled) > _SETTLED_MAX or next(iter(self._settled.values())) < now
             ):
                 self._settled.popitem(last=False)
             for counter, slot, delta in zip(op.counters, op.slots, op.deltas, strict=True):
                 if delta == 0:
                     continue
-                state = self._counter(counter, op.now, create=delta > 0)
+                state = self._counter(counter, now, create=delta > 0)
                 if isinstance(state, _Sliding):
                     state.adjust(slot, delta)  # a bucket already out of the window stays out
                 elif state is not None:
@@ -188,14 +198,15 @@ class MemoryStorage(Storage):
 
     def peek(self, op: Peek) -> tuple[CounterState, ...]:
         with self._lock:
+            now = self._clock(op.now)
             result = []
             for counter in op.counters:
-                state = self._counter(counter, op.now, create=False)
+                state = self._counter(counter, now, create=False)
                 if state is None:
-                    reset = counter.resets_at - op.now if counter.window == 0 else 0.0
+                    reset = counter.resets_at - now if counter.window == 0 else 0.0
                     result.append(CounterState(0, reset))
                 else:
-                    result.append(self._state(state, op.now))
+                    result.append(self._state(state, now))
             return tuple(result)
 
     def load_customer(self, customer: str) -> CustomerRecord | None:
