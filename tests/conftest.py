@@ -9,6 +9,7 @@ import pytest
 
 from plangate import asgi, wsgi
 from tests.middleware.apps import asgi_app, wsgi_app
+from tests.servers import RedisCluster, RedisSentinel, RedisServer, running
 from tests.support import serve_asgi, serve_wsgi
 
 Serve = Callable[..., httpx.Client]
@@ -33,3 +34,27 @@ def serve(request: pytest.FixtureRequest) -> Iterator[Serve]:
 
     with stack:
         yield start
+
+
+# Real Redis servers, started once per test session on free loopback ports -----------------
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer]:
+    server = RedisServer()
+    with running(server):
+        yield server
+
+
+@pytest.fixture(scope="session")
+def redis_cluster() -> Iterator[RedisCluster]:
+    cluster = RedisCluster()
+    with running(cluster):
+        yield cluster
+
+
+@pytest.fixture(scope="session")
+def redis_sentinel() -> Iterator[RedisSentinel]:
+    sentinel = RedisSentinel()
+    with running(sentinel):
+        yield sentinel

@@ -57,6 +57,9 @@ class PlanGateMiddleware:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
+            if scope["type"] == "lifespan":
+                await self.app(scope, receive, self._closing(send))
+                return
             await self.app(scope, receive, send)
             return
         method, path = scope["method"], scope["path"]
@@ -84,6 +87,16 @@ class PlanGateMiddleware:
             await self._call(scope, receive, send, decision)
             return
         await self._call_metered(scope, receive, send, decision)
+
+    def _closing(self, send: Send) -> Send:
+        """``send`` for the lifespan scope: storage connections close at shutdown."""
+
+        async def closing_send(message: Message) -> None:
+            if message["type"] == "lifespan.shutdown.complete":
+                await self.gate.storage.aclose()
+            await send(message)
+
+        return closing_send
 
     async def _call(self, scope: Scope, receive: Receive, send: Send, decision: Decision) -> None:
         headers = [(n.encode("latin-1"), v.encode("latin-1")) for n, v in decision.headers]

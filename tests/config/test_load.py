@@ -415,11 +415,10 @@ def test_admin_token_is_noted_as_unused(tmp_path: Path) -> None:
     ]
 
 
-def test_redis_storage_is_noted_as_not_available(tmp_path: Path) -> None:
+def test_redis_storage_loads_without_notes(tmp_path: Path) -> None:
     config = load_config(_write(tmp_path, "storage: redis://cache:6379/0\n"), env={})
-    assert [(note.path, note.message) for note in config.notes] == [
-        ("storage", "only memory:// storage is available in this release; Redis comes next")
-    ]
+    assert config.model.storage == "redis://cache:6379/0"
+    assert config.notes == ()
 
 
 def test_minimal_config_has_no_notes(tmp_path: Path) -> None:

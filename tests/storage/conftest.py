@@ -1,18 +1,35 @@
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import pytest
 
-from plangate.storage import MemoryStorage, Storage
+from plangate.storage import MemoryStorage, Storage, open_storage
 
-# Every storage behaviour test runs against each backend here. Redis and Redis Cluster
-# join this table with the Redis backend.
-BACKENDS: dict[str, Callable[[], Storage]] = {"memory": MemoryStorage}
+# Every storage behaviour test runs against each backend here: the in-process store, a
+# real redis-server, and a real 3-master Redis Cluster (servers started by tests/conftest.py).
+BACKENDS = [
+    pytest.param("memory", id="memory"),
+    pytest.param("redis", id="redis", marks=pytest.mark.redis),
+    pytest.param(
+        "redis-cluster", id="redis-cluster", marks=[pytest.mark.redis, pytest.mark.cluster]
+    ),
+]
 
 
-@pytest.fixture(params=list(BACKENDS))
+@pytest.fixture(params=BACKENDS)
 def storage(request: pytest.FixtureRequest) -> Iterator[Storage]:
-    store = BACKENDS[request.param]()
+    store: Storage
+    if request.param == "memory":
+        store = MemoryStorage()
+    elif request.param == "redis":
+        server = request.getfixturevalue("redis_server")
+        with server.client() as client:
+            client.flushall()
+        store = open_storage(server.url)
+    else:
+        cluster = request.getfixturevalue("redis_cluster")
+        cluster.flush()
+        store = open_storage(cluster.url)
     yield store
     store.close()

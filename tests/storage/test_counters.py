@@ -8,17 +8,26 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from plangate.storage import SLIDING_BUCKETS, Counter, MemoryStorage, Peek, Reserve, Settle
+from plangate.storage import (
+    SLIDING_BUCKETS,
+    Counter,
+    MemoryStorage,
+    Peek,
+    Reserve,
+    Settle,
+    customer_prefix,
+)
 
 T0 = 1_700_000_000.0
+K = customer_prefix("acme")  # keys of one customer share a Redis Cluster hash tag
 
 
-def sliding(key="c:api-1m", limit=5, cost=1, window=60.0):
-    return Counter(key, limit, cost, window=window)
+def sliding(key=None, limit=5, cost=1, window=60.0):
+    return Counter(key or K + "api-1m", limit, cost, window=window)
 
 
-def fixed(key="c:tokens-month:0", limit=100, cost=10, resets_at=T0 + 3600):
-    return Counter(key, limit, cost, resets_at=resets_at)
+def fixed(key=None, limit=100, cost=10, resets_at=T0 + 3600):
+    return Counter(key or K + "tokens-month:0", limit, cost, resets_at=resets_at)
 
 
 def test_reserve_admits_up_to_the_limit(storage):
@@ -29,7 +38,7 @@ def test_reserve_admits_up_to_the_limit(storage):
 
 
 def test_reservation_is_all_or_nothing(storage):
-    roomy, tight = sliding("c:a", limit=100), sliding("c:b", limit=1)
+    roomy, tight = sliding(K + "a", limit=100), sliding(K + "b", limit=1)
     assert storage.reserve(Reserve((roomy, tight), T0)).admitted
     refused = storage.reserve(Reserve((roomy, tight), T0))
     assert not refused.admitted
@@ -66,7 +75,7 @@ def test_fixed_period_refuses_until_it_resets(storage):
 
 
 def test_unlimited_counter_counts_and_never_refuses(storage):
-    counter = Counter("c:calls-month:0", None, 1000, resets_at=T0 + 3600)
+    counter = Counter(K + "calls-month:0", None, 1000, resets_at=T0 + 3600)
     for _ in range(50):
         assert storage.reserve(Reserve((counter,), T0)).admitted
     assert storage.peek(Peek((counter,), T0))[0].used == 50_000
@@ -112,7 +121,7 @@ def test_peek_consumes_nothing(storage):
 
 
 def test_peek_of_an_unknown_counter_is_zero(storage):
-    assert storage.peek(Peek((fixed(key="nobody"),), T0))[0].used == 0
+    assert storage.peek(Peek((fixed(key=K + "nobody"),), T0))[0].used == 0
 
 
 def test_not_enforced_reservation_takes_the_cost_and_reports_the_violation(storage):
@@ -126,8 +135,11 @@ def test_not_enforced_reservation_takes_the_cost_and_reports_the_violation(stora
 
 def test_async_calls_share_the_same_counters(storage):
     async def run():
-        await storage.areserve(Reserve((sliding(),), T0))
-        return await storage.apeek(Peek((sliding(),), T0))
+        try:
+            await storage.areserve(Reserve((sliding(),), T0))
+            return await storage.apeek(Peek((sliding(),), T0))
+        finally:
+            await storage.aclose()
 
     assert asyncio.run(run())[0].used == 1
     assert storage.reserve(Reserve((sliding(),), T0)).states[0].used == 2

@@ -162,11 +162,6 @@ class _Builder:
         key = m.identity.jwt.public_key
         if key is not None and key.startswith("file:") and not Path(key[5:]).is_file():
             self.fail(("identity", "jwt", "public_key"), f"cannot read the key file {key[5:]!r}")
-        if not m.storage.startswith("memory://"):
-            self.note(
-                ("storage",),
-                "only memory:// storage is available in this release; Redis comes next",
-            )
         router = Router([rule.template for rule in rules])
         notes = tuple(sorted(self.notes, key=lambda issue: (issue.line or 0, issue.path)))
         return Catalog(plans, tuple(rules), router, m.default_plan, notes)

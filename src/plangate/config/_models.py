@@ -189,6 +189,13 @@ class ConfigModel(Model):
                 f"unknown storage {value!r}; use memory://, redis://host:port/db, rediss://…, "
                 "redis+cluster://host:port[,host:port] or redis+sentinel://host:port/service"
             )
+        if scheme != "memory":
+            from ..storage._redis import parse_redis_uri
+
+            try:
+                parse_redis_uri(value)
+            except ValueError as exc:
+                raise ValueError(f"{value!r} is not usable: {exc}") from None
         return value
 
 

@@ -19,13 +19,12 @@ from ..storage import (
     Peek,
     Reserve,
     Settle,
+    customer_prefix,
 )
 from ._decision import Charge, Decision
 from ._headers import ceil_seconds, policy_header, quota_headers
 from ._periods import period_bounds
 from ._problems import Problem, identity_problem
-
-_KEY_PREFIX = "plangate:"
 
 
 def new_reservation_id() -> str:
@@ -210,7 +209,7 @@ class Engine:
         limits: list[Limit | None] = []
         windows: list[int] = []
         valid_until = math.inf
-        tag = f"{_KEY_PREFIX}{{{customer}}}:"
+        tag = customer_prefix(customer)
         for meter, cost in costs:
             grant = plan.meters[meter]
             for limit in grant.limits or (None,):

@@ -1,4 +1,4 @@
-"""Counter stores, chosen by URI. ``memory://`` is built in; Redis arrives in the next release."""
+"""Counter stores, chosen by URI: ``memory://`` built in, Redis with the ``redis`` extra."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from ._base import (
     Settle,
     Storage,
     adrive,
+    customer_prefix,
     drive,
 )
 from ._memory import MemoryStorage
@@ -36,14 +37,24 @@ __all__ = [
     "Settle",
     "Storage",
     "adrive",
+    "customer_prefix",
     "drive",
     "open_storage",
 ]
 
 
 def open_storage(uri: str) -> Storage:
-    """The store a URI names: ``memory://`` (Redis URIs arrive in the next release)."""
+    """The store a URI names: ``memory://``, or Redis (``redis://``, ``rediss://``,
+    ``redis+cluster://``, ``redis+sentinel://``; needs the ``redis`` extra)."""
     if uri.startswith("memory://"):
         return MemoryStorage()
-    message = f"storage {uri!r} is not available in this release: use memory://"
+    scheme = uri.partition("://")[0]
+    if scheme in ("redis", "rediss", "redis+cluster", "redis+sentinel"):
+        try:
+            from ._redis import RedisStorage
+        except ImportError:  # pragma: no cover - the redis extra is part of the test install
+            message = f"{uri!r} needs redis-py: pip install 'plangate[redis]'"
+            raise ConfigError([ConfigIssue("storage", message)]) from None
+        return RedisStorage(uri)
+    message = f"unknown storage {uri!r}: use memory://, redis://, rediss://, redis+cluster:// or redis+sentinel://"
     raise ConfigError([ConfigIssue("storage", message)])

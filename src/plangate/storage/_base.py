@@ -24,6 +24,12 @@ Flow = Generator["Op[Any]", Any, R]
 SLIDING_BUCKETS = 20
 
 
+def customer_prefix(customer: str) -> str:
+    """What every key of one customer starts with. The braces are a Redis Cluster hash tag:
+    all of a customer's keys live in one slot, so one script can change them together."""
+    return f"plangate:{{{customer}}}:"
+
+
 @dataclass(frozen=True, slots=True)
 class Counter:
     """One limit of one meter of one customer, and what this request costs it.
@@ -165,6 +171,10 @@ class Storage(ABC):
 
     def close(self) -> None:  # noqa: B027 - optional for backends without connections
         """Release connections."""
+
+    async def aclose(self) -> None:
+        """Release connections, the asyncio ones of the running event loop too."""
+        self.close()
 
 
 def drive(flow: Flow[R], storage: Storage) -> R:

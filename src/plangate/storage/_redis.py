@@ -1,0 +1,409 @@
+"""``redis://``, ``rediss://``, ``redis+cluster://``, ``redis+sentinel://``: counters in Redis.
+
+Each operation is one Lua script (``lua/*.lua``), run by EVALSHA through redis-py's ``Script``,
+which loads it again after a ``SCRIPT FLUSH`` or a restart. Arguments are built and replies
+read by the functions below, the same for the blocking client (WSGI) and the asyncio one (ASGI):
+only the line that calls Redis differs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import weakref
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from importlib import resources
+from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit
+
+from ..errors import ConfigError, ConfigIssue, StorageError
+from ._base import (
+    SLIDING_BUCKETS,
+    CounterState,
+    CustomerRecord,
+    Peek,
+    Reserve,
+    ReserveResult,
+    Settle,
+    Storage,
+    customer_prefix,
+)
+
+SCHEMES = ("redis", "rediss", "redis+cluster", "redis+sentinel")
+_SETTLED_TTL = 600  # seconds a settled reservation id is remembered
+#: plangate's own URI options; every other query option goes to redis-py
+_OPTIONS = {"customer_cache_ttl": float}
+#: what plangate sets where the URI says nothing (redis-py's defaults wait forever)
+_DEFAULTS: dict[str, Any] = {"socket_timeout": 1.0, "socket_connect_timeout": 1.0}
+_MAX_CONNECTIONS = 100  # per process, and per cluster node
+
+
+def _script(name: str) -> str:
+    return (resources.files(__package__) / "lua" / f"{name}.lua").read_text(encoding="utf-8")
+
+
+@dataclass(frozen=True)
+class RedisTarget:
+    """Where a URI points and how to connect: the parsed form of a ``storage:`` URI."""
+
+    kind: str  # "single", "cluster" or "sentinel"
+    nodes: tuple[tuple[str, int], ...]
+    connection: dict[str, Any] = field(default_factory=dict)  # redis-py keyword arguments
+    service: str = ""  # sentinel: the monitored master's name
+    customer_cache_ttl: float = 5.0
+
+    @property
+    def max_connections(self) -> int:
+        return int(self.connection.get("max_connections", _MAX_CONNECTIONS))
+
+
+def parse_redis_uri(uri: str) -> RedisTarget:
+    """Parse a Redis storage URI; ``ValueError`` says what is wrong with it."""
+    from redis.connection import parse_url
+
+    parts = urlsplit(uri)
+    scheme = parts.scheme
+    if scheme not in SCHEMES:
+        raise ValueError(f"unknown storage scheme {scheme!r}: use {', '.join(SCHEMES)}")
+    ours: dict[str, Any] = {}
+    theirs: list[tuple[str, str]] = []
+    for name, value in parse_qsl(parts.query, keep_blank_values=True):
+        if name in _OPTIONS:
+            try:
+                ours[name] = _OPTIONS[name](value)
+            except ValueError:
+                raise ValueError(f"invalid value for {name!r}: {value!r}") from None
+        else:
+            theirs.append((name, value))
+    auth, _, hosts = parts.netloc.rpartition("@")
+    nodes = []
+    for host in hosts.split(","):
+        location = urlsplit(f"//{host.strip()}")
+        try:
+            port = location.port or 6379
+        except ValueError:
+            raise ValueError(f"invalid port in {host!r}") from None
+        if not location.hostname:
+            raise ValueError(f"missing host in {uri!r}")
+        nodes.append((location.hostname, port))
+    if not nodes:
+        raise ValueError(f"missing host in {uri!r}")
+
+    path = parts.path.strip("/")
+    service = ""
+    if scheme == "redis+sentinel":
+        service, _, path = path.partition("/")
+        if not service:
+            raise ValueError("name the master: redis+sentinel://host:port/SERVICE")
+    if scheme in ("redis", "rediss") and len(nodes) > 1:
+        raise ValueError(f"{scheme}:// names one server; use redis+cluster:// for several")
+    # Let redis-py read everything it knows (credentials, db, timeouts, pool size, TLS).
+    base = "rediss" if scheme == "rediss" or ("ssl", "true") in theirs else "redis"
+    credentials = f"{auth}@" if auth else ""
+    host, port = nodes[0]
+    rebuilt = f"{base}://{credentials}{host}:{port}/{path}"
+    if theirs:
+        rebuilt += "?" + urlencode(theirs)
+    connection = {**_DEFAULTS, **parse_url(rebuilt)}
+    for key in ("host", "port"):
+        connection.pop(key, None)
+    if connection.pop("connection_class", None) is not None or scheme == "rediss":
+        connection["ssl"] = True  # the client picks its own TLS connection class
+    kind = {"redis+cluster": "cluster", "redis+sentinel": "sentinel"}.get(scheme, "single")
+    if kind == "cluster" and connection.pop("db", 0):
+        raise ValueError("a Redis Cluster has only database 0")
+    return RedisTarget(kind, tuple(nodes), connection, service, **ours)
+
+
+# Arguments and replies, shared by both clients --------------------------------------------
+
+
+def _reserve_call(op: Reserve) -> tuple[list[str], list[Any]]:
+    keys = [c.key for c in op.counters]
+    args: list[Any] = [repr(op.now), "1" if op.enforce else "0", SLIDING_BUCKETS]
+    for c in op.counters:
+        args += [-1 if c.limit is None else c.limit, c.cost, repr(c.window), repr(c.resets_at)]
+    return keys, args
+
+
+def _reserve_result(reply: Sequence[int], op: Reserve) -> ReserveResult:
+    nviolated = reply[2]
+    violated = tuple(i - 1 for i in reply[3 : 3 + nviolated])
+    rest = reply[3 + nviolated :]
+    count = len(op.counters)
+    states = tuple(CounterState(rest[3 * i], rest[3 * i + 1] / 1000) for i in range(count))
+    if violated and op.enforce:
+        return ReserveResult(False, states, (), violated, reply[1] / 1000)
+    slots = tuple(rest[3 * i + 2] for i in range(count))
+    return ReserveResult(not violated, states, slots, violated)
+
+
+def _settle_call(op: Settle) -> tuple[list[str], list[Any]]:
+    marker = f"{op.counters[0].key}:settled:{op.reservation_id}"
+    keys = [c.key for c in op.counters] + [marker]
+    args: list[Any] = [repr(op.now), _SETTLED_TTL]
+    for c, slot, delta in zip(op.counters, op.slots, op.deltas, strict=True):
+        args += [repr(c.window), repr(c.resets_at), slot, delta]
+    return keys, args
+
+
+def _peek_call(op: Peek) -> tuple[list[str], list[Any]]:
+    args: list[Any] = [repr(op.now), SLIDING_BUCKETS]
+    for c in op.counters:
+        args += [repr(c.window), repr(c.resets_at)]
+    return [c.key for c in op.counters], args
+
+
+def _peek_result(reply: Sequence[int]) -> tuple[CounterState, ...]:
+    return tuple(CounterState(reply[i], reply[i + 1] / 1000) for i in range(0, len(reply), 2))
+
+
+def _customer_key(customer: str) -> str:
+    return f"{customer_prefix(customer)}customer"
+
+
+def _customer_record(customer: str, fields: dict[Any, Any]) -> CustomerRecord | None:
+    if not fields:
+        return None
+    text = {_text(k): _text(v) for k, v in fields.items()}
+    anchor = text.get("billing_anchor")
+    return CustomerRecord(
+        customer,
+        plan=text.get("plan") or None,
+        billing_anchor=datetime.fromisoformat(anchor) if anchor else None,
+    )
+
+
+def _customer_fields(record: CustomerRecord) -> dict[str, str]:
+    fields = {"plan": record.plan or ""}
+    if record.billing_anchor is not None:
+        fields["billing_anchor"] = record.billing_anchor.isoformat()
+    return fields
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+@dataclass
+class _AsyncClient:
+    client: Any
+    scripts: dict[str, Any]
+    slots: asyncio.Semaphore  # at most max_connections commands in flight
+    ready: bool = False  # connected and scripts loaded
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+    async def prepare(self) -> None:
+        # Connect and load the scripts once, before the first burst: the asyncio cluster
+        # client is not safe while many commands race to set up its first connections.
+        async with self.lock:
+            if self.ready:
+                return
+            if hasattr(self.client, "initialize"):
+                await self.client.initialize()
+            for script in self.scripts.values():
+                await self.client.script_load(script.script)
+            self.ready = True
+
+
+class RedisStorage(Storage):
+    """Counters and customer records in Redis: one server, a Cluster, or behind Sentinel.
+
+    The blocking client serves ``reserve``/``settle``/``peek`` (WSGI, CLI); an asyncio client
+    per event loop serves ``areserve``/``asettle``/``apeek`` (ASGI). Both connect lazily.
+    """
+
+    def __init__(self, uri: str) -> None:
+        try:
+            self.target = parse_redis_uri(uri)
+        except ValueError as exc:
+            raise ConfigError([ConfigIssue("storage", f"{uri!r}: {exc}")]) from None
+        self.uri = uri
+        self._texts = {name: _script(name) for name in ("reserve", "settle", "peek")}
+        self._client: Any = None
+        self._scripts: dict[str, Any] = {}
+        self._aclients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _AsyncClient]
+        self._aclients = weakref.WeakKeyDictionary()
+        self._customers: dict[str, tuple[CustomerRecord | None, float]] = {}
+
+    def __repr__(self) -> str:
+        return f"RedisStorage({self.target.kind}, nodes={list(self.target.nodes)})"
+
+    # clients ---------------------------------------------------------------------------
+
+    def _sync(self) -> dict[str, Any]:
+        if self._client is None:
+            self._client = _connect(self.target, asynchronous=False)
+            self._scripts = {n: self._client.register_script(t) for n, t in self._texts.items()}
+        return self._scripts
+
+    def _async(self) -> _AsyncClient:
+        loop = asyncio.get_running_loop()
+        entry = self._aclients.get(loop)
+        if entry is None:
+            client = _connect(self.target, asynchronous=True)
+            scripts = {n: client.register_script(t) for n, t in self._texts.items()}
+            entry = _AsyncClient(client, scripts, asyncio.Semaphore(self.target.max_connections))
+            self._aclients[loop] = entry
+        return entry
+
+    @property
+    def client(self) -> Any:
+        """The blocking redis-py client (``redis.Redis`` or ``redis.cluster.RedisCluster``)."""
+        self._sync()
+        return self._client
+
+    def _run(self, name: str, keys: list[str], args: list[Any]) -> Any:
+        try:
+            return self._sync()[name](keys=keys, args=args)
+        except Exception as exc:
+            raise StorageError(f"redis {name} failed: {exc}") from exc
+
+    async def _arun(self, name: str, keys: list[str], args: list[Any]) -> Any:
+        entry = self._async()
+        try:
+            if not entry.ready:
+                await entry.prepare()
+            # The asyncio cluster and sentinel clients fail a command at once when every
+            # connection is busy; under a burst, wait for one instead.
+            async with entry.slots:
+                return await entry.scripts[name](keys=keys, args=args)
+        except Exception as exc:
+            raise StorageError(f"redis {name} failed: {exc}") from exc
+
+    # operations ------------------------------------------------------------------------
+
+    def reserve(self, op: Reserve) -> ReserveResult:
+        return _reserve_result(self._run("reserve", *_reserve_call(op)), op)
+
+    async def areserve(self, op: Reserve) -> ReserveResult:
+        return _reserve_result(await self._arun("reserve", *_reserve_call(op)), op)
+
+    def settle(self, op: Settle) -> bool:
+        return bool(self._run("settle", *_settle_call(op)))
+
+    async def asettle(self, op: Settle) -> bool:
+        return bool(await self._arun("settle", *_settle_call(op)))
+
+    def peek(self, op: Peek) -> tuple[CounterState, ...]:
+        return _peek_result(self._run("peek", *_peek_call(op)))
+
+    async def apeek(self, op: Peek) -> tuple[CounterState, ...]:
+        return _peek_result(await self._arun("peek", *_peek_call(op)))
+
+    # customers: read through a short in-process cache ----------------------------------
+
+    def _cached(self, customer: str) -> tuple[bool, CustomerRecord | None]:
+        hit = self._customers.get(customer)
+        if hit is not None and time.monotonic() < hit[1]:
+            return True, hit[0]
+        return False, None
+
+    def _remember(self, customer: str, record: CustomerRecord | None) -> CustomerRecord | None:
+        if len(self._customers) >= 100_000:
+            self._customers.clear()
+        self._customers[customer] = (record, time.monotonic() + self.target.customer_cache_ttl)
+        return record
+
+    def load_customer(self, customer: str) -> CustomerRecord | None:
+        found, record = self._cached(customer)
+        if found:
+            return record
+        try:
+            fields = self.client.hgetall(_customer_key(customer))
+        except Exception as exc:
+            raise StorageError(f"redis customer read failed: {exc}") from exc
+        return self._remember(customer, _customer_record(customer, fields))
+
+    async def aload_customer(self, customer: str) -> CustomerRecord | None:
+        found, record = self._cached(customer)
+        if found:
+            return record
+        entry = self._async()
+        try:
+            if not entry.ready:
+                await entry.prepare()
+            async with entry.slots:
+                fields = await entry.client.hgetall(_customer_key(customer))
+        except Exception as exc:
+            raise StorageError(f"redis customer read failed: {exc}") from exc
+        return self._remember(customer, _customer_record(customer, fields))
+
+    def save_customer(self, record: CustomerRecord) -> None:
+        key = _customer_key(record.customer)
+        try:
+            pipe = self.client.pipeline(transaction=True)
+            pipe.delete(key)
+            pipe.hset(key, mapping=_customer_fields(record))
+            pipe.execute()
+        except Exception as exc:
+            raise StorageError(f"redis customer write failed: {exc}") from exc
+        self._customers.pop(record.customer, None)
+
+    def close(self) -> None:
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+
+    async def aclose(self) -> None:
+        entry = self._aclients.pop(asyncio.get_running_loop(), None)
+        if entry is not None:
+            await entry.client.aclose()
+        self.close()
+
+
+def _connect(target: RedisTarget, *, asynchronous: bool) -> Any:
+    options = dict(target.connection)
+    tls = options.pop("ssl", False)
+    if target.kind == "single":
+        # A blocking pool: under a burst, requests wait (up to ``timeout``) for a connection
+        # instead of failing with "Too many connections".
+        host, port = target.nodes[0]
+        pool_options = {
+            "max_connections": options.pop("max_connections", _MAX_CONNECTIONS),
+            "timeout": options.pop("timeout", _DEFAULTS["socket_timeout"]),
+        }
+        if asynchronous:
+            from redis.asyncio import BlockingConnectionPool as AsyncPool
+            from redis.asyncio import Redis as AsyncRedis
+            from redis.asyncio.connection import SSLConnection as AsyncSSL
+
+            if tls:
+                options["connection_class"] = AsyncSSL
+            pool = AsyncPool(host=host, port=port, **pool_options, **options)
+            return AsyncRedis.from_pool(pool)  # the client owns the pool: closing closes both
+        from redis import BlockingConnectionPool, Redis
+        from redis.connection import SSLConnection
+
+        if tls:
+            options["connection_class"] = SSLConnection
+        return Redis.from_pool(
+            BlockingConnectionPool(host=host, port=port, **pool_options, **options)
+        )
+    if tls:
+        options["ssl"] = True
+    if target.kind == "cluster":
+        if asynchronous:
+            from redis.asyncio.cluster import ClusterNode as AsyncNode
+            from redis.asyncio.cluster import RedisCluster as AsyncCluster
+
+            nodes = [AsyncNode(h, p) for h, p in target.nodes]
+            return AsyncCluster(startup_nodes=nodes, **options)
+        from redis.cluster import ClusterNode, RedisCluster
+
+        return RedisCluster(startup_nodes=[ClusterNode(h, p) for h, p in target.nodes], **options)
+    options.setdefault("max_connections", _MAX_CONNECTIONS)
+    sentinel_options = {
+        k: v for k, v in options.items() if k in ("socket_timeout", "socket_connect_timeout")
+    }
+    if asynchronous:
+        from redis.asyncio.sentinel import Sentinel as AsyncSentinel
+
+        sentinels = AsyncSentinel(list(target.nodes), sentinel_kwargs=sentinel_options, **options)
+        return sentinels.master_for(target.service)
+    from redis.sentinel import Sentinel
+
+    sentinel = Sentinel(list(target.nodes), sentinel_kwargs=sentinel_options, **options)
+    return sentinel.master_for(target.service)

@@ -1,0 +1,156 @@
+-- Reserve the cost of one request on every counter of it, all or nothing (plangate).
+--
+-- KEYS[i]  counter i: a hash of sliding-window buckets, or a string for a calendar period
+-- ARGV[1]  now, epoch seconds (the caller's clock; the time of a window never goes back)
+-- ARGV[2]  "1": refuse when a limit would be exceeded; "0": count regardless (shadow mode)
+-- ARGV[3]  buckets per sliding window
+-- then per counter, 4 values: limit (-1: unlimited), cost, window seconds (0: a period),
+--   period end (epoch seconds; 0 for a window)
+--
+-- Returns {admitted, retry_after_ms, #violated, violated indices (1-based)...,
+--          then per counter: used, reset_after_ms, slot}
+-- "used" is after the reservation when admitted, else before it.
+
+local now_arg = ARGV[1]
+local now = tonumber(now_arg)
+local enforce = ARGV[2] == "1"
+local nbuckets = tonumber(ARGV[3])
+
+local counters = {}
+for i = 1, #KEYS do
+  local base = 3 + (i - 1) * 4
+  local c = {
+    key = KEYS[i],
+    limit = tonumber(ARGV[base + 1]),
+    cost = tonumber(ARGV[base + 2]),
+    window = tonumber(ARGV[base + 3]),
+    resets = tonumber(ARGV[base + 4]),
+    total = 0,
+  }
+  if c.window > 0 then
+    c.width = c.window / nbuckets
+    c.t = now
+    c.t_text = now_arg
+    local flat = redis.call("HGETALL", c.key)
+    local buckets = {}
+    for j = 1, #flat, 2 do
+      if flat[j] == "t" then
+        local seen = tonumber(flat[j + 1])
+        if seen > c.t then
+          c.t = seen
+          c.t_text = flat[j + 1]
+        end
+      else
+        buckets[#buckets + 1] = {tonumber(flat[j]), tonumber(flat[j + 1])}
+      end
+    end
+    -- A bucket counts while any part of it lies inside (t - window, t].
+    local horizon = c.t - c.window
+    local live, stale = {}, {}
+    for _, b in ipairs(buckets) do
+      if (b[1] + 1) * c.width > horizon then
+        live[#live + 1] = b
+        c.total = c.total + b[2]
+      else
+        stale[#stale + 1] = tostring(b[1])
+      end
+    end
+    if #stale > 0 then
+      redis.call("HDEL", c.key, unpack(stale))
+    end
+    table.sort(live, function(a, b) return a[1] < b[1] end)
+    c.live = live
+  else
+    c.total = tonumber(redis.call("GET", c.key) or "0")
+  end
+  counters[i] = c
+end
+
+local function expires_in(c, index)
+  return (index + 1) * c.width + c.window - c.t
+end
+
+local function reset_after(c)
+  if c.window > 0 then
+    if #c.live == 0 then
+      return 0
+    end
+    return expires_in(c, c.live[1][1])
+  end
+  return c.resets - now
+end
+
+local function wait_for(c)
+  if c.window == 0 then
+    return c.resets - now
+  end
+  if c.cost > c.limit then
+    return c.window -- can never fit; say when the window is clear again
+  end
+  local excess = c.total + c.cost - c.limit
+  local freed = 0
+  for _, b in ipairs(c.live) do
+    freed = freed + b[2]
+    if freed >= excess then
+      return expires_in(c, b[1])
+    end
+  end
+  return c.window
+end
+
+local violated = {}
+local retry = 0
+for i, c in ipairs(counters) do
+  if c.limit >= 0 and c.total + c.cost > c.limit then
+    violated[#violated + 1] = i
+    retry = math.max(retry, wait_for(c))
+  end
+end
+
+local function ms(seconds)
+  return math.max(0, math.ceil(seconds * 1000))
+end
+
+local reply = {}
+if #violated > 0 and enforce then
+  reply = {0, ms(retry), #violated}
+  for _, i in ipairs(violated) do
+    reply[#reply + 1] = i
+  end
+  for _, c in ipairs(counters) do
+    reply[#reply + 1] = c.total
+    reply[#reply + 1] = ms(reset_after(c))
+    reply[#reply + 1] = 0
+  end
+  return reply
+end
+
+reply = {#violated == 0 and 1 or 0, 0, #violated}
+for _, i in ipairs(violated) do
+  reply[#reply + 1] = i
+end
+for _, c in ipairs(counters) do
+  local slot = 0
+  if c.window > 0 then
+    slot = math.floor(c.t / c.width)
+    redis.call("HINCRBY", c.key, slot, c.cost)
+    redis.call("HSET", c.key, "t", c.t_text)
+    -- t never goes back, so this bucket is the newest one
+    local last = c.live[#c.live]
+    if last ~= nil and last[1] == slot then
+      last[2] = last[2] + c.cost
+    else
+      c.live[#c.live + 1] = {slot, c.cost}
+    end
+    redis.call("PEXPIRE", c.key, math.max(1, ms(expires_in(c, slot))))
+  else
+    redis.call("INCRBY", c.key, c.cost)
+    -- relative to the caller's clock, like every time in these scripts
+    redis.call("PEXPIRE", c.key, math.max(1, ms(c.resets - now)))
+  end
+  c.total = c.total + c.cost
+  reply[#reply + 1] = c.total
+  reply[#reply + 1] = ms(reset_after(c))
+  reply[#reply + 1] = slot
+end
+return reply

@@ -1,0 +1,124 @@
+"""Redis behind real uvicorn processes: exact under concurrency, one round trip, restarts."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import subprocess
+import sys
+from collections import Counter as Tally
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+
+from tests.servers import drain, free_port
+from tests.support import bearer, config
+
+pytestmark = pytest.mark.redis
+
+ROOT = Path(__file__).parents[2]
+
+
+def _plan_config(limit: int) -> dict:
+    plans = {"free": {"features": {"api_calls": {"limit": limit, "window": "1h"}}}}
+    routes = [{"match": "/v1/{rest:path}", "meters": {"api_calls": 1}}]
+    return config(plans=plans, routes=routes, default_plan="free")
+
+
+@contextlib.contextmanager
+def uvicorn_process(storage: str, config_file: Path) -> Iterator[str]:
+    """The test API in a uvicorn process of its own; yields its base URL once it serves."""
+    port = free_port()
+    env = {**os.environ, "PLANGATE_STORAGE": storage, "PLANGATE_TEST_CONFIG": str(config_file)}
+    proc = subprocess.Popen(
+        [
+            *(sys.executable, "-m", "uvicorn", "tests.storage.app:app"),
+            *("--host", "127.0.0.1", "--port", str(port), "--no-access-log"),
+        ],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stderr is not None
+        log = []
+        for line in proc.stderr:  # blocks until uvicorn says it serves
+            log.append(line)
+            if "Uvicorn running on" in line:
+                break
+        else:
+            raise RuntimeError("uvicorn exited:\n" + "".join(log))
+        drain(proc)  # a full pipe would stall the server
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait(20)
+
+
+@pytest.fixture
+def config_file(tmp_path: Path):
+    def write(limit: int) -> Path:
+        path = tmp_path / "plangate.yaml"
+        path.write_text(yaml.safe_dump(_plan_config(limit)))
+        return path
+
+    return write
+
+
+async def _burst(urls: list[str], customers: list[str], per_customer: int) -> Tally:
+    """``per_customer`` concurrent requests for each customer, spread over ``urls``."""
+    limits = httpx.Limits(max_connections=400, max_keepalive_connections=400)
+    async with httpx.AsyncClient(timeout=60, limits=limits) as client:
+
+        async def one(url: str, customer: str) -> tuple[str, int]:
+            response = await client.get(f"{url}/v1/projects", headers=bearer(customer))
+            return customer, response.status_code
+
+        jobs = [
+            one(urls[i % len(urls)], customer)
+            for customer in customers
+            for i in range(per_customer)
+        ]
+        return Tally(await asyncio.gather(*jobs))
+
+
+@pytest.mark.parametrize(
+    "backend", ["redis", pytest.param("redis-cluster", marks=pytest.mark.cluster)]
+)
+def test_two_processes_sharing_redis_admit_exactly_the_limit(backend, config_file, request):
+    server = request.getfixturevalue("redis_server" if backend == "redis" else "redis_cluster")
+    server.flush() if backend == "redis-cluster" else _flush(server)
+    path = config_file(50)
+    with uvicorn_process(server.url, path) as a, uvicorn_process(server.url, path) as b:
+        one = asyncio.run(_burst([a, b], ["acme"], 200))
+        assert one == {("acme", 200): 50, ("acme", 429): 150}
+        several = asyncio.run(_burst([a, b], ["globex", "initech", "umbrella"], 120))
+    assert several == {
+        (customer, status): count
+        for customer in ("globex", "initech", "umbrella")
+        for status, count in ((200, 50), (429, 70))
+    }
+
+
+def test_counts_outlive_the_process(redis_server, config_file):
+    _flush(redis_server)
+    path = config_file(5)
+    with uvicorn_process(redis_server.url, path) as url:
+        for _ in range(3):
+            assert httpx.get(f"{url}/v1/projects", headers=bearer()).status_code == 200
+    with uvicorn_process(redis_server.url, path) as url:  # a new process, the same Redis
+        body = httpx.get(f"{url}/.plangate/entitlements", headers=bearer()).json()
+        assert body["meters"]["api_calls"]["limits"][0]["used"] == 3
+        statuses = [httpx.get(f"{url}/v1/projects", headers=bearer()).status_code for _ in range(3)]
+    assert statuses == [200, 200, 429]
+
+
+def _flush(server) -> None:
+    with server.client() as client:
+        client.flushall()
