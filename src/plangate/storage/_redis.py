@@ -344,12 +344,16 @@ class RedisStorage(Storage):
 
     def close(self) -> None:
         if self._client is not None:
+            for sentinel in getattr(self._client, "plangate_sentinels", ()):
+                sentinel.close()
             self._client.close()
             self._client = None
 
     async def aclose(self) -> None:
         entry = self._aclients.pop(asyncio.get_running_loop(), None)
         if entry is not None:
+            for sentinel in getattr(entry.client, "plangate_sentinels", ()):
+                await sentinel.aclose()
             await entry.client.aclose()
         self.close()
 
@@ -402,8 +406,12 @@ def _connect(target: RedisTarget, *, asynchronous: bool) -> Any:
         from redis.asyncio.sentinel import Sentinel as AsyncSentinel
 
         sentinels = AsyncSentinel(list(target.nodes), sentinel_kwargs=sentinel_options, **options)
-        return sentinels.master_for(target.service)
+        master = sentinels.master_for(target.service)
+        master.plangate_sentinels = sentinels.sentinels  # closed with the master
+        return master
     from redis.sentinel import Sentinel
 
     sentinel = Sentinel(list(target.nodes), sentinel_kwargs=sentinel_options, **options)
-    return sentinel.master_for(target.service)
+    master = sentinel.master_for(target.service)
+    master.plangate_sentinels = sentinel.sentinels
+    return master
