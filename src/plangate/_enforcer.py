@@ -13,7 +13,7 @@ from typing import Any
 
 import anyio.to_thread
 
-from .config import Config, load_config
+from .config import Config, Rule, load_config
 from .engine import Decision, Engine, Problem, identity_problem
 from .errors import AuthenticationError, KeysUnavailableError
 from .identity import Identity, IdentityResult, TokenSource, TokenVerifier
@@ -51,6 +51,9 @@ class _Gate:
     def _route(self, method: str, path: str, consume: bool) -> Decision:
         return self.engine.route(method, path, explain=not consume)
 
+    def _declared(self, rule: Rule) -> Decision:
+        return Decision(rule, {}, self.engine.kinds)
+
     def _decide(
         self, decision: Decision, identity: IdentityResult, consume: bool
     ) -> Flow[Decision]:
@@ -76,6 +79,11 @@ class Enforcer(_Gate):
         if not _needs_identity(decision):
             return decision
         return drive(self._decide(decision, self.identify(token), consume), self.storage)
+
+    def check_declared(self, rule: Rule, token: str | None) -> Decision:
+        """The decision for a rule declared on a view (``Requirement``), for this token."""
+        decision = self._declared(rule)
+        return drive(self._decide(decision, self.identify(token), True), self.storage)
 
     def settle(
         self,
@@ -115,6 +123,11 @@ class AsyncEnforcer(_Gate):
             return decision
         identity = await self.aidentify(token)
         return await adrive(self._decide(decision, identity, consume), self.storage)
+
+    async def check_declared(self, rule: Rule, token: str | None) -> Decision:
+        decision = self._declared(rule)
+        identity = await self.aidentify(token)
+        return await adrive(self._decide(decision, identity, True), self.storage)
 
     async def settle(
         self,

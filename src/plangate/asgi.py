@@ -9,6 +9,7 @@ from typing import Any
 
 from ._enforcer import AsyncEnforcer, Clock
 from ._http import ENTITLEMENTS_PATH, json_body, log_shadow, problem_parts, take_usage
+from ._views import PENDING_KEY, Pending
 from .config import Config
 from .engine import Decision, Problem
 from .storage import Storage
@@ -38,9 +39,13 @@ class PlanGateMiddleware:
         storage: str | Storage | None = None,
         entitlements_path: str | None = ENTITLEMENTS_PATH,
         clock: Clock = time.time,
+        views: bool = False,
+        gate: AsyncEnforcer | None = None,
     ) -> None:
         self.app = app
-        self.gate = AsyncEnforcer(config, storage=storage, clock=clock)
+        self.gate = gate or AsyncEnforcer(config, storage=storage, clock=clock)
+        #: requirements may be declared on views (the FastAPI adapter turns this on)
+        self.views = views
         self.entitlements_path = entitlements_path
         self._token_header = self.gate.token_source.header.encode("latin-1")
 
@@ -67,26 +72,31 @@ class PlanGateMiddleware:
             await self._entitlements(scope, send)
             return
 
-        decision = await self.gate.check(method, path, self._token(scope))
+        token = self._token(scope)
+        decision = await self.gate.check(method, path, token)
         if decision.problem is not None:
             if not decision.shadowed:
                 await _send_problem(send, decision.problem)
                 return
             log_shadow(decision, method, path)
         rule = decision.rule
-        if rule is None or rule.public:
+        matched = rule is not None and not rule.public
+        if not matched and not self.views:
             await self.app(scope, receive, send)
             return
 
-        state = scope.get("state")
-        scope = {
-            **scope,
-            "state": {**state, "plangate": decision} if state else {"plangate": decision},
-        }
-        if not decision.reserved:
+        state = dict(scope.get("state") or ())
+        pending = Pending(self.gate, token)
+        if matched:
+            state["plangate"] = decision
+            pending.decisions.append(decision)
+        if self.views:  # where adapters find the gate for requirements declared on views
+            state[PENDING_KEY] = pending
+        scope = {**scope, "state": state}
+        if not self.views and not decision.reserved:
             await self._call(scope, receive, send, decision)
             return
-        await self._call_metered(scope, receive, send, decision)
+        await self._call_tracked(scope, receive, send, pending)
 
     def _closing(self, send: Send) -> Send:
         """``send`` for the lifespan scope: storage connections close at shutdown."""
@@ -99,7 +109,7 @@ class PlanGateMiddleware:
         return closing_send
 
     async def _call(self, scope: Scope, receive: Receive, send: Send, decision: Decision) -> None:
-        headers = [(n.encode("latin-1"), v.encode("latin-1")) for n, v in decision.headers]
+        headers = _encoded(decision.headers)
         if not headers:
             await self.app(scope, receive, send)
             return
@@ -111,33 +121,46 @@ class PlanGateMiddleware:
 
         await self.app(scope, receive, send_with_headers)
 
-    async def _call_metered(
-        self, scope: Scope, receive: Receive, send: Send, decision: Decision
+    async def _call_tracked(
+        self, scope: Scope, receive: Receive, send: Send, pending: Pending
     ) -> None:
-        rule = decision.rule
-        assert rule is not None
-        quota = [(n.encode("latin-1"), v.encode("latin-1")) for n, v in decision.headers]
-        status = 0
-        reported: dict[str, int] = {}
+        """Call the app; settle every decision of ``pending`` once the status is known.
 
-        async def metered_send(message: Message) -> None:
-            nonlocal status, reported
+        Adapters may add decisions while the app runs (requirements declared on views).
+        """
+        status = 0
+        reported: list[dict[str, int]] = []
+
+        async def tracked_send(message: Message) -> None:
+            nonlocal status
             kind = message["type"]
             if kind == "http.response.start":
                 status = message["status"]
-                kept, reported = take_usage(rule, message.get("headers", ()))
-                message["headers"] = [*kept, *quota]
+                headers = list(message.get("headers", ()))  # never change the app's own list
+                for decision in pending.decisions:
+                    assert decision.rule is not None
+                    headers, usage = take_usage(decision.rule, headers)
+                    reported.append(usage)
+                    headers.extend(_encoded(decision.headers))
+                message["headers"] = headers
             elif kind == "http.response.body" and not message.get("more_body", False):
                 # Settle before the last byte leaves: the next request sees this usage.
-                await self.gate.settle(decision, status, reported)
+                await self._settle(pending, status, reported)
             await send(message)
 
         try:
-            await self.app(scope, receive, metered_send)
+            await self.app(scope, receive, tracked_send)
         except BaseException:
-            await self.gate.settle(decision, 500, refund=True)
+            await self._settle(pending, 500, reported, refund=True)
             raise
-        await self.gate.settle(decision, status or 500, reported, refund=not status)
+        await self._settle(pending, status or 500, reported, refund=not status)
+
+    async def _settle(
+        self, pending: Pending, status: int, reported: list[dict[str, int]], refund: bool = False
+    ) -> None:
+        for i, decision in enumerate(pending.decisions):
+            usage = reported[i] if i < len(reported) else None
+            await self.gate.settle(decision, status, usage, refund=refund)
 
     async def _entitlements(self, scope: Scope, send: Send) -> None:
         result = await self.gate.entitlements(self._token(scope))
@@ -161,3 +184,7 @@ async def _send_problem(send: Send, problem: Problem) -> None:
     raw = [(n.encode("latin-1"), v.encode("latin-1")) for n, v in headers]
     await send({"type": "http.response.start", "status": status, "headers": raw})
     await send({"type": "http.response.body", "body": body})
+
+
+def _encoded(headers: list[tuple[str, str]]) -> list[tuple[bytes, bytes]]:
+    return [(n.encode("latin-1"), v.encode("latin-1")) for n, v in headers]

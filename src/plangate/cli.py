@@ -83,18 +83,21 @@ def _default_config(path: str | None) -> Config:
 
 
 def mint_token(config: Config, customer: str, plan: str | None = None, ttl: float = 3600) -> str:
-    """A token the config's own HS secret signs: for development and tests only."""
+    """A token the config's own HS secret signs: for development and tests only.
+
+    ``ValueError`` if the config has no secret, or a ``plan`` but no ``plan_claim``.
+    """
     settings = config.model.identity.jwt
     if settings.secret is None:
-        raise SystemExit(
-            "plangate token: the config verifies tokens with a public key; it has no secret to sign with"
+        raise ValueError(
+            "the config verifies tokens with a public key; it has no secret to sign with"
         )
     now = int(time.time())
     claims: dict[str, Any] = {"iat": now, "exp": now + int(ttl)}
     _put(claims, settings.customer_claim, customer)
     if plan is not None:
         if settings.plan_claim is None:
-            raise SystemExit("plangate token: --plan needs identity.jwt.plan_claim in the config")
+            raise ValueError("a plan claim needs identity.jwt.plan_claim in the config")
         _put(claims, settings.plan_claim, plan)
     if settings.issuer:
         claims["iss"] = settings.issuer
@@ -120,7 +123,11 @@ def _token(args: argparse.Namespace) -> int:
     if ttl < 1:
         print("plangate token: --ttl: a token lives at least 1s", file=sys.stderr)
         return 2
-    print(mint_token(config, args.customer, args.plan, ttl))
+    try:
+        print(mint_token(config, args.customer, args.plan, ttl))
+    except ValueError as exc:
+        print(f"plangate token: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -10,8 +10,9 @@ from typing import Any
 
 from ._enforcer import Clock, Enforcer
 from ._http import ENTITLEMENTS_PATH, json_body, log_shadow, problem_parts, take_usage
+from ._views import PENDING_KEY, Pending
 from .config import Config
-from .engine import Decision, Problem
+from .engine import Problem
 from .storage import Storage
 
 ExcInfo = tuple[type[BaseException], BaseException, TracebackType]
@@ -45,9 +46,13 @@ class PlanGateMiddleware:
         storage: str | Storage | None = None,
         entitlements_path: str | None = ENTITLEMENTS_PATH,
         clock: Clock = time.time,
+        views: bool = False,
+        gate: Enforcer | None = None,
     ) -> None:
         self.app = app
-        self.gate = Enforcer(config, storage=storage, clock=clock)
+        self.gate = gate or Enforcer(config, storage=storage, clock=clock)
+        #: requirements may be declared on views (the Flask adapter turns this on)
+        self.views = views
         self.entitlements_path = entitlements_path
         header = self.gate.token_source.header
         self._token_key = "HTTP_" + header.upper().replace("-", "_")
@@ -61,16 +66,23 @@ class PlanGateMiddleware:
         if path == self.entitlements_path and method in ("GET", "HEAD"):
             return self._entitlements(environ, start_response)
 
-        decision = self.gate.check(method, path, self._token(environ))
+        token = self._token(environ)
+        decision = self.gate.check(method, path, token)
         if decision.problem is not None:
             if not decision.shadowed:
                 return _problem(start_response, decision.problem)
             log_shadow(decision, method, path)
         rule = decision.rule
-        if rule is None or rule.public:
+        matched = rule is not None and not rule.public
+        if not matched and not self.views:
             return self.app(environ, start_response)
-        environ["plangate"] = decision
-        if not decision.reserved:
+        pending = Pending(self.gate, token)
+        if matched:
+            environ["plangate"] = decision
+            pending.decisions.append(decision)
+        if self.views:  # where adapters find the gate for requirements declared on views
+            environ[PENDING_KEY] = pending
+        if not self.views and not decision.reserved:
             if not decision.headers:
                 return self.app(environ, start_response)
 
@@ -80,28 +92,35 @@ class PlanGateMiddleware:
                 return start_response(status, [*headers, *decision.headers], exc_info)
 
             return self.app(environ, start_with_headers)
-        return self._call_metered(environ, start_response, decision)
+        return self._call_tracked(environ, start_response, pending)
 
-    def _call_metered(
-        self, environ: dict[str, Any], start_response: StartResponse, decision: Decision
+    def _call_tracked(
+        self, environ: dict[str, Any], start_response: StartResponse, pending: Pending
     ) -> Iterable[bytes]:
-        rule = decision.rule
-        assert rule is not None
-        seen: dict[str, Any] = {"status": 0, "reported": {}}
+        """Call the app; settle every decision of ``pending`` once the body has been sent.
 
-        def metered_start(
+        Adapters may add decisions while the app runs (requirements declared on views).
+        """
+        seen = _Seen()
+
+        def tracked_start(
             status: str, headers: list[tuple[str, str]], exc_info: ExcInfo | None = None
         ) -> Callable[[bytes], object]:
-            seen["status"] = int(status[:3])
-            kept, seen["reported"] = take_usage(rule, headers)
-            return start_response(status, [*kept, *decision.headers], exc_info)
+            seen.status = int(status[:3])
+            seen.reported = []
+            for decision in pending.decisions:
+                assert decision.rule is not None
+                headers, usage = take_usage(decision.rule, headers)
+                seen.reported.append(usage)
+                headers = [*headers, *decision.headers]
+            return start_response(status, headers, exc_info)
 
         try:
-            body = self.app(environ, metered_start)
+            body = self.app(environ, tracked_start)
         except BaseException:
-            self.gate.settle(decision, 500, refund=True)
+            seen.settle(self.gate, pending, refund=True)
             raise
-        return _Settling(body, self.gate, decision, seen)
+        return _Settling(body, self.gate, pending, seen)
 
     def _entitlements(
         self, environ: dict[str, Any], start_response: StartResponse
@@ -121,31 +140,43 @@ class PlanGateMiddleware:
         return [body] if environ["REQUEST_METHOD"] == "GET" else []
 
 
+class _Seen:
+    """What the app said in ``start_response``: its status and the usage its headers report."""
+
+    __slots__ = ("reported", "status")
+
+    def __init__(self) -> None:
+        self.status = 0
+        self.reported: list[dict[str, int]] = []
+
+    def settle(self, gate: Enforcer, pending: Pending, *, refund: bool = False) -> None:
+        refund = refund or not self.status
+        for i, decision in enumerate(pending.decisions):
+            usage = self.reported[i] if i < len(self.reported) else None
+            gate.settle(decision, self.status or 500, usage, refund=refund)
+
+
 class _Settling:
-    """The app's response body; settles the reservation once it is sent (or abandoned)."""
+    """The app's response body; settles the reservations once it is sent (or abandoned)."""
 
     def __init__(
-        self, body: Iterable[bytes], gate: Enforcer, decision: Decision, seen: dict[str, Any]
+        self, body: Iterable[bytes], gate: Enforcer, pending: Pending, seen: _Seen
     ) -> None:
         self._body = body
         self._gate = gate
-        self._decision = decision
+        self._pending = pending
         self._seen = seen
 
     def __iter__(self) -> Iterator[bytes]:
         try:
             yield from self._body
         except GeneratorExit:  # the client went away mid-body: the work was done, charge it
-            self._settle()
+            self._seen.settle(self._gate, self._pending)
             raise
         except BaseException:
-            self._gate.settle(self._decision, 500, refund=True)
+            self._seen.settle(self._gate, self._pending, refund=True)
             raise
-        self._settle()
-
-    def _settle(self) -> None:
-        status = self._seen["status"]
-        self._gate.settle(self._decision, status or 500, self._seen["reported"], refund=not status)
+        self._seen.settle(self._gate, self._pending)
 
     def close(self) -> None:
         try:
@@ -153,7 +184,7 @@ class _Settling:
             if close is not None:
                 close()
         finally:
-            self._settle()
+            self._seen.settle(self._gate, self._pending)
 
 
 def _problem(start_response: StartResponse, problem: Problem) -> list[bytes]:

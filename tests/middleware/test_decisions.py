@@ -390,3 +390,20 @@ def test_shadow_mode_lets_a_request_without_token_reach_the_handler(serve):
     response = serve(config(routes=routes)).get("/v1/whoami")
     assert response.status_code == 200
     assert response.json() == {"customer": None, "left": "unlimited"}
+
+
+def test_mode_shadow_lets_every_denial_through_and_still_counts(serve):
+    routes = [*config()["routes"]]
+    client = serve(config(mode="shadow", unmatched="deny", routes=routes))
+    statuses = [client.get("/v1/projects", headers=bearer()).status_code for _ in range(7)]
+    assert statuses == [200] * 7  # free allows 5 a minute
+    assert used(client, "api_calls") == 7
+    assert client.post("/v1/reports/7/export", headers=bearer("acme", "free")).status_code == 200
+    assert client.get("/v1/projects").status_code == 200  # no token
+    assert client.get("/elsewhere").status_code == 404  # unmatched: deny, shadowed
+
+
+def test_plangate_mode_from_the_environment_overrides_the_config(serve, monkeypatch):
+    monkeypatch.setenv("PLANGATE_MODE", "shadow")
+    client = serve(config())
+    assert client.post("/v1/reports/7/export", headers=bearer("acme", "free")).status_code == 200

@@ -13,7 +13,17 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError, ConfigIssue
-from ._catalog import Catalog, CreditGrant, Limit, MeterCost, MeterGrant, Plan, Rule, build_catalog
+from ._catalog import (
+    Catalog,
+    CreditGrant,
+    Limit,
+    MeterCost,
+    MeterGrant,
+    Plan,
+    Rule,
+    build_catalog,
+    declared_rule,
+)
 from ._durations import parse_duration
 from ._loader import Document, read_source, validate_model
 from ._models import ConfigModel
@@ -28,12 +38,13 @@ __all__ = [
     "MeterGrant",
     "Plan",
     "Rule",
+    "declared_rule",
     "load_config",
     "parse_duration",
 ]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # one identity per load: usable as a cache key
 class Config:
     """A loaded, checked config: the file as written (``model``) and compiled (``catalog``)."""
 
@@ -54,7 +65,8 @@ def load_config(
 ) -> Config:
     """Load and check a config. Raises ``ConfigError`` listing every problem found.
 
-    ``PLANGATE_STORAGE`` in the environment overrides ``storage:``.
+    ``PLANGATE_STORAGE`` in the environment overrides ``storage:``, ``PLANGATE_MODE`` overrides
+    ``mode:``.
     """
     if isinstance(source, Config):
         return source
@@ -71,5 +83,11 @@ def load_config(
         except ValueError as exc:
             issue = ConfigIssue("storage", f"PLANGATE_STORAGE: {exc}", doc.file)
             raise ConfigError([issue]) from None
+    mode = environ.get("PLANGATE_MODE")
+    if mode:
+        if mode not in ("enforce", "shadow"):
+            message = f"PLANGATE_MODE: expected enforce or shadow, got {mode!r}"
+            raise ConfigError([ConfigIssue("mode", message, doc.file)])
+        model = model.model_copy(update={"mode": mode})
     catalog = build_catalog(model, doc)
     return Config(model, catalog, str(source) if isinstance(source, (str, Path)) else None)

@@ -13,7 +13,14 @@ from typing import Any
 from ..errors import ConfigError, ConfigIssue
 from ._durations import parse_duration
 from ._loader import Document, Loc, validate_model
-from ._models import AddonGrantSpec, ConfigModel, CreditGrantSpec, HeaderCost, LimitSpec
+from ._models import (
+    AddonGrantSpec,
+    ConfigModel,
+    CreditGrantSpec,
+    HeaderCost,
+    LimitSpec,
+    RouteConfig,
+)
 from ._routes import Router, Template, parse_template
 
 UNLIMITED = "unlimited"
@@ -317,7 +324,6 @@ class _Builder:
 
     def _rules(self) -> list[Rule]:
         rules = []
-        features = self.model.features
         for index, route in enumerate(self.model.routes):
             loc: Loc = ("routes", index)
             try:
@@ -325,46 +331,48 @@ class _Builder:
             except ValueError as exc:
                 self.fail((*loc, "match"), str(exc))
                 continue
-            if route.feature is not None and route.feature not in features:
-                self.fail(
-                    (*loc, "feature"), f"unknown feature {route.feature!r}{self._known(features)}"
-                )
-            costs = []
-            for meter, cost in route.meters.items():
-                meter_loc = (*loc, "meters", meter)
-                spec = features.get(meter)
-                if spec is None:
-                    self.fail(meter_loc, f"unknown feature {meter!r}{self._known(features)}")
-                    continue
-                if spec.kind != "metered":
-                    self.fail(meter_loc, f"{meter} is a {spec.kind} feature, not metered")
-                    continue
-                if isinstance(cost, bool) or not isinstance(cost, (int, dict)):
-                    self.fail(
-                        meter_loc,
-                        "the cost is a whole number, or {response_header: NAME, estimate: N}",
-                    )
-                elif isinstance(cost, int):
-                    if cost < 0:
-                        self.fail(meter_loc, f"the cost must be 0 or more, got {cost}")
-                    costs.append(MeterCost(meter, cost))
-                else:
-                    header = self.sub(HeaderCost, cost, meter_loc)
-                    if header is not None:
-                        name = header.response_header.lower()
-                        costs.append(MeterCost(meter, header.estimate, name, header.expose))
-            rules.append(
-                Rule(
-                    index=index,
-                    template=template,
-                    public=route.public,
-                    feature=route.feature,
-                    meters=tuple(costs),
-                    count_always=route.count == "always",
-                    shadow=route.mode == "shadow",
-                )
-            )
+            rules.append(self.rule(index, template, route, loc))
         return rules
+
+    def rule(self, index: int, template: Template, route: RouteConfig, loc: Loc) -> Rule:
+        features = self.model.features
+        if route.feature is not None and route.feature not in features:
+            self.fail(
+                (*loc, "feature"), f"unknown feature {route.feature!r}{self._known(features)}"
+            )
+        costs = []
+        for meter, cost in route.meters.items():
+            meter_loc = (*loc, "meters", meter)
+            spec = features.get(meter)
+            if spec is None:
+                self.fail(meter_loc, f"unknown feature {meter!r}{self._known(features)}")
+                continue
+            if spec.kind != "metered":
+                self.fail(meter_loc, f"{meter} is a {spec.kind} feature, not metered")
+                continue
+            if isinstance(cost, bool) or not isinstance(cost, (int, dict)):
+                self.fail(
+                    meter_loc,
+                    "the cost is a whole number, or {response_header: NAME, estimate: N}",
+                )
+            elif isinstance(cost, int):
+                if cost < 0:
+                    self.fail(meter_loc, f"the cost must be 0 or more, got {cost}")
+                costs.append(MeterCost(meter, cost))
+            else:
+                header = self.sub(HeaderCost, cost, meter_loc)
+                if header is not None:
+                    name = header.response_header.lower()
+                    costs.append(MeterCost(meter, header.estimate, name, header.expose))
+        return Rule(
+            index=index,
+            template=template,
+            public=route.public,
+            feature=route.feature,
+            meters=tuple(costs),
+            count_always=route.count == "always",
+            shadow=route.mode == "shadow",
+        )
 
     # sections validated now, enforced by later releases ---------------------------------
 
@@ -422,3 +430,19 @@ class _Builder:
                 self.fail((*loc, "amount"), "the amount is a whole number above 0")
         else:
             self.fail(loc, "map to a plan name, {addon: NAME} or {credits: FEATURE, amount: N}")
+
+
+#: The template of a rule declared on a view rather than listed in ``routes:``.
+DECLARED = Template((), "(declared on the view)", "", ())
+
+
+def declared_rule(model: ConfigModel, declaration: Mapping[str, Any], where: str) -> Rule:
+    """A route rule from a per-view declaration (``feature``, ``meters``, ``count``, ``mode``),
+    checked against the config like a rule of ``routes:``; ``where`` names the view in errors."""
+    doc = Document({}, {}, None)
+    builder = _Builder(model, doc)
+    route = builder.sub(RouteConfig, {"match": "/", **declaration}, (where,))
+    rule = builder.rule(-1, DECLARED, route, (where,)) if route is not None else None
+    if builder.issues or rule is None:
+        raise ConfigError(builder.issues)
+    return rule

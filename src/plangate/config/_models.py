@@ -175,6 +175,7 @@ class ConfigModel(Model):
     default_plan: str | None = None
     routes: list[RouteConfig] = Field(default_factory=list)
     unmatched: Literal["allow", "deny"] = "allow"
+    mode: Literal["enforce", "shadow"] = "enforce"
     responses: ResponsesConfig = Field(default_factory=ResponsesConfig)
     admin: AdminConfig = Field(default_factory=AdminConfig)
     billing: BillingConfig | None = None

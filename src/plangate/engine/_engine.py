@@ -48,6 +48,8 @@ class Engine:
         self.upgrade_url = model.responses.upgrade_url
         self.legacy_headers = model.responses.legacy_headers
         self.deny_unmatched = model.unmatched == "deny"
+        #: ``mode: shadow`` (or PLANGATE_MODE=shadow): every rule decides and logs, none blocks
+        self.shadow_all = model.mode == "shadow"
         self._router = self.catalog.router
         self._rules = self.catalog.rules
         self._routes: dict[tuple[str, str], tuple[int, dict[str, str]] | None] = {}
@@ -70,6 +72,7 @@ class Engine:
             if self.deny_unmatched:
                 detail = f"{method} {path} is not an API route of this service"
                 decision.problem = Problem("route-not-allowed", detail)
+                decision.shadowed = self.shadow_all
             if decision.reasons is not None:
                 policy = "deny" if self.deny_unmatched else "allow"
                 decision.reasons.append(f"no route rule matches: unmatched {policy}")
@@ -146,7 +149,10 @@ class Engine:
 
         decision.reservation_id = new_reservation_id()
         result = yield Reserve(
-            charge.counters, now, enforce=not rule.shadow, reservation_id=decision.reservation_id
+            charge.counters,
+            now,
+            enforce=not (rule.shadow or self.shadow_all),
+            reservation_id=decision.reservation_id,
         )
         decision.states = result.states
         decision.slots = result.slots
@@ -263,7 +269,7 @@ class Engine:
 
     def _deny(self, decision: Decision, problem: Problem) -> None:
         decision.problem = problem
-        decision.shadowed = bool(decision.rule and decision.rule.shadow)
+        decision.shadowed = self.shadow_all or bool(decision.rule and decision.rule.shadow)
         if decision.reasons is not None:
             shadow = " (shadow: let through)" if decision.shadowed else ""
             decision.reasons.append(
