@@ -56,6 +56,22 @@ def _parser() -> argparse.ArgumentParser:
     explain.add_argument("request", help='"METHOD /path", such as "POST /v1/reports/7/export"')
     explain.set_defaults(run=_explain)
 
+    gateway = commands.add_parser(
+        "gateway", help="run the forward-auth service for API gateways (nginx, Envoy, …)"
+    )
+    gateway.add_argument("--config", required=True)
+    gateway.add_argument("--host", default="127.0.0.1")
+    gateway.add_argument("--port", type=int, default=8787)
+    gateway.add_argument(
+        "--log-listen",
+        metavar="HOST:PORT",
+        help="commit from access logs sent as JSON lines over UDP (syslog or raw)",
+    )
+    gateway.add_argument(
+        "--follow", metavar="FILE", help="commit from a JSON access-log file as it grows"
+    )
+    gateway.set_defaults(run=_gateway)
+
     demo = commands.add_parser("demo", help="serve an example API on memory storage")
     demo.add_argument("--host", default="127.0.0.1")
     demo.add_argument("--port", type=int, default=8000)
@@ -145,6 +161,28 @@ def _explain(args: argparse.Namespace) -> int:
         print(f"decision: DENY {decision.problem.status} {decision.problem.name}")
     else:
         print("decision: ALLOW")
+    return 0
+
+
+def _gateway(args: argparse.Namespace) -> int:
+    import logging
+    import os
+
+    from .gateway import GatewayService, serve
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(name)s: %(message)s")
+    listen = None
+    if args.log_listen:
+        host, _, port = args.log_listen.rpartition(":")
+        if not host or not port.isdigit():
+            print(
+                "plangate gateway: --log-listen HOST:PORT, such as 127.0.0.1:5514", file=sys.stderr
+            )
+            return 2
+        listen = (host, int(port))
+    token = os.environ.get("PLANGATE_COMMIT_TOKEN") or None
+    service = GatewayService(args.config, commit_token=token)
+    serve(service, args.host, args.port, log_listen=listen, follow=args.follow)
     return 0
 
 
