@@ -1,0 +1,1 @@
+"""A small projects API behind plangate (adapters/plangate_django)."""

@@ -1,0 +1,180 @@
+"""The FastAPI example (examples/fastapi) behaves as its README says, run as its README says."""
+
+from __future__ import annotations
+
+import os
+import queue
+import subprocess
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from plangate.cli import mint_token
+from plangate.config import Config, load_config
+from plangate.engine import PROBLEM_BASE
+from tests.servers import free_port
+
+ROOT = Path(__file__).parents[2]
+EXAMPLE = ROOT / "examples" / "fastapi"
+READY = "Uvicorn running on"
+PROBLEM = "application/problem+json"
+
+Auth = Callable[..., dict[str, str]]
+
+
+def command(port: int) -> list[str]:
+    return [sys.executable, str(EXAMPLE / "app.py"), "--port", str(port)]
+
+
+@pytest.fixture(scope="module")
+def config() -> Config:
+    with pytest.MonkeyPatch.context() as env:
+        env.delenv("PLANGATE_JWT_SECRET", raising=False)
+        env.delenv("PLANGATE_STORAGE", raising=False)
+        return load_config(EXAMPLE / "plangate.yaml")
+
+
+@pytest.fixture
+def auth(config: Config) -> Auth:
+    def headers(plan: str, customer: str) -> dict[str, str]:
+        return {"Authorization": f"Bearer {mint_token(config, customer, plan)}"}
+
+    return headers
+
+
+@pytest.fixture(scope="module")
+def http() -> Iterator[httpx.Client]:
+    """The example, started as a script on a free loopback port; one server for the module,
+    so each test uses customers of its own."""
+    port = free_port()
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("PLANGATE_JWT_SECRET", "PLANGATE_STORAGE", "DJANGO_SETTINGS_MODULE")
+    }
+    env["PYTHONUNBUFFERED"] = "1"
+    proc = subprocess.Popen(
+        command(port),
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+    )
+    assert proc.stdout is not None
+    lines: queue.Queue[str | None] = queue.Queue()
+
+    def pump(stream=proc.stdout) -> None:  # reads the log until the process exits
+        with stream:
+            for line in stream:
+                lines.put(line)
+        lines.put(None)
+
+    reader = threading.Thread(target=pump, daemon=True)
+    reader.start()
+    try:
+        seen: list[str] = []
+        while not seen or READY not in seen[-1]:
+            line = lines.get(timeout=30)
+            if line is None:
+                pytest.fail(f"the example exited before {READY!r}:\n{''.join(seen)}")
+            seen.append(line)
+        assert f"http://127.0.0.1:{port}" in "".join(seen)
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as client:
+            yield client
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+        reader.join(timeout=10)
+
+
+def test_health_is_public(http):
+    response = http.get("/health")
+    assert response.status_code == 200
+    assert response.json() == {"status": "ok"}
+
+
+def test_a_gated_route_needs_a_token(http):
+    response = http.get("/projects")
+    assert response.status_code == 401
+    assert response.headers["content-type"] == PROBLEM
+    assert response.json()["type"] == PROBLEM_BASE + "unauthenticated"
+
+
+def test_the_boolean_feature_is_refused_on_free_with_a_problem(http, auth):
+    response = http.post("/reports/1/export", headers=auth("free", "acme"))
+    assert response.status_code == 402
+    assert response.headers["content-type"] == PROBLEM
+    problem = response.json()
+    assert problem["type"] == PROBLEM_BASE + "feature-not-in-plan"
+    assert problem["feature"] == "export_reports"
+    assert problem["plan"] == "free"
+    assert problem["upgrade_url"] == "https://example.com/pricing"
+
+
+def test_the_boolean_feature_is_granted_on_pro(http, auth):
+    response = http.post("/reports/1/export", headers=auth("pro", "globex"))
+    assert response.status_code == 200
+    assert response.json() == {"report": "1", "status": "exporting"}
+
+
+def test_free_allows_five_calls_in_ten_seconds_then_429_with_retry_after(http, auth):
+    free = auth("free", "initech")
+    for left in (4, 3, 2, 1, 0):
+        response = http.get("/projects", headers=free)
+        assert response.status_code == 200
+        body = response.json()
+        assert (body["customer"], body["plan"], body["max_projects"]) == ("initech", "free", 3)
+        assert body["calls_left"] == left
+        assert response.headers["RateLimit"].startswith(f'"api_calls-10s";r={left};')
+    refused = http.get("/projects", headers=free)
+    assert refused.status_code == 429
+    assert refused.headers["content-type"] == PROBLEM
+    assert 1 <= int(refused.headers["Retry-After"]) <= 11
+    problem = refused.json()
+    assert problem["type"] == PROBLEM_BASE + "quota-exceeded"
+    assert problem["violated-policies"] == ["api_calls-10s"]
+    assert problem["plan"] == "free"
+
+
+def test_a_requirement_declared_on_the_operation(http, auth):
+    assert http.post("/reports/1/schedule").status_code == 401
+    denied = http.post("/reports/1/schedule", headers=auth("free", "hooli"))
+    assert denied.status_code == 402
+    assert denied.headers["content-type"] == PROBLEM
+    assert denied.json()["feature"] == "export_reports"
+    allowed = http.post("/reports/1/schedule", headers=auth("pro", "hooli"))
+    assert allowed.status_code == 200
+    assert allowed.json() == {"report": "1", "schedule": "weekly", "plan": "pro"}
+    assert allowed.headers["RateLimit"].startswith('"api_calls-10s";r=999;')
+
+
+def test_the_ai_endpoint_charges_what_the_handler_records(http, auth):
+    free = auth("free", "umbrella")
+    response = http.post("/summarize", headers=free, content="a long text to summarize")
+    assert response.status_code == 200
+    assert response.json() == {"summary": "a long text to summarize", "tokens": 5}
+    usage = http.get("/.plangate/entitlements", headers=free).json()
+    assert usage["meters"]["ai_tokens"]["limits"][0]["used"] == 5  # not the 500 reserved
+    assert usage["meters"]["api_calls"]["limits"][0]["used"] == 0
+
+
+def test_unlimited_values_are_shown_as_unlimited(http, auth):
+    body = http.get("/projects", headers=auth("enterprise", "massive")).json()
+    assert body["max_projects"] == "unlimited"
+    assert body["calls_left"] == "unlimited"
+
+
+def test_the_openapi_schema_documents_plangates_responses(http):
+    paths = http.get("/openapi.json").json()["paths"]
+    assert {"401", "402", "429"} <= set(paths["/reports/{report_id}/schedule"]["post"]["responses"])
+    assert {"401", "402", "429"} <= set(paths["/projects"]["get"]["responses"])
+    assert "402" not in paths["/health"]["get"]["responses"]
