@@ -81,7 +81,7 @@ class GatewayService:
         """Decide the original request. Allow: 200. Deny: the real problem response."""
         method, path = original_request(request)
         token = self.gate.token_source.extract(request.headers.get(self.gate.token_source.header))
-        decision = await self.gate.check(method, path, token)
+        decision = await self.decide(method, path, token)
         problem = decision.problem
         if problem is not None and not decision.shadowed:
             return self._denial(problem, request.query_params.get("deny") == "403")
@@ -91,9 +91,15 @@ class GatewayService:
         if decision.plan is not None:
             headers.append(("x-plangate-plan", decision.plan))
         if decision.reserved:
-            await self._remember(decision)
             headers.append(("x-plangate-reservation", decision.reservation_id))
         return Response(status_code=200, headers=dict(_joined(headers)))
+
+    async def decide(self, method: str, path: str, token: str | None) -> Decision:
+        """The decision for an original request; what it reserved waits for its commit."""
+        decision = await self.gate.check(method, path, token)
+        if decision.reserved:
+            await self._remember(decision)
+        return decision
 
     def _denial(self, problem: Problem, as_403: bool) -> Response:
         status, headers, body = problem_parts(problem)
