@@ -13,7 +13,7 @@ import pytest
 
 from plangate import CustomerRecord, asgi, wsgi
 from plangate.errors import ConfigError
-from plangate.storage import Counter, Peek, Reserve, customer_prefix, open_storage
+from plangate.storage import Counter, Peek, Reserve, customer_prefix
 from plangate.storage._redis import RedisStorage, parse_redis_uri
 from tests.middleware.apps import asgi_app, wsgi_app
 from tests.support import bearer, config
@@ -137,7 +137,7 @@ def test_a_commit_that_differs_from_the_estimate_is_one_more_command(tally, redi
 
 
 def test_script_flush_is_survived(redis_server, redis_url):
-    store = open_storage(redis_url)
+    store = RedisStorage(redis_url)
     counter = Counter(K + "api-1m", 5, 1, window=60.0)
     assert store.reserve(Reserve((counter,), T0)).admitted
     with redis_server.client() as client:
@@ -147,7 +147,7 @@ def test_script_flush_is_survived(redis_server, redis_url):
 
 
 def test_a_redis_restart_is_survived(redis_server, redis_url):
-    store = open_storage(redis_url)
+    store = RedisStorage(redis_url)
     counter = Counter(K + "api-1m", 5, 1, window=60.0)
     assert store.reserve(Reserve((counter,), T0)).admitted
     redis_server.restart()  # the counts are gone (no persistence here), the client reconnects
@@ -177,7 +177,7 @@ def test_every_counter_key_expires_by_itself(redis_server, redis_url):
 
 
 def test_a_sliding_window_key_lives_one_window_past_its_newest_bucket(redis_server, redis_url):
-    store = open_storage(redis_url)
+    store = RedisStorage(redis_url)
     store.reserve(Reserve((Counter(K + "api-1h", 5, 1, window=3600.0),), T0))
     with redis_server.client() as client:
         ttl = client.pttl(K + "api-1h")
@@ -187,7 +187,7 @@ def test_a_sliding_window_key_lives_one_window_past_its_newest_bucket(redis_serv
 
 def test_keys_of_one_customer_share_a_cluster_slot(redis_cluster):
     redis_cluster.flush()
-    store = open_storage(redis_cluster.url)
+    store = RedisStorage(redis_cluster.url)
     counters = (
         Counter(K + "api_calls-1s", 20, 1, window=1.0),
         Counter(K + "api_calls-1d", 10_000, 1, window=86_400.0),
@@ -203,7 +203,7 @@ def test_keys_of_one_customer_share_a_cluster_slot(redis_cluster):
 
 
 def test_customer_records_round_trip_and_are_cached(tally, redis_url):
-    store = open_storage(redis_url)
+    store = RedisStorage(redis_url)
     anchor = datetime(2026, 1, 31, 9, 30, tzinfo=timezone.utc)
     store.save_customer(CustomerRecord("acme", plan="pro", billing_anchor=anchor))
     assert store.load_customer("acme") == CustomerRecord("acme", "pro", anchor)
@@ -265,7 +265,7 @@ def test_a_two_second_window_refuses_then_recovers(redis_url):
 def test_sentinel_finds_the_master_and_counts_there(redis_sentinel):
     with redis_sentinel.master.client() as client:
         client.flushall()
-    store = open_storage(redis_sentinel.url)
+    store = RedisStorage(redis_sentinel.url)
     counter = Counter(K + "api-1m", 2, 1, window=60.0)
     assert [store.reserve(Reserve((counter,), T0)).admitted for _ in range(3)] == [
         True,
@@ -303,7 +303,7 @@ def test_sentinel_finds_the_master_and_counts_there(redis_sentinel):
             "redis+cluster://a:7000,b:7001",
             "cluster",
             [("a", 7000), ("b", 7001)],
-            {"socket_timeout": 1.0},
+            {"socket_timeout": 0.05},
         ),
         (
             "redis+sentinel://s1:26379,s2:26379/main/3",

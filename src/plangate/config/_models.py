@@ -92,11 +92,24 @@ class IdentityConfig(Model):
         return value
 
 
+StorageErrorPolicy = Literal["local", "allow", "deny"]
+
+
 class FeatureConfig(Model):
     kind: Literal["boolean", "config", "metered", "credits"]
     unit: str | None = None
     name: str | None = None
     description: str | None = None
+    on_storage_error: StorageErrorPolicy | None = None
+
+    @model_validator(mode="after")
+    def _policy_for_counted_kinds(self) -> FeatureConfig:
+        if self.on_storage_error is not None and self.kind not in ("metered", "credits"):
+            raise ValueError(
+                "on_storage_error applies to metered and credits features: a "
+                f"{self.kind} feature is decided from the customer's cached state"
+            )
+        return self
 
 
 class PlanConfig(Model):
@@ -176,6 +189,7 @@ class ConfigModel(Model):
     routes: list[RouteConfig] = Field(default_factory=list)
     unmatched: Literal["allow", "deny"] = "allow"
     mode: Literal["enforce", "shadow"] = "enforce"
+    on_storage_error: StorageErrorPolicy = "local"
     responses: ResponsesConfig = Field(default_factory=ResponsesConfig)
     admin: AdminConfig = Field(default_factory=AdminConfig)
     billing: BillingConfig | None = None

@@ -9,6 +9,7 @@ from datetime import datetime
 from typing import Any
 
 from ..config import Config, Limit, Plan, Rule
+from ..errors import StorageError
 from ..identity import Identity, IdentityResult
 from ..storage import (
     Counter,
@@ -25,6 +26,13 @@ from ._decision import Charge, Decision
 from ._headers import ceil_seconds, policy_header, quota_headers
 from ._periods import period_bounds
 from ._problems import Problem, identity_problem
+
+
+def unavailable(error: StorageError) -> Problem:
+    """The 503 for a store that cannot be reached, where a meter's policy says ``deny``."""
+    retry = ceil_seconds(getattr(error, "retry_after", 1.0))
+    detail = "usage cannot be counted right now; retry shortly"
+    return Problem("entitlements-unavailable", detail, headers=(("retry-after", str(retry)),))
 
 
 def new_reservation_id() -> str:
@@ -50,6 +58,11 @@ class Engine:
         self.deny_unmatched = model.unmatched == "deny"
         #: ``mode: shadow`` (or PLANGATE_MODE=shadow): every rule decides and logs, none blocks
         self.shadow_all = model.mode == "shadow"
+        #: what each meter does when the store cannot be reached (``on_storage_error``)
+        self.on_error = {
+            name: feature.on_storage_error or model.on_storage_error
+            for name, feature in model.features.items()
+        }
         self._router = self.catalog.router
         self._rules = self.catalog.rules
         self._routes: dict[tuple[str, str], tuple[int, dict[str, str]] | None] = {}
@@ -106,7 +119,10 @@ class Engine:
         if reasons is not None:
             reasons.append(f"customer {identity.customer!r}")
 
-        record: CustomerRecord | None = yield LoadCustomer(identity.customer)
+        try:
+            record: CustomerRecord | None = yield LoadCustomer(identity.customer)
+        except StorageError:  # plans keep deciding from the token's claims
+            record = None
         plan = self._plan(decision, identity, record)
         if plan is None:
             return decision
@@ -130,7 +146,11 @@ class Engine:
             return decision
         decision.charge = charge
         if not consume:
-            states = yield Peek(charge.counters, now)
+            try:
+                states = yield Peek(charge.counters, now)
+            except StorageError as exc:
+                self._deny(decision, unavailable(exc))
+                return decision
             decision.states = tuple(
                 CounterState(s.used + c.cost, s.reset_after)
                 for c, s in zip(charge.counters, states, strict=True)
@@ -148,12 +168,17 @@ class Engine:
             return decision
 
         decision.reservation_id = new_reservation_id()
-        result = yield Reserve(
-            charge.counters,
-            now,
-            enforce=not (rule.shadow or self.shadow_all),
-            reservation_id=decision.reservation_id,
-        )
+        try:
+            result = yield Reserve(
+                charge.counters,
+                now,
+                enforce=not (rule.shadow or self.shadow_all),
+                reservation_id=decision.reservation_id,
+            )
+        except StorageError as exc:  # a policy of "deny" (the others fall back in the store)
+            decision.reservation_id = ""
+            self._deny(decision, unavailable(exc))
+            return decision
         decision.states = result.states
         decision.slots = result.slots
         if reasons is not None:
@@ -205,9 +230,13 @@ class Engine:
             self._charges[key] = charge
         return charge
 
-    @staticmethod
     def build_charge(
-        costs: list[tuple[str, int]], customer: str, plan: Plan, anchor: datetime | None, now: float
+        self,
+        costs: list[tuple[str, int]],
+        customer: str,
+        plan: Plan,
+        anchor: datetime | None,
+        now: float,
     ) -> Charge:
         """One counter per limit of every meter charged; unlimited meters get a monthly one."""
         counters: list[Counter] = []
@@ -221,7 +250,11 @@ class Engine:
             for limit in grant.limits or (None,):
                 if limit is not None and limit.window is not None:
                     counter = Counter(
-                        f"{tag}{limit.policy}", limit.limit, cost, window=limit.window
+                        f"{tag}{limit.policy}",
+                        limit.limit,
+                        cost,
+                        window=limit.window,
+                        on_error=self.on_error[meter],
                     )
                     window = math.ceil(limit.window)
                 else:  # a calendar period; unlimited meters are counted per billing month
@@ -229,7 +262,13 @@ class Engine:
                     start, end = period_bounds(period or "month", now, anchor)
                     policy = limit.policy if limit is not None else f"{meter}-month"
                     quota = limit.limit if limit is not None else None
-                    counter = Counter(f"{tag}{policy}:{int(start)}", quota, cost, resets_at=end)
+                    counter = Counter(
+                        f"{tag}{policy}:{int(start)}",
+                        quota,
+                        cost,
+                        resets_at=end,
+                        on_error=self.on_error[meter],
+                    )
                     window = round(end - start)
                     valid_until = min(valid_until, end)
                 counters.append(counter)
@@ -336,7 +375,10 @@ class Engine:
 
     def entitlements(self, identity: Identity, now: float) -> Flow[dict[str, Any] | Problem]:
         """What ``GET /.plangate/entitlements`` answers for the caller (nothing is consumed)."""
-        record: CustomerRecord | None = yield LoadCustomer(identity.customer)
+        try:
+            record: CustomerRecord | None = yield LoadCustomer(identity.customer)
+        except StorageError:
+            record = None
         probe = Decision(None, {}, self.kinds)
         plan = self._plan(probe, identity, record)
         if plan is None:
@@ -351,7 +393,10 @@ class Engine:
         meters: dict[str, Any] = {}
         for name in plan.meters:
             charge = self.build_charge([(name, 0)], identity.customer, plan, anchor, now)
-            states = yield Peek(charge.counters, now)
+            try:
+                states = yield Peek(charge.counters, now)
+            except StorageError as exc:
+                return unavailable(exc)
             entries = []
             for limit, state in zip(charge.limits, states, strict=True):
                 entry: dict[str, Any] = {"used": state.used}

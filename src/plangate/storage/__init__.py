@@ -12,6 +12,7 @@ from ._base import (
     LoadCustomer,
     Op,
     Peek,
+    Record,
     Reserve,
     ReserveResult,
     Settle,
@@ -21,9 +22,11 @@ from ._base import (
     drive,
 )
 from ._memory import MemoryStorage
+from ._resilient import CircuitBreaker, ResilientStorage, StorageUnavailable
 
 __all__ = [
     "SLIDING_BUCKETS",
+    "CircuitBreaker",
     "Counter",
     "CounterState",
     "CustomerRecord",
@@ -32,10 +35,13 @@ __all__ = [
     "MemoryStorage",
     "Op",
     "Peek",
+    "Record",
     "Reserve",
     "ReserveResult",
+    "ResilientStorage",
     "Settle",
     "Storage",
+    "StorageUnavailable",
     "adrive",
     "customer_prefix",
     "drive",
@@ -55,6 +61,8 @@ def open_storage(uri: str) -> Storage:
         except ImportError:  # pragma: no cover - the redis extra is part of the test install
             message = f"{uri!r} needs redis-py: pip install 'plangate[redis]'"
             raise ConfigError([ConfigIssue("storage", message)]) from None
-        return RedisStorage(uri)
+        redis = RedisStorage(uri)
+        breaker = CircuitBreaker(redis.target.breaker_failures, redis.target.breaker_reset)
+        return ResilientStorage(redis, breaker=breaker)
     message = f"unknown storage {uri!r}: use memory://, redis://, rediss://, redis+cluster:// or redis+sentinel://"
     raise ConfigError([ConfigIssue("storage", message)])

@@ -44,6 +44,9 @@ class Counter:
     cost: int
     window: float = 0.0
     resets_at: float = 0.0
+    #: what to do when the store cannot be reached: "local" (count in this process),
+    #: "allow" (count, never refuse) or "deny" (503)
+    on_error: str = "local"
 
 
 # Results are named tuples, not dataclasses: one is built per counter per request, and a
@@ -117,6 +120,26 @@ class Settle(Op[bool]):
 
 
 @dataclass(frozen=True, slots=True)
+class Record(Op["tuple[int, ...] | None"]):
+    """Add usage admitted elsewhere (replayed after an outage), no limit checked; once per id.
+
+    Answers where each cost was placed (slots, as ``Reserve`` does), or None if this id was
+    recorded before.
+    """
+
+    record_id: str
+    counters: tuple[Counter, ...]
+    costs: tuple[int, ...]
+    now: float
+
+    def run(self, storage: Storage) -> tuple[int, ...] | None:
+        return storage.record(self)
+
+    async def arun(self, storage: Storage) -> tuple[int, ...] | None:
+        return await storage.arecord(self)
+
+
+@dataclass(frozen=True, slots=True)
 class Peek(Op[tuple[CounterState, ...]]):
     counters: tuple[Counter, ...]
     now: float
@@ -152,6 +175,9 @@ class Storage(ABC):
     def peek(self, op: Peek) -> tuple[CounterState, ...]: ...
 
     @abstractmethod
+    def record(self, op: Record) -> tuple[int, ...] | None: ...
+
+    @abstractmethod
     def load_customer(self, customer: str) -> CustomerRecord | None: ...
 
     @abstractmethod
@@ -165,6 +191,9 @@ class Storage(ABC):
 
     async def apeek(self, op: Peek) -> tuple[CounterState, ...]:
         return self.peek(op)
+
+    async def arecord(self, op: Record) -> tuple[int, ...] | None:
+        return self.record(op)
 
     async def aload_customer(self, customer: str) -> CustomerRecord | None:
         return self.load_customer(customer)

@@ -13,6 +13,7 @@ from ._base import (
     CounterState,
     CustomerRecord,
     Peek,
+    Record,
     Reserve,
     ReserveResult,
     Settle,
@@ -195,6 +196,23 @@ class MemoryStorage(Storage):
                 elif state is not None:
                     state.total = max(0, state.total + delta)
             return True
+
+    def record(self, op: Record) -> tuple[int, ...] | None:
+        with self._lock:
+            now = self._clock(op.now)
+            if op.record_id in self._settled:
+                return None
+            self._settled[op.record_id] = now + _SETTLED_TTL
+            slots = []
+            for counter, cost in zip(op.counters, op.costs, strict=True):
+                state = self._counter(counter, now, create=True)
+                if isinstance(state, _Sliding):
+                    slots.append(state.add(now, cost))
+                else:
+                    assert state is not None
+                    state.total += cost
+                    slots.append(0)
+            return tuple(slots)
 
     def peek(self, op: Peek) -> tuple[CounterState, ...]:
         with self._lock:

@@ -24,6 +24,7 @@ from ._base import (
     CounterState,
     CustomerRecord,
     Peek,
+    Record,
     Reserve,
     ReserveResult,
     Settle,
@@ -34,9 +35,11 @@ from ._base import (
 SCHEMES = ("redis", "rediss", "redis+cluster", "redis+sentinel")
 _SETTLED_TTL = 600  # seconds a settled reservation id is remembered
 #: plangate's own URI options; every other query option goes to redis-py
-_OPTIONS = {"customer_cache_ttl": float}
+_OPTIONS = {"customer_cache_ttl": float, "breaker_failures": int, "breaker_reset": float}
 #: what plangate sets where the URI says nothing (redis-py's defaults wait forever)
-_DEFAULTS: dict[str, Any] = {"socket_timeout": 1.0, "socket_connect_timeout": 1.0}
+# Every call is bounded: an unreachable Redis costs a request one timeout at most, and none
+# once the circuit breaker is open (storage/_resilient.py).
+_DEFAULTS: dict[str, Any] = {"socket_timeout": 0.05, "socket_connect_timeout": 0.05}
 _MAX_CONNECTIONS = 100  # per process, and per cluster node
 
 
@@ -53,6 +56,8 @@ class RedisTarget:
     connection: dict[str, Any] = field(default_factory=dict)  # redis-py keyword arguments
     service: str = ""  # sentinel: the monitored master's name
     customer_cache_ttl: float = 5.0
+    breaker_failures: int = 3  # consecutive failures that open the circuit breaker
+    breaker_reset: float = 1.0  # seconds the breaker stays open before a probe
 
     @property
     def max_connections(self) -> int:
@@ -149,6 +154,18 @@ def _settle_call(op: Settle) -> tuple[list[str], list[Any]]:
     return keys, args
 
 
+def _record_call(op: Record) -> tuple[list[str], list[Any]]:
+    marker = f"{op.counters[0].key}:recorded:{op.record_id}"
+    args: list[Any] = [repr(op.now), _SETTLED_TTL, SLIDING_BUCKETS]
+    for c, cost in zip(op.counters, op.costs, strict=True):
+        args += [repr(c.window), repr(c.resets_at), cost]
+    return [c.key for c in op.counters] + [marker], args
+
+
+def _record_result(reply: Sequence[int]) -> tuple[int, ...] | None:
+    return tuple(reply[1:]) if reply[0] else None
+
+
 def _peek_call(op: Peek) -> tuple[list[str], list[Any]]:
     args: list[Any] = [repr(op.now), SLIDING_BUCKETS]
     for c in op.counters:
@@ -221,7 +238,7 @@ class RedisStorage(Storage):
         except ValueError as exc:
             raise ConfigError([ConfigIssue("storage", f"{uri!r}: {exc}")]) from None
         self.uri = uri
-        self._texts = {name: _script(name) for name in ("reserve", "settle", "peek")}
+        self._texts = {name: _script(name) for name in ("reserve", "settle", "peek", "record")}
         self._client: Any = None
         self._scripts: dict[str, Any] = {}
         self._aclients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _AsyncClient]
@@ -286,6 +303,12 @@ class RedisStorage(Storage):
 
     async def asettle(self, op: Settle) -> bool:
         return bool(await self._arun("settle", *_settle_call(op)))
+
+    def record(self, op: Record) -> tuple[int, ...] | None:
+        return _record_result(self._run("record", *_record_call(op)))
+
+    async def arecord(self, op: Record) -> tuple[int, ...] | None:
+        return _record_result(await self._arun("record", *_record_call(op)))
 
     def peek(self, op: Peek) -> tuple[CounterState, ...]:
         return _peek_result(self._run("peek", *_peek_call(op)))
@@ -358,9 +381,26 @@ class RedisStorage(Storage):
         self.close()
 
 
+def _retry(asynchronous: bool) -> Any:
+    """One immediate retry on a broken connection (a restarted server), none on a timeout:
+    a slow Redis costs one timeout, then the circuit breaker takes over."""
+    from redis.backoff import NoBackoff
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
+    if asynchronous:
+        from redis.asyncio.retry import Retry as AsyncRetry
+
+        return AsyncRetry(NoBackoff(), 1, supported_errors=(RedisConnectionError,))
+    from redis.retry import Retry
+
+    return Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,))
+
+
 def _connect(target: RedisTarget, *, asynchronous: bool) -> Any:
     options = dict(target.connection)
     tls = options.pop("ssl", False)
+    if target.kind != "cluster":
+        options.setdefault("retry", _retry(asynchronous))
     if target.kind == "single":
         # A blocking pool: under a burst, requests wait (up to ``timeout``) for a connection
         # instead of failing with "Too many connections".
