@@ -70,6 +70,16 @@ def _parser() -> argparse.ArgumentParser:
     gateway.add_argument(
         "--follow", metavar="FILE", help="commit from a JSON access-log file as it grows"
     )
+    gateway.add_argument(
+        "--request-from",
+        choices=["auto", "original", "forwarded", "path"],
+        default="auto",
+        help="where /check reads the original request: X-Original-* (nginx), X-Forwarded-* "
+        "(Traefik, Caddy, HAProxy), the path after /check (Envoy); auto refuses both at once",
+    )
+    gateway.add_argument(
+        "--access-log", action="store_true", help="log every request the service answers"
+    )
     gateway.set_defaults(run=_gateway)
 
     demo = commands.add_parser("demo", help="serve an example API on memory storage")
@@ -181,8 +191,15 @@ def _gateway(args: argparse.Namespace) -> int:
             return 2
         listen = (host, int(port))
     token = os.environ.get("PLANGATE_COMMIT_TOKEN") or None
-    service = GatewayService(args.config, commit_token=token)
-    serve(service, args.host, args.port, log_listen=listen, follow=args.follow)
+    service = GatewayService(args.config, commit_token=token, request_from=args.request_from)
+    serve(
+        service,
+        args.host,
+        args.port,
+        log_listen=listen,
+        follow=args.follow,
+        access_log=args.access_log,
+    )
     return 0
 
 

@@ -289,7 +289,7 @@ def test_a_followed_log_file_commits(tmp_path):
     async def run() -> int:
         gate = service()
         committer = LogCommitter(gate)
-        task = asyncio.create_task(follow_file(str(path), committer, poll=0.01))
+        task = asyncio.create_task(follow_file(str(path), committer, poll=0.01, from_start=True))
         decision = await gate.decide("GET", "/v1/projects", bearer()["authorization"][7:])
         entry = {"reservation": decision.reservation_id, "status": 503}
         path.write_text(json.dumps(entry) + "\n")
@@ -303,6 +303,38 @@ def test_a_followed_log_file_commits(tmp_path):
         return body["meters"]["api_calls"]["limits"][0]["used"]
 
     assert asyncio.run(run()) == 0  # the 503 refunded
+
+
+def test_a_followed_log_file_is_read_from_its_end_and_across_rotation(tmp_path):
+    path = tmp_path / "access.json"
+    path.write_text(json.dumps({"reservation": "from-before", "status": 200}) + "\n")
+
+    async def run() -> list[str]:
+        gate = service()
+        seen: list[str] = []
+        committer = LogCommitter(gate)
+        committer.feed = lambda text: seen.extend(  # type: ignore[method-assign]
+            json.loads(line)["reservation"] for line in text.splitlines()
+        )
+        opened = asyncio.Event()
+        task = asyncio.create_task(follow_file(str(path), committer, poll=0.01, opened=opened))
+        try:
+            await opened.wait()  # the follower has opened the file, at its end
+            with path.open("a") as log:
+                log.write(json.dumps({"reservation": "old-1", "status": 200}) + "\n")
+            path.rename(tmp_path / "access.json.1")  # rotated, then one more old line
+            with (tmp_path / "access.json.1").open("a") as log:
+                log.write(json.dumps({"reservation": "old-2", "status": 200}) + "\n")
+            path.write_text(json.dumps({"reservation": "new-1", "status": 200}) + "\n")
+            for _ in range(500):  # bounded: the follower polls the file system
+                if "new-1" in seen:
+                    break
+                await asyncio.sleep(0.01)
+        finally:
+            task.cancel()
+        return seen
+
+    assert asyncio.run(run()) == ["old-1", "old-2", "new-1"]
 
 
 def test_log_formats_of_nginx_caddy_and_traefik_become_commit_records():
@@ -331,6 +363,8 @@ def test_log_formats_of_nginx_caddy_and_traefik_become_commit_records():
         "headers": {"X-Usage-Tokens": "9"},
     }
     assert normalize_record({"msg": "something else"}) is None
+    denied = {"DownstreamStatus": 401, "OriginStatus": 0, "request_X-Plangate-Reservation": "r4"}
+    assert normalize_record(denied) is None  # refused before the upstream: not ours to settle
 
 
 # /healthz, the command -------------------------------------------------------------------

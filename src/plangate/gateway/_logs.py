@@ -18,6 +18,8 @@ if TYPE_CHECKING:
 logger = logging.getLogger("plangate.gateway")
 
 RESERVATION_HEADER = "X-Plangate-Reservation"
+_DENIALS = (401, 402, 403, 429)
+_CHUNK = 1 << 20  # bytes read from a followed log at a time
 
 
 def normalize_record(entry: Any) -> dict[str, Any] | None:
@@ -40,6 +42,10 @@ def normalize_record(entry: Any) -> dict[str, Any] | None:
     if "DownstreamStatus" in entry:  # Traefik
         reservation = entry.get(f"request_{RESERVATION_HEADER}")
         if not reservation:
+            return None
+        if not entry.get("OriginStatus") and entry["DownstreamStatus"] in _DENIALS:
+            # Refused before the upstream (ForwardAuth): the request's reservation header,
+            # if any, did not come from plangate.
             return None
         headers = {
             name.removeprefix("downstream_"): value
@@ -111,27 +117,58 @@ class LogCommitter(asyncio.DatagramProtocol):
             await asyncio.gather(*list(self._tasks))
 
 
-async def follow_file(path: str, committer: LogCommitter, poll: float = 0.2) -> None:
-    """Commit from a JSON access-log file as it grows (``tail -F``; survives rotation)."""
+async def follow_file(
+    path: str,
+    committer: LogCommitter,
+    poll: float = 0.2,
+    *,
+    from_start: bool = False,
+    opened: asyncio.Event | None = None,
+) -> None:
+    """Commit from a JSON access-log file as it grows, like ``tail -F``.
+
+    Starts at the end of the file (what was logged before plangate started was settled by
+    then, or its estimate stands). On rotation, the rest of the old file is read before the
+    new one is followed from its start.
+    """
     import os
 
-    position, inode = 0, None
+    file = None
     buffer = ""
-    while True:
-        try:
-            stat = os.stat(path)
-        except FileNotFoundError:
+    at_start = not from_start  # a file there before plangate started: from its end
+    try:
+        while True:
+            if file is None:
+                try:
+                    file = open(path, encoding="utf-8", errors="replace")  # noqa: SIM115
+                except FileNotFoundError:
+                    at_start = False  # a file that appears later is new: read all of it
+                    await asyncio.sleep(poll)
+                    continue
+                if at_start:
+                    file.seek(0, os.SEEK_END)
+                at_start = False
+                if opened is not None:
+                    opened.set()
+            while chunk := file.read(_CHUNK):
+                buffer += chunk
+                complete, _, buffer = buffer.rpartition("\n")
+                if complete:
+                    committer.feed(complete)
+            try:
+                current = os.stat(path)
+            except FileNotFoundError:
+                current = None
+            opened = os.fstat(file.fileno())
+            if current is None or current.st_ino != opened.st_ino or current.st_size < file.tell():
+                # rotated (or truncated): the old file was read to its end above
+                file.close()
+                file = None
+                if current is not None:
+                    file = open(path, encoding="utf-8", errors="replace")  # noqa: SIM115
+                    buffer = ""
+                    continue
             await asyncio.sleep(poll)
-            continue
-        if stat.st_ino != inode or stat.st_size < position:
-            inode, position, buffer = stat.st_ino, 0, ""  # rotated or truncated
-        if stat.st_size > position:
-            with open(path, encoding="utf-8", errors="replace") as file:
-                file.seek(position)
-                chunk = file.read()
-                position = file.tell()
-            buffer += chunk
-            complete, _, buffer = buffer.rpartition("\n")
-            if complete:
-                committer.feed(complete)
-        await asyncio.sleep(poll)
+    finally:
+        if file is not None:
+            file.close()

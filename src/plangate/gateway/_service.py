@@ -52,9 +52,14 @@ class GatewayService:
         storage: str | Storage | None = None,
         commit_token: str | None = None,
         reservation_ttl: float = RESERVATION_TTL,
+        request_from: str = "auto",
         clock: Clock = time.time,
     ) -> None:
+        if request_from not in STYLES:
+            raise ValueError(f"request_from: one of {', '.join(STYLES)}, not {request_from!r}")
         self.gate = AsyncEnforcer(config, storage=storage, clock=clock)
+        #: where /check reads the original request (see ``original_request``)
+        self.request_from = request_from
         self.commit_token = commit_token
         self.reservation_ttl = reservation_ttl
         self._pending: OrderedDict[str, tuple[Decision, float]] = OrderedDict()
@@ -79,7 +84,11 @@ class GatewayService:
 
     async def check(self, request: Request) -> Response:
         """Decide the original request. Allow: 200. Deny: the real problem response."""
-        method, path = original_request(request)
+        try:
+            method, path = original_request(request, self.request_from)
+        except AmbiguousRequest as exc:
+            logger.warning("check refused: %s", exc)
+            return _error(400, "bad-request", f"cannot tell the original request: {exc}")
         token = self.gate.token_source.extract(request.headers.get(self.gate.token_source.header))
         decision = await self.decide(method, path, token)
         problem = decision.problem
@@ -212,23 +221,36 @@ class GatewayService:
 _ANY = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
 
 
-def original_request(request: Request) -> tuple[str, str]:
+STYLES = ("auto", "original", "forwarded", "path")
+
+
+class AmbiguousRequest(ValueError):
+    """The check request says where the original request went in two ways."""
+
+
+def original_request(request: Request, style: str = "auto") -> tuple[str, str]:
     """The method and path the client asked the gateway for.
 
-    From ``X-Original-Method``/``X-Original-URI`` (nginx), ``X-Forwarded-Method``/
-    ``X-Forwarded-Uri`` (Traefik, Caddy, HAProxy), or the path after ``/check`` with the
-    request's own method (Envoy's HTTP ext_authz). The path is percent-decoded and its dot
-    segments resolved, as the upstream will see it.
+    ``original``: ``X-Original-Method``/``X-Original-URI`` (nginx); ``forwarded``:
+    ``X-Forwarded-Method``/``X-Forwarded-Uri`` (Traefik, Caddy, HAProxy); ``path``: the path
+    after ``/check`` with the request's own method (Envoy's HTTP ext_authz). ``auto`` takes the
+    one present, and refuses a request that carries both header styles: gateways pass client
+    headers on to the check, so the style the gateway did not set may be the client's.
+    The path is percent-decoded and its dot segments resolved, as the upstream will see it.
     """
     headers = request.headers
-    uri = headers.get("x-original-uri") or headers.get("x-forwarded-uri")
-    if uri is not None:
-        method = headers.get("x-original-method") or headers.get("x-forwarded-method")
-        path = urlsplit(uri).path
-    else:
-        method = None
-        path = request.url.path[len("/check") :]
-    return (method or request.method).upper(), normalize_path(path)
+    original, forwarded = headers.get("x-original-uri"), headers.get("x-forwarded-uri")
+    if style == "auto":
+        if original is not None and forwarded is not None:
+            raise AmbiguousRequest("both X-Original-URI and X-Forwarded-Uri are present")
+        style = "original" if original is not None else "forwarded" if forwarded else "path"
+    if style == "path":
+        return request.method.upper(), normalize_path(request.url.path[len("/check") :])
+    uri = original if style == "original" else forwarded
+    if uri is None:
+        raise AmbiguousRequest(f"no X-{style.title()}-URI header")
+    method = headers.get(f"x-{style}-method") or request.method
+    return method.upper(), normalize_path(urlsplit(uri).path)
 
 
 def normalize_path(path: str) -> str:
@@ -292,6 +314,7 @@ def serve(
     *,
     log_listen: tuple[str, int] | None = None,
     follow: str | None = None,
+    access_log: bool = False,
 ) -> None:
     """Run the service with uvicorn, with the access-log listeners asked for."""
     import uvicorn
@@ -299,7 +322,9 @@ def serve(
     from ._logs import LogCommitter, follow_file
 
     async def main() -> None:
-        server = uvicorn.Server(uvicorn.Config(service, host=host, port=port, log_level="info"))
+        server = uvicorn.Server(
+            uvicorn.Config(service, host=host, port=port, log_level="info", access_log=access_log)
+        )
         tasks = []
         committer = LogCommitter(service)
         if log_listen is not None:
