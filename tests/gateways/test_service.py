@@ -381,3 +381,27 @@ def test_healthz_counts_and_waits_for_settled_commits():
 def test_the_gateway_command_checks_its_log_listen_argument(capsys, tmp_path):
     assert main(["gateway", "--config", "x.yaml", "--log-listen", "5514"]) == 2
     assert "--log-listen HOST:PORT" in capsys.readouterr().err
+
+
+def test_a_check_with_both_header_styles_is_refused_in_auto_mode():
+    # Traefik and Caddy pass the client's headers on: a client's X-Original-URI must not
+    # turn a metered request into a public one.
+    headers = {
+        **forwarded("POST", "/v1/completions"),
+        "X-Original-URI": "/health",
+        "X-Original-Method": "GET",
+    }
+    with TestClient(service()) as client:
+        assert client.get("/check", headers=headers).status_code == 400
+
+
+def test_an_explicit_style_reads_only_its_own_headers():
+    headers = {
+        "X-Forwarded-Method": "POST",
+        "X-Forwarded-Uri": "/v1/completions",
+        "X-Original-URI": "/health",
+    }
+    with TestClient(service(request_from="forwarded")) as client:
+        assert client.get("/check", headers=headers).status_code == 401  # metered: needs a token
+    with TestClient(service(request_from="original")) as client:
+        assert client.get("/check", headers={"X-Forwarded-Uri": "/health"}).status_code == 400
