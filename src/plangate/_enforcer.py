@@ -6,6 +6,7 @@ differs. The middlewares sit on them; so do the CLI and, later, the gateway.
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from collections.abc import Callable, Mapping
@@ -20,6 +21,7 @@ from .identity import Identity, IdentityResult, TokenSource, TokenVerifier
 from .storage import Flow, Storage, adrive, drive, open_storage
 
 Clock = Callable[[], float]
+logger = logging.getLogger("plangate")
 
 
 class _Gate:
@@ -59,10 +61,37 @@ class _Gate:
     ) -> Flow[Decision]:
         return self.engine.decide(decision, identity, self.clock(), consume=consume)
 
+    def _fallback(self, method: str, path: str, rule: Rule | None = None) -> Decision:
+        """The decision when deciding failed unexpectedly (a bug, not a storage outage, which
+        the store handles): let the request through without a customer, or — when the
+        failure policy is ``deny`` — answer 503."""
+        logger.exception(
+            "plangate failed to decide %s %s; applying on_storage_error=%s",
+            method,
+            path,
+            self.config.model.on_storage_error,
+        )
+        if rule is None:
+            try:  # the handler still gets a decision (without a customer) if routing works
+                rule = self.engine.route(method, path).rule
+            except Exception:
+                rule = None
+        decision = Decision(rule, {}, self.engine.kinds)
+        if self.config.model.on_storage_error == "deny":
+            decision.problem = _UNAVAILABLE
+        return decision
+
     def _entitlements(self, identity: IdentityResult) -> Flow[dict[str, Any] | Problem]:
         if not isinstance(identity, Identity):
             return identity_problem(identity)
         return (yield from self.engine.entitlements(identity, self.clock()))
+
+
+_UNAVAILABLE = Problem(
+    "entitlements-unavailable",
+    "entitlements cannot be read right now",
+    headers=(("retry-after", "1"),),
+)
 
 
 def _needs_identity(decision: Decision) -> bool:
@@ -74,16 +103,25 @@ class Enforcer(_Gate):
     """Decides and settles requests with blocking storage calls (WSGI, CLI)."""
 
     def check(self, method: str, path: str, token: str | None, *, consume: bool = True) -> Decision:
-        """The decision for a request; reserves its meters unless ``consume=False``."""
-        decision = self._route(method, path, consume)
-        if not _needs_identity(decision):
-            return decision
-        return drive(self._decide(decision, self.identify(token), consume), self.storage)
+        """The decision for a request; reserves its meters unless ``consume=False``.
+
+        Never raises: an unexpected error is logged and decided by the failure policy.
+        """
+        try:
+            decision = self._route(method, path, consume)
+            if not _needs_identity(decision):
+                return decision
+            return drive(self._decide(decision, self.identify(token), consume), self.storage)
+        except Exception:
+            return self._fallback(method, path)
 
     def check_declared(self, rule: Rule, token: str | None) -> Decision:
         """The decision for a rule declared on a view (``Requirement``), for this token."""
-        decision = self._declared(rule)
-        return drive(self._decide(decision, self.identify(token), True), self.storage)
+        try:
+            decision = self._declared(rule)
+            return drive(self._decide(decision, self.identify(token), True), self.storage)
+        except Exception:
+            return self._fallback("(view)", rule.match, rule)
 
     def settle(
         self,
@@ -94,12 +132,19 @@ class Enforcer(_Gate):
         refund: bool = False,
     ) -> None:
         """Commit, adjust or refund what ``decision`` reserved, once the status is known."""
-        op = self.engine.settle(decision, status, reported or {}, self.clock, refund=refund)
-        if op is not None:
-            op.run(self.storage)
+        try:
+            op = self.engine.settle(decision, status, reported or {}, self.clock, refund=refund)
+            if op is not None:
+                op.run(self.storage)
+        except Exception:
+            logger.exception("plangate could not settle %r; its reservation stands", decision)
 
     def entitlements(self, token: str | None) -> dict[str, Any] | Problem:
-        return drive(self._entitlements(self.identify(token)), self.storage)
+        try:
+            return drive(self._entitlements(self.identify(token)), self.storage)
+        except Exception:
+            logger.exception("plangate could not answer the entitlements endpoint")
+            return _UNAVAILABLE
 
 
 class AsyncEnforcer(_Gate):
@@ -118,16 +163,22 @@ class AsyncEnforcer(_Gate):
     async def check(
         self, method: str, path: str, token: str | None, *, consume: bool = True
     ) -> Decision:
-        decision = self._route(method, path, consume)
-        if not _needs_identity(decision):
-            return decision
-        identity = await self.aidentify(token)
-        return await adrive(self._decide(decision, identity, consume), self.storage)
+        try:
+            decision = self._route(method, path, consume)
+            if not _needs_identity(decision):
+                return decision
+            identity = await self.aidentify(token)
+            return await adrive(self._decide(decision, identity, consume), self.storage)
+        except Exception:
+            return self._fallback(method, path)
 
     async def check_declared(self, rule: Rule, token: str | None) -> Decision:
-        decision = self._declared(rule)
-        identity = await self.aidentify(token)
-        return await adrive(self._decide(decision, identity, True), self.storage)
+        try:
+            decision = self._declared(rule)
+            identity = await self.aidentify(token)
+            return await adrive(self._decide(decision, identity, True), self.storage)
+        except Exception:
+            return self._fallback("(view)", rule.match, rule)
 
     async def settle(
         self,
@@ -137,10 +188,17 @@ class AsyncEnforcer(_Gate):
         *,
         refund: bool = False,
     ) -> None:
-        op = self.engine.settle(decision, status, reported or {}, self.clock, refund=refund)
-        if op is not None:
-            await op.arun(self.storage)
+        try:
+            op = self.engine.settle(decision, status, reported or {}, self.clock, refund=refund)
+            if op is not None:
+                await op.arun(self.storage)
+        except Exception:
+            logger.exception("plangate could not settle %r; its reservation stands", decision)
 
     async def entitlements(self, token: str | None) -> dict[str, Any] | Problem:
-        identity = await self.aidentify(token)
-        return await adrive(self._entitlements(identity), self.storage)
+        try:
+            identity = await self.aidentify(token)
+            return await adrive(self._entitlements(identity), self.storage)
+        except Exception:
+            logger.exception("plangate could not answer the entitlements endpoint")
+            return _UNAVAILABLE

@@ -145,6 +145,7 @@ class ResilientStorage(Storage):
         self.outbox_limit = outbox_limit
         self.replay_batch = replay_batch
         self.dropped = 0  # usage records lost because the outbox was full
+        self.backend_calls = 0  # calls the breaker let through to the backend
         self._outbox: OrderedDict[str, _Entry] = OrderedDict()
         self._by_key: dict[str, list[str]] = {}
         self._local_reservations: dict[str, str] = {}  # reservation id → outbox entry id
@@ -168,6 +169,7 @@ class ResilientStorage(Storage):
         """
         if not self.breaker.allow():
             raise StorageError("the storage circuit breaker is open")
+        self.backend_calls += 1
         try:
             for entry in self._waiting_for(keys):
                 yield from self._replay(entry)

@@ -1,0 +1,270 @@
+"""Redis outages with real servers: killed, paused (SIGSTOP), slowed down, restarted empty.
+
+The app keeps answering: no 5xx, each request bounded by the storage timeout, every meter
+following its ``on_storage_error`` policy, and the usage admitted meanwhile replayed to Redis
+when it is back.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import threading
+import time
+from collections.abc import Iterator
+
+import httpx
+import pytest
+
+from plangate import CustomerRecord, wsgi
+from plangate.engine import PROBLEM_BASE
+from plangate.storage import CircuitBreaker, ResilientStorage, Storage
+from plangate.storage._redis import RedisStorage
+from tests.middleware.apps import wsgi_app
+from tests.servers import RedisServer, free_port
+from tests.support import bearer, config
+
+pytestmark = pytest.mark.redis
+
+FREE = {"free": {"features": {"api_calls": {"limit": 5, "window": "1m"}}}}
+
+
+@pytest.fixture
+def server() -> Iterator[RedisServer]:
+    """A Redis of this test's own, to kill, pause and restart."""
+    redis = RedisServer().start()
+    try:
+        yield redis
+    finally:
+        if redis.proc is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(redis.proc.pid, signal.SIGCONT)
+        redis.cleanup()
+
+
+class Clock:
+    """The circuit breaker's clock, moved by the test instead of waited for."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def resilient(url: str, clock: Clock, **kwargs) -> ResilientStorage:
+    breaker = CircuitBreaker(3, 1.0, clock=clock)
+    return ResilientStorage(RedisStorage(url), breaker=breaker, **kwargs)
+
+
+def client_for(storage: Storage, **changes) -> httpx.Client:
+    app = wsgi.PlanGateMiddleware(wsgi_app, config(**changes), storage=storage)
+    return httpx.Client(transport=httpx.WSGITransport(app=app), base_url="http://test")
+
+
+def calls(client: httpx.Client, count: int, path: str = "/v1/projects", **kw) -> list[int]:
+    return [client.get(path, headers=bearer(**kw)).status_code for _ in range(count)]
+
+
+def _policy(policy: str) -> dict:
+    features = {
+        **config()["features"],
+        "api_calls": {"kind": "metered", "on_storage_error": policy},
+    }
+    return {"features": features, "plans": FREE, "default_plan": "free"}
+
+
+# Killed ------------------------------------------------------------------------------------
+
+
+def test_killed_redis_local_keeps_enforcing_the_limit(server):
+    store = resilient(server.url, Clock())
+    with client_for(store, **_policy("local")) as client:
+        server.kill()
+        assert calls(client, 6) == [200] * 5 + [429]
+
+
+def test_killed_redis_allow_lets_everything_through(server):
+    store = resilient(server.url, Clock())
+    with client_for(store, **_policy("allow")) as client:
+        server.kill()
+        assert calls(client, 8) == [200] * 8
+
+
+def test_killed_redis_deny_answers_503_problem(server):
+    store = resilient(server.url, Clock())
+    with client_for(store, **_policy("deny")) as client:
+        assert calls(client, 1) == [200]
+        server.kill()
+        response = client.get("/v1/projects", headers=bearer())
+    assert response.status_code == 503
+    assert response.headers["content-type"] == "application/problem+json"
+    assert response.json()["type"] == PROBLEM_BASE + "entitlements-unavailable"
+    assert int(response.headers["retry-after"]) >= 1
+
+
+def test_killed_redis_still_decides_features_from_the_last_customer_record(server):
+    store = resilient(server.url, Clock())
+    store.save_customer(CustomerRecord("acme", plan="pro"))
+    with client_for(store) as client:
+        # the token says free; the store's record (pro) was read before the outage
+        assert (
+            client.post("/v1/reports/7/export", headers=bearer("acme", "free")).status_code == 200
+        )
+        server.kill()
+        assert (
+            client.post("/v1/reports/7/export", headers=bearer("acme", "free")).status_code == 200
+        )
+        # a customer never seen: its token's plan decides
+        assert (
+            client.post("/v1/reports/7/export", headers=bearer("globex", "free")).status_code == 402
+        )
+        assert (
+            client.post("/v1/reports/7/export", headers=bearer("initech", "pro")).status_code == 200
+        )
+
+
+# Restarted empty ---------------------------------------------------------------------------
+
+
+def test_usage_admitted_during_the_outage_is_replayed_when_redis_is_back(server):
+    clock = Clock()
+    # One record replayed per successful call: the rest must be replayed because this
+    # customer's reservation needs them first.
+    store = resilient(server.url, clock, replay_batch=1)
+    with client_for(store, **_policy("local")) as client:
+        server.kill()
+        assert calls(client, 5) == [200] * 5  # counted in this process meanwhile
+        assert store.pending == 5
+        server.start()  # back, empty: the counts of before the outage are gone
+        clock.now += 2  # the breaker lets a probe through
+        # Replayed before this reservation: 5 of 5 used, so this one is refused.
+        assert calls(client, 1) == [429]
+        assert store.pending == 0
+        assert store.breaker.state == "closed"
+    # Shared counting resumes: another process, with nothing local, sees the 5.
+    other = resilient(server.url, Clock())
+    with client_for(other, **_policy("local")) as client:
+        assert calls(client, 1) == [429]
+        assert calls(client, 1, customer="globex") == [200]
+
+
+def test_a_settle_that_missed_redis_is_replayed(server):
+    clock = Clock()
+    store = resilient(server.url, clock)
+    with client_for(store) as client:
+        client.get("/v1/projects", headers=bearer())  # warm
+        server.kill()
+        # reserved locally, committed with the header's value; both wait for Redis
+        client.post("/v1/completions?tokens=777", headers=bearer())
+        server.start()
+        clock.now += 2
+        body = client.get("/.plangate/entitlements", headers=bearer()).json()
+    assert body["meters"]["ai_tokens"]["limits"][0]["used"] == 777
+
+
+# Paused, slow -------------------------------------------------------------------------------
+
+
+def test_a_paused_redis_costs_one_timeout_then_nothing(server):
+    store = resilient(server.url, Clock())
+    with client_for(store, **_policy("local")) as client:
+        assert calls(client, 2) == [200, 200]
+        os.kill(server.proc.pid, signal.SIGSTOP)
+        statuses, slowest = [], 0.0
+        for _ in range(10):
+            started = time.perf_counter()
+            statuses.append(client.get("/v1/projects", headers=bearer("globex")).status_code)
+            slowest = max(slowest, time.perf_counter() - started)
+        assert store.breaker.state == "open"
+        tried = store.backend_calls
+        assert calls(client, 3, customer="initech") == [200, 200, 200]
+        os.kill(server.proc.pid, signal.SIGCONT)
+    assert statuses == [200] * 5 + [429] * 5  # no 5xx; the limit held, counted locally
+    assert slowest < 1.0  # the issue's bound; each call is capped at 50 ms by default
+    assert store.backend_calls == tried  # with the breaker open, Redis was not asked
+
+
+@contextlib.contextmanager
+def slow_proxy(target_port: int, delay: float) -> Iterator[int]:
+    """A TCP proxy in front of Redis that holds every reply for ``delay`` seconds."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)
+    port = listener.getsockname()[1]
+    stop = threading.Event()
+    sockets: list[socket.socket] = [listener]
+
+    def pipe(source: socket.socket, sink: socket.socket, hold: float) -> None:
+        with contextlib.suppress(OSError):
+            while data := source.recv(65536):
+                if hold:
+                    stop.wait(hold)
+                sink.sendall(data)
+
+    def accept() -> None:
+        with contextlib.suppress(OSError):
+            while not stop.is_set():
+                downstream, _ = listener.accept()
+                upstream = socket.create_connection(("127.0.0.1", target_port))
+                sockets.extend((downstream, upstream))
+                threading.Thread(target=pipe, args=(downstream, upstream, 0), daemon=True).start()
+                threading.Thread(
+                    target=pipe, args=(upstream, downstream, delay), daemon=True
+                ).start()
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    try:
+        yield port
+    finally:
+        stop.set()
+        for sock in sockets:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
+        thread.join(5)
+
+
+def test_a_slow_redis_is_bounded_by_the_timeout(server):
+    with slow_proxy(server.port, delay=0.2) as port:
+        store = resilient(f"redis://127.0.0.1:{port}/0", Clock())
+        with client_for(store, **_policy("local")) as client:
+            durations, statuses = [], []
+            for _ in range(6):
+                started = time.perf_counter()
+                statuses.append(client.get("/v1/projects", headers=bearer()).status_code)
+                durations.append(time.perf_counter() - started)
+        store.close()
+    assert statuses == [200] * 5 + [429]
+    assert max(durations) < 1.0  # never the 200 ms reply: the 50 ms timeout answers first
+    assert store.breaker.state == "open"
+
+
+# Not a storage outage: a bug ----------------------------------------------------------------
+
+
+class Broken(RedisStorage):
+    def reserve(self, op):
+        raise RuntimeError("a bug, not an outage")
+
+
+def test_an_unexpected_error_in_plangate_is_not_a_500(server, caplog):
+    with client_for(Broken(server.url)) as client:
+        response = client.get("/v1/projects", headers=bearer())
+    assert response.status_code == 200  # on_storage_error: local (the default) lets it through
+    assert response.json()["customer"] is None
+    assert any("plangate failed to decide" in r.getMessage() for r in caplog.records)
+
+
+def test_an_unexpected_error_under_deny_is_a_503(server):
+    with client_for(Broken(server.url), on_storage_error="deny") as client:
+        response = client.get("/v1/projects", headers=bearer())
+    assert response.status_code == 503
+    assert response.json()["type"] == PROBLEM_BASE + "entitlements-unavailable"
+
+
+def test_free_port_is_not_the_machines_redis():
+    assert free_port() != 6379
