@@ -159,8 +159,12 @@ async def follow_file(
                 current = os.stat(path)
             except FileNotFoundError:
                 current = None
-            opened = os.fstat(file.fileno())
-            if current is None or current.st_ino != opened.st_ino or current.st_size < file.tell():
+            followed = os.fstat(file.fileno())
+            if (
+                current is None
+                or current.st_ino != followed.st_ino
+                or current.st_size < file.tell()
+            ):
                 # rotated (or truncated): the old file was read to its end above
                 file.close()
                 file = None
