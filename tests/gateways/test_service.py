@@ -91,6 +91,41 @@ def test_the_path_is_decoded_and_its_dot_segments_resolved():
         assert "x-plangate-reservation" not in response.headers
 
 
+@pytest.mark.parametrize(
+    ("uri", "expected"),
+    [
+        ("//v1/projects", 401),  # a path, not the host "v1" and the path "/projects"
+        ("/v1//projects", 401),
+        ("/v1/x/..%2F..%2Fhealth", 200),  # decoded, then resolved: /health
+        ("http://gateway.example/v1/projects?x=1", 401),  # an absolute URI: its path
+        ("/health/.", 200),
+    ],
+)
+def test_the_original_path_is_read_as_the_upstream_will_see_it(uri, expected):
+    with TestClient(service()) as client:
+        response = client.get("/check", headers={"X-Original-Method": "GET", "X-Original-URI": uri})
+    assert response.status_code == expected
+
+
+def test_normalized_paths_keep_a_trailing_slash():
+    from plangate.gateway._service import normalize_path
+
+    assert normalize_path("/health/.") == "/health/"
+    assert normalize_path("/a/b/..") == "/a/"
+    assert normalize_path("//a//b") == "/a/b"
+    assert normalize_path("/%2e%2e/x") == "/x"
+
+
+def test_nginx_upstream_status_lists_take_the_last_status():
+    with TestClient(service()) as client:
+        rid = _reserve(client)
+        assert (
+            client.post("/commit", json={"reservation": rid, "status": "502, 200"}).status_code
+            == 200
+        )
+        assert used(client, "api_calls") == 1  # the 200 counted: not refunded
+
+
 def test_a_public_route_is_allowed_without_identity():
     with TestClient(service()) as client:
         response = client.get("/check/health")

@@ -13,6 +13,7 @@ import warnings
 import httpx
 import jwt
 import pytest
+from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
 from plangate import asgi, wsgi
 from plangate.engine import PROBLEM_BASE
@@ -79,7 +80,22 @@ HS_ATTACKS = {
     ),
 }
 
+ATTACKER_PRIVATE, ATTACKER_PUBLIC = pem_pair("rsa")
+ATTACKER_JWK = json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(load_pem_public_key(ATTACKER_PUBLIC)))
+
+
+def _attacker(**headers) -> str:
+    """Signed with the attacker's own key, with headers that point at that key."""
+    return jwt.encode(_claims(), ATTACKER_PRIVATE, algorithm="RS256", headers=headers)
+
+
 RS_ATTACKS = {
+    # Headers that name where to find the key: plangate never follows them.
+    "embedded-jwk-header": lambda: _attacker(jwk=ATTACKER_JWK),
+    "jku-header": lambda: _attacker(jku="http://127.0.0.1:1/attacker-jwks.json"),
+    "x5u-header": lambda: _attacker(x5u="http://127.0.0.1:1/attacker.pem"),
+    "unknown-kid": lambda: _attacker(kid="attacker-key"),
+    "kid-path-traversal": lambda: _attacker(kid="../../../../dev/null"),
     # The RS256 public key, which is public, used as an HMAC secret.
     "rs256-key-as-hs256-secret": lambda: hand_signed(
         {"alg": "HS256", "typ": "JWT"}, _claims(), RSA_PUBLIC

@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import posixpath
+import re
 import time
 from collections import OrderedDict
 from collections.abc import Mapping
@@ -250,17 +251,28 @@ def original_request(request: Request, style: str = "auto") -> tuple[str, str]:
     if uri is None:
         raise AmbiguousRequest(f"no X-{style.title()}-URI header")
     method = headers.get(f"x-{style}-method") or request.method
-    return method.upper(), normalize_path(urlsplit(uri).path)
+    return method.upper(), normalize_path(_path_of(uri))
+
+
+_ABSOLUTE = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+def _path_of(uri: str) -> str:
+    """The path of a request target. Only an absolute URI (``http://host/path``) has a host:
+    ``//v1/projects`` is the path ``//v1/projects``, not the host ``v1``."""
+    if _ABSOLUTE.match(uri):
+        return urlsplit(uri).path
+    return uri.split("?", 1)[0].split("#", 1)[0]
 
 
 def normalize_path(path: str) -> str:
+    """Percent-decoded, duplicate slashes merged, ``.`` and ``..`` resolved — as nginx and the
+    other gateways hand the path to the upstream. A trailing slash (or ``/.``) is kept."""
     path = unquote(path) or "/"
     if not path.startswith("/"):
         path = "/" + path
-    normal = posixpath.normpath(path)
-    if normal.startswith("//"):
-        normal = "/" + normal.lstrip("/")
-    if path.endswith("/") and normal != "/":
+    normal = "/" + posixpath.normpath(path).lstrip("/")
+    if normal != "/" and path.endswith(("/", "/.", "/..")):
         normal += "/"
     return normal
 
@@ -284,8 +296,12 @@ def _invalid(record: Any) -> str:
     if not isinstance(record.get("reservation"), str) or not record["reservation"]:
         return "'reservation' must be the id from X-Plangate-Reservation"
     status = record.get("status")
-    if isinstance(status, str) and status.isdigit():
-        record["status"] = status = int(status)
+    if isinstance(status, str):
+        # nginx's $upstream_status lists every upstream tried ("502, 200", "504 : 200"):
+        # the last one answered the client
+        last = re.split(r"[,:]", status)[-1].strip()
+        if last.isdigit():
+            record["status"] = status = int(last)
     if not isinstance(status, int) or isinstance(status, bool) or not 100 <= status <= 599:
         return "'status' must be the upstream's HTTP status (100-599)"
     usage = record.get("usage")
