@@ -18,7 +18,14 @@ from django.http import HttpRequest, HttpResponse, HttpResponseBase, StreamingHt
 
 from plangate import Decision, Problem
 from plangate._enforcer import AsyncEnforcer, Enforcer
-from plangate._http import ENTITLEMENTS_PATH, json_body, log_shadow, problem_parts, take_usage
+from plangate._http import (
+    ENTITLEMENTS_PATH,
+    json_body,
+    log_shadow,
+    problem_parts,
+    route_path,
+    take_usage,
+)
 from plangate._views import Pending, Requirement
 
 __all__ = ["PlanGateMiddleware", "problem_response", "requires"]
@@ -73,7 +80,7 @@ class PlanGateMiddleware:
         token = self._token(request)
         if self._is_entitlements(request):
             return _entitlements_response(request, gate.entitlements(token))
-        decision = gate.check(request.method or "GET", request.path_info, token)
+        decision = gate.check(request.method or "GET", route_path(request.path_info), token)
         early = self._begin(request, decision, token)
         if early is not None:
             return early
@@ -87,7 +94,7 @@ class PlanGateMiddleware:
         token = self._token(request)
         if self._is_entitlements(request):
             return _entitlements_response(request, await gate.entitlements(token))
-        decision = await gate.check(request.method or "GET", request.path_info, token)
+        decision = await gate.check(request.method or "GET", route_path(request.path_info), token)
         early = self._begin(request, decision, token)
         if early is not None:
             return early

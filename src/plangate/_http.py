@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from collections.abc import Iterable
 from typing import Any, TypeVar
 
@@ -15,6 +16,20 @@ logger = logging.getLogger("plangate")
 AnyStr = TypeVar("AnyStr", str, bytes)
 
 ENTITLEMENTS_PATH = "/.plangate/entitlements"
+_SLASHES = re.compile(r"//+")
+
+
+def route_path(path: str) -> str:
+    """The path rules are matched on: as the server decoded it, runs of slashes merged.
+
+    werkzeug (Flask) routes ``//admin`` to its ``/admin`` view; the other frameworks answer 404
+    to such a path. Merging makes plangate decide ``/admin`` either way, so no run of slashes
+    reaches a gated view as an unmatched route. Dot segments are left alone, as the
+    frameworks leave them (``/v1/../admin`` is routed, if at all, as written).
+    """
+    return _SLASHES.sub("/", path) if "//" in path else path
+
+
 _MAX_DIGITS = 15  # a reported amount stays far inside a 64-bit counter
 
 

@@ -8,7 +8,14 @@ from collections.abc import Awaitable, Callable, Mapping, MutableMapping
 from typing import Any
 
 from ._enforcer import AsyncEnforcer, Clock
-from ._http import ENTITLEMENTS_PATH, json_body, log_shadow, problem_parts, take_usage
+from ._http import (
+    ENTITLEMENTS_PATH,
+    json_body,
+    log_shadow,
+    problem_parts,
+    route_path,
+    take_usage,
+)
 from ._views import PENDING_KEY, Pending
 from .config import Config
 from .engine import Decision, Problem
@@ -67,11 +74,16 @@ class PlanGateMiddleware:
                 return
             await self.app(scope, receive, send)
             return
-        method, path = scope["method"], scope["path"]
+        method, path = scope["method"], route_path(scope["path"])
         if path == self.entitlements_path and method in ("GET", "HEAD"):
             await self._entitlements(scope, send)
             return
 
+        headers = scope["headers"]
+        if any(name.startswith(b"x-plangate-") for name, _ in headers):
+            # The app may trust X-Plangate-* (a gateway sets them): never the client's own.
+            headers = [(n, v) for n, v in headers if not n.startswith(b"x-plangate-")]
+            scope = {**scope, "headers": headers}
         token = self._token(scope)
         decision = await self.gate.check(method, path, token)
         if decision.problem is not None:

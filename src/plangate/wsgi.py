@@ -9,7 +9,14 @@ from types import TracebackType
 from typing import Any
 
 from ._enforcer import Clock, Enforcer
-from ._http import ENTITLEMENTS_PATH, json_body, log_shadow, problem_parts, take_usage
+from ._http import (
+    ENTITLEMENTS_PATH,
+    json_body,
+    log_shadow,
+    problem_parts,
+    route_path,
+    take_usage,
+)
 from ._views import PENDING_KEY, Pending
 from .config import Config
 from .engine import Problem
@@ -62,10 +69,13 @@ class PlanGateMiddleware:
 
     def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
         method = environ["REQUEST_METHOD"]
-        path = environ.get("PATH_INFO") or "/"
+        path = route_path(environ.get("PATH_INFO") or "/")
         if path == self.entitlements_path and method in ("GET", "HEAD"):
             return self._entitlements(environ, start_response)
 
+        for key in [k for k in environ if k.startswith("HTTP_X_PLANGATE_")]:
+            # The app may trust X-Plangate-* (a gateway sets them): never the client's own.
+            del environ[key]
         token = self._token(environ)
         decision = self.gate.check(method, path, token)
         if decision.problem is not None:

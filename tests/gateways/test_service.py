@@ -107,6 +107,13 @@ def test_the_original_path_is_read_as_the_upstream_will_see_it(uri, expected):
     assert response.status_code == expected
 
 
+def test_the_path_after_check_is_decoded_once():
+    with TestClient(service()) as client:
+        # %252F is an encoded "%2F": the upstream sees "..%2F..", not a path back to /health
+        response = client.get("/check/v1/projects/..%252F..%252Fhealth")
+    assert response.status_code == 401
+
+
 def test_normalized_paths_keep_a_trailing_slash():
     from plangate.gateway._service import normalize_path
 

@@ -83,6 +83,10 @@ async def a_whoami(request: Request) -> JSONResponse:
     return JSONResponse({"customer": gate.customer, "left": _left(gate)})
 
 
+async def a_headers(request: Request) -> JSONResponse:
+    return JSONResponse({k: v for k, v in request.headers.items() if k.startswith("x-plangate")})
+
+
 async def a_boom(request: Request) -> PlainTextResponse:
     raise Boom("the handler failed")
 
@@ -99,6 +103,7 @@ def asgi_app() -> Starlette:
             Route("/v1/boom", a_boom),
             Route("/v1/stream", a_stream, methods=["POST"]),
             Route("/v1/whoami", a_whoami),
+            Route("/v1/headers", a_headers),
         ]
     )
 
@@ -116,6 +121,7 @@ _urls = Map(
         Rule("/v1/boom", endpoint="boom"),
         Rule("/v1/stream", endpoint="stream", methods=["POST"]),
         Rule("/v1/whoami", endpoint="whoami"),
+        Rule("/v1/headers", endpoint="headers"),
     ]
 )
 
@@ -147,6 +153,11 @@ def _dispatch(request: WRequest) -> WResponse:
             gate.record("ai_tokens", tokens)
 
         return WResponse(chunks())
+    if endpoint == "headers":
+        seen = {
+            k.lower(): v for k, v in request.headers.items() if k.lower().startswith("x-plangate")
+        }
+        return WResponse(_json(seen), content_type="application/json")
     if endpoint == "whoami":
         body = {"customer": gate.customer, "left": _left(gate)}
         return WResponse(_json(body), content_type="application/json")

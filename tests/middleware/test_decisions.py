@@ -407,3 +407,10 @@ def test_plangate_mode_from_the_environment_overrides_the_config(serve, monkeypa
     monkeypatch.setenv("PLANGATE_MODE", "shadow")
     client = serve(config())
     assert client.post("/v1/reports/7/export", headers=bearer("acme", "free")).status_code == 200
+
+
+def test_client_supplied_plangate_headers_never_reach_the_app(serve):
+    client = serve(config())
+    spoofed = {"X-Plangate-Customer": "bigco", "X-Plangate-Plan": "enterprise", "x-plangate-x": "1"}
+    assert client.get("/v1/headers", headers={**bearer(), **spoofed}).json() == {}
+    assert client.get("/v1/headers", headers=spoofed).status_code == 401  # still no identity

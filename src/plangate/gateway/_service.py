@@ -246,7 +246,11 @@ def original_request(request: Request, style: str = "auto") -> tuple[str, str]:
             raise AmbiguousRequest("both X-Original-URI and X-Forwarded-Uri are present")
         style = "original" if original is not None else "forwarded" if forwarded else "path"
     if style == "path":
-        return request.method.upper(), normalize_path(request.url.path[len("/check") :])
+        # The path as sent, still percent-encoded: decoding it once is normalize_path's job
+        # (the server's decoded path would be decoded twice: %252F would become "/").
+        raw = request.scope.get("raw_path") or request.url.path.encode()
+        path = raw.decode("latin-1").split("?", 1)[0][len("/check") :]
+        return request.method.upper(), normalize_path(path)
     uri = original if style == "original" else forwarded
     if uri is None:
         raise AmbiguousRequest(f"no X-{style.title()}-URI header")
