@@ -13,7 +13,7 @@ import pytest
 
 from plangate import CustomerRecord, asgi, wsgi
 from plangate.errors import ConfigError
-from plangate.storage import Counter, Peek, Reserve, customer_prefix
+from plangate.storage import Counter, Peek, Reserve, customer_prefix, open_storage
 from plangate.storage._redis import RedisStorage, parse_redis_uri
 from tests.middleware.apps import asgi_app, wsgi_app
 from tests.support import bearer, config
@@ -345,3 +345,42 @@ def test_bad_uris_say_what_is_wrong(uri, message):
     with pytest.raises(ConfigError) as info:
         RedisStorage(uri)
     assert str(info.value).endswith(message)
+
+
+def test_a_refused_customer_costs_no_redis_call_until_the_window_can_admit(tally, redis_url):
+    now = [T0]
+    app = wsgi.PlanGateMiddleware(
+        wsgi_app, config(), storage=open_storage(redis_url), clock=lambda: now[0]
+    )
+    with httpx.Client(transport=httpx.WSGITransport(app=app), base_url="http://test") as client:
+        for _ in range(5):  # free: 5 a minute
+            assert client.get("/v1/projects", headers=bearer()).status_code == 200
+        first = client.get("/v1/projects", headers=bearer())
+        assert first.status_code == 429  # Redis said so
+        wait = float(first.headers["retry-after"])
+
+        def refused_again() -> None:
+            for _ in range(3):
+                response = client.get("/v1/projects", headers=bearer())
+                assert response.status_code == 429
+                assert 1 <= int(response.headers["retry-after"]) <= wait
+
+        assert tally.during(refused_again) == []  # remembered: no round trip
+        now[0] += wait  # the window can admit again: Redis is asked, and admits
+        assert _verbs(tally.during(lambda: client.get("/v1/projects", headers=bearer()))) == [
+            "EVALSHA"
+        ]
+        assert client.get("/v1/projects", headers=bearer("globex")).status_code == 200
+    app.gate.storage.close()
+
+
+def test_a_remembered_refusal_does_not_refuse_a_smaller_cost_or_a_larger_limit(redis_url):
+    store = open_storage(redis_url)
+    big = Counter(K + "tokens-1m", 10, 8, window=60.0)
+    assert store.reserve(Reserve((big,), T0)).admitted
+    assert not store.reserve(Reserve((big,), T0)).admitted  # 8 + 8 > 10: remembered
+    small = Counter(K + "tokens-1m", 10, 2, window=60.0)
+    assert store.reserve(Reserve((small,), T0)).admitted  # 8 + 2 fits: Redis is asked
+    upgraded = Counter(K + "tokens-1m", 100, 8, window=60.0)
+    assert store.reserve(Reserve((upgraded,), T0)).admitted  # a new plan's limit
+    store.close()

@@ -64,6 +64,7 @@ class ReserveResult(NamedTuple):
     slots: tuple[int, ...] = ()  # where each cost was placed; handed back to ``Settle``
     violated: tuple[int, ...] = ()  # indices of the counters that refused
     retry_after: float = 0.0  # seconds until every violated counter could take its cost
+    waits: tuple[float, ...] = ()  # refused: seconds until each counter could take its cost
 
 
 @dataclass(frozen=True, slots=True)

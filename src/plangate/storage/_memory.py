@@ -144,11 +144,11 @@ class MemoryStorage(Storage):
                     over.append(i)
             violated = tuple(over)
             if violated and op.enforce:
-                retry = 0.0
+                waits = [0.0] * len(counters)
                 for i in violated:
-                    retry = max(retry, self._wait(counters[i], states[i], now))  # type: ignore[arg-type]
+                    waits[i] = self._wait(counters[i], states[i], now)  # type: ignore[arg-type]
                 reported = tuple(self._state(s, now) for s in states)  # type: ignore[arg-type]
-                return ReserveResult(False, reported, (), violated, retry)
+                return ReserveResult(False, reported, (), violated, max(waits), tuple(waits))
             slots: list[int] = []
             after: list[CounterState] = []
             for c, s in zip(counters, states, strict=True):

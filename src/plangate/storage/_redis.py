@@ -140,7 +140,8 @@ def _reserve_result(reply: Sequence[int], op: Reserve) -> ReserveResult:
     count = len(op.counters)
     states = tuple(CounterState(rest[3 * i], rest[3 * i + 1] / 1000) for i in range(count))
     if violated and op.enforce:
-        return ReserveResult(False, states, (), violated, reply[1] / 1000)
+        waits = tuple(rest[3 * i + 2] / 1000 for i in range(count))
+        return ReserveResult(False, states, (), violated, reply[1] / 1000, waits)
     slots = tuple(rest[3 * i + 2] for i in range(count))
     return ReserveResult(not violated, states, slots, violated)
 

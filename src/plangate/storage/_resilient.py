@@ -117,6 +117,19 @@ class CircuitBreaker:
         return max(0.0, self.reset_after - (self.clock() - self._opened_at))
 
 
+@dataclass(frozen=True, slots=True)
+class _Refusal:
+    """A counter Redis refused: it cannot take ``cost`` (or more) before ``until``."""
+
+    until: float
+    cost: int
+    limit: int
+    used: int
+
+
+REFUSALS = 100_000  # counters remembered as refusing; the oldest are forgotten first
+
+
 @dataclass
 class _Entry:
     """Usage or a settle waiting for the backend."""
@@ -150,6 +163,7 @@ class ResilientStorage(Storage):
         self._by_key: dict[str, list[str]] = {}
         self._local_reservations: dict[str, str] = {}  # reservation id → outbox entry id
         self._customers: OrderedDict[str, CustomerRecord | None] = OrderedDict()
+        self._refusals: OrderedDict[str, _Refusal] = OrderedDict()
         self._lock = threading.Lock()
 
     def __repr__(self) -> str:
@@ -254,10 +268,59 @@ class ResilientStorage(Storage):
     # operations ----------------------------------------------------------------------------
 
     def _reserve(self, op: Reserve) -> Flow[ReserveResult]:
+        refused = self._still_refused(op)
+        if refused is not None:
+            return refused
         try:
-            return (yield from self._call(op, (c.key for c in op.counters)))
+            result = yield from self._call(op, (c.key for c in op.counters))
         except StorageError as exc:
             return self._reserve_locally(op, exc)
+        if not result.admitted and op.enforce and result.waits:
+            self._remember_refusal(op, result)
+        return result
+
+    # A customer refused for a window stays refused until the window can admit again: that
+    # much is known from the refusal, and asking Redis again before then would only cost a
+    # round trip to hear the same answer (Envoy's rate-limit service keeps the same cache).
+    # Usage elsewhere can only make the wait longer; a refund elsewhere is noticed at the end.
+
+    def _still_refused(self, op: Reserve) -> ReserveResult | None:
+        if not self._refusals or not op.enforce:
+            return None
+        now = op.now
+        waits = [0.0] * len(op.counters)
+        states = []
+        for i, counter in enumerate(op.counters):
+            refusal = self._refusals.get(counter.key)
+            if (
+                refusal is not None
+                and counter.limit is not None
+                and now < refusal.until
+                and counter.cost >= refusal.cost
+                and counter.limit <= refusal.limit
+            ):
+                waits[i] = refusal.until - now
+                states.append(CounterState(refusal.used, refusal.until - now))
+            else:
+                states.append(CounterState(0, 0.0))
+        violated = tuple(i for i, wait in enumerate(waits) if wait > 0)
+        if not violated:
+            return None
+        return ReserveResult(False, tuple(states), (), violated, max(waits), tuple(waits))
+
+    def _remember_refusal(self, op: Reserve, result: ReserveResult) -> None:
+        with self._lock:
+            for i in result.violated:
+                counter = op.counters[i]
+                if counter.limit is None or result.waits[i] <= 0:
+                    continue
+                refusal = _Refusal(
+                    op.now + result.waits[i], counter.cost, counter.limit, result.states[i].used
+                )
+                self._refusals[counter.key] = refusal
+                self._refusals.move_to_end(counter.key)
+            while len(self._refusals) > REFUSALS:
+                self._refusals.popitem(last=False)
 
     def _reserve_locally(self, op: Reserve, cause: StorageError) -> ReserveResult:
         if any(c.on_error == "deny" for c in op.counters):

@@ -8,7 +8,7 @@
 --   period end (epoch seconds; 0 for a window)
 --
 -- Returns {admitted, retry_after_ms, #violated, violated indices (1-based)...,
---          then per counter: used, reset_after_ms, slot}
+--          then per counter: used, reset_after_ms, slot (refused: the ms this counter refuses)}
 -- "used" is after the reservation when admitted, else before it.
 
 local now_arg = ARGV[1]
@@ -103,7 +103,8 @@ local retry = 0
 for i, c in ipairs(counters) do
   if c.limit >= 0 and c.total + c.cost > c.limit then
     violated[#violated + 1] = i
-    retry = math.max(retry, wait_for(c))
+    c.wait = wait_for(c)
+    retry = math.max(retry, c.wait)
   end
 end
 
@@ -120,7 +121,7 @@ if #violated > 0 and enforce then
   for _, c in ipairs(counters) do
     reply[#reply + 1] = c.total
     reply[#reply + 1] = ms(reset_after(c))
-    reply[#reply + 1] = 0
+    reply[#reply + 1] = ms(c.wait or 0) -- refused: no slot, but how long this counter refuses
   end
   return reply
 end
