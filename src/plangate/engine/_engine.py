@@ -72,6 +72,7 @@ class Engine:
 
     def route(self, method: str, path: str, *, explain: bool = False) -> Decision:
         """The rule for a request. ``decision.rule is None``: unmatched; public: no more to do."""
+        method = method.upper()  # werkzeug routes "get" as GET: so must the rules
         key = (method, path)
         try:
             found = self._routes[key]
