@@ -1,11 +1,13 @@
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import httpx
 import pytest
+from hypothesis import settings
 
 from plangate import asgi, wsgi
 from tests.middleware.apps import asgi_app, wsgi_app
@@ -58,3 +60,10 @@ def redis_sentinel() -> Iterator[RedisSentinel]:
     sentinel = RedisSentinel()
     with running(sentinel):
         yield sentinel
+
+
+# Hypothesis explores new examples on every developer run; CI replays a fixed set, so that a
+# green build stays green (anything hypothesis finds locally is fixed, then kept as a test).
+settings.register_profile("ci", derandomize=True, print_blob=True)
+if os.environ.get("CI"):
+    settings.load_profile("ci")
