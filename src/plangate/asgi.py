@@ -79,11 +79,12 @@ class PlanGateMiddleware:
             await self._entitlements(scope, send)
             return
 
-        headers = scope["headers"]
-        if any(name.startswith(b"x-plangate-") for name, _ in headers):
-            # The app may trust X-Plangate-* (a gateway sets them): never the client's own.
-            headers = [(n, v) for n, v in headers if not n.startswith(b"x-plangate-")]
-            scope = {**scope, "headers": headers}
+        for name, _ in scope["headers"]:
+            if name[:11] == b"x-plangate-":
+                # The app may trust X-Plangate-* (a gateway sets them): never the client's own.
+                kept = [(n, v) for n, v in scope["headers"] if n[:11] != b"x-plangate-"]
+                scope = {**scope, "headers": kept}
+                break
         token = self._token(scope)
         decision = await self.gate.check(method, path, token)
         if decision.problem is not None:
@@ -171,6 +172,8 @@ class PlanGateMiddleware:
         self, pending: Pending, status: int, reported: list[dict[str, int]], refund: bool = False
     ) -> None:
         for i, decision in enumerate(pending.decisions):
+            if decision.settled:
+                continue
             usage = reported[i] if i < len(reported) else None
             await self.gate.settle(decision, status, usage, refund=refund)
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-import secrets
+import os
 from collections.abc import Callable, Mapping
 from datetime import datetime
 from typing import Any
@@ -37,7 +37,7 @@ def unavailable(error: StorageError) -> Problem:
 
 def new_reservation_id() -> str:
     """An unguessable id (128 random bits): commits and refunds name it, once each."""
-    return secrets.token_hex(16)
+    return os.urandom(16).hex()  # what secrets.token_hex(16) does, in one call
 
 
 _CACHE_SIZE = 50_000  # entries of each per-request cache before it starts afresh

@@ -18,6 +18,8 @@ from importlib import resources
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
+from redis.exceptions import NoScriptError
+
 from ..errors import ConfigError, ConfigIssue, StorageError
 from ._base import (
     SLIDING_BUCKETS,
@@ -44,7 +46,8 @@ _MAX_CONNECTIONS = 100  # per process, and per cluster node
 
 
 def _script(name: str) -> str:
-    return (resources.files(__package__) / "lua" / f"{name}.lua").read_text(encoding="utf-8")
+    text = (resources.files(__package__) / "lua" / f"{name}.lua").read_text(encoding="utf-8")
+    return text.replace("__SLIDING_BUCKETS__", str(SLIDING_BUCKETS))
 
 
 @dataclass(frozen=True)
@@ -127,9 +130,10 @@ def parse_redis_uri(uri: str) -> RedisTarget:
 
 def _reserve_call(op: Reserve) -> tuple[list[str], list[Any]]:
     keys = [c.key for c in op.counters]
-    args: list[Any] = [repr(op.now), "1" if op.enforce else "0", SLIDING_BUCKETS]
+    args: list[Any] = [repr(op.now), "1" if op.enforce else "0"]
     for c in op.counters:
-        args += [-1 if c.limit is None else c.limit, c.cost, repr(c.window), repr(c.resets_at)]
+        limit = -1 if c.limit is None else c.limit
+        args.append(f"{limit} {c.cost} {c.window!r} {c.resets_at!r}")
     return keys, args
 
 
@@ -275,7 +279,11 @@ class RedisStorage(Storage):
 
     def _run(self, name: str, keys: list[str], args: list[Any]) -> Any:
         try:
-            return self._sync()[name](keys=keys, args=args)
+            script = self._sync()[name]
+            try:  # what redis-py's Script does, without its per-call bookkeeping
+                return self._client.evalsha(script.sha, len(keys), *keys, *args)
+            except NoScriptError:  # a SCRIPT FLUSH or a restart: load it again
+                return script(keys=keys, args=args)
         except Exception as exc:
             raise StorageError(f"redis {name} failed: {exc}") from exc
 
@@ -286,8 +294,12 @@ class RedisStorage(Storage):
                 await entry.prepare()
             # The asyncio cluster and sentinel clients fail a command at once when every
             # connection is busy; under a burst, wait for one instead.
+            script = entry.scripts[name]
             async with entry.slots:
-                return await entry.scripts[name](keys=keys, args=args)
+                try:  # what redis-py's Script does, without its per-call bookkeeping
+                    return await entry.client.evalsha(script.sha, len(keys), *keys, *args)
+                except NoScriptError:  # a SCRIPT FLUSH or a restart: load it again
+                    return await script(keys=keys, args=args)
         except Exception as exc:
             raise StorageError(f"redis {name} failed: {exc}") from exc
 
@@ -318,6 +330,11 @@ class RedisStorage(Storage):
         return _peek_result(await self._arun("peek", *_peek_call(op)))
 
     # customers: read through a short in-process cache ----------------------------------
+
+    def cached_customer(self, customer: str) -> tuple[bool, CustomerRecord | None]:
+        """The customer's record if this process read it less than ``customer_cache_ttl``
+        ago: ``(True, record or None)``; else ``(False, None)``. No I/O."""
+        return self._cached(customer)
 
     def _cached(self, customer: str) -> tuple[bool, CustomerRecord | None]:
         hit = self._customers.get(customer)
@@ -411,12 +428,15 @@ def _connect(target: RedisTarget, *, asynchronous: bool) -> Any:
             "timeout": options.pop("timeout", _DEFAULTS["socket_timeout"]),
         }
         if asynchronous:
-            from redis.asyncio import BlockingConnectionPool as AsyncPool
+            from redis.asyncio import ConnectionPool as AsyncPool
             from redis.asyncio import Redis as AsyncRedis
             from redis.asyncio.connection import SSLConnection as AsyncSSL
 
             if tls:
                 options["connection_class"] = AsyncSSL
+            # No blocking pool under asyncio: RedisStorage's semaphore never lets more than
+            # max_connections commands in flight, and a blocking pool costs ~20 µs a command.
+            pool_options.pop("timeout")
             pool = AsyncPool(host=host, port=port, **pool_options, **options)
             return AsyncRedis.from_pool(pool)  # the client owns the pool: closing closes both
         from redis import BlockingConnectionPool, Redis

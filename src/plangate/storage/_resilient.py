@@ -407,10 +407,21 @@ class ResilientStorage(Storage):
         return await self.inner.arecord(op)
 
     def load_customer(self, customer: str) -> CustomerRecord | None:
+        found, record = self._cached(customer)
+        if found:
+            return record
         return drive(self._load_customer(customer), self.inner)
 
     async def aload_customer(self, customer: str) -> CustomerRecord | None:
+        found, record = self._cached(customer)
+        if found:
+            return record
         return await adrive(self._load_customer(customer), self.inner)
+
+    def _cached(self, customer: str) -> tuple[bool, CustomerRecord | None]:
+        """The backend's in-process copy, when it has a fresh one: no call to make."""
+        cached = getattr(self.inner, "cached_customer", None)
+        return cached(customer) if cached is not None else (False, None)
 
     def save_customer(self, record: CustomerRecord) -> None:
         self.inner.save_customer(record)

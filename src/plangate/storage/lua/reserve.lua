@@ -3,9 +3,9 @@
 -- KEYS[i]  counter i: a hash of sliding-window buckets, or a string for a calendar period
 -- ARGV[1]  now, epoch seconds (the caller's clock; the time of a window never goes back)
 -- ARGV[2]  "1": refuse when a limit would be exceeded; "0": count regardless (shadow mode)
--- ARGV[3]  buckets per sliding window
--- then per counter, 4 values: limit (-1: unlimited), cost, window seconds (0: a period),
---   period end (epoch seconds; 0 for a window)
+-- ARGV[2 + i]  counter i, as "limit cost window resets": limit (-1: unlimited), cost,
+--   window seconds (0: a period), period end (epoch seconds; 0 for a window). One argument
+--   per counter: every argument costs the client time to encode.
 --
 -- Returns {admitted, retry_after_ms, #violated, violated indices (1-based)...,
 --          then per counter: used, reset_after_ms, slot (refused: the ms this counter refuses)}
@@ -14,17 +14,17 @@
 local now_arg = ARGV[1]
 local now = tonumber(now_arg)
 local enforce = ARGV[2] == "1"
-local nbuckets = tonumber(ARGV[3])
+local nbuckets = __SLIDING_BUCKETS__
 
 local counters = {}
 for i = 1, #KEYS do
-  local base = 3 + (i - 1) * 4
+  local limit, cost, window, resets = string.match(ARGV[2 + i], "(%S+) (%S+) (%S+) (%S+)")
   local c = {
     key = KEYS[i],
-    limit = tonumber(ARGV[base + 1]),
-    cost = tonumber(ARGV[base + 2]),
-    window = tonumber(ARGV[base + 3]),
-    resets = tonumber(ARGV[base + 4]),
+    limit = tonumber(limit),
+    cost = tonumber(cost),
+    window = tonumber(window),
+    resets = tonumber(resets),
     total = 0,
   }
   if c.window > 0 then
@@ -61,7 +61,9 @@ for i = 1, #KEYS do
     table.sort(live, function(a, b) return a[1] < b[1] end)
     c.live = live
   else
-    c.total = tonumber(redis.call("GET", c.key) or "0")
+    local held = redis.call("GET", c.key)
+    c.exists = held ~= false
+    c.total = tonumber(held or "0")
   end
   counters[i] = c
 end
@@ -134,20 +136,23 @@ for _, c in ipairs(counters) do
   local slot = 0
   if c.window > 0 then
     slot = math.floor(c.t / c.width)
-    redis.call("HINCRBY", c.key, slot, c.cost)
-    redis.call("HSET", c.key, "t", c.t_text)
     -- t never goes back, so this bucket is the newest one
     local last = c.live[#c.live]
     if last ~= nil and last[1] == slot then
       last[2] = last[2] + c.cost
+      redis.call("HSET", c.key, slot, last[2], "t", c.t_text)
     else
       c.live[#c.live + 1] = {slot, c.cost}
+      redis.call("HSET", c.key, slot, c.cost, "t", c.t_text)
+      -- the key lives until its newest bucket leaves the window: set when that bucket starts
+      redis.call("PEXPIRE", c.key, math.max(1, ms(expires_in(c, slot))))
     end
-    redis.call("PEXPIRE", c.key, math.max(1, ms(expires_in(c, slot))))
   else
     redis.call("INCRBY", c.key, c.cost)
-    -- relative to the caller's clock, like every time in these scripts
-    redis.call("PEXPIRE", c.key, math.max(1, ms(c.resets - now)))
+    if not c.exists then
+      -- relative to the caller's clock, like every time in these scripts
+      redis.call("PEXPIRE", c.key, math.max(1, ms(c.resets - now)))
+    end
   end
   c.total = c.total + c.cost
   reply[#reply + 1] = c.total

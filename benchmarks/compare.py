@@ -1,0 +1,805 @@
+"""plangate against the bare app, slowapi and flask-limiter, and against Redis's own floor.
+
+    python benchmarks/compare.py            # the full run (a few minutes); writes docs/benchmarks.md
+    python benchmarks/compare.py --quick    # a short run that prints and writes nothing
+
+Needs `pip install -e ".[bench]"` (slowapi, flask-limiter) and `redis-server` and `wrk` on
+the PATH (Debian: `apt-get install redis-server wrk`). It starts its own Redis on a free
+loopback port.
+
+In one process run, on the same machine and the same Redis:
+
+1. ASGI, in process (scope, receive and send built here, one event loop, no server): a bare
+   Starlette app; plangate on memory; plangate on Redis; slowapi on Redis — what a user writes
+   for the same quota: a per-customer key taken from the verified JWT (PyJWT, HS256), the
+   sliding-window-counter strategy, headers on.
+2. WSGI, in process: a bare Flask app; plangate on memory and on Redis; flask-limiter on Redis,
+   written the same way.
+3. Over HTTP: uvicorn, one worker, under wrk: bare, plangate on memory, plangate on Redis.
+4. The floor: one EVALSHA round trip to the same Redis, with redis-py's asyncio and blocking
+   clients.
+5. Redis commands per request, per scenario, counted with MONITOR outside the timed runs.
+
+Every case is checked first (status, headers). Timings are reported, never asserted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import datetime as dt
+import gc
+import io
+import os
+import platform
+import re
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import jwt
+import redis
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+DOCS = ROOT / "docs" / "benchmarks.md"
+START, END = "<!-- results -->", "<!-- /results -->"
+
+SECRET = "benchmark-hs256-secret-0123456789abcdef"
+ISSUER, AUDIENCE = "https://auth.example.com/", "example-api"
+QUOTA = 1_000_000_000  # a day: large enough that no run is ever refused
+PAYLOAD = {"projects": [{"id": "p1", "name": "alpha"}, {"id": "p2", "name": "beta"}]}
+
+
+def plangate_config() -> dict[str, Any]:
+    return {
+        "version": 1,
+        "identity": {
+            "jwt": {
+                "algorithms": ["HS256"],
+                "secret": SECRET,
+                "issuer": ISSUER,
+                "audience": AUDIENCE,
+                "customer_claim": "org_id",
+                "plan_claim": "plan",
+            }
+        },
+        "features": {
+            "export_reports": {"kind": "boolean"},
+            "api_calls": {"kind": "metered", "unit": "call"},
+        },
+        "plans": {
+            "bench": {
+                "features": {
+                    "export_reports": True,
+                    "api_calls": {"limit": QUOTA, "window": "1d"},
+                }
+            },
+            "tiny": {"features": {"api_calls": {"limit": 1, "window": "1d"}}},
+        },
+        "routes": [
+            {"match": "GET /v1/reports", "feature": "export_reports"},
+            {"match": "GET /v1/projects", "meters": {"api_calls": 1}},
+        ],
+    }
+
+
+def token(customer: str, plan: str = "bench") -> str:
+    now = int(time.time())
+    claims = {"org_id": customer, "plan": plan, "iss": ISSUER, "aud": AUDIENCE}
+    return jwt.encode({**claims, "iat": now, "exp": now + 86400}, SECRET, algorithm="HS256")
+
+
+def customer_from_jwt(authorization: str | None) -> str:
+    """What a slowapi / flask-limiter user writes for a per-customer key: verify, read."""
+    _, _, raw = (authorization or "").partition(" ")
+    claims = jwt.decode(raw, SECRET, algorithms=["HS256"], audience=AUDIENCE, issuer=ISSUER)
+    return str(claims["org_id"])
+
+
+# Redis ---------------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@contextlib.contextmanager
+def redis_server() -> Iterator[int]:
+    port = free_port()
+    workdir = tempfile.mkdtemp(prefix="plangate-bench-")
+    proc = subprocess.Popen(
+        [
+            *("redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", ""),
+            *("--appendonly", "no", "--dir", workdir, "--logfile", ""),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        if "Ready to accept connections" in line:
+            break
+    threading.Thread(target=lambda: [None for _ in proc.stdout or ()], daemon=True).start()
+    try:
+        yield port
+    finally:
+        proc.terminate()
+        proc.wait(10)
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+class Monitor:
+    """Counts the commands clients send Redis (MONITOR; commands scripts run are left out)."""
+
+    def __init__(self, port: int) -> None:
+        self.client = redis.Redis(port=port)
+        self.seen: list[str] = []
+        self.cond = threading.Condition()
+        self.monitor = redis.Redis(port=port).monitor()
+        self.monitor.__enter__()
+        threading.Thread(target=self._watch, daemon=True).start()
+
+    def _watch(self) -> None:
+        with contextlib.suppress(Exception):
+            for line in self.monitor.listen():
+                if line["client_type"] != "lua":
+                    with self.cond:
+                        self.seen.append(line["command"])
+                        self.cond.notify_all()
+
+    def _mark(self) -> str:
+        marker = f"ECHO bench-{uuid.uuid4().hex}"
+        self.client.echo(marker[5:])
+        with self.cond:
+            self.cond.wait_for(lambda: marker in self.seen, timeout=10)
+        return marker
+
+    def count(self, action: Callable[[], None]) -> list[str]:
+        start = self._mark()
+        action()
+        end = self._mark()
+        with self.cond:
+            return self.seen[self.seen.index(start) + 1 : self.seen.index(end)]
+
+    def close(self) -> None:
+        self.monitor.__exit__(None, None, None)
+        self.client.close()
+
+
+# The apps ------------------------------------------------------------------------------------
+
+
+def starlette_apps(redis_url: str) -> dict[str, Any]:
+    from slowapi import Limiter, _rate_limit_exceeded_handler
+    from slowapi.errors import RateLimitExceeded
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import JSONResponse
+    from starlette.routing import Route
+
+    from plangate.asgi import PlanGateMiddleware
+    from plangate.config import load_config
+
+    async def endpoint(request: Request) -> JSONResponse:
+        return JSONResponse(PAYLOAD)
+
+    def bare() -> Starlette:
+        return Starlette(routes=[Route(p, endpoint) for p in ("/v1/projects", "/v1/reports")])
+
+    config = load_config(plangate_config())
+    limiter = Limiter(
+        key_func=lambda request: customer_from_jwt(request.headers.get("authorization")),
+        storage_uri=redis_url,
+        strategy="sliding-window-counter",
+        headers_enabled=True,
+    )
+
+    @limiter.limit(f"{QUOTA}/day")
+    async def limited(request: Request) -> JSONResponse:
+        return JSONResponse(PAYLOAD)
+
+    slow = Starlette(routes=[Route("/v1/projects", limited)])
+    slow.state.limiter = limiter
+    slow.add_exception_handler(RateLimitExceeded, _rate_limit_exceeded_handler)  # type: ignore[arg-type]
+    return {
+        "bare": bare(),
+        "memory": PlanGateMiddleware(bare(), config, storage="memory://"),
+        "redis": PlanGateMiddleware(bare(), config, storage=redis_url),
+        "slowapi": slow,
+    }
+
+
+def flask_apps(redis_url: str) -> dict[str, Any]:
+    from flask import Flask, jsonify, request
+    from flask_limiter import Limiter
+
+    from plangate.config import load_config
+    from plangate.wsgi import PlanGateMiddleware
+
+    def bare() -> Flask:
+        app = Flask(f"bench-{uuid.uuid4().hex[:6]}")
+        app.add_url_rule("/v1/projects", "projects", lambda: jsonify(PAYLOAD))
+        return app
+
+    config = load_config(plangate_config())
+    limited = bare()
+    limiter = Limiter(
+        key_func=lambda: customer_from_jwt(request.headers.get("authorization")),
+        app=limited,
+        storage_uri=redis_url,
+        strategy="sliding-window-counter",
+        headers_enabled=True,
+    )
+    limited.view_functions["projects"] = limiter.limit(f"{QUOTA}/day")(
+        limited.view_functions["projects"]
+    )
+    memory, on_redis = bare(), bare()
+    memory.wsgi_app = PlanGateMiddleware(memory.wsgi_app, config, storage="memory://")  # type: ignore[method-assign]
+    on_redis.wsgi_app = PlanGateMiddleware(on_redis.wsgi_app, config, storage=redis_url)  # type: ignore[method-assign]
+    return {"bare": bare(), "memory": memory, "redis": on_redis, "flask-limiter": limited}
+
+
+# In-process drivers ----------------------------------------------------------------------------
+
+#: One event loop for every asyncio call of the run: plangate's asyncio Redis client belongs to
+#: the loop it was made on, and a new loop would make (and time) a new client.
+LOOP = asyncio.new_event_loop()
+
+
+def asgi_scope(path: str, authorization: str | None) -> dict[str, Any]:
+    headers = [(b"host", b"api.example.com"), (b"accept", b"application/json")]
+    if authorization:
+        headers.append((b"authorization", authorization.encode("latin-1")))
+    return {
+        "type": "http",
+        "asgi": {"version": "3.0", "spec_version": "2.3"},
+        "http_version": "1.1",
+        "method": "GET",
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "root_path": "",
+        "query_string": b"",
+        "headers": headers,
+        "client": ("127.0.0.1", 50000),
+        "server": ("127.0.0.1", 8000),
+    }
+
+
+async def asgi_call(app: Any, scope: dict[str, Any]) -> tuple[int, dict[bytes, bytes]]:
+    result: dict[str, Any] = {}
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.start":
+            result["status"] = message["status"]
+            result["headers"] = dict(message["headers"])
+
+    await app(dict(scope), receive, send)
+    return result["status"], result["headers"]
+
+
+async def asgi_batch(app: Any, scope: dict[str, Any], count: int) -> float:
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: dict[str, Any]) -> None:
+        return None
+
+    started = time.perf_counter()
+    for _ in range(count):
+        await app(dict(scope), receive, send)
+    return (time.perf_counter() - started) / count
+
+
+def wsgi_environ(path: str, authorization: str | None) -> dict[str, Any]:
+    environ = {
+        "REQUEST_METHOD": "GET",
+        "SCRIPT_NAME": "",
+        "PATH_INFO": path,
+        "QUERY_STRING": "",
+        "SERVER_NAME": "api.example.com",
+        "SERVER_PORT": "80",
+        "SERVER_PROTOCOL": "HTTP/1.1",
+        "HTTP_HOST": "api.example.com",
+        "HTTP_ACCEPT": "application/json",
+        "REMOTE_ADDR": "127.0.0.1",
+        "wsgi.version": (1, 0),
+        "wsgi.url_scheme": "http",
+        "wsgi.errors": sys.stderr,
+        "wsgi.multithread": False,
+        "wsgi.multiprocess": False,
+        "wsgi.run_once": False,
+    }
+    if authorization:
+        environ["HTTP_AUTHORIZATION"] = authorization
+    return environ
+
+
+def wsgi_call(app: Any, environ: dict[str, Any]) -> tuple[int, dict[str, str]]:
+    seen: dict[str, Any] = {}
+
+    def start_response(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
+        seen["status"], seen["headers"] = int(status[:3]), {k.lower(): v for k, v in headers}
+        return lambda data: None
+
+    body = app({**environ, "wsgi.input": io.BytesIO(b"")}, start_response)
+    b"".join(body)
+    if hasattr(body, "close"):
+        body.close()
+    return seen["status"], seen["headers"]
+
+
+def wsgi_batch(app: Any, environ: dict[str, Any], count: int) -> float:
+    def start_response(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
+        return None
+
+    started = time.perf_counter()
+    for _ in range(count):
+        body = app({**environ, "wsgi.input": io.BytesIO(b"")}, start_response)
+        for _ in body:
+            pass
+        if hasattr(body, "close"):
+            body.close()
+    return (time.perf_counter() - started) / count
+
+
+# Cases -----------------------------------------------------------------------------------------
+
+
+@dataclass
+class Case:
+    group: str  # "asgi" or "wsgi"
+    name: str
+    app: Any
+    path: str
+    authorization: str | None
+    note: str = ""
+
+    def request(self) -> Any:
+        if self.group == "asgi":
+            return asgi_scope(self.path, self.authorization)
+        return wsgi_environ(self.path, self.authorization)
+
+
+def floor_cases(port: int) -> dict[str, Callable[[int], float]]:
+    script = "return 1"
+    sync = redis.Redis(port=port)
+    sha = sync.script_load(script)
+
+    def sync_batch(count: int) -> float:
+        started = time.perf_counter()
+        for _ in range(count):
+            sync.evalsha(sha, 0)
+        return (time.perf_counter() - started) / count
+
+    loop = LOOP
+    aclient = redis.asyncio.Redis(port=port)
+
+    async def abatch(count: int) -> float:
+        started = time.perf_counter()
+        for _ in range(count):
+            await aclient.evalsha(sha, 0)
+        return (time.perf_counter() - started) / count
+
+    # The same round trip with plangate's own reservation script and arguments: the floor
+    # for any client that reserves with it.
+    from plangate.storage import Counter, Reserve, customer_prefix
+    from plangate.storage._redis import _reserve_call, _script
+
+    counter = Counter(customer_prefix("org_floor") + "api_calls-1d", QUOTA, 1, window=86400.0)
+    keys, args = _reserve_call(Reserve((counter,), time.time(), reservation_id="floor"))
+    reserve_sha = sync.script_load(_script("reserve"))
+
+    async def areserve(count: int) -> float:
+        started = time.perf_counter()
+        for _ in range(count):
+            await aclient.evalsha(reserve_sha, len(keys), *keys, *args)
+        return (time.perf_counter() - started) / count
+
+    return {
+        "EVALSHA, asyncio client": lambda n: loop.run_until_complete(abatch(n)),
+        "EVALSHA, blocking client": sync_batch,
+        "EVALSHA of plangate's reserve script, asyncio client": lambda n: loop.run_until_complete(
+            areserve(n)
+        ),
+    }
+
+
+def measure(
+    cases: list[Case], floors: dict[str, Callable[[int], float]], batches: int, per_batch: int
+) -> dict[str, list[float]]:
+    """Interleaved batches (each case once per round), so that drift hits every case alike.
+    A first, untimed round warms every case up."""
+    loop = LOOP
+    samples: dict[str, list[float]] = {}
+    requests = {id(case): case.request() for case in cases}
+    for case in cases:
+        if case.group == "asgi":
+            loop.run_until_complete(asgi_batch(case.app, requests[id(case)], per_batch))
+        else:
+            wsgi_batch(case.app, requests[id(case)], per_batch)
+    for _ in range(batches):
+        for case in cases:
+            gc.collect()
+            if case.group == "asgi":
+                value = loop.run_until_complete(asgi_batch(case.app, requests[id(case)], per_batch))
+            else:
+                value = wsgi_batch(case.app, requests[id(case)], per_batch)
+            samples.setdefault(f"{case.group}:{case.name}", []).append(value)
+        for name, run in floors.items():
+            samples.setdefault(f"floor:{name}", []).append(run(per_batch))
+    return samples
+
+
+def check(cases: list[Case]) -> None:
+    """Every case answers as it should before anything is timed."""
+    loop = LOOP
+    for case in cases:
+        if case.group == "asgi":
+            status, raw = loop.run_until_complete(asgi_call(case.app, case.request()))
+            headers = {k.decode().lower(): v.decode() for k, v in raw.items()}
+        else:
+            status, headers = wsgi_call(case.app, case.request())
+        expected = 429 if "refused" in case.name else 200
+        assert status == expected, (case.name, status, headers)
+        if "metered" in case.name or case.name in ("slowapi", "flask-limiter"):
+            assert any(h.startswith(("ratelimit", "x-ratelimit")) for h in headers), (
+                case.name,
+                headers,
+            )
+
+
+def count_commands(monitor: Monitor, cases: list[Case], requests: int = 50) -> dict[str, float]:
+    loop = LOOP
+    counts = {}
+    for case in cases:
+        request = case.request()
+
+        def run(case: Case = case, request: Any = request) -> None:
+            for _ in range(requests):
+                if case.group == "asgi":
+                    loop.run_until_complete(asgi_call(case.app, request))
+                else:
+                    wsgi_call(case.app, request)
+
+        counts[f"{case.group}:{case.name}"] = len(monitor.count(run)) / requests
+    return counts
+
+
+# Over HTTP ---------------------------------------------------------------------------------------
+
+HTTP_APP = """
+import os
+from starlette.applications import Starlette
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+from plangate.asgi import PlanGateMiddleware
+
+PAYLOAD = {payload!r}
+
+async def endpoint(request):
+    return JSONResponse(PAYLOAD)
+
+app = Starlette(routes=[Route("/v1/projects", endpoint)])
+if os.environ.get("BENCH_STORAGE"):
+    app = PlanGateMiddleware(app, os.environ["BENCH_CONFIG"], storage=os.environ["BENCH_STORAGE"])
+"""
+
+
+def wrk(url: str, authorization: str, seconds: int, connections: int) -> dict[str, float]:
+    out = subprocess.run(
+        [
+            *("wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--latency"),
+            *("-H", f"Authorization: {authorization}", url),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+
+    def latency(label: str) -> float:
+        match = re.search(rf"^\s+{label}\s+([\d.]+)(us|ms|s)\s*$", out, re.MULTILINE)
+        assert match, out
+        value = float(match.group(1))
+        return (
+            value / 1000
+            if match.group(2) == "us"
+            else value * 1000
+            if match.group(2) == "s"
+            else value
+        )
+
+    rps = re.search(r"Requests/sec:\s+([\d.]+)", out)
+    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    assert rps, out
+    return {
+        "rps": float(rps.group(1)),
+        "p50": latency("50%"),
+        "p99": latency("99%"),
+        "non2xx": float(non2xx.group(1)) if non2xx else 0.0,
+    }
+
+
+def over_http(redis_url: str, seconds: int) -> dict[str, dict[str, float]]:
+    workdir = Path(tempfile.mkdtemp(prefix="plangate-http-"))
+    (workdir / "bench_app.py").write_text(HTTP_APP.format(payload=PAYLOAD))
+    config_file = workdir / "plangate.yaml"
+    config_file.write_text(yaml.safe_dump(plangate_config()))
+    results = {}
+    try:
+        for name, storage in (
+            ("bare", ""),
+            ("plangate, memory", "memory://"),
+            ("plangate, Redis", redis_url),
+        ):
+            port = free_port()
+            env = {**os.environ, "BENCH_STORAGE": storage, "BENCH_CONFIG": str(config_file)}
+            proc = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "uvicorn",
+                    "bench_app:app",
+                    "--port",
+                    str(port),
+                    "--no-access-log",
+                    "--log-level",
+                    "warning",
+                ],
+                cwd=workdir,
+                env=env,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            try:
+                deadline = time.monotonic() + 20
+                while time.monotonic() < deadline:  # uvicorn at warning level prints nothing
+                    with (
+                        contextlib.suppress(OSError),
+                        socket.create_connection(("127.0.0.1", port), 0.2),
+                    ):
+                        break
+                    time.sleep(0.05)
+                url = f"http://127.0.0.1:{port}/v1/projects"
+                auth = f"Bearer {token('org_http')}"
+                wrk(url, auth, 1, 16)  # warm-up
+                results[name] = wrk(url, auth, seconds, 16)
+            finally:
+                proc.terminate()
+                proc.wait(10)
+                if proc.stderr:
+                    proc.stderr.close()
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    return results
+
+
+# Memory ------------------------------------------------------------------------------------------
+
+
+def redis_bytes_per_customer(port: int, customers: int = 5_000) -> dict[str, float]:
+    """Redis memory per active customer of the reference config, after one request."""
+    from plangate.config import load_config
+    from plangate.engine import Engine
+    from plangate.storage import Reserve
+    from plangate.storage._redis import RedisStorage
+
+    config = load_config(ROOT / "tests" / "config" / "reference" / "plangate.yaml", env={})
+    engine = Engine(config)
+    client = redis.Redis(port=port)
+    store = RedisStorage(f"redis://127.0.0.1:{port}/0")
+    now = time.time()
+    results = {}
+    for plan, route in (("free", "GET /v1/projects"), ("pro", "POST /v1/completions")):
+        client.flushall()
+        before = client.info("memory")["used_memory"]
+        rule = engine.route(*route.split()).rule
+        assert rule is not None
+        costs = [(m.meter, m.cost) for m in rule.meters]
+        for i in range(customers):
+            charge = engine.build_charge(
+                costs, f"cust-{i:06d}", config.catalog.plans[plan], None, now
+            )
+            store.reserve(Reserve(charge.counters, now, reservation_id=f"r{i}"))
+        keys = len(charge.counters)
+        results[f"{plan} plan, {route} ({keys} counters)"] = (
+            client.info("memory")["used_memory"] - before
+        ) / customers
+    store.close()
+    client.close()
+    return results
+
+
+# The report --------------------------------------------------------------------------------------
+
+
+def median_us(values: list[float]) -> float:
+    return statistics.median(values) * 1e6
+
+
+def report(
+    samples: dict[str, list[float]],
+    commands: dict[str, float],
+    http: dict[str, dict[str, float]],
+    memory_rows: dict[str, float],
+    batches: int,
+    per_batch: int,
+) -> str:
+    med = {name: median_us(values) for name, values in samples.items()}
+    spread = {name: (min(v) * 1e6, max(v) * 1e6) for name, v in samples.items()}
+    rows = []
+    for group, bare in (("asgi", "asgi:bare Starlette"), ("wsgi", "wsgi:bare Flask")):
+        for name in [n for n in med if n.startswith(group + ":")]:
+            added = med[name] - med[bare]
+            ratio = med[name] / med[bare]
+            rows.append(
+                f"| {group.upper()} | {name.split(':', 1)[1]} | {med[name]:.1f} | "
+                f"{spread[name][0]:.1f} - {spread[name][1]:.1f} | "
+                f"{'—' if name == bare else f'+{added:.1f}'} | {ratio:.2f}× | "
+                f"{commands.get(name, 0):g} |"
+            )
+    floor_rows = [
+        f"| floor | {name.split(':', 1)[1]} | {med[name]:.1f} | {spread[name][0]:.1f} - {spread[name][1]:.1f} | — | — | 1 |"
+        for name in med
+        if name.startswith("floor:")
+    ]
+
+    def added(name: str, bare: str) -> float:
+        return med[name] - med[bare]
+
+    memory = added("asgi:plangate, memory, metered", "asgi:bare Starlette")
+    on_redis = added("asgi:plangate, Redis, metered", "asgi:bare Starlette")
+    slowapi = added("asgi:slowapi, Redis", "asgi:bare Starlette")
+    floor = med["floor:EVALSHA, asyncio client"]
+    script_floor = med["floor:EVALSHA of plangate's reserve script, asyncio client"]
+    w_redis = added("wsgi:plangate, Redis, metered", "wsgi:bare Flask")
+    w_limiter = added("wsgi:flask-limiter, Redis", "wsgi:bare Flask")
+    boolean = commands["asgi:plangate, Redis, boolean feature"]
+    refused = commands["asgi:plangate, Redis, refused customer"]
+
+    def verdict(ok: bool) -> str:
+        return "**met**" if ok else "**not met**"
+
+    targets = [
+        "| target | measured | |",
+        "| --- | --- | --- |",
+        f"| memory storage: ≤ 40 µs added per metered request (ASGI) | +{memory:.1f} µs | {verdict(memory <= 40)} |",
+        f"| Redis: ≤ ½ of slowapi's added cost | +{on_redis:.1f} µs vs +{slowapi:.1f} µs ({on_redis / slowapi:.2f}×) | {verdict(on_redis <= slowapi / 2)} |",
+        f"| Redis: ≤ 1.3× one asyncio EVALSHA round trip | +{on_redis:.1f} µs vs {floor:.1f} µs ({on_redis / floor:.2f}×); the reserve script alone: {script_floor:.1f} µs | {verdict(on_redis <= 1.3 * floor)} |",
+        f"| a boolean-feature route: 0 Redis commands once the customer is cached | {boolean:g} per request | {verdict(boolean == 0)} |",
+        f"| a customer refused for a window: 0 Redis commands until it can admit again | {refused:g} per request | {verdict(refused == 0)} |",
+        f"| WSGI: ≤ ½ of flask-limiter's added cost | +{w_redis:.1f} µs vs +{w_limiter:.1f} µs ({w_redis / w_limiter:.2f}×) | {verdict(w_redis <= w_limiter / 2)} |",
+    ]
+    http_rows = [
+        f"| {name} | {r['rps']:,.0f} | {r['p50']:.2f} | {r['p99']:.2f} | {r['rps'] / http['bare']['rps']:.2f}× |"
+        for name, r in http.items()
+    ]
+    versions = ", ".join(
+        f"{pkg} {metadata.version(pkg)}"
+        for pkg in (
+            "plangate",
+            "starlette",
+            "flask",
+            "slowapi",
+            "flask-limiter",
+            "limits",
+            "redis",
+            "PyJWT",
+        )
+    )
+    redis_version = subprocess.run(
+        ["redis-server", "--version"], capture_output=True, text=True
+    ).stdout.split()[2]
+    now = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    return "\n".join(
+        [
+            f"Run {now}; in process: {batches} interleaved batches of {per_batch:,} sequential requests per case, "
+            "median of the batches' mean time per request.",
+            "",
+            "### Targets",
+            "",
+            *targets,
+            "",
+            "### In process",
+            "",
+            "| | case | median µs / request | batches min - max | added vs bare µs | vs bare | Redis commands / request |",
+            "| --- | --- | ---: | ---: | ---: | ---: | ---: |",
+            *rows,
+            *floor_rows,
+            "",
+            "### Over HTTP (uvicorn, one worker; wrk, 16 connections)",
+            "",
+            "| app | requests/s | p50 ms | p99 ms | throughput vs bare |",
+            "| --- | ---: | ---: | ---: | ---: |",
+            *http_rows,
+            "",
+            "### Redis memory per active customer (the reference config, after one request)",
+            "",
+            "| customer and request | bytes |",
+            "| --- | ---: |",
+            *(f"| {name} | {value:,.0f} |" for name, value in memory_rows.items()),
+            "",
+            "| machine | |",
+            "| --- | --- |",
+            f"| CPU | {_cpu()} |",
+            f"| cores | {os.cpu_count()} logical |",
+            f"| Python | {platform.python_implementation()} {platform.python_version()} ({platform.system()} {platform.release()}) |",
+            f"| Redis | {redis_version}, on 127.0.0.1 |",
+            f"| packages | {versions} |",
+        ]
+    )
+
+
+def _cpu() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="a short run; print only")
+    args = parser.parse_args()
+    batches, per_batch, http_seconds = (3, 300, 2) if args.quick else (9, 2_000, 8)
+    with redis_server() as port:
+        redis_url = f"redis://127.0.0.1:{port}/0"
+        asgi, flask = starlette_apps(redis_url), flask_apps(redis_url)
+        bearer = f"Bearer {token('org_bench')}"
+        refused = f"Bearer {token('org_tiny', 'tiny')}"
+        cases = [
+            Case("asgi", "bare Starlette", asgi["bare"], "/v1/projects", bearer),
+            Case("asgi", "plangate, memory, metered", asgi["memory"], "/v1/projects", bearer),
+            Case("asgi", "plangate, Redis, metered", asgi["redis"], "/v1/projects", bearer),
+            Case("asgi", "plangate, Redis, boolean feature", asgi["redis"], "/v1/reports", bearer),
+            Case(
+                "asgi", "plangate, Redis, refused customer", asgi["redis"], "/v1/projects", refused
+            ),
+            Case("asgi", "slowapi, Redis", asgi["slowapi"], "/v1/projects", bearer),
+            Case("wsgi", "bare Flask", flask["bare"], "/v1/projects", bearer),
+            Case("wsgi", "plangate, memory, metered", flask["memory"], "/v1/projects", bearer),
+            Case("wsgi", "plangate, Redis, metered", flask["redis"], "/v1/projects", bearer),
+            Case("wsgi", "flask-limiter, Redis", flask["flask-limiter"], "/v1/projects", bearer),
+        ]
+        # The tiny plan allows one call a day: the first is admitted, every later one refused.
+        LOOP.run_until_complete(asgi_call(asgi["redis"], asgi_scope("/v1/projects", refused)))
+        check(cases)
+        monitor = Monitor(port)
+        commands = count_commands(monitor, cases)
+        monitor.close()
+        floors = floor_cases(port)
+        samples = measure(cases, floors, batches, per_batch)
+        http = over_http(redis_url, http_seconds)
+        memory_rows = redis_bytes_per_customer(port, 1_000 if args.quick else 5_000)
+    text = report(samples, commands, http, memory_rows, batches, per_batch)
+    print(text)
+    if not args.quick:
+        doc = DOCS.read_text()
+        start, end = doc.index(START) + len(START), doc.index(END)
+        DOCS.write_text(doc[:start] + "\n" + text + "\n" + doc[end:])
+        print(f"\nwrote {DOCS}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
