@@ -1,4 +1,5 @@
-"""The Django example (examples/django) behaves as its README says, run as its README says."""
+"""The FastAPI, Flask and Django examples (examples/<framework>) behave as their READMEs say,
+run as their READMEs say: the same API, the same calls, through each framework's integration."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import subprocess
 import sys
 import threading
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -19,24 +21,55 @@ from plangate.engine import PROBLEM_BASE
 from tests.servers import free_port
 
 ROOT = Path(__file__).parents[2]
-EXAMPLE = ROOT / "examples" / "django"
-READY = "Quit the server with"
 PROBLEM = "application/problem+json"
 
 Auth = Callable[..., dict[str, str]]
 
 
-def command(port: int) -> list[str]:
-    manage = EXAMPLE / "manage.py"
-    return [sys.executable, str(manage), "runserver", "--noreload", f"127.0.0.1:{port}"]
+@dataclass(frozen=True)
+class Example:
+    name: str
+    ready: str  # the line the server prints once it serves
+    command: Callable[[int], list[str]]
+
+    @property
+    def path(self) -> Path:
+        return ROOT / "examples" / self.name
+
+
+EXAMPLES = {
+    "fastapi": Example(
+        "fastapi",
+        "Uvicorn running on",
+        lambda port: [sys.executable, str(ROOT / "examples/fastapi/app.py"), "--port", str(port)],
+    ),
+    "flask": Example(
+        "flask",
+        " * Running on http://",
+        lambda port: [sys.executable, str(ROOT / "examples/flask/app.py"), "--port", str(port)],
+    ),
+    "django": Example(
+        "django",
+        "Quit the server with",
+        lambda port: [
+            *(sys.executable, str(ROOT / "examples/django/manage.py")),
+            *("runserver", "--noreload", f"127.0.0.1:{port}"),
+        ],
+    ),
+}
+
+
+@pytest.fixture(scope="module", params=list(EXAMPLES))
+def example(request: pytest.FixtureRequest) -> Example:
+    return EXAMPLES[request.param]
 
 
 @pytest.fixture(scope="module")
-def config() -> Config:
+def config(example: Example) -> Config:
     with pytest.MonkeyPatch.context() as env:
         env.delenv("PLANGATE_JWT_SECRET", raising=False)
         env.delenv("PLANGATE_STORAGE", raising=False)
-        return load_config(EXAMPLE / "plangate.yaml")
+        return load_config(example.path / "plangate.yaml")
 
 
 @pytest.fixture
@@ -48,9 +81,9 @@ def auth(config: Config) -> Auth:
 
 
 @pytest.fixture(scope="module")
-def http() -> Iterator[httpx.Client]:
-    """The example, started as a script on a free loopback port; one server for the module,
-    so each test uses customers of its own."""
+def http(example: Example) -> Iterator[httpx.Client]:
+    """The example, started as its README says on a free loopback port; one server per
+    example, so each test uses customers of its own."""
     port = free_port()
     env = {
         k: v
@@ -59,7 +92,7 @@ def http() -> Iterator[httpx.Client]:
     }
     env["PYTHONUNBUFFERED"] = "1"
     proc = subprocess.Popen(
-        command(port),
+        example.command(port),
         cwd=ROOT,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -79,10 +112,10 @@ def http() -> Iterator[httpx.Client]:
     reader.start()
     try:
         seen: list[str] = []
-        while not seen or READY not in seen[-1]:
+        while not seen or example.ready not in seen[-1]:
             line = lines.get(timeout=30)
             if line is None:
-                pytest.fail(f"the example exited before {READY!r}:\n{''.join(seen)}")
+                pytest.fail(f"the example exited before {example.ready!r}:\n{''.join(seen)}")
             seen.append(line)
         assert f"http://127.0.0.1:{port}" in "".join(seen)
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as client:
@@ -172,3 +205,11 @@ def test_unlimited_values_are_shown_as_unlimited(http, auth):
     body = http.get("/projects", headers=auth("enterprise", "massive")).json()
     assert body["max_projects"] == "unlimited"
     assert body["calls_left"] == "unlimited"
+
+
+@pytest.mark.parametrize("example", ["fastapi"], indirect=True)
+def test_fastapi_documents_plangates_responses_in_openapi(example, http):
+    paths = http.get("/openapi.json").json()["paths"]
+    assert {"401", "402", "429"} <= set(paths["/reports/{report_id}/schedule"]["post"]["responses"])
+    assert {"401", "402", "429"} <= set(paths["/projects"]["get"]["responses"])
+    assert "402" not in paths["/health"]["get"]["responses"]
