@@ -15,6 +15,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import redis
 
@@ -238,3 +239,35 @@ def running(server: RedisServer | RedisCluster | RedisSentinel) -> Iterator[None
         yield
     finally:
         server.cleanup()
+
+
+@contextlib.contextmanager
+def ready_process(
+    command: list[str], ready: str, *, name: str = "", **popen: Any
+) -> Iterator[subprocess.Popen[str]]:
+    """A server process that logs ``ready`` on stderr once it serves; stopped on exit.
+
+    Its log is read until that line (an event, not a guess), then drained so that a full pipe
+    never stalls it.
+    """
+    proc = subprocess.Popen(
+        command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, **popen
+    )
+    try:
+        assert proc.stderr is not None
+        log = []
+        for line in proc.stderr:
+            log.append(line)
+            if ready in line:
+                break
+        else:
+            raise RuntimeError(f"{name or command[0]} exited:\n" + "".join(log))
+        drain(proc)
+        yield proc
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(20)

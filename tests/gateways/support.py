@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import subprocess
 import sys
 import threading
 from collections.abc import Iterator
@@ -21,7 +20,7 @@ from typing import Any
 import httpx
 import yaml
 
-from tests.servers import drain, free_port
+from tests.servers import free_port, ready_process
 from tests.support import bearer, config
 
 ROOT = Path(__file__).parents[2]
@@ -137,25 +136,6 @@ def plangate(tmp_path: Path, *extra: str, env: dict[str, str] | None = None) -> 
         *(sys.executable, "-m", "plangate.cli", "gateway", "--config", str(config_file)),
         *("--port", str(port), "--log-listen", f"127.0.0.1:{log_port}", *extra),
     ]
-    proc = subprocess.Popen(
-        command,
-        cwd=ROOT,
-        env={**os.environ, **(env or {})},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert proc.stderr is not None
-        log = []
-        for line in proc.stderr:  # blocks until uvicorn says it serves
-            log.append(line)
-            if "Uvicorn running on" in line:
-                break
-        else:
-            raise RuntimeError("plangate gateway exited:\n" + "".join(log))
-        drain(proc)
+    env = {**os.environ, **(env or {})}
+    with ready_process(command, "Uvicorn running on", name="plangate gateway", cwd=ROOT, env=env):
         yield Plangate(f"http://127.0.0.1:{port}", port, log_port, config_file)
-    finally:
-        proc.terminate()
-        proc.wait(20)

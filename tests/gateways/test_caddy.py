@@ -15,7 +15,6 @@ import os
 import re
 import shutil
 import socket
-import subprocess
 import sys
 import tempfile
 import threading
@@ -31,7 +30,7 @@ import pytest
 from plangate.engine import PROBLEM_BASE
 from plangate.gateway._logs import normalize_record
 from tests.gateways.support import GATEWAYS, Plangate, Upstream, plangate, upstream
-from tests.servers import drain, free_port
+from tests.servers import free_port, ready_process
 from tests.support import bearer
 
 CADDYFILE = GATEWAYS / "caddy" / "Caddyfile"
@@ -91,31 +90,9 @@ def caddy(
             "XDG_CONFIG_HOME": str(directory / "config"),
             "XDG_DATA_HOME": str(directory / "data"),
         }
-        proc = subprocess.Popen(
-            [binary, "run", "--config", str(config), "--adapter", "caddyfile"],
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        try:
-            assert proc.stderr is not None
-            log = []
-            for line in proc.stderr:  # blocks until Caddy says it serves
-                log.append(line)
-                if READY in line:
-                    break
-            else:
-                raise RuntimeError("caddy exited:\n" + "".join(log))
-            drain(proc)  # a full pipe would stall Caddy
+        command = [binary, "run", "--config", str(config), "--adapter", "caddyfile"]
+        with ready_process(command, READY, name="caddy", env=env):
             yield f"http://127.0.0.1:{port}"
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(10)
 
 
 @dataclass

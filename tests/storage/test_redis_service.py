@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import subprocess
 import sys
 from collections import Counter as Tally
 from collections.abc import Iterator
@@ -15,7 +14,7 @@ import httpx
 import pytest
 import yaml
 
-from tests.servers import drain, free_port
+from tests.servers import free_port, ready_process
 from tests.support import bearer, config
 
 pytestmark = pytest.mark.redis
@@ -34,31 +33,12 @@ def uvicorn_process(storage: str, config_file: Path) -> Iterator[str]:
     """The test API in a uvicorn process of its own; yields its base URL once it serves."""
     port = free_port()
     env = {**os.environ, "PLANGATE_STORAGE": storage, "PLANGATE_TEST_CONFIG": str(config_file)}
-    proc = subprocess.Popen(
-        [
-            *(sys.executable, "-m", "uvicorn", "tests.storage.app:app"),
-            *("--host", "127.0.0.1", "--port", str(port), "--no-access-log"),
-        ],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert proc.stderr is not None
-        log = []
-        for line in proc.stderr:  # blocks until uvicorn says it serves
-            log.append(line)
-            if "Uvicorn running on" in line:
-                break
-        else:
-            raise RuntimeError("uvicorn exited:\n" + "".join(log))
-        drain(proc)  # a full pipe would stall the server
+    command = [
+        *(sys.executable, "-m", "uvicorn", "tests.storage.app:app"),
+        *("--host", "127.0.0.1", "--port", str(port), "--no-access-log"),
+    ]
+    with ready_process(command, "Uvicorn running on", cwd=ROOT, env=env):
         yield f"http://127.0.0.1:{port}"
-    finally:
-        proc.terminate()
-        proc.wait(20)
 
 
 @pytest.fixture
