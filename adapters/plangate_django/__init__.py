@@ -69,6 +69,14 @@ class PlanGateMiddleware:
         self.entitlements_path = settings.get("ENTITLEMENTS_PATH", ENTITLEMENTS_PATH)
 
     def _token(self, request: HttpRequest) -> str | None:
+        """The caller's token, once the client's own ``X-Plangate-*`` headers are gone: the
+        app may trust those (a gateway sets them), never the client's."""
+        meta = request.META
+        spoofed = [k for k in meta if k.startswith("HTTP_X_PLANGATE_")]
+        for key in spoofed:
+            del meta[key]
+        if spoofed:
+            request.__dict__.pop("headers", None)  # a middleware before us may have read them
         source = self.gate.token_source
         return source.extract(request.headers.get(source.header))
 

@@ -164,7 +164,9 @@ class PlanGateMiddleware:
         try:
             await self.app(scope, receive, tracked_send)
         except BaseException:
-            await self._settle(pending, 500, reported, refund=True)
+            # Before the response started: nothing was served, refund. After: the client got
+            # (some of) it, so it is charged as its status says, like a client that went away.
+            await self._settle(pending, status or 500, reported, refund=not status)
             raise
         await self._settle(pending, status or 500, reported, refund=not status)
 

@@ -180,13 +180,10 @@ class _Settling:
     def __iter__(self) -> Iterator[bytes]:
         try:
             yield from self._body
-        except GeneratorExit:  # the client went away mid-body: the work was done, charge it
+        finally:
+            # Sent, or cut off after the response started (the client went away, the body
+            # failed): the client got (some of) it, so it is charged as its status says.
             self._seen.settle(self._gate, self._pending)
-            raise
-        except BaseException:
-            self._seen.settle(self._gate, self._pending, refund=True)
-            raise
-        self._seen.settle(self._gate, self._pending)
 
     def close(self) -> None:
         try:

@@ -57,7 +57,13 @@ def stream(request: HttpRequest) -> StreamingHttpResponse:
     return StreamingHttpResponse(words())
 
 
+def plangate_headers(request: HttpRequest) -> JsonResponse:
+    seen = {k: v for k, v in request.headers.items() if k.lower().startswith("x-plangate")}
+    return JsonResponse(seen)
+
+
 urlpatterns = [
+    path("v1/headers", plangate_headers),
     path("views/stream", stream),
     path("health", health),
     path("v1/reports/<str:report_id>/export", export),

@@ -124,6 +124,12 @@ def test_a_streamed_response_is_charged_once_it_has_been_sent():
     assert body["meters"]["ai_tokens"]["limits"][0]["used"] == 1234
 
 
+def test_client_supplied_plangate_headers_never_reach_the_view():
+    spoofed = {"X-Plangate-Customer": "victim-org", "X-Plangate-Plan": "enterprise"}
+    response = Client().get("/v1/headers", headers={**bearer(), **spoofed})
+    assert response.json() == {}
+
+
 def test_manage_py_plangate_check():
     out = io.StringIO()
     call_command("plangate_check", str(REFERENCE), stdout=out)

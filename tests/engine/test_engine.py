@@ -134,3 +134,9 @@ def test_quota_headers_syntax_and_the_policy_closest_to_exhaustion():
         ("ratelimit-policy", policy),
         ("ratelimit", '"api_calls-1d";r=9941;t=3600'),
     ]
+
+
+def test_record_refuses_amounts_past_what_a_counter_can_hold():
+    decision = Enforcer(config()).check("POST", "/v1/chat", token())
+    with pytest.raises(ValueError, match="from 0 to 10\\^15"):
+        decision.record("ai_tokens", 10**19)

@@ -447,3 +447,21 @@ def test_an_explicit_style_reads_only_its_own_headers():
         assert client.get("/check", headers=headers).status_code == 401  # metered: needs a token
     with TestClient(service(request_from="original")) as client:
         assert client.get("/check", headers={"X-Forwarded-Uri": "/health"}).status_code == 400
+
+
+@pytest.mark.parametrize("status", ["²", "٣", "1²"])
+def test_a_commit_status_in_other_digits_is_400_not_500(status):
+    with TestClient(service()) as client:
+        response = client.post("/commit", json={"reservation": "r", "status": status})
+    assert response.status_code == 400
+
+
+def test_healthz_wait_in_other_digits_is_not_a_500():
+    with TestClient(service()) as client:
+        assert client.get("/healthz?settled=1&wait=²").status_code == 200
+
+
+def test_customer_ids_that_differ_stay_different_in_the_header():
+    from plangate.gateway._service import header_value
+
+    assert header_value("org/1") != header_value("org%2F1")

@@ -414,3 +414,43 @@ def test_client_supplied_plangate_headers_never_reach_the_app(serve):
     spoofed = {"X-Plangate-Customer": "bigco", "X-Plangate-Plan": "enterprise", "x-plangate-x": "1"}
     assert client.get("/v1/headers", headers={**bearer(), **spoofed}).json() == {}
     assert client.get("/v1/headers", headers=spoofed).status_code == 401  # still no identity
+
+
+def test_a_response_cut_off_after_it_started_is_charged():
+    """An ASGI server may raise from ``send`` once the client is gone (spec 2.4): what was
+    served is charged, as the WSGI middleware does for a body the server stops reading."""
+    import asyncio
+
+    from plangate import asgi
+    from tests.middleware.apps import asgi_app
+
+    app = asgi.PlanGateMiddleware(asgi_app(), config())
+    scope = {
+        "type": "http",
+        "method": "POST",
+        "path": "/v1/stream",
+        "query_string": b"tokens=1234",
+        "headers": [(b"authorization", bearer()["authorization"].encode())],
+    }
+    sent: list[str] = []
+    received: list[int] = []
+
+    async def receive():
+        received.append(1)
+        if len(received) == 1:
+            return {"type": "http.request", "body": b"", "more_body": False}
+        await asyncio.Event().wait()  # no disconnect message: the server raises from send
+        return {"type": "http.disconnect"}
+
+    async def send(message):
+        sent.append(message["type"])
+        if message["type"] == "http.response.body" and len(sent) > 2:
+            raise OSError("the client went away")
+
+    async def run():
+        with pytest.raises(OSError, match="went away"):
+            await app(scope, receive, send)
+        return await app.gate.entitlements(bearer()["authorization"][7:])
+
+    body = asyncio.run(run())
+    assert body["meters"]["ai_tokens"]["limits"][0]["used"] == 100  # the estimate, not 0

@@ -174,7 +174,9 @@ def test_memory_forgets_expired_counters():
     window=st.sampled_from([1.0, 5.0, 10.0, 60.0]),
 )
 def test_no_trailing_window_ever_holds_more_than_the_limit(storage, steps, limit, window):
-    store = storage
+    # The memory store keeps one clock for all its counters (Redis one per key): a fresh one
+    # per example, so that an earlier example's times do not carry over.
+    store = MemoryStorage() if isinstance(storage, MemoryStorage) else storage
     key = f"{K}prop-{uuid.uuid4().hex}"
     now = latest = T0
     kept: list[tuple[float, int]] = []
@@ -205,3 +207,20 @@ def test_a_request_that_read_the_clock_late_still_counts_for_a_whole_window():
     # At +63.2 the unit of +3.5 is still inside the trailing minute: the sweep that runs now
     # must keep the counter, and the request is refused.
     assert not store.reserve(Reserve((counter,), base + 63.2)).admitted
+
+
+def test_a_time_on_a_bucket_edge_lands_in_the_same_bucket_everywhere(storage):
+    # 1800000002.95 // 0.05 and floor(1800000002.95 / 0.05) differ in floating point: every
+    # backend must use the second, as the Redis scripts do.
+    edge = 1_800_000_002.95
+    result = storage.reserve(Reserve((sliding(window=1.0),), edge))
+    assert result.slots == (36_000_000_059,)
+    assert result.states[0].reset_after == pytest.approx(1.05)
+
+
+def test_memory_forgets_counters_left_empty():
+    store = MemoryStorage()
+    huge = sliding("plangate:{acme}:x-1m", limit=1, cost=5)  # can never fit: nothing is kept
+    assert not store.reserve(Reserve((huge,), T0)).admitted
+    store.reserve(Reserve((sliding("plangate:{acme}:y-1m"),), T0 + 10_000))  # a sweep
+    assert "plangate:{acme}:x-1m" not in store._counters

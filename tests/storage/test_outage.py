@@ -136,11 +136,13 @@ def test_usage_admitted_during_the_outage_is_replayed_when_redis_is_back(server)
     store = resilient(server.url, clock, replay_batch=1)
     with client_for(store, **_policy("local")) as client:
         server.kill()
+        assert calls(client, 2, customer="globex") == [200, 200]
         assert calls(client, 5) == [200] * 5  # counted in this process meanwhile
-        assert store.pending == 5
+        assert store.pending == 2  # one record per customer: usage in one bucket is merged
         server.start()  # back, empty: the counts of before the outage are gone
         clock.now += 2  # the breaker lets a probe through
-        # Replayed before this reservation: 5 of 5 used, so this one is refused.
+        # The probe's own batch replays globex's record; acme's is replayed because this
+        # reservation needs it: 5 of 5 used, so this one is refused.
         assert calls(client, 1) == [429]
         assert store.pending == 0
         assert store.breaker.state == "closed"
@@ -148,7 +150,7 @@ def test_usage_admitted_during_the_outage_is_replayed_when_redis_is_back(server)
     other = resilient(server.url, Clock())
     with client_for(other, **_policy("local")) as client:
         assert calls(client, 1) == [429]
-        assert calls(client, 1, customer="globex") == [200]
+        assert calls(client, 1, customer="globex") == [200]  # 2 + 1 of 5
 
 
 def test_a_settle_that_missed_redis_is_replayed(server):
@@ -297,3 +299,106 @@ def test_the_asgi_middleware_follows_the_same_policies(server):
     # outage: the local counter does not know the first one); after recovery the 5 replayed
     # join the 1 in Redis: 6 of 5, refused.
     assert asyncio.run(run()) == [200, 200, 200, 200, 200, 200, 429]
+
+
+# The bookkeeping of an outage ----------------------------------------------------------------
+
+T0 = 1_700_000_000.0
+
+
+def _reserve(store: ResilientStorage, counter, rid: str, now: float = T0):
+    from plangate.storage import Reserve
+
+    return store.reserve(Reserve((counter,), now, reservation_id=rid))
+
+
+def _counter(limit: int = 100, cost: int = 100, key: str = "plangate:{acme}:ai_tokens-1d"):
+    from plangate.storage import Counter
+
+    return Counter(key, limit, cost, window=86_400.0)
+
+
+def _used(server: RedisServer, key: str = "plangate:{acme}:ai_tokens-1d") -> int:
+    with server.client() as client:
+        return sum(int(v) for k, v in client.hgetall(key).items() if k != b"t")
+
+
+def test_usage_of_one_bucket_is_one_record_however_many_requests(server):
+    store = resilient(server.url, Clock())
+    server.kill()
+    for i in range(500):
+        assert _reserve(store, _counter(10_000, 1), f"r{i}").admitted
+    assert store.pending == 1
+
+
+def test_a_settle_of_an_outage_reservation_counts_once(server):
+    from plangate.storage import Settle
+
+    clock = Clock()
+    store = resilient(server.url, clock)
+    server.kill()
+    counter = _counter(cost=100)
+    reserved = _reserve(store, counter, "r1")
+    settle = Settle("r1", (counter,), reserved.slots, (1900,), T0)  # actual 2000
+    assert store.settle(settle)
+    assert not store.settle(settle)  # a repeated commit changes nothing
+    server.start()
+    clock.now += 2
+    store.peek(__import__("plangate.storage", fromlist=["Peek"]).Peek((counter,), T0))
+    assert _used(server) == 2000
+
+
+def test_a_settle_after_redis_came_back_adjusts_the_replayed_usage(server):
+    from plangate.storage import Peek, Settle
+
+    clock = Clock()
+    store = resilient(server.url, clock)
+    server.kill()
+    counter = _counter(limit=10_000, cost=500)
+    reserved = _reserve(store, counter, "r1")  # an LLM call starts during the outage
+    server.start()
+    clock.now += 2
+    store.peek(Peek((counter,), T0))  # Redis is back: the estimate is replayed
+    assert _used(server) == 500
+    assert store.settle(Settle("r1", (counter,), reserved.slots, (1500,), T0))  # used 2000
+    assert _used(server) == 2000
+    assert not store.settle(Settle("r1", (counter,), reserved.slots, (1500,), T0))
+    assert _used(server) == 2000
+
+
+def test_a_refusal_is_forgotten_when_this_process_gives_units_back(server):
+    from plangate.storage import Settle
+
+    store = resilient(server.url, Clock())
+    counter = _counter(limit=10, cost=1, key="plangate:{acme}:api-1d")
+    results = [_reserve(store, counter, f"r{i}") for i in range(10)]
+    assert not _reserve(store, counter, "r10").admitted  # remembered
+    # the 10th request failed: its unit is refunded, so the next request fits again
+    assert store.settle(Settle("r9", (counter,), results[9].slots, (-1,), T0))
+    assert _reserve(store, counter, "r11").admitted
+
+
+def test_a_refusal_is_trusted_for_at_most_refusal_ttl(server):
+    store = ResilientStorage(RedisStorage(server.url), refusal_ttl=1.0)
+    counter = _counter(limit=1, cost=1, key="plangate:{acme}:api-1d")
+    assert _reserve(store, counter, "a").admitted
+    refused = _reserve(store, counter, "b")
+    assert not refused.admitted
+    assert refused.retry_after > 3600  # the window is a day
+    calls = store.backend_calls
+    assert not _reserve(store, counter, "c", T0 + 0.5).admitted
+    assert store.backend_calls == calls  # answered from memory
+    assert not _reserve(store, counter, "d", T0 + 1.5).admitted
+    assert store.backend_calls == calls + 1  # a second later: asked again
+
+
+def test_a_probe_that_never_reports_is_replaced():
+    clock = Clock()
+    breaker = CircuitBreaker(1, 1.0, clock=clock)
+    breaker.failed()
+    assert not breaker.allow()
+    clock.now += 1
+    assert breaker.allow()  # the probe goes out, and is cancelled: it never reports
+    assert not breaker.allow()
+    clock.now += 1
+    assert breaker.allow()  # another probe

@@ -151,8 +151,10 @@ class Decision:
                 f"record({meter!r}): the route of this request does not meter {meter} "
                 f"(it meters: {charged})"
             )
-        if isinstance(amount, bool) or not isinstance(amount, int) or amount < 0:
-            raise ValueError(f"record({meter!r}, {amount!r}): the amount is a whole number ≥ 0")
+        if isinstance(amount, bool) or not isinstance(amount, int) or not 0 <= amount <= 10**15:
+            raise ValueError(
+                f"record({meter!r}, {amount!r}): the amount is a whole number from 0 to 10^15"
+            )
         if self.settled:
             logger.warning(
                 "record(%r, %d) after the response was settled is ignored: call it before "

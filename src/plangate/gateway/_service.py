@@ -34,7 +34,7 @@ logger = logging.getLogger("plangate.gateway")
 RESERVATION_TTL = 600.0
 _MAX_PENDING = 200_000
 _TOKEN_CHARS = frozenset(
-    "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789!#$%&'*+-.^_`|~"
+    "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789!#$&'*+-.^_`|~"
 )
 
 
@@ -208,8 +208,9 @@ class GatewayService:
         and this lets a deploy check or a test wait for them without guessing."""
         wanted = request.query_params.get("settled", "")
         wait = request.query_params.get("wait", "")
-        if wanted.isdigit():
-            timeout = min(float(wait), 30.0) if wait.replace(".", "", 1).isdigit() else 0.0
+        if wanted.isascii() and wanted.isdigit():
+            number = wait.replace(".", "", 1)
+            timeout = min(float(wait), 30.0) if number.isascii() and number.isdigit() else 0.0
             async with self._settling:
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(
@@ -304,7 +305,7 @@ def _invalid(record: Any) -> str:
         # nginx's $upstream_status lists every upstream tried ("502, 200", "504 : 200"):
         # the last one answered the client
         last = re.split(r"[,:]", status)[-1].strip()
-        if last.isdigit():
+        if last.isascii() and last.isdigit():
             record["status"] = status = int(last)
     if not isinstance(status, int) or isinstance(status, bool) or not 100 <= status <= 599:
         return "'status' must be the upstream's HTTP status (100-599)"

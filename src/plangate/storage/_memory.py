@@ -64,7 +64,7 @@ class _Sliding:
 
         ``now`` never goes back (``MemoryStorage._clock``), so buckets stay in time order.
         """
-        index = int(now // self.width)
+        index = math.floor(now / self.width)  # as the Redis scripts compute it
         buckets = self.buckets
         buckets[index] = buckets.get(index, 0) + units
         self.total += units
@@ -81,7 +81,7 @@ class _Sliding:
     @property
     def expires_at(self) -> float:
         last = next(reversed(self.buckets), None) if self.buckets else None
-        return math.inf if last is None else (last + 1) * self.width + self.window
+        return -math.inf if last is None else (last + 1) * self.width + self.window
 
 
 @dataclass(slots=True)

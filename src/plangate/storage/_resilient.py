@@ -8,6 +8,9 @@ an outage, and settles that could not reach the backend, wait in a bounded outbo
 replayed — idempotently — once the backend answers again: before any reservation on the same
 counters, then in small batches.
 
+Usage of the same counters in the same sliding-window bucket is merged into one record while
+it waits: an outage costs one record per customer, route and bucket, not one per request.
+
 The logic is written once, as flows of ``Op``s against the backend, run by ``drive`` for the
 blocking methods and by ``adrive`` for the asyncio ones.
 """
@@ -15,16 +18,20 @@ blocking methods and by ``adrive`` for the asyncio ones.
 from __future__ import annotations
 
 import logging
-import secrets
+import math
+import os
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field, replace
+from itertools import islice
 from typing import TypeVar
 
 from ..errors import StorageError
 from ._base import (
+    SLIDING_BUCKETS,
+    Counter,
     CounterState,
     CustomerRecord,
     Flow,
@@ -45,8 +52,11 @@ logger = logging.getLogger("plangate.storage")
 
 T = TypeVar("T")
 
-OUTBOX_LIMIT = 100_000  # buffered usage records; past it, records are dropped and counted
-REPLAY_BATCH = 50  # outbox records replayed after each successful backend call
+OUTBOX_LIMIT = 100_000  # records waiting for the backend; past it, usage is dropped and counted
+REPLAY_BATCH = 50  # records replayed after each successful backend call
+REFUSAL_TTL = 1.0  # seconds a refusal is trusted without asking the backend again
+REFUSALS = 100_000  # counters remembered as refusing; the oldest are forgotten first
+OUTAGE_TTL = 600.0  # seconds a reservation made during an outage waits for its settle
 
 
 class StorageUnavailable(StorageError):
@@ -60,7 +70,8 @@ class StorageUnavailable(StorageError):
 class CircuitBreaker:
     """Closed: calls go through. After ``failures`` consecutive failures: open, no calls for
     ``reset_after`` seconds. Then half-open: one probe call; its success closes the breaker,
-    its failure opens it again."""
+    its failure opens it again. A probe that never reports (cancelled) is replaced after
+    ``reset_after``."""
 
     def __init__(
         self,
@@ -73,7 +84,7 @@ class CircuitBreaker:
         self.clock = clock
         self.state = "closed"
         self._failures = 0
-        self._opened_at = 0.0
+        self._opened_at = 0.0  # when it opened, or when the current probe went out
         self._lock = threading.Lock()
 
     def allow(self) -> bool:
@@ -81,8 +92,9 @@ class CircuitBreaker:
         if self.state == "closed":
             return True
         with self._lock:
-            if self.state == "open" and self.clock() - self._opened_at >= self.reset_after:
+            if self.clock() - self._opened_at >= self.reset_after:
                 self.state = "half-open"
+                self._opened_at = self.clock()
                 return True  # the probe
             return False
 
@@ -119,7 +131,7 @@ class CircuitBreaker:
 
 @dataclass(frozen=True, slots=True)
 class _Refusal:
-    """A counter Redis refused: it cannot take ``cost`` (or more) before ``until``."""
+    """A counter the backend refused: it cannot take ``cost`` (or more) before ``until``."""
 
     until: float
     cost: int
@@ -127,18 +139,45 @@ class _Refusal:
     used: int
 
 
-REFUSALS = 100_000  # counters remembered as refusing; the oldest are forgotten first
+@dataclass(eq=False)
+class _Usage:
+    """Usage admitted during an outage, of one set of counters in one bucket, merged."""
 
-
-@dataclass
-class _Entry:
-    """Usage or a settle waiting for the backend."""
-
-    op: Record | Settle
-    keys: tuple[str, ...]
+    record_id: str
+    counters: tuple[Counter, ...]
+    costs: list[int]
+    now: float
     replaying: bool = False
-    done: bool = False
-    slots: tuple[int, ...] | None = None  # where the backend put a replayed Record
+    slots: tuple[int, ...] | None = None  # where the backend put it, once replayed
+    reservations: list[str] = field(default_factory=list)  # the reservations merged in
+
+    def op(self) -> Record:
+        return Record(self.record_id, self.counters, tuple(self.costs), self.now)
+
+
+@dataclass(eq=False)
+class _Buffered:
+    """A settle that could not reach the backend."""
+
+    record_id: str
+    settle: Settle
+    replaying: bool = False
+
+
+@dataclass(eq=False)
+class _OutageReservation:
+    usage: _Usage
+    expires: float  # monotonic: after it, a settle is not expected any more
+    settled: bool = False
+    deltas: list[int] = field(default_factory=list)  # settled after the usage was replayed
+
+
+def _bucket_key(counters: tuple[Counter, ...], now: float) -> tuple[object, ...]:
+    """Usage that may be merged: the same counters, and the same bucket of every window."""
+    buckets = tuple(
+        math.floor(now / (c.window / SLIDING_BUCKETS)) if c.window > 0 else 0 for c in counters
+    )
+    return (tuple(c.key for c in counters), buckets)
 
 
 class ResilientStorage(Storage):
@@ -151,17 +190,20 @@ class ResilientStorage(Storage):
         breaker: CircuitBreaker | None = None,
         outbox_limit: int = OUTBOX_LIMIT,
         replay_batch: int = REPLAY_BATCH,
+        refusal_ttl: float = REFUSAL_TTL,
     ) -> None:
         self.inner = inner
         self.breaker = breaker or CircuitBreaker()
         self.local = MemoryStorage()
         self.outbox_limit = outbox_limit
         self.replay_batch = replay_batch
+        self.refusal_ttl = refusal_ttl
         self.dropped = 0  # usage records lost because the outbox was full
         self.backend_calls = 0  # calls the breaker let through to the backend
-        self._outbox: OrderedDict[str, _Entry] = OrderedDict()
-        self._by_key: dict[str, list[str]] = {}
-        self._local_reservations: dict[str, str] = {}  # reservation id → outbox entry id
+        self._outbox: OrderedDict[str, _Usage | _Buffered] = OrderedDict()
+        self._by_key: dict[str, dict[str, None]] = {}  # counter key → outbox ids (ordered)
+        self._merging: dict[tuple[object, ...], _Usage] = {}  # bucket key → usage not replayed
+        self._outage: OrderedDict[str, _OutageReservation] = OrderedDict()  # by reservation id
         self._customers: OrderedDict[str, CustomerRecord | None] = OrderedDict()
         self._refusals: OrderedDict[str, _Refusal] = OrderedDict()
         self._lock = threading.Lock()
@@ -188,7 +230,7 @@ class ResilientStorage(Storage):
             for entry in self._waiting_for(keys):
                 yield from self._replay(entry)
             result: T = yield op
-        except StorageError:
+        except BaseException:  # a cancelled call says nothing good about the backend either
             self.breaker.failed()
             raise
         self.breaker.succeeded()
@@ -199,71 +241,107 @@ class ResilientStorage(Storage):
     def _replay_some(self) -> Flow[None]:
         """Replay up to ``replay_batch`` waiting records; stop quietly at the first failure."""
         with self._lock:
-            batch = [e for e in self._outbox.values() if not e.replaying][: self.replay_batch]
+            waiting = (e for e in self._outbox.values() if not e.replaying)
+            batch = list(islice(waiting, self.replay_batch))
         try:
             for entry in batch:
                 yield from self._replay(entry)
         except StorageError:
             self.breaker.failed()
 
-    def _replay(self, entry: _Entry) -> Flow[None]:
+    def _replay(self, entry: _Usage | _Buffered) -> Flow[None]:
         with self._lock:
-            if entry.replaying or entry.done:
+            if entry.replaying or entry.record_id not in self._outbox:
                 return
             entry.replaying = True
+            if isinstance(entry, _Usage):
+                self._merging.pop(_bucket_key(entry.counters, entry.now), None)
+                op: Record | Settle = entry.op()
+            else:
+                op = entry.settle
         try:
-            result = yield entry.op
+            result = yield op
         except BaseException:
-            entry.replaying = False
+            with self._lock:
+                entry.replaying = False
+                if isinstance(entry, _Usage):  # still waiting: more usage may join it
+                    self._merging.setdefault(_bucket_key(entry.counters, entry.now), entry)
             raise
         with self._lock:
-            entry.done = True
-            if isinstance(entry.op, Record):
-                entry.slots = result if result is not None else entry.slots
-            entry_id = self._entry_id(entry)
-            self._outbox.pop(entry_id, None)
-            for key in entry.keys:
-                waiting = self._by_key.get(key)
-                if waiting is not None and entry_id in waiting:
-                    waiting.remove(entry_id)
-                    if not waiting:
-                        del self._by_key[key]
-        if isinstance(entry.op, Record) and not self._outbox:
+            self._forget(entry)
+            followups = []
+            if isinstance(entry, _Usage):
+                entry.slots = result if isinstance(result, tuple) else None
+                followups = self._replayed(entry)
+        for settle in followups:  # settles that arrived while the usage was on its way
+            yield from self._settle_on_backend(settle)
+        if isinstance(entry, _Usage) and not self._outbox:
             logger.info("storage is back: usage buffered during the outage is replayed")
 
-    def _entry_id(self, entry: _Entry) -> str:
-        op = entry.op
-        return op.record_id if isinstance(op, Record) else f"settle:{op.reservation_id}"
+    def _forget(self, entry: _Usage | _Buffered) -> None:
+        self._outbox.pop(entry.record_id, None)
+        for key in self._keys_of(entry):
+            waiting = self._by_key.get(key)
+            if waiting is not None:
+                waiting.pop(entry.record_id, None)
+                if not waiting:
+                    del self._by_key[key]
 
-    def _waiting_for(self, keys: Iterable[str]) -> list[_Entry]:
+    @staticmethod
+    def _keys_of(entry: _Usage | _Buffered) -> Iterator[str]:
+        counters = entry.counters if isinstance(entry, _Usage) else entry.settle.counters
+        return (c.key for c in counters)
+
+    def _replayed(self, usage: _Usage) -> list[Settle]:
+        """Settles of reservations merged into ``usage`` that were settled meanwhile."""
+        settles = []
+        for reservation_id in usage.reservations:
+            reservation = self._outage.get(reservation_id)
+            if reservation is None or reservation.usage is not usage:
+                continue
+            if reservation.settled:
+                deltas, reservation.deltas = reservation.deltas, []
+                if any(deltas) and usage.slots is not None:
+                    settles.append(
+                        Settle(
+                            reservation_id,
+                            usage.counters,
+                            usage.slots,
+                            tuple(deltas),
+                            usage.now,
+                        )
+                    )
+        return settles
+
+    def _waiting_for(self, keys: Iterable[str]) -> list[_Usage | _Buffered]:
         if not self._outbox:
             return []
         with self._lock:
-            found: list[_Entry] = []
+            found: dict[str, _Usage | _Buffered] = {}
             for key in keys:
-                for entry_id in self._by_key.get(key, ()):
-                    entry = self._outbox.get(entry_id)
-                    if entry is not None and entry not in found:
-                        found.append(entry)
-            return found
+                for record_id in self._by_key.get(key, ()):
+                    entry = self._outbox.get(record_id)
+                    if entry is not None:
+                        found[record_id] = entry
+            return list(found.values())
 
-    def _buffer(self, entry_id: str, op: Record | Settle) -> bool:
-        keys = tuple(c.key for c in op.counters)
-        with self._lock:
-            if len(self._outbox) >= self.outbox_limit:
-                self.dropped += 1
-                if self.dropped == 1 or self.dropped % 1000 == 0:
-                    logger.error(
-                        "storage outbox full (%d records): %d usage records dropped so far",
-                        self.outbox_limit,
-                        self.dropped,
-                    )
-                return False
-            entry = _Entry(op, keys)
-            self._outbox[entry_id] = entry
-            for key in keys:
-                self._by_key.setdefault(key, []).append(entry_id)
+    def _buffer(self, entry: _Usage | _Buffered) -> bool:
+        """Put ``entry`` in the outbox (caller holds the lock); False if it is full."""
+        if entry.record_id in self._outbox:
             return True
+        if len(self._outbox) >= self.outbox_limit:
+            self.dropped += 1
+            if self.dropped == 1 or self.dropped % 1000 == 0:
+                logger.error(
+                    "storage outbox full (%d records): %d usage records dropped so far",
+                    self.outbox_limit,
+                    self.dropped,
+                )
+            return False
+        self._outbox[entry.record_id] = entry
+        for key in self._keys_of(entry):
+            self._by_key.setdefault(key, {})[entry.record_id] = None
+        return True
 
     # operations ----------------------------------------------------------------------------
 
@@ -279,17 +357,17 @@ class ResilientStorage(Storage):
             self._remember_refusal(op, result)
         return result
 
-    # A customer refused for a window stays refused until the window can admit again: that
-    # much is known from the refusal, and asking Redis again before then would only cost a
-    # round trip to hear the same answer (Envoy's rate-limit service keeps the same cache).
-    # Usage elsewhere can only make the wait longer; a refund elsewhere is noticed at the end.
+    # A refused customer is answered from memory for up to ``refusal_ttl`` (and never past the
+    # moment its window can admit again): asking the backend sooner would only cost a round
+    # trip to hear the same answer (Envoy's rate-limit service keeps the same cache). Usage
+    # elsewhere can only lengthen the wait; a refund in this process forgets the refusal at
+    # once, a refund elsewhere is noticed within ``refusal_ttl``.
 
     def _still_refused(self, op: Reserve) -> ReserveResult | None:
         if not self._refusals or not op.enforce:
             return None
         now = op.now
         waits = [0.0] * len(op.counters)
-        states = []
         for i, counter in enumerate(op.counters):
             refusal = self._refusals.get(counter.key)
             if (
@@ -300,24 +378,30 @@ class ResilientStorage(Storage):
                 and counter.limit <= refusal.limit
             ):
                 waits[i] = refusal.until - now
-                states.append(CounterState(refusal.used, refusal.until - now))
-            else:
-                states.append(CounterState(0, 0.0))
-        violated = tuple(i for i, wait in enumerate(waits) if wait > 0)
-        if not violated:
+        if not any(waits):
             return None
+        states = []
+        for i, counter in enumerate(op.counters):
+            refusal = self._refusals.get(counter.key)
+            if waits[i]:
+                assert refusal is not None
+                states.append(CounterState(refusal.used, waits[i]))
+            else:  # not known here: say nothing is left, rather than that everything is
+                states.append(CounterState(counter.limit or 0, 0.0))
+        violated = tuple(i for i, wait in enumerate(waits) if wait)
         return ReserveResult(False, tuple(states), (), violated, max(waits), tuple(waits))
 
     def _remember_refusal(self, op: Reserve, result: ReserveResult) -> None:
         with self._lock:
             for i in result.violated:
                 counter = op.counters[i]
-                if counter.limit is None or result.waits[i] <= 0:
+                wait = min(result.waits[i], self.refusal_ttl)
+                if counter.limit is None or wait <= 0:
                     continue
-                refusal = _Refusal(
-                    op.now + result.waits[i], counter.cost, counter.limit, result.states[i].used
+                used = result.states[i].used
+                self._refusals[counter.key] = _Refusal(
+                    op.now + wait, counter.cost, counter.limit, used
                 )
-                self._refusals[counter.key] = refusal
                 self._refusals.move_to_end(counter.key)
             while len(self._refusals) > REFUSALS:
                 self._refusals.popitem(last=False)
@@ -332,36 +416,68 @@ class ResilientStorage(Storage):
         )
         result = self.local.reserve(replace(op, counters=counters))
         if result.slots:  # admitted, or counted in shadow mode: the usage is real
-            entry_id = f"outage:{op.reservation_id or secrets.token_hex(16)}"
-            record = Record(entry_id, op.counters, tuple(c.cost for c in op.counters), op.now)
-            if self._buffer(entry_id, record) and op.reservation_id:
-                with self._lock:
-                    self._local_reservations[op.reservation_id] = entry_id
+            self._count_for_later(op)
         return result
 
+    def _count_for_later(self, op: Reserve) -> None:
+        """Keep ``op``'s usage for the backend, merged with more in the same buckets."""
+        key = _bucket_key(op.counters, op.now)
+        with self._lock:
+            usage = self._merging.get(key)
+            if usage is None:
+                usage = _Usage(
+                    f"outage:{os.urandom(16).hex()}", op.counters, [0] * len(op.counters), op.now
+                )
+                if not self._buffer(usage):
+                    return
+                self._merging[key] = usage
+            for i, counter in enumerate(op.counters):
+                usage.costs[i] += counter.cost
+            if op.reservation_id:
+                expires = time.monotonic() + OUTAGE_TTL
+                self._outage[op.reservation_id] = _OutageReservation(usage, expires)
+                usage.reservations.append(op.reservation_id)
+            while self._outage:  # reservations whose settle never came (it was not needed)
+                oldest = next(iter(self._outage.values()))
+                if oldest.expires > time.monotonic() and len(self._outage) <= self.outbox_limit:
+                    break
+                self._outage.popitem(last=False)
+
     def _settle(self, op: Settle) -> Flow[bool]:
-        entry_id = self._local_reservations.pop(op.reservation_id, None)
-        if entry_id is not None:  # reserved during an outage, in this process
-            self.local.settle(op)
-            with self._lock:
-                entry = self._outbox.get(entry_id)
-                if entry is not None and not entry.replaying:
-                    record = entry.op
-                    assert isinstance(record, Record)
-                    costs = tuple(
-                        max(0, cost + delta)
-                        for cost, delta in zip(record.costs, op.deltas, strict=True)
-                    )
-                    entry.op = replace(record, costs=costs)
-                    return True
-                slots = entry.slots if entry is not None else None
-            if slots is None:
-                return True  # replayed with the estimate; its slots are unknown: leave it
-            op = replace(op, slots=slots)
+        if self._refusals and any(d < 0 for d in op.deltas):
+            with self._lock:  # units given back: what was refused may fit now
+                for counter in op.counters:
+                    self._refusals.pop(counter.key, None)
+        reservation = self._outage.get(op.reservation_id)
+        if reservation is None:
+            return (yield from self._settle_on_backend(op))
+        with self._lock:
+            if reservation.settled:
+                return False
+            reservation.settled = True
+            usage = reservation.usage
+            # Kept, settled, until it expires: a repeated settle must find it.
+            if usage.slots is None and not usage.replaying:
+                # not replayed yet: the record will carry the actual usage
+                for i, delta in enumerate(op.deltas):
+                    usage.costs[i] = max(0, usage.costs[i] + delta)
+                replayed = None
+            elif usage.slots is None:
+                reservation.deltas = list(op.deltas)  # on its way: settled once it lands
+                replayed = None
+            else:
+                replayed = replace(op, counters=usage.counters, slots=usage.slots)
+        self.local.settle(op)
+        if replayed is not None:
+            yield from self._settle_on_backend(replayed)
+        return True
+
+    def _settle_on_backend(self, op: Settle) -> Flow[bool]:
         try:
             return (yield from self._call(op))
         except StorageError:
-            self._buffer(f"settle:{op.reservation_id}", op)
+            with self._lock:
+                self._buffer(_Buffered(f"settle:{op.reservation_id}", op))
             return True
 
     def _peek(self, op: Peek) -> Flow[tuple[CounterState, ...]]:
@@ -401,10 +517,10 @@ class ResilientStorage(Storage):
         return await adrive(self._peek(op), self.inner)
 
     def record(self, op: Record) -> tuple[int, ...] | None:
-        return self.inner.record(op)
+        return drive(self._call(op, (c.key for c in op.counters)), self.inner)
 
     async def arecord(self, op: Record) -> tuple[int, ...] | None:
-        return await self.inner.arecord(op)
+        return await adrive(self._call(op, (c.key for c in op.counters)), self.inner)
 
     def load_customer(self, customer: str) -> CustomerRecord | None:
         found, record = self._cached(customer)
@@ -427,6 +543,7 @@ class ResilientStorage(Storage):
         self.inner.save_customer(record)
         with self._lock:
             self._customers.pop(record.customer, None)
+            self._refusals.clear()  # a new plan may have new limits
 
     def close(self) -> None:
         self.inner.close()

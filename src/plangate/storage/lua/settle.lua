@@ -12,7 +12,7 @@
 
 local n = #KEYS - 1
 local now = tonumber(ARGV[1])
-if not redis.call("SET", KEYS[n + 1], "1", "NX", "EX", ARGV[2]) then
+if redis.call("EXISTS", KEYS[n + 1]) == 1 then
   return 0
 end
 for i = 1, n do
@@ -39,4 +39,6 @@ for i = 1, n do
     end
   end
 end
+-- last: a script that failed half-way is not rolled back, but it can be retried
+redis.call("SET", KEYS[n + 1], "1", "EX", ARGV[2])
 return 1
