@@ -322,8 +322,12 @@ def test_uri_forms(uri, kind, nodes, expected):
 
 
 def test_plangate_options_are_taken_from_the_uri():
-    target = parse_redis_uri("redis://cache/0?customer_cache_ttl=0.5&socket_timeout=0.2")
-    assert target.customer_cache_ttl == 0.5
+    uri = (
+        "redis://cache/0?customer_cache_ttl=0.5&socket_timeout=0.2&refusal_ttl=3&breaker_failures=5"
+    )
+    target = parse_redis_uri(uri)
+    assert (target.customer_cache_ttl, target.refusal_ttl, target.breaker_failures) == (0.5, 3, 5)
+    assert open_storage(uri).refusal_ttl == 3
     assert "customer_cache_ttl" not in target.connection
     assert target.connection["socket_timeout"] == 0.2
 

@@ -63,6 +63,6 @@ def open_storage(uri: str) -> Storage:
             raise ConfigError([ConfigIssue("storage", message)]) from None
         redis = RedisStorage(uri)
         breaker = CircuitBreaker(redis.target.breaker_failures, redis.target.breaker_reset)
-        return ResilientStorage(redis, breaker=breaker)
+        return ResilientStorage(redis, breaker=breaker, refusal_ttl=redis.target.refusal_ttl)
     message = f"unknown storage {uri!r}: use memory://, redis://, rediss://, redis+cluster:// or redis+sentinel://"
     raise ConfigError([ConfigIssue("storage", message)])

@@ -37,7 +37,12 @@ from ._base import (
 SCHEMES = ("redis", "rediss", "redis+cluster", "redis+sentinel")
 _SETTLED_TTL = 600  # seconds a settled reservation id is remembered
 #: plangate's own URI options; every other query option goes to redis-py
-_OPTIONS = {"customer_cache_ttl": float, "breaker_failures": int, "breaker_reset": float}
+_OPTIONS = {
+    "customer_cache_ttl": float,
+    "breaker_failures": int,
+    "breaker_reset": float,
+    "refusal_ttl": float,
+}
 #: what plangate sets where the URI says nothing (redis-py's defaults wait forever)
 # Every call is bounded: an unreachable Redis costs a request one timeout at most, and none
 # once the circuit breaker is open (storage/_resilient.py).
@@ -61,6 +66,7 @@ class RedisTarget:
     customer_cache_ttl: float = 5.0
     breaker_failures: int = 3  # consecutive failures that open the circuit breaker
     breaker_reset: float = 1.0  # seconds the breaker stays open before a probe
+    refusal_ttl: float = 1.0  # seconds a refusal is answered without asking Redis again
 
     @property
     def max_connections(self) -> int:
