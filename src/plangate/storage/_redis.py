@@ -18,11 +18,13 @@ from importlib import resources
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
-from redis.exceptions import NoScriptError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import NoScriptError, ResponseError
 
 from ..errors import ConfigError, ConfigIssue, StorageError
 from ._base import (
     SLIDING_BUCKETS,
+    Counter,
     CounterState,
     CustomerRecord,
     Peek,
@@ -134,17 +136,30 @@ def parse_redis_uri(uri: str) -> RedisTarget:
 # Arguments and replies, shared by both clients --------------------------------------------
 
 
+#: counters tuple (by identity) → its keys and specs; the engine reuses one tuple per rule and
+#: customer for as long as its charge is valid, so each is formatted once
+_CALLS: dict[int, tuple[tuple[Counter, ...], list[str], list[str]]] = {}
+
+
 def _reserve_call(op: Reserve) -> tuple[list[str], list[Any]]:
-    keys = [c.key for c in op.counters]
-    args: list[Any] = [repr(op.now), "1" if op.enforce else "0"]
-    for c in op.counters:
-        limit = -1 if c.limit is None else c.limit
-        args.append(f"{limit} {c.cost} {c.window!r} {c.resets_at!r}")
-    return keys, args
+    counters = op.counters
+    cached = _CALLS.get(id(counters))
+    if cached is None or cached[0] is not counters:
+        specs = [
+            f"{-1 if c.limit is None else c.limit} {c.cost} {c.window!r} {c.resets_at!r}"
+            for c in counters
+        ]
+        cached = (counters, [c.key for c in counters], specs)
+        if len(_CALLS) >= 50_000:
+            _CALLS.clear()
+        _CALLS[id(counters)] = cached
+    return cached[1], [repr(op.now), "1" if op.enforce else "0", *cached[2]]
 
 
 def _reserve_result(reply: Sequence[int], op: Reserve) -> ReserveResult:
     nviolated = reply[2]
+    if nviolated == 0 and len(reply) == 6:  # the usual case: one counter, admitted
+        return ReserveResult(True, (CounterState(reply[3], reply[4] / 1000),), (reply[5],))
     violated = tuple(i - 1 for i in reply[3 : 3 + nviolated])
     rest = reply[3 + nviolated :]
     count = len(op.counters)
@@ -192,10 +207,14 @@ def _customer_key(customer: str) -> str:
     return f"{customer_prefix(customer)}customer"
 
 
-def _customer_record(customer: str, fields: dict[Any, Any]) -> CustomerRecord | None:
+def _customer_record(customer: str, fields: Any) -> CustomerRecord | None:
+    """From an HGETALL reply: a map (RESP3, or the client's) or a flat list (RESP2)."""
     if not fields:
         return None
-    text = {_text(k): _text(v) for k, v in fields.items()}
+    pairs = (
+        fields.items() if isinstance(fields, dict) else zip(fields[::2], fields[1::2], strict=True)
+    )
+    text = {_text(k): _text(v) for k, v in pairs}
     anchor = text.get("billing_anchor")
     return CustomerRecord(
         customer,
@@ -215,11 +234,79 @@ def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
+class _Connections:
+    """A single node's connections, used directly: one packed ``EVALSHA`` and one reply.
+
+    A reservation is one command; the client's per-command machinery (retry wrappers,
+    response callbacks, the pool's bookkeeping) costs about as much as the round trip itself.
+    Connections come from the client's own pool and wait, idle, in a LIFO list between
+    commands; a connection that fails is disconnected and handed back to the pool.
+    """
+
+    def __init__(self, pool: Any) -> None:
+        self.pool = pool
+        self.idle: list[Any] = []
+
+    def call(self, *args: Any) -> Any:
+        for attempt in (1, 2):
+            try:
+                conn = self.idle.pop()  # atomic: threads share the list
+            except IndexError:
+                conn = self.pool.get_connection()
+            try:
+                conn.send_packed_command(conn.pack_command(*args), check_health=False)
+                reply = conn.read_response()
+            except ResponseError:  # an error reply: the connection is fine
+                self.idle.append(conn)
+                raise
+            except RedisConnectionError:  # a connection broken while idle (a restart)
+                conn.disconnect()
+                self.pool.release(conn)
+                if attempt == 2:
+                    raise
+                continue
+            except BaseException:
+                conn.disconnect()
+                self.pool.release(conn)
+                raise
+            self.idle.append(conn)
+            return reply
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def acall(self, *args: Any) -> Any:
+        for attempt in (1, 2):
+            conn = self.idle.pop() if self.idle else await self.pool.get_connection()
+            try:
+                await conn.send_packed_command(conn.pack_command(*args), check_health=False)
+                reply = await conn.read_response()
+            except ResponseError:
+                self.idle.append(conn)
+                raise
+            except RedisConnectionError:
+                await conn.disconnect()
+                await self.pool.release(conn)
+                if attempt == 2:
+                    raise
+                continue
+            except BaseException:
+                await conn.disconnect()
+                await self.pool.release(conn)
+                raise
+            self.idle.append(conn)
+            return reply
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def give_back(self) -> list[Any]:
+        idle, self.idle = self.idle, []
+        return idle
+
+
 @dataclass
 class _AsyncClient:
     client: Any
     scripts: dict[str, Any]
     slots: asyncio.Semaphore  # at most max_connections commands in flight
+    direct: _Connections | None = None  # a single node: commands go straight to a connection
     ready: bool = False  # connected and scripts loaded
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
@@ -251,9 +338,12 @@ class RedisStorage(Storage):
         self.uri = uri
         self._texts = {name: _script(name) for name in ("reserve", "settle", "peek", "record")}
         self._client: Any = None
+        self._direct: _Connections | None = None
         self._scripts: dict[str, Any] = {}
         self._aclients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _AsyncClient]
         self._aclients = weakref.WeakKeyDictionary()
+        #: the event loop (weakly) and client of the last asyncio call
+        self._last: tuple[weakref.ref[asyncio.AbstractEventLoop], _AsyncClient] | None = None
         self._customers: dict[str, tuple[CustomerRecord | None, float]] = {}
 
     def __repr__(self) -> str:
@@ -265,16 +355,26 @@ class RedisStorage(Storage):
         if self._client is None:
             self._client = _connect(self.target, asynchronous=False)
             self._scripts = {n: self._client.register_script(t) for n, t in self._texts.items()}
+            if self.target.kind == "single":
+                self._direct = _Connections(self._client.connection_pool)
         return self._scripts
 
     def _async(self) -> _AsyncClient:
         loop = asyncio.get_running_loop()
+        last = self._last
+        if last is not None and last[0]() is loop:  # the usual case: one event loop
+            return last[1]
         entry = self._aclients.get(loop)
+        if entry is not None:
+            self._last = (weakref.ref(loop), entry)
         if entry is None:
             client = _connect(self.target, asynchronous=True)
             scripts = {n: client.register_script(t) for n, t in self._texts.items()}
             entry = _AsyncClient(client, scripts, asyncio.Semaphore(self.target.max_connections))
+            if self.target.kind == "single":
+                entry.direct = _Connections(client.connection_pool)
             self._aclients[loop] = entry
+            self._last = (weakref.ref(loop), entry)
         return entry
 
     @property
@@ -287,6 +387,8 @@ class RedisStorage(Storage):
         try:
             script = self._sync()[name]
             try:  # what redis-py's Script does, without its per-call bookkeeping
+                if self._direct is not None:
+                    return self._direct.call("EVALSHA", script.sha, len(keys), *keys, *args)
                 return self._client.evalsha(script.sha, len(keys), *keys, *args)
             except NoScriptError:  # a SCRIPT FLUSH or a restart: load it again
                 return script(keys=keys, args=args)
@@ -303,6 +405,10 @@ class RedisStorage(Storage):
             script = entry.scripts[name]
             async with entry.slots:
                 try:  # what redis-py's Script does, without its per-call bookkeeping
+                    if entry.direct is not None:
+                        return await entry.direct.acall(
+                            "EVALSHA", script.sha, len(keys), *keys, *args
+                        )
                     return await entry.client.evalsha(script.sha, len(keys), *keys, *args)
                 except NoScriptError:  # a SCRIPT FLUSH or a restart: load it again
                     return await script(keys=keys, args=args)
@@ -358,8 +464,13 @@ class RedisStorage(Storage):
         found, record = self._cached(customer)
         if found:
             return record
+        key = _customer_key(customer)
         try:
-            fields = self.client.hgetall(_customer_key(customer))
+            self._sync()
+            if self._direct is not None:
+                fields = self._direct.call("HGETALL", key)
+            else:
+                fields = self._client.hgetall(key)
         except Exception as exc:
             raise StorageError(f"redis customer read failed: {exc}") from exc
         return self._remember(customer, _customer_record(customer, fields))
@@ -372,8 +483,12 @@ class RedisStorage(Storage):
         try:
             if not entry.ready:
                 await entry.prepare()
+            key = _customer_key(customer)
             async with entry.slots:
-                fields = await entry.client.hgetall(_customer_key(customer))
+                if entry.direct is not None:
+                    fields = await entry.direct.acall("HGETALL", key)
+                else:
+                    fields = await entry.client.hgetall(key)
         except Exception as exc:
             raise StorageError(f"redis customer read failed: {exc}") from exc
         return self._remember(customer, _customer_record(customer, fields))
@@ -391,14 +506,21 @@ class RedisStorage(Storage):
 
     def close(self) -> None:
         if self._client is not None:
+            if self._direct is not None:
+                for conn in self._direct.give_back():
+                    self._client.connection_pool.release(conn)
             for sentinel in getattr(self._client, "plangate_sentinels", ()):
                 sentinel.close()
             self._client.close()
             self._client = None
 
     async def aclose(self) -> None:
+        self._last = None
         entry = self._aclients.pop(asyncio.get_running_loop(), None)
         if entry is not None:
+            if entry.direct is not None:
+                for conn in entry.direct.give_back():
+                    await entry.client.connection_pool.release(conn)
             for sentinel in getattr(entry.client, "plangate_sentinels", ()):
                 await sentinel.aclose()
             await entry.client.aclose()
@@ -430,7 +552,10 @@ def _connect(target: RedisTarget, *, asynchronous: bool) -> Any:
         # instead of failing with "Too many connections".
         host, port = target.nodes[0]
         pool_options = {
-            "max_connections": options.pop("max_connections", _MAX_CONNECTIONS),
+            # Commands in flight never exceed max_connections; the connections that wait
+            # idle between them (see _Connections) need as many again, so that the client's
+            # own calls (script loads, customer writes) always find one.
+            "max_connections": 2 * options.pop("max_connections", _MAX_CONNECTIONS),
             "timeout": options.pop("timeout", _DEFAULTS["socket_timeout"]),
         }
         if asynchronous:

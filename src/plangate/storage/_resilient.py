@@ -108,15 +108,16 @@ class CircuitBreaker:
             self._failures = 0
             return recovered
 
-    def failed(self) -> None:
+    def failed(self, error: BaseException | None = None) -> None:
         with self._lock:
             self._failures += 1
             if self.state == "half-open" or self._failures >= self.threshold:
                 if self.state != "open":
                     logger.warning(
-                        "storage circuit breaker open for %.1f s after %d failure(s)",
+                        "storage circuit breaker open for %.1f s after %d failure(s): %r",
                         self.reset_after,
                         self._failures,
+                        error,
                     )
                 self.state = "open"
                 self._opened_at = self.clock()
@@ -218,8 +219,8 @@ class ResilientStorage(Storage):
 
     # the backend, behind the breaker -------------------------------------------------------
 
-    def _call(self, op: Op[T], keys: Iterable[str] = ()) -> Flow[T]:
-        """Run ``op`` on the backend after replaying what waits for ``keys``.
+    def _call(self, op: Op[T], counters: Iterable[Counter] = ()) -> Flow[T]:
+        """Run ``op`` on the backend after replaying what waits for ``counters``.
 
         Raises ``StorageError`` when the breaker is open or the backend fails (recorded).
         """
@@ -227,11 +228,12 @@ class ResilientStorage(Storage):
             raise StorageError("the storage circuit breaker is open")
         self.backend_calls += 1
         try:
-            for entry in self._waiting_for(keys):
-                yield from self._replay(entry)
+            if self._outbox:
+                for entry in self._waiting_for(c.key for c in counters):
+                    yield from self._replay(entry)
             result: T = yield op
-        except BaseException:  # a cancelled call says nothing good about the backend either
-            self.breaker.failed()
+        except BaseException as exc:  # a cancelled call says nothing good about the backend
+            self.breaker.failed(exc)
             raise
         self.breaker.succeeded()
         if self._outbox:
@@ -246,8 +248,8 @@ class ResilientStorage(Storage):
         try:
             for entry in batch:
                 yield from self._replay(entry)
-        except StorageError:
-            self.breaker.failed()
+        except StorageError as exc:
+            self.breaker.failed(exc)
 
     def _replay(self, entry: _Usage | _Buffered) -> Flow[None]:
         with self._lock:
@@ -350,7 +352,7 @@ class ResilientStorage(Storage):
         if refused is not None:
             return refused
         try:
-            result = yield from self._call(op, (c.key for c in op.counters))
+            result = yield from self._call(op, op.counters)
         except StorageError as exc:
             return self._reserve_locally(op, exc)
         if not result.admitted and op.enforce and result.waits:
@@ -482,7 +484,7 @@ class ResilientStorage(Storage):
 
     def _peek(self, op: Peek) -> Flow[tuple[CounterState, ...]]:
         try:
-            return (yield from self._call(op, (c.key for c in op.counters)))
+            return (yield from self._call(op, op.counters))
         except StorageError:
             return self.local.peek(op)
 
@@ -517,10 +519,10 @@ class ResilientStorage(Storage):
         return await adrive(self._peek(op), self.inner)
 
     def record(self, op: Record) -> tuple[int, ...] | None:
-        return drive(self._call(op, (c.key for c in op.counters)), self.inner)
+        return drive(self._call(op, op.counters), self.inner)
 
     async def arecord(self, op: Record) -> tuple[int, ...] | None:
-        return await adrive(self._call(op, (c.key for c in op.counters)), self.inner)
+        return await adrive(self._call(op, op.counters), self.inner)
 
     def load_customer(self, customer: str) -> CustomerRecord | None:
         found, record = self._cached(customer)
