@@ -7,14 +7,14 @@ import plangate
 
 def test_public_names_are_pinned():
     assert plangate.__all__ == [
-        "AsyncEnforcer",
+        "AsyncGate",
         "AuthenticationError",
         "Config",
         "ConfigError",
         "ConfigIssue",
         "CustomerRecord",
         "Decision",
-        "Enforcer",
+        "Gate",
         "Identity",
         "MemoryStorage",
         "PlanGateError",

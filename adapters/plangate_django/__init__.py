@@ -17,7 +17,7 @@ from django.core.exceptions import ImproperlyConfigured
 from django.http import HttpRequest, HttpResponse, HttpResponseBase, StreamingHttpResponse
 
 from plangate import Decision, Problem
-from plangate._enforcer import AsyncEnforcer, Enforcer
+from plangate._gate import AsyncGate, Gate
 from plangate._http import (
     ENTITLEMENTS_PATH,
     json_body,
@@ -26,7 +26,7 @@ from plangate._http import (
     route_path,
     take_usage,
 )
-from plangate._views import Pending, Requirement
+from plangate._requirements import Pending, Requirement
 
 __all__ = ["PlanGateMiddleware", "problem_response", "requires"]
 
@@ -62,8 +62,8 @@ class PlanGateMiddleware:
         if self.async_mode:
             markcoroutinefunction(self)
         settings = _settings()
-        gate_class = AsyncEnforcer if self.async_mode else Enforcer
-        self.gate: Enforcer | AsyncEnforcer = gate_class(
+        gate_class = AsyncGate if self.async_mode else Gate
+        self.gate: Gate | AsyncGate = gate_class(
             settings["CONFIG"], storage=settings.get("STORAGE")
         )
         self.entitlements_path = settings.get("ENTITLEMENTS_PATH", ENTITLEMENTS_PATH)
@@ -84,7 +84,7 @@ class PlanGateMiddleware:
         if self.async_mode:
             return self._acall(request)
         gate = self.gate
-        assert isinstance(gate, Enforcer)
+        assert isinstance(gate, Gate)
         token = self._token(request)
         if self._is_entitlements(request):
             return _entitlements_response(request, gate.entitlements(token))
@@ -98,7 +98,7 @@ class PlanGateMiddleware:
 
     async def _acall(self, request: HttpRequest) -> Any:
         gate = self.gate
-        assert isinstance(gate, AsyncEnforcer)
+        assert isinstance(gate, AsyncGate)
         token = self._token(request)
         if self._is_entitlements(request):
             return _entitlements_response(request, await gate.entitlements(token))
@@ -166,7 +166,7 @@ class PlanGateMiddleware:
             settle_all()
 
     async def _afinish(
-        self, request: HttpRequest, response: HttpResponseBase, gate: AsyncEnforcer
+        self, request: HttpRequest, response: HttpResponseBase, gate: AsyncGate
     ) -> bool:
         """Settle a complete response without leaving the event loop; False if it streams."""
         if isinstance(response, StreamingHttpResponse):
@@ -248,7 +248,7 @@ def requires(
             @functools.wraps(view)
             async def async_view(request: HttpRequest, *args: Any, **kwargs: Any) -> Any:
                 pending = pending_of(request)
-                if isinstance(pending.gate, AsyncEnforcer):
+                if isinstance(pending.gate, AsyncGate):
                     decision = await pending.arequire(requirement)
                 else:
                     decision = await sync_to_async(pending.require)(requirement)
@@ -259,7 +259,7 @@ def requires(
         @functools.wraps(view)
         def sync_view(request: HttpRequest, *args: Any, **kwargs: Any) -> Any:
             pending = pending_of(request)
-            if isinstance(pending.gate, AsyncEnforcer):
+            if isinstance(pending.gate, AsyncGate):
                 decision = async_to_sync(pending.arequire)(requirement)
             else:
                 decision = pending.require(requirement)

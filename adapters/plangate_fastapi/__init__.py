@@ -18,9 +18,9 @@ from fastapi.routing import APIRoute
 from starlette.responses import Response
 
 from plangate import Decision, Problem
-from plangate._enforcer import AsyncEnforcer, Clock
+from plangate._gate import AsyncGate, Clock
 from plangate._http import ENTITLEMENTS_PATH, problem_parts
-from plangate._views import PENDING_KEY, Pending, Requirement
+from plangate._requirements import PENDING_KEY, Pending, Requirement
 from plangate.asgi import PlanGateMiddleware
 from plangate.config import Config
 from plangate.engine import PROBLEM_BASE
@@ -53,7 +53,7 @@ class PlanGate:
         entitlements_path: str | None = ENTITLEMENTS_PATH,
         clock: Clock = time.time,
     ) -> None:
-        self.gate = AsyncEnforcer(config, storage=storage, clock=clock)
+        self.gate = AsyncGate(config, storage=storage, clock=clock)
         app.add_middleware(
             PlanGateMiddleware,
             config=self.gate.config,

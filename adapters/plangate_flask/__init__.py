@@ -17,9 +17,9 @@ from typing import Any, Literal, TypeVar, cast
 from flask import Flask, Response, g, request
 
 from plangate import Decision, Problem
-from plangate._enforcer import Clock, Enforcer
+from plangate._gate import Clock, Gate
 from plangate._http import ENTITLEMENTS_PATH, problem_parts
-from plangate._views import PENDING_KEY, Pending, Requirement
+from plangate._requirements import PENDING_KEY, Pending, Requirement
 from plangate.config import Config
 from plangate.storage import Storage
 from plangate.wsgi import PlanGateMiddleware
@@ -57,7 +57,7 @@ class PlanGate:
         if config is None:
             raise RuntimeError("plangate: set app.config['PLANGATE_CONFIG'] to plangate.yaml")
         storage = self._storage or app.config.get("PLANGATE_STORAGE")
-        gate = Enforcer(config, storage=storage, clock=self._clock)
+        gate = Gate(config, storage=storage, clock=self._clock)
         app.wsgi_app = PlanGateMiddleware(  # type: ignore[method-assign]
             app.wsgi_app,
             config=gate.config,

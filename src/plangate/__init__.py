@@ -6,7 +6,7 @@ The public surface is what ``__all__`` lists; everything else may change between
 from __future__ import annotations
 
 from .__about__ import __version__
-from ._enforcer import AsyncEnforcer, Enforcer
+from ._gate import AsyncGate, Gate
 from .config import Config, load_config
 from .engine import Decision, Problem
 from .errors import AuthenticationError, ConfigError, ConfigIssue, PlanGateError, StorageError
@@ -14,14 +14,14 @@ from .identity import Identity
 from .storage import CustomerRecord, MemoryStorage, Storage, open_storage
 
 __all__ = [
-    "AsyncEnforcer",
+    "AsyncGate",
     "AuthenticationError",
     "Config",
     "ConfigError",
     "ConfigIssue",
     "CustomerRecord",
     "Decision",
-    "Enforcer",
+    "Gate",
     "Identity",
     "MemoryStorage",
     "PlanGateError",

@@ -7,7 +7,7 @@ import time
 from collections.abc import Awaitable, Callable, Mapping, MutableMapping
 from typing import Any
 
-from ._enforcer import AsyncEnforcer, Clock
+from ._gate import AsyncGate, Clock
 from ._http import (
     ENTITLEMENTS_PATH,
     json_body,
@@ -16,7 +16,7 @@ from ._http import (
     route_path,
     take_usage,
 )
-from ._views import PENDING_KEY, Pending
+from ._requirements import PENDING_KEY, Pending
 from .config import Config
 from .engine import Decision, Problem
 from .storage import Storage
@@ -47,10 +47,10 @@ class PlanGateMiddleware:
         entitlements_path: str | None = ENTITLEMENTS_PATH,
         clock: Clock = time.time,
         views: bool = False,
-        gate: AsyncEnforcer | None = None,
+        gate: AsyncGate | None = None,
     ) -> None:
         self.app = app
-        self.gate = gate or AsyncEnforcer(config, storage=storage, clock=clock)
+        self.gate = gate or AsyncGate(config, storage=storage, clock=clock)
         #: requirements may be declared on views (the FastAPI adapter turns this on)
         self.views = views
         self.entitlements_path = entitlements_path

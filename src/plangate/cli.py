@@ -12,7 +12,7 @@ from typing import Any
 import jwt
 
 from .__about__ import __version__
-from ._enforcer import Enforcer
+from ._gate import Gate
 from .config import Config, load_config, parse_duration
 from .errors import ConfigError
 
@@ -162,7 +162,7 @@ def _explain(args: argparse.Namespace) -> int:
     if not path.startswith("/"):
         print('plangate explain: give the request as "METHOD /path"', file=sys.stderr)
         return 2
-    gate = Enforcer(args.config)
+    gate = Gate(args.config)
     decision = gate.check(method.upper(), path, args.token, consume=False)
     print(f"{method.upper()} {path}")
     for reason in decision.reasons or ():

@@ -8,7 +8,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from types import TracebackType
 from typing import Any
 
-from ._enforcer import Clock, Enforcer
+from ._gate import Clock, Gate
 from ._http import (
     ENTITLEMENTS_PATH,
     json_body,
@@ -17,7 +17,7 @@ from ._http import (
     route_path,
     take_usage,
 )
-from ._views import PENDING_KEY, Pending
+from ._requirements import PENDING_KEY, Pending
 from .config import Config
 from .engine import Problem
 from .storage import Storage
@@ -54,10 +54,10 @@ class PlanGateMiddleware:
         entitlements_path: str | None = ENTITLEMENTS_PATH,
         clock: Clock = time.time,
         views: bool = False,
-        gate: Enforcer | None = None,
+        gate: Gate | None = None,
     ) -> None:
         self.app = app
-        self.gate = gate or Enforcer(config, storage=storage, clock=clock)
+        self.gate = gate or Gate(config, storage=storage, clock=clock)
         #: requirements may be declared on views (the Flask adapter turns this on)
         self.views = views
         self.entitlements_path = entitlements_path
@@ -159,7 +159,7 @@ class _Seen:
         self.status = 0
         self.reported: list[dict[str, int]] = []
 
-    def settle(self, gate: Enforcer, pending: Pending, *, refund: bool = False) -> None:
+    def settle(self, gate: Gate, pending: Pending, *, refund: bool = False) -> None:
         refund = refund or not self.status
         for i, decision in enumerate(pending.decisions):
             usage = self.reported[i] if i < len(self.reported) else None
@@ -169,9 +169,7 @@ class _Seen:
 class _Settling:
     """The app's response body; settles the reservations once it is sent (or abandoned)."""
 
-    def __init__(
-        self, body: Iterable[bytes], gate: Enforcer, pending: Pending, seen: _Seen
-    ) -> None:
+    def __init__(self, body: Iterable[bytes], gate: Gate, pending: Pending, seen: _Seen) -> None:
         self._body = body
         self._gate = gate
         self._pending = pending

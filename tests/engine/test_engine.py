@@ -7,7 +7,7 @@ from datetime import datetime, timezone
 
 import pytest
 
-from plangate import CustomerRecord, Enforcer, MemoryStorage
+from plangate import CustomerRecord, Gate, MemoryStorage
 from plangate.engine import quota_headers
 from tests.support import config, token
 
@@ -28,7 +28,7 @@ def test_monthly_quota_resets_on_the_customers_billing_anchor():
     now = [at(2026, 3, 14, 12)]
     store = MemoryStorage()
     store.save_customer(CustomerRecord("acme", billing_anchor=datetime(2025, 1, 15, tzinfo=UTC)))
-    gate = Enforcer(monthly_config(), storage=store, clock=lambda: now[0])
+    gate = Gate(monthly_config(), storage=store, clock=lambda: now[0])
     tok = token("acme")
     assert gate.check("POST", "/v1/chat", tok).allowed
     refused = gate.check("POST", "/v1/chat", tok)
@@ -41,7 +41,7 @@ def test_monthly_quota_resets_on_the_customers_billing_anchor():
 
 def test_monthly_quota_without_anchor_resets_on_the_first():
     now = [at(2026, 3, 31, 23)]
-    gate = Enforcer(monthly_config(), clock=lambda: now[0])
+    gate = Gate(monthly_config(), clock=lambda: now[0])
     tok = token("acme")
     assert gate.check("POST", "/v1/chat", tok).allowed
     assert not gate.check("POST", "/v1/chat", tok).allowed
@@ -52,14 +52,14 @@ def test_monthly_quota_without_anchor_resets_on_the_first():
 def test_store_plan_wins_over_the_token_claim():
     store = MemoryStorage()
     store.save_customer(CustomerRecord("acme", plan="pro"))
-    gate = Enforcer(config(), storage=store)
+    gate = Gate(config(), storage=store)
     assert gate.check("GET", "/v1/projects", token("acme", "free")).plan == "pro"
     explained = gate.check("GET", "/v1/projects", token("acme", "free"), consume=False)
     assert "plan pro (from the customer store)" in (explained.reasons or [])
 
 
 def test_check_without_consume_reserves_nothing():
-    gate = Enforcer(config())
+    gate = Gate(config())
     tok = token("acme", "free")
     for _ in range(10):
         assert gate.check("GET", "/v1/projects", tok, consume=False).allowed
@@ -67,7 +67,7 @@ def test_check_without_consume_reserves_nothing():
 
 
 def test_check_without_consume_reports_a_used_up_quota():
-    gate = Enforcer(config())
+    gate = Gate(config())
     tok = token("acme", "free")
     for _ in range(5):
         assert gate.check("GET", "/v1/projects", tok).allowed
@@ -85,7 +85,7 @@ def test_settle_is_skipped_when_the_actual_cost_equals_the_reservation():
             Counting.settles += 1
             return super().settle(op)
 
-    gate = Enforcer(config(), storage=Counting())
+    gate = Gate(config(), storage=Counting())
     decision = gate.check("GET", "/v1/projects", token())
     gate.settle(decision, 200)
     assert Counting.settles == 0
@@ -96,7 +96,7 @@ def test_settle_is_skipped_when_the_actual_cost_equals_the_reservation():
 
 
 def test_decision_helpers():
-    gate = Enforcer(config())
+    gate = Gate(config())
     decision = gate.check("GET", "/v1/projects", token("acme", "enterprise"))
     assert decision.has("export_reports")
     assert not decision.has("nonexistent")
@@ -109,20 +109,20 @@ def test_decision_helpers():
 
 
 def test_remaining_of_a_meter_the_route_does_not_reserve_is_an_error():
-    decision = Enforcer(config()).check("GET", "/v1/projects", token())
+    decision = Gate(config()).check("GET", "/v1/projects", token())
     with pytest.raises(LookupError, match="does not meter ai_tokens"):
         decision.remaining("ai_tokens")
 
 
 @pytest.mark.parametrize("amount", [-1, 1.5, True, "3"])
 def test_record_refuses_what_is_not_a_whole_number(amount):
-    decision = Enforcer(config()).check("POST", "/v1/chat", token())
+    decision = Gate(config()).check("POST", "/v1/chat", token())
     with pytest.raises(ValueError, match="whole number"):
         decision.record("ai_tokens", amount)
 
 
 def test_record_refuses_a_meter_the_route_does_not_meter():
-    decision = Enforcer(config()).check("GET", "/v1/projects", token())
+    decision = Gate(config()).check("GET", "/v1/projects", token())
     with pytest.raises(ValueError, match="does not meter ai_tokens"):
         decision.record("ai_tokens", 1)
 
@@ -137,6 +137,6 @@ def test_quota_headers_syntax_and_the_policy_closest_to_exhaustion():
 
 
 def test_record_refuses_amounts_past_what_a_counter_can_hold():
-    decision = Enforcer(config()).check("POST", "/v1/chat", token())
+    decision = Gate(config()).check("POST", "/v1/chat", token())
     with pytest.raises(ValueError, match="from 0 to 10\\^15"):
         decision.record("ai_tokens", 10**19)

@@ -21,7 +21,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from .._enforcer import AsyncEnforcer, Clock
+from .._gate import AsyncGate, Clock
 from .._http import problem_parts, take_usage
 from ..config import Config
 from ..engine import PROBLEM_BASE, Decision, Problem
@@ -58,7 +58,7 @@ class GatewayService:
     ) -> None:
         if request_from not in STYLES:
             raise ValueError(f"request_from: one of {', '.join(STYLES)}, not {request_from!r}")
-        self.gate = AsyncEnforcer(config, storage=storage, clock=clock)
+        self.gate = AsyncGate(config, storage=storage, clock=clock)
         #: where /check reads the original request (see ``original_request``)
         self.request_from = request_from
         self.commit_token = commit_token

@@ -16,7 +16,7 @@ from .config import Config, Rule, declared_rule
 from .engine import Decision
 
 if TYPE_CHECKING:
-    from ._enforcer import AsyncEnforcer, Enforcer
+    from ._gate import AsyncGate, Gate
 
 #: where the middlewares put a request's ``Pending`` (ASGI scope state, WSGI environ)
 PENDING_KEY = "plangate.pending"
@@ -62,24 +62,24 @@ class Pending:
 
     __slots__ = ("decisions", "gate", "token")
 
-    def __init__(self, gate: Enforcer | AsyncEnforcer, token: str | None) -> None:
+    def __init__(self, gate: Gate | AsyncGate, token: str | None) -> None:
         self.gate = gate
         self.token = token
         self.decisions: list[Decision] = []
 
     def require(self, requirement: Requirement) -> Decision:
         """Decide ``requirement`` for this request (a blocking gate: WSGI, Django sync)."""
-        from ._enforcer import Enforcer
+        from ._gate import Gate
 
-        assert isinstance(self.gate, Enforcer), "use arequire() under ASGI"
+        assert isinstance(self.gate, Gate), "use arequire() under ASGI"
         decision = self.gate.check_declared(requirement.rule(self.gate.config), self.token)
         return self._keep(decision)
 
     async def arequire(self, requirement: Requirement) -> Decision:
         """Decide ``requirement`` for this request (an asyncio gate: ASGI, Django async)."""
-        from ._enforcer import AsyncEnforcer
+        from ._gate import AsyncGate
 
-        assert isinstance(self.gate, AsyncEnforcer), "use require() under WSGI"
+        assert isinstance(self.gate, AsyncGate), "use require() under WSGI"
         rule = requirement.rule(self.gate.config)
         return self._keep(await self.gate.check_declared(rule, self.token))
 

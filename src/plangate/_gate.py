@@ -1,4 +1,4 @@
-"""The two drivers of the engine: ``Enforcer`` (blocking storage) and ``AsyncEnforcer``.
+"""The gate: the engine driven with blocking storage calls (``Gate``) or awaited ones (``AsyncGate``).
 
 Both run the same flows (generators that yield storage ``Op``s); only how an ``Op`` is run
 differs. The middlewares sit on them; so do the CLI and, later, the gateway.
@@ -99,7 +99,7 @@ def _needs_identity(decision: Decision) -> bool:
     return rule is not None and not rule.public
 
 
-class Enforcer(_Gate):
+class Gate(_Gate):
     """Decides and settles requests with blocking storage calls (WSGI, CLI)."""
 
     def check(self, method: str, path: str, token: str | None, *, consume: bool = True) -> Decision:
@@ -147,8 +147,8 @@ class Enforcer(_Gate):
             return _UNAVAILABLE
 
 
-class AsyncEnforcer(_Gate):
-    """The same as ``Enforcer``, with awaited storage calls (ASGI)."""
+class AsyncGate(_Gate):
+    """The same as ``Gate``, with awaited storage calls (ASGI)."""
 
     async def aidentify(self, token: str | None) -> IdentityResult:
         """``identify``, without blocking the event loop on a JWKS fetch."""
