@@ -9,24 +9,26 @@ request/response and plangate's decision.
 from __future__ import annotations
 
 import functools
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from typing import Any, Literal, TypeVar, cast
 
 from asgiref.sync import async_to_sync, iscoroutinefunction, markcoroutinefunction, sync_to_async
 from django.core.exceptions import ImproperlyConfigured
 from django.http import HttpRequest, HttpResponse, HttpResponseBase, StreamingHttpResponse
 
-from plangate import Decision, Problem
-from plangate._gate import AsyncGate, Gate
-from plangate._http import (
+from plangate import AsyncGate, Decision, Gate, Problem
+from plangate.integration import (
     ENTITLEMENTS_PATH,
-    json_body,
-    log_shadow,
-    problem_parts,
-    route_path,
-    take_usage,
+    Answer,
+    Exchange,
+    Pending,
+    Requirement,
+    abegin,
+    asettle,
+    begin,
+    problem_answer,
+    settle,
 )
-from plangate._requirements import Pending, Requirement
 
 __all__ = ["PlanGateMiddleware", "problem_response", "requires"]
 
@@ -51,6 +53,7 @@ class PlanGateMiddleware:
 
     Settings: ``PLANGATE = {"CONFIG": path or mapping, "STORAGE": uri (optional),
     "ENTITLEMENTS_PATH": "/.plangate/entitlements" (optional; None turns it off)}``.
+    A view that raises is refunded (``process_exception``), as under every front end.
     """
 
     sync_capable = True
@@ -68,9 +71,9 @@ class PlanGateMiddleware:
         )
         self.entitlements_path = settings.get("ENTITLEMENTS_PATH", ENTITLEMENTS_PATH)
 
-    def _token(self, request: HttpRequest) -> str | None:
-        """The caller's token, once the client's own ``X-Plangate-*`` headers are gone: the
-        app may trust those (a gateway sets them), never the client's."""
+    def _begin(self, request: HttpRequest) -> tuple[Exchange, str | None]:
+        """The request's exchange and token, once the client's own ``X-Plangate-*`` headers
+        are gone: the app may trust those (a gateway sets them), never the client's."""
         meta = request.META
         spoofed = [k for k in meta if k.startswith("HTTP_X_PLANGATE_")]
         for key in spoofed:
@@ -78,138 +81,122 @@ class PlanGateMiddleware:
         if spoofed:
             request.__dict__.pop("headers", None)  # a middleware before us may have read them
         source = self.gate.token_source
-        return source.extract(request.headers.get(source.header))
+        exchange = Exchange(
+            request.method or "GET", request.path_info, entitlements_path=self.entitlements_path
+        )
+        request.plangate_pending = Pending(self.gate, exchange)  # type: ignore[attr-defined]
+        return exchange, source.extract(request.headers.get(source.header))
 
     def __call__(self, request: HttpRequest) -> Any:
         if self.async_mode:
             return self._acall(request)
         gate = self.gate
         assert isinstance(gate, Gate)
-        token = self._token(request)
-        if self._is_entitlements(request):
-            return _entitlements_response(request, gate.entitlements(token))
-        decision = gate.check(request.method or "GET", route_path(request.path_info), token)
-        early = self._begin(request, decision, token)
-        if early is not None:
-            return early
+        exchange, token = self._begin(request)
+        answer = begin(gate, exchange, token)
+        if answer is not None:
+            return _answer_response(answer)
+        _expose(request, exchange)
         response = self.get_response(request)
-        self._finish(request, response, lambda d, s, u, r: gate.settle(d, s, u, refund=r))
+        if _respond(exchange, response):
+            settle(gate, exchange)
+        else:
+            sync_settle = functools.partial(settle, gate, exchange)
+            _settle_after(response, exchange, sync_settle, sync_to_async(sync_settle))
         return response
 
     async def _acall(self, request: HttpRequest) -> Any:
         gate = self.gate
         assert isinstance(gate, AsyncGate)
-        token = self._token(request)
-        if self._is_entitlements(request):
-            return _entitlements_response(request, await gate.entitlements(token))
-        decision = await gate.check(request.method or "GET", route_path(request.path_info), token)
-        early = self._begin(request, decision, token)
-        if early is not None:
-            return early
+        exchange, token = self._begin(request)
+        answer = await abegin(gate, exchange, token)
+        if answer is not None:
+            return _answer_response(answer)
+        _expose(request, exchange)
         response = await self.get_response(request)
-        if not await self._afinish(request, response, gate):
-            # A streamed body settles once sent, from the thread Django iterates it in.
-            settle = async_to_sync(gate.settle)
-            self._finish(request, response, lambda d, s, u, r: settle(d, s, u, refund=r))
+        if _respond(exchange, response):
+            await asettle(gate, exchange)
+        else:
+            # a sync stream is iterated in a thread of Django's: it settles from there
+            async_settle = functools.partial(asettle, gate, exchange)
+            _settle_after(response, exchange, async_to_sync(async_settle), async_settle)
         return response
 
-    def _is_entitlements(self, request: HttpRequest) -> bool:
-        return request.path_info == self.entitlements_path and request.method in ("GET", "HEAD")
+    def process_exception(self, request: HttpRequest, exception: Exception) -> None:
+        """Django turns a view that raised into a 500: such a request is refunded."""
+        pending: Pending | None = getattr(request, "plangate_pending", None)
+        if pending is not None:
+            pending.exchange.handler_raised()
 
-    def _begin(
-        self, request: HttpRequest, decision: Decision, token: str | None
-    ) -> HttpResponse | None:
-        """The problem response of a denial; else the request's ``Pending`` decisions."""
-        if decision.problem is not None:
-            if not decision.shadowed:
-                return problem_response(decision.problem)
-            log_shadow(decision, request.method or "GET", request.path_info)
-        pending = Pending(self.gate, token)
-        rule = decision.rule
-        if rule is not None and not rule.public:
-            request.plangate = decision  # type: ignore[attr-defined]
-            pending.decisions.append(decision)
-        request.plangate_pending = pending  # type: ignore[attr-defined]
-        return None
 
-    @staticmethod
-    def _headers(response: HttpResponseBase, pending: Pending) -> list[dict[str, int]]:
-        """Read and drop usage headers, add quota headers; the usage of each decision."""
-        reported = []
-        for decision in pending.decisions:
-            rule = decision.rule
-            assert rule is not None
-            _, usage = take_usage(rule, list(response.items()))
-            reported.append(usage)
-            for name, cost in rule.usage_headers.items():
-                if not cost.expose and name in response.headers:
-                    del response.headers[name]
-            for name, value in decision.headers:
-                old = response.headers.get(name)
-                response.headers[name] = f"{old}, {value}" if old else value
-        return reported
+def _expose(request: HttpRequest, exchange: Exchange) -> None:
+    if exchange.gated:
+        request.plangate = exchange.decision  # type: ignore[attr-defined]
 
-    def _finish(self, request: HttpRequest, response: HttpResponseBase, settle: Settle) -> None:
-        pending: Pending = request.plangate_pending  # type: ignore[attr-defined]
-        if not pending.decisions:
-            return
-        reported = self._headers(response, pending)
-        status = response.status_code
 
-        def settle_all(refund: bool = False) -> None:
-            for decision, usage in zip(pending.decisions, reported, strict=True):
-                settle(decision, status, usage, refund)
-
-        if isinstance(response, StreamingHttpResponse):
-            response.streaming_content = _settle_after(response, settle_all)
-        else:
-            settle_all()
-
-    async def _afinish(
-        self, request: HttpRequest, response: HttpResponseBase, gate: AsyncGate
-    ) -> bool:
-        """Settle a complete response without leaving the event loop; False if it streams."""
-        if isinstance(response, StreamingHttpResponse):
-            return False
-        pending: Pending = request.plangate_pending  # type: ignore[attr-defined]
-        reported = self._headers(response, pending) if pending.decisions else []
-        for decision, usage in zip(pending.decisions, reported, strict=True):
-            await gate.settle(decision, response.status_code, usage)
+def _respond(exchange: Exchange, response: HttpResponseBase) -> bool:
+    """Usage headers read (and dropped unless exposed), quota headers added. True when the
+    response is complete (settle now); False for a stream, which settles once sent."""
+    if not exchange.decisions:
         return True
-
-
-Settle = Callable[[Decision, int, dict[str, int], bool], None]
+    original = list(response.items())
+    kept = exchange.response_started(response.status_code, original)
+    kept_names = {name.lower() for name, _ in kept}
+    for name, _ in original:
+        if name.lower() not in kept_names:
+            del response.headers[name]
+    for name, value in exchange.quota_headers():
+        old = response.headers.get(name)
+        response.headers[name] = f"{old}, {value}" if old else value
+    if isinstance(response, StreamingHttpResponse):
+        return False
+    exchange.body_sent()
+    exchange.finished()
+    return True
 
 
 def _settle_after(
-    response: StreamingHttpResponse, settle_all: Callable[..., None]
-) -> Iterator[bytes] | AsyncIterator[bytes]:
-    """The response's body, settling once it has been sent (refunding if it failed)."""
+    response: StreamingHttpResponse,
+    exchange: Exchange,
+    settle_now: Callable[[], None],
+    asettle_now: Callable[[], Awaitable[None]],
+) -> None:
+    """Stream the response's body, settling once it has been sent, failed or was cut off."""
     if response.is_async:
         content = cast(AsyncIterator[bytes], response.streaming_content)
-        settle = sync_to_async(settle_all)
 
         async def aiterate() -> AsyncIterator[bytes]:
             try:
                 async for chunk in content:
                     yield chunk
-            except Exception:
-                await settle(refund=True)
+            except BaseException as exc:
+                _ended(exchange, exc)
+                await asettle_now()
                 raise
-            await settle()
+            exchange.body_sent()
+            await asettle_now()
 
-        return aiterate()
+        response.streaming_content = aiterate()
+        return
     body = cast(Iterator[bytes], response.streaming_content)
 
     def iterate() -> Iterator[bytes]:
         try:
             yield from body
-        except Exception:
-            settle_all(refund=True)
+        except BaseException as exc:
+            _ended(exchange, exc)
+            settle_now()
             raise
-        settle_all()
+        exchange.body_sent()
+        settle_now()
 
-    return iterate()
+    response.streaming_content = iterate()
+
+
+def _ended(exchange: Exchange, exc: BaseException) -> None:
+    """A stream stopped early: closed by the server (the client went away) or failed."""
+    closed = isinstance(exc, GeneratorExit)
+    exchange.finished(cut=closed, raised=not closed)
 
 
 def requires(
@@ -272,17 +259,11 @@ def requires(
 
 def problem_response(problem: Problem) -> HttpResponse:
     """A plangate denial as a Django response (``application/problem+json``)."""
-    status, headers, body = problem_parts(problem)
-    response = HttpResponse(body, status=status)
-    for name, value in headers:
+    return _answer_response(problem_answer(problem))
+
+
+def _answer_response(answer: Answer) -> HttpResponse:
+    response = HttpResponse(answer.body, status=answer.status)
+    for name, value in answer.headers:
         response.headers[name] = value
-    return response
-
-
-def _entitlements_response(request: HttpRequest, result: dict[str, Any] | Problem) -> HttpResponse:
-    if isinstance(result, Problem):
-        return problem_response(result)
-    body = json_body(result) if request.method == "GET" else b""
-    response = HttpResponse(body, content_type="application/json")
-    response.headers["Cache-Control"] = "no-store"
     return response

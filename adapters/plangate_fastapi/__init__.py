@@ -17,14 +17,18 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.routing import APIRoute
 from starlette.responses import Response
 
-from plangate import Decision, Problem
-from plangate._gate import AsyncGate, Clock
-from plangate._http import ENTITLEMENTS_PATH, problem_parts
-from plangate._requirements import PENDING_KEY, Pending, Requirement
+from plangate import AsyncGate, Decision, Problem, Storage
 from plangate.asgi import PlanGateMiddleware
 from plangate.config import Config
 from plangate.engine import PROBLEM_BASE
-from plangate.storage import Storage
+from plangate.integration import (
+    ENTITLEMENTS_PATH,
+    PENDING_KEY,
+    Clock,
+    Pending,
+    Requirement,
+    problem_answer,
+)
 
 __all__ = ["Denied", "PlanGate", "PlanGateDecision", "get_decision", "requires"]
 
@@ -147,8 +151,8 @@ PlanGateDecision = Annotated[Decision | None, Depends(get_decision)]
 
 async def _render_denial(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, Denied)
-    status, headers, body = problem_parts(exc.problem)
-    return Response(body, status_code=status, headers=dict(headers))
+    answer = problem_answer(exc.problem, head=request.method == "HEAD")
+    return Response(answer.body, status_code=answer.status, headers=dict(answer.headers))
 
 
 def _requirements(dependant: Any) -> list[Requirement]:

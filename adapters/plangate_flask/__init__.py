@@ -14,17 +14,21 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any, Literal, TypeVar, cast
 
-from flask import Flask, Response, g, request
+from flask import Flask, Response, g, got_request_exception, request
 
-from plangate import Decision, Problem
-from plangate._gate import Clock, Gate
-from plangate._http import ENTITLEMENTS_PATH, problem_parts
-from plangate._requirements import PENDING_KEY, Pending, Requirement
+from plangate import Decision, Gate, Problem, Storage
 from plangate.config import Config
-from plangate.storage import Storage
+from plangate.integration import (
+    ENTITLEMENTS_PATH,
+    PENDING_KEY,
+    Clock,
+    Pending,
+    Requirement,
+    problem_answer,
+)
 from plangate.wsgi import PlanGateMiddleware
 
-__all__ = ["PlanGate", "problem_response"]
+__all__ = ["PlanGate", "problem_response", "report_exceptions"]
 
 View = TypeVar("View", bound=Callable[..., Any])
 
@@ -120,5 +124,17 @@ def _expose_decision() -> None:
 
 def problem_response(problem: Problem) -> Response:
     """A plangate denial as a Flask response (``application/problem+json``)."""
-    status, headers, body = problem_parts(problem)
-    return Response(body, status=status, headers=headers)
+    answer = problem_answer(problem, head=request.method == "HEAD")
+    return Response(answer.body, status=answer.status, headers=answer.headers)
+
+
+def report_exceptions(app: Flask) -> None:
+    """Tell plangate when one of ``app``'s views raised: Flask answers 500 itself and only
+    says so with ``got_request_exception``; such a request is refunded, as a raise is."""
+    got_request_exception.connect(_view_raised, app)
+
+
+def _view_raised(sender: Flask, **extra: Any) -> None:
+    pending: Pending | None = request.environ.get(PENDING_KEY)
+    if pending is not None:
+        pending.exchange.handler_raised()

@@ -1,4 +1,7 @@
-"""``PlanGateMiddleware`` for any ASGI app (Starlette, FastAPI, …): a pure ASGI middleware."""
+"""``PlanGateMiddleware`` for any ASGI app (Starlette, FastAPI, …): a pure ASGI middleware.
+
+It only translates ASGI messages into the request's ``Exchange`` (see ``plangate.integration``).
+"""
 
 from __future__ import annotations
 
@@ -7,18 +10,10 @@ import time
 from collections.abc import Awaitable, Callable, Mapping, MutableMapping
 from typing import Any
 
+from ._exchange import ENTITLEMENTS_PATH, Answer, Exchange, encoded
 from ._gate import AsyncGate, Clock
-from ._http import (
-    ENTITLEMENTS_PATH,
-    json_body,
-    log_shadow,
-    problem_parts,
-    route_path,
-    take_usage,
-)
-from ._requirements import PENDING_KEY, Pending
+from ._lifecycle import PENDING_KEY, Pending, abegin, asettle
 from .config import Config
-from .engine import Decision, Problem
 from .storage import Storage
 
 Scope = MutableMapping[str, Any]
@@ -70,46 +65,35 @@ class PlanGateMiddleware:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             if scope["type"] == "lifespan":
-                await self.app(scope, receive, self._closing(send))
-                return
+                send = self._closing(send)
             await self.app(scope, receive, send)
             return
-        method, path = scope["method"], route_path(scope["path"])
-        if path == self.entitlements_path and method in ("GET", "HEAD"):
-            await self._entitlements(scope, send)
-            return
-
+        exchange = Exchange(
+            scope["method"], scope["path"], entitlements_path=self.entitlements_path
+        )
         for name, _ in scope["headers"]:
             if name[:11] == b"x-plangate-":
                 # The app may trust X-Plangate-* (a gateway sets them): never the client's own.
                 kept = [(n, v) for n, v in scope["headers"] if n[:11] != b"x-plangate-"]
                 scope = {**scope, "headers": kept}
                 break
-        token = self._token(scope)
-        decision = await self.gate.check(method, path, token)
-        if decision.problem is not None:
-            if not decision.shadowed:
-                await _send_problem(send, decision.problem)
-                return
-            log_shadow(decision, method, path)
-        rule = decision.rule
-        matched = rule is not None and not rule.public
-        if not matched and not self.views:
+        answer = await abegin(self.gate, exchange, self._token(scope))
+        if answer is not None:
+            await _send_answer(send, answer)
+            return
+        if not exchange.gated and not self.views:
             await self.app(scope, receive, send)
             return
-
         state = dict(scope.get("state") or ())
-        pending = Pending(self.gate, token)
-        if matched:
-            state["plangate"] = decision
-            pending.decisions.append(decision)
+        if exchange.gated:
+            state["plangate"] = exchange.decision
         if self.views:  # where adapters find the gate for requirements declared on views
-            state[PENDING_KEY] = pending
+            state[PENDING_KEY] = Pending(self.gate, exchange)
         scope = {**scope, "state": state}
-        if not self.views and not decision.reserved:
-            await self._call(scope, receive, send, decision)
+        if not exchange.decisions and not self.views:
+            await self.app(scope, receive, send)
             return
-        await self._call_tracked(scope, receive, send, pending)
+        await self._call(scope, receive, send, exchange)
 
     def _closing(self, send: Send) -> Send:
         """``send`` for the lifespan scope: storage connections close at shutdown."""
@@ -121,87 +105,40 @@ class PlanGateMiddleware:
 
         return closing_send
 
-    async def _call(self, scope: Scope, receive: Receive, send: Send, decision: Decision) -> None:
-        headers = _encoded(decision.headers)
-        if not headers:
-            await self.app(scope, receive, send)
-            return
-
-        async def send_with_headers(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                message["headers"] = [*message.get("headers", ()), *headers]
-            await send(message)
-
-        await self.app(scope, receive, send_with_headers)
-
-    async def _call_tracked(
-        self, scope: Scope, receive: Receive, send: Send, pending: Pending
-    ) -> None:
-        """Call the app; settle every decision of ``pending`` once the status is known.
-
-        Adapters may add decisions while the app runs (requirements declared on views).
-        """
-        status = 0
-        reported: list[dict[str, int]] = []
+    async def _call(self, scope: Scope, receive: Receive, send: Send, exchange: Exchange) -> None:
+        """Call the app; settle the exchange once the response's cost is certain."""
 
         async def tracked_send(message: Message) -> None:
-            nonlocal status
             kind = message["type"]
             if kind == "http.response.start":
-                status = message["status"]
-                headers = list(message.get("headers", ()))  # never change the app's own list
-                for decision in pending.decisions:
-                    assert decision.rule is not None
-                    headers, usage = take_usage(decision.rule, headers)
-                    reported.append(usage)
-                    headers.extend(_encoded(decision.headers))
+                headers = exchange.response_started(message["status"], message.get("headers", ()))
+                headers.extend(encoded(exchange.quota_headers()))
                 message["headers"] = headers
-            elif kind == "http.response.body" and not message.get("more_body", False):
+            elif (
+                kind == "http.response.body"
+                and not message.get("more_body", False)
+                and exchange.status
+                and exchange.body_sent()
+            ):
                 # Settle before the last byte leaves: the next request sees this usage.
-                await self._settle(pending, status, reported)
-            await send(message)
+                await asettle(self.gate, exchange)
+            try:
+                await send(message)
+            except BaseException:
+                exchange.finished(cut=True)  # the client went away
+                raise
 
         try:
             await self.app(scope, receive, tracked_send)
         except BaseException:
-            # Before the response started: nothing was served, refund. After: the client got
-            # (some of) it, so it is charged as its status says, like a client that went away.
-            await self._settle(pending, status or 500, reported, refund=not status)
+            # Starlette re-raises after sending its 500: the handler raised all the same.
+            exchange.finished(raised=True)
             raise
-        await self._settle(pending, status or 500, reported, refund=not status)
-
-    async def _settle(
-        self, pending: Pending, status: int, reported: list[dict[str, int]], refund: bool = False
-    ) -> None:
-        for i, decision in enumerate(pending.decisions):
-            if decision.settled:
-                continue
-            usage = reported[i] if i < len(reported) else None
-            await self.gate.settle(decision, status, usage, refund=refund)
-
-    async def _entitlements(self, scope: Scope, send: Send) -> None:
-        result = await self.gate.entitlements(self._token(scope))
-        if isinstance(result, Problem):
-            await _send_problem(send, result)
-            return
-        body = json_body(result)
-        headers = [
-            (b"content-type", b"application/json"),
-            (b"content-length", str(len(body)).encode()),
-            (b"cache-control", b"no-store"),
-        ]
-        await send({"type": "http.response.start", "status": 200, "headers": headers})
-        await send(
-            {"type": "http.response.body", "body": body if scope["method"] == "GET" else b""}
-        )
+        finally:
+            await asettle(self.gate, exchange)
 
 
-async def _send_problem(send: Send, problem: Problem) -> None:
-    status, headers, body = problem_parts(problem)
-    raw = [(n.encode("latin-1"), v.encode("latin-1")) for n, v in headers]
-    await send({"type": "http.response.start", "status": status, "headers": raw})
-    await send({"type": "http.response.body", "body": body})
-
-
-def _encoded(headers: list[tuple[str, str]]) -> list[tuple[bytes, bytes]]:
-    return [(n.encode("latin-1"), v.encode("latin-1")) for n, v in headers]
+async def _send_answer(send: Send, answer: Answer) -> None:
+    headers = encoded(answer.headers)
+    await send({"type": "http.response.start", "status": answer.status, "headers": headers})
+    await send({"type": "http.response.body", "body": answer.body})

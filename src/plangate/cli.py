@@ -4,13 +4,10 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
-import jwt
-
+from . import identity
 from .__about__ import __version__
 from ._gate import Gate
 from .config import Config, load_config, parse_duration
@@ -109,34 +106,8 @@ def _default_config(path: str | None) -> Config:
 
 
 def mint_token(config: Config, customer: str, plan: str | None = None, ttl: float = 3600) -> str:
-    """A token the config's own HS secret signs: for development and tests only.
-
-    ``ValueError`` if the config has no secret, or a ``plan`` but no ``plan_claim``.
-    """
-    settings = config.model.identity.jwt
-    if settings.secret is None:
-        raise ValueError(
-            "the config verifies tokens with a public key; it has no secret to sign with"
-        )
-    now = int(time.time())
-    claims: dict[str, Any] = {"iat": now, "exp": now + int(ttl)}
-    _put(claims, settings.customer_claim, customer)
-    if plan is not None:
-        if settings.plan_claim is None:
-            raise ValueError("a plan claim needs identity.jwt.plan_claim in the config")
-        _put(claims, settings.plan_claim, plan)
-    if settings.issuer:
-        claims["iss"] = settings.issuer
-    if settings.audience:
-        claims["aud"] = settings.audience
-    return jwt.encode(claims, settings.secret, algorithm=settings.algorithms[0])
-
-
-def _put(claims: dict[str, Any], dotted: str, value: str) -> None:
-    *parents, last = dotted.split(".")
-    for part in parents:
-        claims = claims.setdefault(part, {})
-    claims[last] = value
+    """A development token signed with the config's HS secret (``plangate token``)."""
+    return identity.mint_token(config.model.identity.jwt, customer, plan, ttl)
 
 
 def _token(args: argparse.Namespace) -> int:

@@ -12,8 +12,8 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
-from .cli import mint_token
 from .config import Config, load_config
+from .identity import mint_token
 
 __all__ = ["bearer", "token"]
 
@@ -30,7 +30,7 @@ def token(
     Needs an HS* ``secret`` in ``identity.jwt`` — in tests, give the test config a secret of
     its own (``secret: ${PLANGATE_JWT_SECRET:-test-secret-…}``).
     """
-    return mint_token(load_config(config), customer, plan, ttl)
+    return mint_token(load_config(config).model.identity.jwt, customer, plan, ttl)
 
 
 def bearer(

@@ -1,25 +1,21 @@
-"""``PlanGateMiddleware`` for any WSGI app (Flask, Django, …)."""
+"""``PlanGateMiddleware`` for any WSGI app (Flask, Django, …).
+
+It only translates WSGI calls into the request's ``Exchange`` (see ``plangate.integration``).
+"""
 
 from __future__ import annotations
 
 import os
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from http import HTTPStatus
 from types import TracebackType
 from typing import Any
 
+from ._exchange import ENTITLEMENTS_PATH, Answer, Exchange
 from ._gate import Clock, Gate
-from ._http import (
-    ENTITLEMENTS_PATH,
-    json_body,
-    log_shadow,
-    problem_parts,
-    route_path,
-    take_usage,
-)
-from ._requirements import PENDING_KEY, Pending
+from ._lifecycle import PENDING_KEY, Pending, begin, settle
 from .config import Config
-from .engine import Problem
 from .storage import Storage
 
 ExcInfo = tuple[type[BaseException], BaseException, TracebackType]
@@ -28,21 +24,13 @@ WSGIApp = Callable[[dict[str, Any], StartResponse], Iterable[bytes]]
 
 __all__ = ["PlanGateMiddleware"]
 
-_REASONS = {
-    200: "OK",
-    401: "Unauthorized",
-    402: "Payment Required",
-    403: "Forbidden",
-    429: "Too Many Requests",
-    503: "Service Unavailable",
-}
-
 
 class PlanGateMiddleware:
     """Enforce ``config`` on every request before it reaches ``app``.
 
     ``app.wsgi_app = PlanGateMiddleware(app.wsgi_app, config="plangate.yaml")``. The handler
-    reads the decision as ``environ["plangate"]``.
+    reads the decision as ``environ["plangate"]``. Over a Flask app's ``wsgi_app``, Flask's
+    ``got_request_exception`` tells it which 500s were a view that raised (refunded).
     """
 
     def __init__(
@@ -63,136 +51,96 @@ class PlanGateMiddleware:
         self.entitlements_path = entitlements_path
         header = self.gate.token_source.header
         self._token_key = "HTTP_" + header.upper().replace("-", "_")
-
-    def _token(self, environ: dict[str, Any]) -> str | None:
-        return self.gate.token_source.extract(environ.get(self._token_key))
+        _listen_for_exceptions(app)
 
     def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
-        method = environ["REQUEST_METHOD"]
-        path = route_path(environ.get("PATH_INFO") or "/")
-        if path == self.entitlements_path and method in ("GET", "HEAD"):
-            return self._entitlements(environ, start_response)
-
+        exchange = Exchange(
+            environ["REQUEST_METHOD"],
+            environ.get("PATH_INFO") or "/",
+            entitlements_path=self.entitlements_path,
+        )
         for key in [k for k in environ if k.startswith("HTTP_X_PLANGATE_")]:
             # The app may trust X-Plangate-* (a gateway sets them): never the client's own.
             del environ[key]
-        token = self._token(environ)
-        decision = self.gate.check(method, path, token)
-        if decision.problem is not None:
-            if not decision.shadowed:
-                return _problem(start_response, decision.problem)
-            log_shadow(decision, method, path)
-        rule = decision.rule
-        matched = rule is not None and not rule.public
-        if not matched and not self.views:
+        token = self.gate.token_source.extract(environ.get(self._token_key))
+        answer = begin(self.gate, exchange, token)
+        if answer is not None:
+            return answer_wsgi(start_response, answer)
+        if not exchange.gated and not self.views:
             return self.app(environ, start_response)
-        pending = Pending(self.gate, token)
-        if matched:
-            environ["plangate"] = decision
-            pending.decisions.append(decision)
-        if self.views:  # where adapters find the gate for requirements declared on views
-            environ[PENDING_KEY] = pending
-        if not self.views and not decision.reserved:
-            if not decision.headers:
-                return self.app(environ, start_response)
-
-            def start_with_headers(
-                status: str, headers: list[tuple[str, str]], exc_info: ExcInfo | None = None
-            ) -> Callable[[bytes], object]:
-                return start_response(status, [*headers, *decision.headers], exc_info)
-
-            return self.app(environ, start_with_headers)
-        return self._call_tracked(environ, start_response, pending)
-
-    def _call_tracked(
-        self, environ: dict[str, Any], start_response: StartResponse, pending: Pending
-    ) -> Iterable[bytes]:
-        """Call the app; settle every decision of ``pending`` once the body has been sent.
-
-        Adapters may add decisions while the app runs (requirements declared on views).
-        """
-        seen = _Seen()
+        if exchange.gated:
+            environ["plangate"] = exchange.decision
+        environ[PENDING_KEY] = Pending(self.gate, exchange)
+        if not exchange.decisions and not self.views:
+            return self.app(environ, start_response)
 
         def tracked_start(
             status: str, headers: list[tuple[str, str]], exc_info: ExcInfo | None = None
         ) -> Callable[[bytes], object]:
-            seen.status = int(status[:3])
-            seen.reported = []
-            for decision in pending.decisions:
-                assert decision.rule is not None
-                headers, usage = take_usage(decision.rule, headers)
-                seen.reported.append(usage)
-                headers = [*headers, *decision.headers]
+            headers = exchange.response_started(int(status[:3]), headers)
+            headers.extend(exchange.quota_headers())
             return start_response(status, headers, exc_info)
 
         try:
             body = self.app(environ, tracked_start)
         except BaseException:
-            seen.settle(self.gate, pending, refund=True)
+            exchange.finished(raised=True)
+            settle(self.gate, exchange)
             raise
-        return _Settling(body, self.gate, pending, seen)
-
-    def _entitlements(
-        self, environ: dict[str, Any], start_response: StartResponse
-    ) -> Iterable[bytes]:
-        result = self.gate.entitlements(self._token(environ))
-        if isinstance(result, Problem):
-            return _problem(start_response, result)
-        body = json_body(result)
-        start_response(
-            "200 OK",
-            [
-                ("Content-Type", "application/json"),
-                ("Content-Length", str(len(body))),
-                ("Cache-Control", "no-store"),
-            ],
-        )
-        return [body] if environ["REQUEST_METHOD"] == "GET" else []
-
-
-class _Seen:
-    """What the app said in ``start_response``: its status and the usage its headers report."""
-
-    __slots__ = ("reported", "status")
-
-    def __init__(self) -> None:
-        self.status = 0
-        self.reported: list[dict[str, int]] = []
-
-    def settle(self, gate: Gate, pending: Pending, *, refund: bool = False) -> None:
-        refund = refund or not self.status
-        for i, decision in enumerate(pending.decisions):
-            usage = self.reported[i] if i < len(self.reported) else None
-            gate.settle(decision, self.status or 500, usage, refund=refund)
+        return _Settling(body, self.gate, exchange)
 
 
 class _Settling:
-    """The app's response body; settles the reservations once it is sent (or abandoned)."""
+    """The app's response body; settles the exchange once it is sent, cut off or failed."""
 
-    def __init__(self, body: Iterable[bytes], gate: Gate, pending: Pending, seen: _Seen) -> None:
+    def __init__(self, body: Iterable[bytes], gate: Gate, exchange: Exchange) -> None:
         self._body = body
         self._gate = gate
-        self._pending = pending
-        self._seen = seen
+        self._exchange = exchange
 
     def __iter__(self) -> Iterator[bytes]:
+        exchange = self._exchange
         try:
             yield from self._body
-        finally:
-            # Sent, or cut off after the response started (the client went away, the body
-            # failed): the client got (some of) it, so it is charged as its status says.
-            self._seen.settle(self._gate, self._pending)
+        except GeneratorExit:  # the server stopped iterating: close() tells the rest
+            raise
+        except BaseException:
+            exchange.finished(raised=True)
+            settle(self._gate, exchange)
+            raise
+        if exchange.status and exchange.body_sent():
+            settle(self._gate, exchange)
 
     def close(self) -> None:
+        exchange = self._exchange
         try:
             close = getattr(self._body, "close", None)
             if close is not None:
                 close()
         finally:
-            self._seen.settle(self._gate, self._pending)
+            if exchange.status and not exchange.complete and not exchange.raised:
+                exchange.finished(cut=True)  # the client went away mid-body
+            settle(self._gate, exchange)
 
 
-def _problem(start_response: StartResponse, problem: Problem) -> list[bytes]:
-    status, headers, body = problem_parts(problem)
-    start_response(f"{status} {_REASONS.get(status, 'Error')}", headers)
-    return [body]
+def _reason(status: int) -> str:
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:
+        return "Error"
+
+
+def _listen_for_exceptions(app: WSGIApp) -> None:
+    """Flask turns a view that raised into a 500 before this middleware sees it, and says so
+    with its ``got_request_exception`` signal: listen to it when wrapping ``app.wsgi_app``."""
+    owner = getattr(app, "__self__", None)
+    if type(owner).__module__.partition(".")[0] == "flask":
+        from plangate_flask import report_exceptions
+
+        report_exceptions(owner)  # type: ignore[arg-type]  # a Flask app, by its module
+
+
+def answer_wsgi(start_response: StartResponse, answer: Answer) -> list[bytes]:
+    """Send an ``Answer`` through ``start_response``; the body to return."""
+    start_response(f"{answer.status} {_reason(answer.status)}", answer.headers)
+    return [answer.body]

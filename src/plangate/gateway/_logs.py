@@ -10,10 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:
-    from ._service import GatewayService
+from typing import Any, Protocol
 
 logger = logging.getLogger("plangate.gateway")
 
@@ -84,10 +81,16 @@ def _entries(text: str) -> list[Any]:
     return entries
 
 
+class Settles(Protocol):
+    """What commits go to: the gateway service."""
+
+    async def settle(self, record: Any) -> tuple[str, str]: ...
+
+
 class LogCommitter(asyncio.DatagramProtocol):
     """Settles every reservation an access-log line reports (UDP datagrams, or fed lines)."""
 
-    def __init__(self, service: GatewayService) -> None:
+    def __init__(self, service: Settles) -> None:
         self.service = service
         self._tasks: set[asyncio.Task[None]] = set()
 

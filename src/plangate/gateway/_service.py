@@ -21,12 +21,14 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from .._exchange import Exchange, problem_answer
 from .._gate import AsyncGate, Clock
-from .._http import problem_parts, take_usage
+from .._lifecycle import abegin, asettle
 from ..config import Config
 from ..engine import PROBLEM_BASE, Decision, Problem
 from ..engine._problems import TITLES
 from ..storage import Storage
+from ._logs import LogCommitter, follow_file
 
 logger = logging.getLogger("plangate.gateway")
 
@@ -63,7 +65,7 @@ class GatewayService:
         self.request_from = request_from
         self.commit_token = commit_token
         self.reservation_ttl = reservation_ttl
-        self._pending: OrderedDict[str, tuple[Decision, float]] = OrderedDict()
+        self._pending: OrderedDict[str, tuple[Exchange, float]] = OrderedDict()
         self._lock = asyncio.Lock()
         self.settled = 0  # reservations settled so far
         self._settling = asyncio.Condition()
@@ -91,11 +93,13 @@ class GatewayService:
             logger.warning("check refused: %s", exc)
             return _error(400, "bad-request", f"cannot tell the original request: {exc}")
         token = self.gate.token_source.extract(request.headers.get(self.gate.token_source.header))
-        decision = await self.decide(method, path, token)
+        exchange = await self._begin(method, path, token)
+        decision = exchange.decision
+        assert decision is not None
         problem = decision.problem
         if problem is not None and not decision.shadowed:
             return self._denial(problem, request.query_params.get("deny") == "403")
-        headers = list(decision.headers)
+        headers = list(exchange.quota_headers())
         if decision.customer is not None:
             headers.append(("x-plangate-customer", header_value(decision.customer)))
         if decision.plan is not None:
@@ -106,13 +110,21 @@ class GatewayService:
 
     async def decide(self, method: str, path: str, token: str | None) -> Decision:
         """The decision for an original request; what it reserved waits for its commit."""
-        decision = await self.gate.check(method, path, token)
-        if decision.reserved:
-            await self._remember(decision)
+        decision = (await self._begin(method, path, token)).decision
+        assert decision is not None
         return decision
 
+    async def _begin(self, method: str, path: str, token: str | None) -> Exchange:
+        exchange = Exchange(method, path, entitlements_path=None)
+        await abegin(self.gate, exchange, token)
+        decision = exchange.decision
+        if decision is not None and decision.reserved:
+            await self._remember(exchange)
+        return exchange
+
     def _denial(self, problem: Problem, as_403: bool) -> Response:
-        status, headers, body = problem_parts(problem)
+        answer = problem_answer(problem)
+        status, headers, body = answer.status, answer.headers, answer.body
         headers += [
             ("x-plangate-status", str(status)),
             ("x-plangate-reason", problem.name),
@@ -123,7 +135,7 @@ class GatewayService:
             status = 403
         return Response(body, status_code=status, headers=dict(_joined(headers)))
 
-    async def _remember(self, decision: Decision) -> None:
+    async def _remember(self, exchange: Exchange) -> None:
         now = time.monotonic()
         async with self._lock:
             pending = self._pending
@@ -131,7 +143,8 @@ class GatewayService:
                 len(pending) >= _MAX_PENDING or next(iter(pending.values()))[1] < now
             ):
                 pending.popitem(last=False)  # its estimate stands
-            pending[decision.reservation_id] = (decision, now + self.reservation_ttl)
+            assert exchange.decision is not None
+            pending[exchange.decision.reservation_id] = (exchange, now + self.reservation_ttl)
 
     # /commit ------------------------------------------------------------------------------
 
@@ -158,18 +171,21 @@ class GatewayService:
         entry = self._pending.get(reservation)
         if entry is None or entry[1] < time.monotonic():
             return "unknown", f"no reservation {reservation!r} waits here (expired, or elsewhere)"
-        decision = entry[0]
+        exchange = entry[0]
+        decision = exchange.decision
+        assert decision is not None
         if decision.settled:  # kept until it expires, so that a repeated commit is known
             return "already-settled", "this reservation was settled before"
-        rule = decision.rule
-        assert rule is not None
-        reported: dict[str, int] = {}
-        if record.get("headers"):
-            _, reported = take_usage(rule, [(str(k), str(v)) for k, v in record["headers"].items()])
+        headers = record.get("headers") or {}
+        exchange.response_started(
+            int(record["status"]), [(str(k), str(v)) for k, v in headers.items()]
+        )
         for meter, amount in (record.get("usage") or {}).items():
             if meter in decision.meters:
-                reported[meter] = amount
-        await self.gate.settle(decision, int(record["status"]), reported)
+                decision.record(meter, amount)  # what the gateway says wins over the headers
+        exchange.body_sent()
+        exchange.finished()
+        await asettle(self.gate, exchange)
         async with self._settling:
             self.settled += 1
             self._settling.notify_all()
@@ -197,10 +213,8 @@ class GatewayService:
         ``/.plangate/entitlements`` here (the caller's token is read as for ``/check``)."""
         token = self.gate.token_source.extract(request.headers.get(self.gate.token_source.header))
         result = await self.gate.entitlements(token)
-        if isinstance(result, Problem):
-            status, headers, body = problem_parts(result)
-            return Response(body, status_code=status, headers=dict(headers))
-        return JSONResponse(result, headers={"cache-control": "no-store"})
+        answer = Exchange(request.method, "/", entitlements_path=None).answer_entitlements(result)
+        return Response(answer.body, status_code=answer.status, headers=dict(answer.headers))
 
     async def healthz(self, request: Request) -> Response:
         """Up, with counts. ``?settled=N&wait=S`` first waits up to S seconds (at most 30)
@@ -339,8 +353,6 @@ def serve(
 ) -> None:
     """Run the service with uvicorn, with the access-log listeners asked for."""
     import uvicorn
-
-    from ._logs import LogCommitter, follow_file
 
     async def main() -> None:
         server = uvicorn.Server(

@@ -1,0 +1,68 @@
+"""The exchange driven by a gate: the few calls every front end makes, sync or async.
+
+``begin`` decides a request (or answers the entitlements endpoint), ``Pending.require``
+decides a requirement declared on a view, ``settle`` commits, adjusts or refunds what the
+request reserved once ``Exchange.settlements`` knows. Each has an ``a``-prefixed twin for
+an ``AsyncGate``.
+"""
+
+from __future__ import annotations
+
+from ._exchange import Answer, Exchange
+from ._gate import AsyncGate, Gate
+from ._requirements import Requirement
+from .engine import Decision
+
+#: where the front ends keep a request's ``Pending`` (ASGI scope state, WSGI environ, Django
+#: request attribute) for the requirements declared on views
+PENDING_KEY = "plangate.pending"
+
+
+def begin(gate: Gate, exchange: Exchange, token: str | None) -> Answer | None:
+    """Decide the request: an ``Answer`` to send instead of calling the app, or None."""
+    exchange.token = token
+    if exchange.wants_entitlements:
+        return exchange.answer_entitlements(gate.entitlements(token))
+    return exchange.decided(gate.check(exchange.method, exchange.path, token))
+
+
+async def abegin(gate: AsyncGate, exchange: Exchange, token: str | None) -> Answer | None:
+    exchange.token = token
+    if exchange.wants_entitlements:
+        return exchange.answer_entitlements(await gate.entitlements(token))
+    return exchange.decided(await gate.check(exchange.method, exchange.path, token))
+
+
+def settle(gate: Gate, exchange: Exchange) -> None:
+    """Commit, adjust or refund every decision of the request; once."""
+    for s in exchange.settlements():
+        gate.settle(s.decision, s.status, s.reported, refund=s.refund)
+
+
+async def asettle(gate: AsyncGate, exchange: Exchange) -> None:
+    for s in exchange.settlements():
+        await gate.settle(s.decision, s.status, s.reported, refund=s.refund)
+
+
+class Pending:
+    """A request on its way through the app: where a view's requirement is decided."""
+
+    __slots__ = ("exchange", "gate")
+
+    def __init__(self, gate: Gate | AsyncGate, exchange: Exchange) -> None:
+        self.gate = gate
+        self.exchange = exchange
+
+    def require(self, requirement: Requirement) -> Decision:
+        """Decide ``requirement`` for this request (a blocking gate: WSGI, Django sync)."""
+        gate = self.gate
+        assert isinstance(gate, Gate), "use arequire() with an AsyncGate"
+        rule = requirement.rule(gate.config)
+        return self.exchange.add(gate.check_declared(rule, self.exchange.token))
+
+    async def arequire(self, requirement: Requirement) -> Decision:
+        """Decide ``requirement`` for this request (an asyncio gate: ASGI, Django async)."""
+        gate = self.gate
+        assert isinstance(gate, AsyncGate), "use require() with a Gate"
+        rule = requirement.rule(gate.config)
+        return self.exchange.add(await gate.check_declared(rule, self.exchange.token))

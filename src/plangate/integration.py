@@ -1,0 +1,57 @@
+"""What a front end of plangate is built from: for the adapters shipped in ``adapters/`` and
+for anyone writing one for another framework (docs: "Writing an adapter").
+
+A front end translates its framework's request and response into an ``Exchange`` and lets a
+gate decide and settle it::
+
+    exchange = Exchange(method, path)
+    answer = begin(gate, exchange, token)          # await abegin(...) with an AsyncGate
+    if answer is not None:
+        ...                                        # send answer.status/.headers/.body
+    headers = exchange.response_started(status, headers) + exchange.quota_headers()
+    exchange.body_sent()                           # the last byte is leaving
+    exchange.finished(raised=..., cut=...)         # the app returned, raised, or lost its client
+    settle(gate, exchange)                         # await asettle(...)
+
+Requirements declared on views (``Requirement``) are decided with ``Pending(gate,
+exchange).require(requirement)`` and settled with the request.
+"""
+
+from __future__ import annotations
+
+from ._exchange import (
+    ENTITLEMENTS_PATH,
+    Answer,
+    Exchange,
+    Settlement,
+    encoded,
+    json_answer,
+    problem_answer,
+    route_path,
+    take_usage,
+)
+from ._gate import AsyncGate, Clock, Gate
+from ._lifecycle import PENDING_KEY, Pending, abegin, asettle, begin, settle
+from ._requirements import Requirement
+
+__all__ = [
+    "ENTITLEMENTS_PATH",
+    "PENDING_KEY",
+    "Answer",
+    "AsyncGate",
+    "Clock",
+    "Exchange",
+    "Gate",
+    "Pending",
+    "Requirement",
+    "Settlement",
+    "abegin",
+    "asettle",
+    "begin",
+    "encoded",
+    "json_answer",
+    "problem_answer",
+    "route_path",
+    "settle",
+    "take_usage",
+]
