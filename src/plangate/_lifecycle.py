@@ -8,6 +8,8 @@ an ``AsyncGate``.
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+
 from ._exchange import Answer, Exchange
 from ._gate import AsyncGate, Gate
 from ._requirements import Requirement
@@ -42,6 +44,41 @@ def settle(gate: Gate, exchange: Exchange) -> None:
 async def asettle(gate: AsyncGate, exchange: Exchange) -> None:
     for s in exchange.settlements():
         await gate.settle(s.decision, s.status, s.reported, refund=s.refund)
+
+
+def stream_settling(
+    body: Iterator[bytes], exchange: Exchange, settle_now: Callable[[], None]
+) -> Iterator[bytes]:
+    """``body``, settling ``exchange`` once it has been sent, failed (the handler raised) or
+    was closed early by the server (the client went away)."""
+    try:
+        yield from body
+    except BaseException as exc:
+        _ended(exchange, exc)
+        settle_now()
+        raise
+    exchange.body_sent()
+    settle_now()
+
+
+async def astream_settling(
+    body: AsyncIterator[bytes], exchange: Exchange, asettle_now: Callable[[], Awaitable[None]]
+) -> AsyncIterator[bytes]:
+    """``stream_settling`` for an async body."""
+    try:
+        async for chunk in body:
+            yield chunk
+    except BaseException as exc:
+        _ended(exchange, exc)
+        await asettle_now()
+        raise
+    exchange.body_sent()
+    await asettle_now()
+
+
+def _ended(exchange: Exchange, exc: BaseException) -> None:
+    closed = isinstance(exc, GeneratorExit)
+    exchange.finished(cut=closed, raised=not closed)
 
 
 class Pending:

@@ -31,7 +31,16 @@ from ._exchange import (
     take_usage,
 )
 from ._gate import AsyncGate, Clock, Gate
-from ._lifecycle import PENDING_KEY, Pending, abegin, asettle, begin, settle
+from ._lifecycle import (
+    PENDING_KEY,
+    Pending,
+    abegin,
+    asettle,
+    astream_settling,
+    begin,
+    settle,
+    stream_settling,
+)
 from ._requirements import Requirement
 
 __all__ = [
@@ -47,11 +56,13 @@ __all__ = [
     "Settlement",
     "abegin",
     "asettle",
+    "astream_settling",
     "begin",
     "encoded",
     "json_answer",
     "problem_answer",
     "route_path",
     "settle",
+    "stream_settling",
     "take_usage",
 ]

@@ -9,7 +9,7 @@ from django.core.management.base import BaseCommand, CommandError, CommandParser
 from plangate.config import load_config
 from plangate.errors import ConfigError
 
-from ... import _settings
+from ...middleware import settings_of
 
 
 class Command(BaseCommand):
@@ -19,7 +19,7 @@ class Command(BaseCommand):
         parser.add_argument("file", nargs="?", help="another config file to check instead")
 
     def handle(self, *args: Any, **options: Any) -> None:
-        source = options.get("file") or _settings()["CONFIG"]
+        source = options.get("file") or settings_of()["CONFIG"]
         try:
             config = load_config(source)
         except ConfigError as exc:
