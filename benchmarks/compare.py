@@ -598,13 +598,14 @@ def over_http(redis_url: str, seconds: int) -> dict[str, dict[str, float]]:
 
 def redis_bytes_per_customer(port: int, customers: int = 5_000) -> dict[str, float]:
     """Redis memory per active customer of the reference config, after one request."""
+    from plangate._gate import new_reservation_id
     from plangate.config import load_config
     from plangate.engine import Engine
     from plangate.storage import Reserve
     from plangate.storage._redis import RedisStorage
 
     config = load_config(ROOT / "tests" / "config" / "reference" / "plangate.yaml", env={})
-    engine = Engine(config)
+    engine = Engine(config, new_id=new_reservation_id)
     client = redis.Redis(port=port)
     store = RedisStorage(f"redis://127.0.0.1:{port}/0")
     now = time.time()

@@ -14,14 +14,21 @@ from typing import Any
 
 import anyio.to_thread
 
+from ._drivers import adrive, drive
 from .config import Config, Rule, load_config
-from .engine import Decision, Engine, Problem, identity_problem
+from .customers import AsyncCustomerStore, CustomerStore
+from .engine import Decision, Engine, Flow, Problem, identity_problem
 from .errors import AuthenticationError, KeysUnavailableError
 from .identity import Identity, IdentityResult, TokenSource, TokenVerifier
-from .storage import Flow, Storage, adrive, drive, open_storage
+from .storage import Storage, open_storage
 
 Clock = Callable[[], float]
 logger = logging.getLogger("plangate")
+
+
+def new_reservation_id() -> str:
+    """An unguessable id (128 random bits): commits and refunds name it, once each."""
+    return os.urandom(16).hex()  # what secrets.token_hex(16) does, in one call
 
 
 class _Gate:
@@ -37,11 +44,15 @@ class _Gate:
             self.storage = storage
         else:
             self.storage = open_storage(storage or self.config.model.storage)
-        self.engine = Engine(self.config)
+        self.engine = Engine(self.config, new_id=new_reservation_id)
+        self._open_customers()
         identity = self.config.model.identity
         self.verifier = TokenVerifier(identity.jwt, clock=clock)
         self.token_source = TokenSource(identity.token_from)
         self.clock = clock
+
+    def _open_customers(self) -> None:
+        raise NotImplementedError
 
     def identify(self, token: str | None) -> IdentityResult:
         """The caller, or why there is none. Never raises for bad input."""
@@ -102,6 +113,11 @@ def _needs_identity(decision: Decision) -> bool:
 class Gate(_Gate):
     """Decides and settles requests with blocking storage calls (WSGI, CLI)."""
 
+    customers: CustomerStore
+
+    def _open_customers(self) -> None:
+        self.customers = CustomerStore(self.storage)
+
     def check(self, method: str, path: str, token: str | None, *, consume: bool = True) -> Decision:
         """The decision for a request; reserves its meters unless ``consume=False``.
 
@@ -111,7 +127,9 @@ class Gate(_Gate):
             decision = self._route(method, path, consume)
             if not _needs_identity(decision):
                 return decision
-            return drive(self._decide(decision, self.identify(token), consume), self.storage)
+            return drive(
+                self._decide(decision, self.identify(token), consume), self.storage, self.customers
+            )
         except Exception:
             return self._fallback(method, path)
 
@@ -119,7 +137,9 @@ class Gate(_Gate):
         """The decision for a rule declared on a view (``Requirement``), for this token."""
         try:
             decision = self._declared(rule)
-            return drive(self._decide(decision, self.identify(token), True), self.storage)
+            return drive(
+                self._decide(decision, self.identify(token), True), self.storage, self.customers
+            )
         except Exception:
             return self._fallback("(view)", rule.match, rule)
 
@@ -141,7 +161,7 @@ class Gate(_Gate):
 
     def entitlements(self, token: str | None) -> dict[str, Any] | Problem:
         try:
-            return drive(self._entitlements(self.identify(token)), self.storage)
+            return drive(self._entitlements(self.identify(token)), self.storage, self.customers)
         except Exception:
             logger.exception("plangate could not answer the entitlements endpoint")
             return _UNAVAILABLE
@@ -149,6 +169,11 @@ class Gate(_Gate):
 
 class AsyncGate(_Gate):
     """The same as ``Gate``, with awaited storage calls (ASGI)."""
+
+    customers: AsyncCustomerStore
+
+    def _open_customers(self) -> None:
+        self.customers = AsyncCustomerStore(self.storage)
 
     async def aidentify(self, token: str | None) -> IdentityResult:
         """``identify``, without blocking the event loop on a JWKS fetch."""
@@ -168,7 +193,9 @@ class AsyncGate(_Gate):
             if not _needs_identity(decision):
                 return decision
             identity = await self.aidentify(token)
-            return await adrive(self._decide(decision, identity, consume), self.storage)
+            return await adrive(
+                self._decide(decision, identity, consume), self.storage, self.customers
+            )
         except Exception:
             return self._fallback(method, path)
 
@@ -176,7 +203,9 @@ class AsyncGate(_Gate):
         try:
             decision = self._declared(rule)
             identity = await self.aidentify(token)
-            return await adrive(self._decide(decision, identity, True), self.storage)
+            return await adrive(
+                self._decide(decision, identity, True), self.storage, self.customers
+            )
         except Exception:
             return self._fallback("(view)", rule.match, rule)
 
@@ -198,7 +227,7 @@ class AsyncGate(_Gate):
     async def entitlements(self, token: str | None) -> dict[str, Any] | Problem:
         try:
             identity = await self.aidentify(token)
-            return await adrive(self._entitlements(identity), self.storage)
+            return await adrive(self._entitlements(identity), self.storage, self.customers)
         except Exception:
             logger.exception("plangate could not answer the entitlements endpoint")
             return _UNAVAILABLE

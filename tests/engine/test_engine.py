@@ -8,6 +8,7 @@ from datetime import datetime, timezone
 import pytest
 
 from plangate import CustomerRecord, Gate, MemoryStorage
+from plangate.customers import CustomerStore
 from plangate.engine import quota_headers
 from tests.support import config, token
 
@@ -27,7 +28,8 @@ def monthly_config():
 def test_monthly_quota_resets_on_the_customers_billing_anchor():
     now = [at(2026, 3, 14, 12)]
     store = MemoryStorage()
-    store.save_customer(CustomerRecord("acme", billing_anchor=datetime(2025, 1, 15, tzinfo=UTC)))
+    anchor = datetime(2025, 1, 15, tzinfo=UTC)
+    CustomerStore(store).save(CustomerRecord("acme", billing_anchor=anchor))
     gate = Gate(monthly_config(), storage=store, clock=lambda: now[0])
     tok = token("acme")
     assert gate.check("POST", "/v1/chat", tok).allowed
@@ -51,7 +53,7 @@ def test_monthly_quota_without_anchor_resets_on_the_first():
 
 def test_store_plan_wins_over_the_token_claim():
     store = MemoryStorage()
-    store.save_customer(CustomerRecord("acme", plan="pro"))
+    CustomerStore(store).save(CustomerRecord("acme", plan="pro"))
     gate = Gate(config(), storage=store)
     assert gate.check("GET", "/v1/projects", token("acme", "free")).plan == "pro"
     explained = gate.check("GET", "/v1/projects", token("acme", "free"), consume=False)

@@ -8,6 +8,7 @@ import re
 import pytest
 
 from plangate import CustomerRecord, MemoryStorage
+from plangate.customers import CustomerStore
 from plangate.engine import PROBLEM_BASE
 from tests.support import bearer, config, token
 
@@ -352,7 +353,7 @@ def test_token_from_another_header(serve):
 
 def test_storage_argument_overrides_the_config(serve):
     store = MemoryStorage()
-    store.save_customer(CustomerRecord("acme", plan="enterprise"))
+    CustomerStore(store).save(CustomerRecord("acme", plan="enterprise"))
     client = serve(config(), storage=store)
     # The store's record wins over the token's plan claim.
     assert client.get("/v1/projects", headers=bearer("acme", "free")).json()["plan"] == "enterprise"

@@ -19,6 +19,7 @@ import httpx
 import pytest
 
 from plangate import CustomerRecord, wsgi
+from plangate.customers import CustomerStore
 from plangate.engine import PROBLEM_BASE
 from plangate.storage import CircuitBreaker, ResilientStorage, Storage
 from plangate.storage._redis import RedisStorage
@@ -107,7 +108,7 @@ def test_killed_redis_deny_answers_503_problem(server):
 
 def test_killed_redis_still_decides_features_from_the_last_customer_record(server):
     store = resilient(server.url, Clock())
-    store.save_customer(CustomerRecord("acme", plan="pro"))
+    CustomerStore(store).save(CustomerRecord("acme", plan="pro"))
     with client_for(store) as client:
         # the token says free; the store's record (pro) was read before the outage
         assert (

@@ -12,6 +12,7 @@ import httpx
 import pytest
 
 from plangate import CustomerRecord, asgi, wsgi
+from plangate.customers import CustomerStore
 from plangate.errors import ConfigError
 from plangate.storage import Counter, Peek, Reserve, customer_prefix, open_storage
 from plangate.storage._redis import RedisStorage, parse_redis_uri
@@ -164,7 +165,7 @@ def test_every_counter_key_expires_by_itself(redis_server, redis_url):
         client.get("/v1/projects", headers=bearer())
         client.post("/v1/chat?tokens=2500", headers=bearer())  # adjusted: a settled marker
         client.post("/v1/completions?tokens=5", headers=bearer("globex", "enterprise"))
-    app.gate.storage.save_customer(CustomerRecord("initech", plan="pro"))
+    app.gate.customers.save(CustomerRecord("initech", plan="pro"))
     with redis_server.client() as client:
         ttls = {key.decode(): client.pttl(key) for key in client.scan_iter("*")}
     counters = {key: ttl for key, ttl in ttls.items() if not key.endswith(":customer")}
@@ -202,22 +203,26 @@ def test_keys_of_one_customer_share_a_cluster_slot(redis_cluster):
 # Customers -------------------------------------------------------------------------------
 
 
-def test_customer_records_round_trip_and_are_cached(tally, redis_url):
+def test_customer_records_are_read_once_per_cache_ttl(tally, redis_url):
     store = RedisStorage(redis_url)
+    customers = CustomerStore(store)
     anchor = datetime(2026, 1, 31, 9, 30, tzinfo=timezone.utc)
-    store.save_customer(CustomerRecord("acme", plan="pro", billing_anchor=anchor))
-    assert store.load_customer("acme") == CustomerRecord("acme", "pro", anchor)
-    assert tally.during(lambda: store.load_customer("acme")) == []  # the in-process cache
-    assert asyncio.run(_aload(store, "acme")) == CustomerRecord("acme", "pro", anchor)
-    assert store.load_customer("nobody") is None
+    customers.save(CustomerRecord("acme", plan="pro", billing_anchor=anchor))
+    assert tally.during(lambda: customers.load("acme")) == []  # what this process wrote
+    customers.invalidate("acme")
+    assert _verbs(tally.during(lambda: customers.load("acme"))) == ["HGETALL"]
+    assert tally.during(lambda: customers.load("acme")) == []  # the in-process cache
     store.close()
 
 
-async def _aload(store: RedisStorage, customer: str) -> CustomerRecord | None:
-    try:
-        return await store.aload_customer(customer)
-    finally:
-        await store.aclose()
+def test_a_customer_record_is_one_hash_written_in_one_command(tally, redis_server, redis_url):
+    store = RedisStorage(redis_url)
+    record = CustomerRecord("acme", plan="pro")
+    store.get_customer("acme")  # connected
+    assert _verbs(tally.during(lambda: store.put_customer(record))) == ["HSET"]
+    with redis_server.client() as client:
+        assert client.hgetall(K + "customer") == {b"plan": b"pro", b"billing_anchor": b""}
+    store.close()
 
 
 def test_a_monthly_period_resets_on_the_billing_anchor_in_redis(redis_url):
@@ -228,7 +233,7 @@ def test_a_monthly_period_resets_on_the_billing_anchor_in_redis(redis_url):
         wsgi_app, config(plans=plans, routes=routes), storage=redis_url, clock=lambda: now[0]
     )
     anchor = datetime(2026, 1, 15, tzinfo=timezone.utc)  # months start on the 15th
-    app.gate.storage.save_customer(CustomerRecord("acme", plan="free", billing_anchor=anchor))
+    app.gate.customers.save(CustomerRecord("acme", plan="free", billing_anchor=anchor))
     with httpx.Client(transport=httpx.WSGITransport(app=app), base_url="http://test") as client:
         assert client.post("/v1/chat?tokens=60", headers=bearer()).status_code == 200
         refused = client.post("/v1/chat?tokens=60", headers=bearer())

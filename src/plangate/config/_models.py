@@ -197,20 +197,9 @@ class ConfigModel(Model):
     @field_validator("storage")
     @classmethod
     def check_storage(cls, value: str) -> str:
-        scheme = value.split("://", 1)[0] if "://" in value else ""
-        known = ("memory", "redis", "rediss", "redis+cluster", "redis+sentinel")
-        if scheme not in known:
-            raise ValueError(
-                f"unknown storage {value!r}; use memory://, redis://host:port/db, rediss://…, "
-                "redis+cluster://host:port[,host:port] or redis+sentinel://host:port/service"
-            )
-        if scheme != "memory":
-            from ..storage._redis import parse_redis_uri
+        from ..storage import check_storage_uri  # storage imports the engine, which imports us
 
-            try:
-                parse_redis_uri(value)
-            except ValueError as exc:
-                raise ValueError(f"{value!r} is not usable: {exc}") from None
+        check_storage_uri(value)
         return value
 
 

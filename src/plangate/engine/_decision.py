@@ -10,8 +10,8 @@ from typing import Any
 
 from ..config import Limit, Plan, Rule
 from ..identity import Identity
-from ..storage import Counter, CounterState
 from ._problems import Problem
+from ._protocol import Counter, CounterState
 
 logger = logging.getLogger("plangate")
 

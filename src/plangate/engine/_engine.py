@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Callable, Mapping
 from datetime import datetime
 from typing import Any
@@ -11,7 +10,11 @@ from typing import Any
 from ..config import Config, Limit, Plan, Rule
 from ..errors import StorageError
 from ..identity import Identity, IdentityResult
-from ..storage import (
+from ._decision import Charge, Decision
+from ._headers import ceil_seconds, policy_header, quota_headers
+from ._periods import period_bounds
+from ._problems import Problem, identity_problem
+from ._protocol import (
     Counter,
     CounterState,
     CustomerRecord,
@@ -22,10 +25,6 @@ from ..storage import (
     Settle,
     customer_prefix,
 )
-from ._decision import Charge, Decision
-from ._headers import ceil_seconds, policy_header, quota_headers
-from ._periods import period_bounds
-from ._problems import Problem, identity_problem
 
 
 def unavailable(error: StorageError) -> Problem:
@@ -35,21 +34,21 @@ def unavailable(error: StorageError) -> Problem:
     return Problem("entitlements-unavailable", detail, headers=(("retry-after", str(retry)),))
 
 
-def new_reservation_id() -> str:
-    """An unguessable id (128 random bits): commits and refunds name it, once each."""
-    return os.urandom(16).hex()  # what secrets.token_hex(16) does, in one call
-
-
 _CACHE_SIZE = 50_000  # entries of each per-request cache before it starts afresh
 
 ChargeKey = tuple[str, str, int, "datetime | None"]
 
 
 class Engine:
-    """Decides requests against one config. Pure: facts in, decisions and ``Op``s out."""
+    """Decides requests against one config. Pure: facts in, decisions and ``Op``s out.
 
-    def __init__(self, config: Config) -> None:
+    ``new_id`` names each reservation (commits and refunds name it, once each): the driver
+    supplies an unguessable one, as it supplies the time.
+    """
+
+    def __init__(self, config: Config, *, new_id: Callable[[], str]) -> None:
         model = config.model
+        self.new_id = new_id
         self.catalog = config.catalog
         self.kinds = {name: feature.kind for name, feature in model.features.items()}
         self.units = {name: feature.unit for name, feature in model.features.items()}
@@ -168,7 +167,7 @@ class Engine:
                 self._deny_quota(decision, plan, over, wait)
             return decision
 
-        decision.reservation_id = new_reservation_id()
+        decision.reservation_id = self.new_id()
         try:
             result = yield Reserve(
                 charge.counters,

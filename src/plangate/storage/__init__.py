@@ -1,4 +1,8 @@
-"""Counter stores, chosen by URI: ``memory://`` built in, Redis with the ``redis`` extra."""
+"""Counter stores, chosen by URI (``memory://``, ``redis://`` and its variants).
+
+The operations and their answers are the engine's (``plangate.engine``); they are also
+importable from here, where backends are written.
+"""
 
 from __future__ import annotations
 
@@ -17,14 +21,15 @@ from ._base import (
     ReserveResult,
     Settle,
     Storage,
-    adrive,
+    customer_key,
     customer_prefix,
-    drive,
 )
 from ._memory import MemoryStorage
+from ._registry import SCHEMES, Scheme, check_storage_uri, scheme_of
 from ._resilient import CircuitBreaker, ResilientStorage, StorageUnavailable
 
 __all__ = [
+    "SCHEMES",
     "SLIDING_BUCKETS",
     "CircuitBreaker",
     "Counter",
@@ -39,30 +44,22 @@ __all__ = [
     "Reserve",
     "ReserveResult",
     "ResilientStorage",
+    "Scheme",
     "Settle",
     "Storage",
     "StorageUnavailable",
-    "adrive",
+    "check_storage_uri",
+    "customer_key",
     "customer_prefix",
-    "drive",
     "open_storage",
 ]
 
 
 def open_storage(uri: str) -> Storage:
     """The store a URI names: ``memory://``, or Redis (``redis://``, ``rediss://``,
-    ``redis+cluster://``, ``redis+sentinel://``; needs the ``redis`` extra)."""
-    if uri.startswith("memory://"):
-        return MemoryStorage()
-    scheme = uri.partition("://")[0]
-    if scheme in ("redis", "rediss", "redis+cluster", "redis+sentinel"):
-        try:
-            from ._redis import RedisStorage
-        except ImportError:  # pragma: no cover - the redis extra is part of the test install
-            message = f"{uri!r} needs redis-py: pip install 'plangate[redis]'"
-            raise ConfigError([ConfigIssue("storage", message)]) from None
-        redis = RedisStorage(uri)
-        breaker = CircuitBreaker(redis.target.breaker_failures, redis.target.breaker_reset)
-        return ResilientStorage(redis, breaker=breaker, refusal_ttl=redis.target.refusal_ttl)
-    message = f"unknown storage {uri!r}: use memory://, redis://, rediss://, redis+cluster:// or redis+sentinel://"
-    raise ConfigError([ConfigIssue("storage", message)])
+    ``redis+cluster://``, ``redis+sentinel://``) behind a circuit breaker."""
+    try:
+        scheme = scheme_of(uri)
+    except ValueError as exc:
+        raise ConfigError([ConfigIssue("storage", str(exc))]) from None
+    return scheme.open(uri)

@@ -227,11 +227,14 @@ class MemoryStorage(Storage):
                     result.append(self._state(state, now))
             return tuple(result)
 
-    def load_customer(self, customer: str) -> CustomerRecord | None:
+    def get_customer(self, customer: str) -> CustomerRecord | None:
         return self._customers.get(customer)
 
-    def save_customer(self, record: CustomerRecord) -> None:
+    def put_customer(self, record: CustomerRecord) -> None:
         self._customers[record.customer] = record
+
+    def delete_customer(self, customer: str) -> None:
+        self._customers.pop(customer, None)
 
     def _sweep(self, now: float) -> None:
         self._next_sweep = now + _SWEEP_EVERY

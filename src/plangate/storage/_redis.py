@@ -9,7 +9,6 @@ only the line that calls Redis differs.
 from __future__ import annotations
 
 import asyncio
-import time
 import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -20,6 +19,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit
 
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from ..errors import ConfigError, ConfigIssue, StorageError
 from ._base import (
@@ -33,10 +33,11 @@ from ._base import (
     ReserveResult,
     Settle,
     Storage,
-    customer_prefix,
+    customer_key,
 )
+from ._registry import schemes_for
 
-SCHEMES = ("redis", "rediss", "redis+cluster", "redis+sentinel")
+SCHEMES = schemes_for("redis")
 _SETTLED_TTL = 600  # seconds a settled reservation id is remembered
 #: plangate's own URI options; every other query option goes to redis-py
 _OPTIONS = {
@@ -203,10 +204,6 @@ def _peek_result(reply: Sequence[int]) -> tuple[CounterState, ...]:
     return tuple(CounterState(reply[i], reply[i + 1] / 1000) for i in range(0, len(reply), 2))
 
 
-def _customer_key(customer: str) -> str:
-    return f"{customer_prefix(customer)}customer"
-
-
 def _customer_record(customer: str, fields: Any) -> CustomerRecord | None:
     """From an HGETALL reply: a map (RESP3, or the client's) or a flat list (RESP2)."""
     if not fields:
@@ -223,15 +220,73 @@ def _customer_record(customer: str, fields: Any) -> CustomerRecord | None:
     )
 
 
-def _customer_fields(record: CustomerRecord) -> dict[str, str]:
-    fields = {"plan": record.plan or ""}
-    if record.billing_anchor is not None:
-        fields["billing_anchor"] = record.billing_anchor.isoformat()
-    return fields
+def _customer_fields(record: CustomerRecord) -> list[str]:
+    """Every field, an empty one for what is unset: one ``HSET`` replaces the whole record."""
+    anchor = record.billing_anchor.isoformat() if record.billing_anchor is not None else ""
+    return ["plan", record.plan or "", "billing_anchor", anchor]
 
 
 def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
+
+
+#: a deadline the event loop reaches this late was missed by the loop, not by Redis
+_LATE = 0.005
+#: turns of the event loop a missed reply may still need to reach its task (a new
+#: connection's transport takes three)
+_TURNS = 4
+
+
+class _Deadline:
+    """Cancels the task that sets it when Redis stays silent for ``timeout`` seconds.
+
+    asyncio's timeouts (redis-py's) measure the event loop as much as Redis: on a loop busy
+    with a burst, a reply that came back in a millisecond waits behind other tasks, and the
+    timeout fires first. This one is postponed when the loop reaches it late, and when it is
+    reached in time it still lets the loop run what it holds (a reply read in this turn
+    reaches its task in the next ones) before it cancels. So a hung Redis costs one timeout
+    on an idle loop; a busy loop cannot make a healthy Redis look hung.
+    """
+
+    __slots__ = ("_cancelling", "_handle", "_loop", "_task", "_timeout", "expired")
+
+    def __init__(self, timeout: float | None) -> None:
+        self.expired = False
+        self._handle: asyncio.Handle | None = None
+        if timeout is None:
+            return
+        self._loop = asyncio.get_running_loop()
+        self._task = asyncio.current_task()
+        self._timeout = timeout
+        self._cancelling = getattr(self._task, "cancelling", lambda: 0)()  # 3.11+
+        self._handle = self._loop.call_at(self._loop.time() + timeout, self._due)
+
+    def _due(self) -> None:
+        now = self._loop.time()
+        assert isinstance(self._handle, asyncio.TimerHandle)
+        if now - self._handle.when() > _LATE:
+            self._handle = self._loop.call_at(now + self._timeout, self._due)
+        else:
+            self._handle = self._loop.call_soon(self._turn, _TURNS)
+
+    def _turn(self, left: int) -> None:
+        if left:
+            self._handle = self._loop.call_soon(self._turn, left - 1)
+        elif self._task is not None:
+            self.expired = True
+            self._task.cancel()
+
+    def clear(self) -> bool:
+        """Disarm (again: no harm). The first time after it cancelled the task: True, and
+        that ``CancelledError`` is to be read as a timeout."""
+        handle, self._handle = self._handle, None
+        if handle is not None:
+            handle.cancel()
+        if not self.expired:
+            return False
+        self.expired = False
+        uncancel = getattr(self._task, "uncancel", None)  # 3.11+: cancellations are counted
+        return uncancel is None or bool(uncancel() <= self._cancelling)
 
 
 class _Connections:
@@ -241,11 +296,19 @@ class _Connections:
     response callbacks, the pool's bookkeeping) costs about as much as the round trip itself.
     Connections come from the client's own pool and wait, idle, in a LIFO list between
     commands; a connection that fails is disconnected and handed back to the pool.
+
+    Under asyncio, ``timeout`` and ``connect_timeout`` are kept here (a ``_Deadline`` each),
+    not by redis-py: the timeout starts when the command is written and ends when Redis's
+    reply is read, whatever else the event loop is doing.
     """
 
-    def __init__(self, pool: Any) -> None:
+    def __init__(
+        self, pool: Any, timeout: float | None = None, connect_timeout: float | None = None
+    ) -> None:
         self.pool = pool
         self.idle: list[Any] = []
+        self.timeout = timeout
+        self.connect_timeout = connect_timeout
 
     def call(self, *args: Any) -> Any:
         for attempt in (1, 2):
@@ -275,26 +338,38 @@ class _Connections:
 
     async def acall(self, *args: Any) -> Any:
         for attempt in (1, 2):
-            conn = self.idle.pop() if self.idle else await self.pool.get_connection()
+            conn = self.idle.pop() if self.idle else await self._open()
+            deadline = _Deadline(self.timeout)
             try:
                 await conn.send_packed_command(conn.pack_command(*args), check_health=False)
                 reply = await conn.read_response()
-            except ResponseError:
-                self.idle.append(conn)
-                raise
-            except RedisConnectionError:
-                await conn.disconnect()
-                await self.pool.release(conn)
-                if attempt == 2:
+            except BaseException as exc:
+                ours = deadline.clear()
+                if isinstance(exc, ResponseError):  # an error reply: the connection is fine
+                    self.idle.append(conn)
                     raise
-                continue
-            except BaseException:
                 await conn.disconnect()
                 await self.pool.release(conn)
+                if ours:
+                    raise RedisTimeoutError(f"no reply within {self.timeout} s") from None
+                if isinstance(exc, RedisConnectionError) and attempt == 1:
+                    continue  # a connection broken while idle (a restart)
                 raise
+            deadline.clear()
             self.idle.append(conn)
             return reply
         raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _open(self) -> Any:
+        deadline = _Deadline(self.connect_timeout)
+        try:
+            return await self.pool.get_connection()
+        except asyncio.CancelledError:
+            if deadline.clear():
+                raise RedisTimeoutError(f"not connected within {self.connect_timeout} s") from None
+            raise
+        finally:
+            deadline.clear()
 
     def give_back(self) -> list[Any]:
         idle, self.idle = self.idle, []
@@ -319,7 +394,10 @@ class _AsyncClient:
             if hasattr(self.client, "initialize"):
                 await self.client.initialize()
             for script in self.scripts.values():
-                await self.client.script_load(script.script)
+                if self.direct is not None:  # bounded by its own timeout
+                    await self.direct.acall("SCRIPT", "LOAD", script.script)
+                else:
+                    await self.client.script_load(script.script)
             self.ready = True
 
 
@@ -344,7 +422,7 @@ class RedisStorage(Storage):
         self._aclients = weakref.WeakKeyDictionary()
         #: the event loop (weakly) and client of the last asyncio call
         self._last: tuple[weakref.ref[asyncio.AbstractEventLoop], _AsyncClient] | None = None
-        self._customers: dict[str, tuple[CustomerRecord | None, float]] = {}
+        self.customer_cache_ttl = self.target.customer_cache_ttl
 
     def __repr__(self) -> str:
         return f"RedisStorage({self.target.kind}, nodes={list(self.target.nodes)})"
@@ -372,7 +450,9 @@ class RedisStorage(Storage):
             scripts = {n: client.register_script(t) for n, t in self._texts.items()}
             entry = _AsyncClient(client, scripts, asyncio.Semaphore(self.target.max_connections))
             if self.target.kind == "single":
-                entry.direct = _Connections(client.connection_pool)
+                timeout = self.target.connection.get("socket_timeout")
+                connect_timeout = self.target.connection.get("socket_connect_timeout", timeout)
+                entry.direct = _Connections(client.connection_pool, timeout, connect_timeout)
             self._aclients[loop] = entry
             self._last = (weakref.ref(loop), entry)
         return entry
@@ -411,6 +491,10 @@ class RedisStorage(Storage):
                         )
                     return await entry.client.evalsha(script.sha, len(keys), *keys, *args)
                 except NoScriptError:  # a SCRIPT FLUSH or a restart: load it again
+                    if entry.direct is not None:  # EVAL loads it
+                        return await entry.direct.acall(
+                            "EVAL", script.script, len(keys), *keys, *args
+                        )
                     return await script(keys=keys, args=args)
         except Exception as exc:
             raise StorageError(f"redis {name} failed: {exc}") from exc
@@ -441,68 +525,49 @@ class RedisStorage(Storage):
     async def apeek(self, op: Peek) -> tuple[CounterState, ...]:
         return _peek_result(await self._arun("peek", *_peek_call(op)))
 
-    # customers: read through a short in-process cache ----------------------------------
+    # customers: raw reads and writes (the cache is plangate.customers) ----------------
 
-    def cached_customer(self, customer: str) -> tuple[bool, CustomerRecord | None]:
-        """The customer's record if this process read it less than ``customer_cache_ttl``
-        ago: ``(True, record or None)``; else ``(False, None)``. No I/O."""
-        return self._cached(customer)
-
-    def _cached(self, customer: str) -> tuple[bool, CustomerRecord | None]:
-        hit = self._customers.get(customer)
-        if hit is not None and time.monotonic() < hit[1]:
-            return True, hit[0]
-        return False, None
-
-    def _remember(self, customer: str, record: CustomerRecord | None) -> CustomerRecord | None:
-        if len(self._customers) >= 100_000:
-            self._customers.clear()
-        self._customers[customer] = (record, time.monotonic() + self.target.customer_cache_ttl)
-        return record
-
-    def load_customer(self, customer: str) -> CustomerRecord | None:
-        found, record = self._cached(customer)
-        if found:
-            return record
-        key = _customer_key(customer)
+    def _command(self, what: str, *args: Any) -> Any:
         try:
             self._sync()
             if self._direct is not None:
-                fields = self._direct.call("HGETALL", key)
-            else:
-                fields = self._client.hgetall(key)
+                return self._direct.call(*args)
+            return self._client.execute_command(*args)
         except Exception as exc:
-            raise StorageError(f"redis customer read failed: {exc}") from exc
-        return self._remember(customer, _customer_record(customer, fields))
+            raise StorageError(f"redis customer {what} failed: {exc}") from exc
 
-    async def aload_customer(self, customer: str) -> CustomerRecord | None:
-        found, record = self._cached(customer)
-        if found:
-            return record
+    async def _acommand(self, what: str, *args: Any) -> Any:
         entry = self._async()
         try:
             if not entry.ready:
                 await entry.prepare()
-            key = _customer_key(customer)
             async with entry.slots:
                 if entry.direct is not None:
-                    fields = await entry.direct.acall("HGETALL", key)
-                else:
-                    fields = await entry.client.hgetall(key)
+                    return await entry.direct.acall(*args)
+                return await entry.client.execute_command(*args)
         except Exception as exc:
-            raise StorageError(f"redis customer read failed: {exc}") from exc
-        return self._remember(customer, _customer_record(customer, fields))
+            raise StorageError(f"redis customer {what} failed: {exc}") from exc
 
-    def save_customer(self, record: CustomerRecord) -> None:
-        key = _customer_key(record.customer)
-        try:
-            pipe = self.client.pipeline(transaction=True)
-            pipe.delete(key)
-            pipe.hset(key, mapping=_customer_fields(record))
-            pipe.execute()
-        except Exception as exc:
-            raise StorageError(f"redis customer write failed: {exc}") from exc
-        self._customers.pop(record.customer, None)
+    def get_customer(self, customer: str) -> CustomerRecord | None:
+        fields = self._command("read", "HGETALL", customer_key(customer))
+        return _customer_record(customer, fields)
+
+    async def aget_customer(self, customer: str) -> CustomerRecord | None:
+        fields = await self._acommand("read", "HGETALL", customer_key(customer))
+        return _customer_record(customer, fields)
+
+    def put_customer(self, record: CustomerRecord) -> None:
+        self._command("write", "HSET", customer_key(record.customer), *_customer_fields(record))
+
+    async def aput_customer(self, record: CustomerRecord) -> None:
+        key = customer_key(record.customer)
+        await self._acommand("write", "HSET", key, *_customer_fields(record))
+
+    def delete_customer(self, customer: str) -> None:
+        self._command("delete", "DEL", customer_key(customer))
+
+    async def adelete_customer(self, customer: str) -> None:
+        await self._acommand("delete", "DEL", customer_key(customer))
 
     def close(self) -> None:
         if self._client is not None:
@@ -542,6 +607,14 @@ def _retry(asynchronous: bool) -> Any:
     return Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,))
 
 
+def _no_client_info() -> dict[str, Any]:
+    try:
+        from redis.driver_info import DriverInfo
+    except ImportError:  # redis-py before 7.1
+        return {"lib_name": None, "lib_version": None}
+    return {"driver_info": DriverInfo(name=None, lib_version=None)}
+
+
 def _connect(target: RedisTarget, *, asynchronous: bool) -> Any:
     options = dict(target.connection)
     tls = options.pop("ssl", False)
@@ -568,6 +641,10 @@ def _connect(target: RedisTarget, *, asynchronous: bool) -> Any:
             # No blocking pool under asyncio: RedisStorage's semaphore never lets more than
             # max_connections commands in flight, and a blocking pool costs ~20 µs a command.
             pool_options.pop("timeout")
+            # Timeouts are _Connections' (see _Deadline), and a new connection is ready after
+            # its TCP handshake: no CLIENT SETINFO round trips.
+            options["socket_timeout"] = options["socket_connect_timeout"] = None
+            options.update(_no_client_info())
             pool = AsyncPool(host=host, port=port, **pool_options, **options)
             return AsyncRedis.from_pool(pool)  # the client owns the pool: closing closes both
         from redis import BlockingConnectionPool, Redis

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field, replace
 from itertools import islice
 from typing import TypeVar
 
+from .._drivers import adrive, drive
 from ..errors import StorageError
 from ._base import (
     SLIDING_BUCKETS,
@@ -43,8 +44,6 @@ from ._base import (
     ReserveResult,
     Settle,
     Storage,
-    adrive,
-    drive,
 )
 from ._memory import MemoryStorage
 
@@ -194,6 +193,7 @@ class ResilientStorage(Storage):
         refusal_ttl: float = REFUSAL_TTL,
     ) -> None:
         self.inner = inner
+        self.customer_cache_ttl = inner.customer_cache_ttl
         self.breaker = breaker or CircuitBreaker()
         self.local = MemoryStorage()
         self.outbox_limit = outbox_limit
@@ -205,7 +205,6 @@ class ResilientStorage(Storage):
         self._by_key: dict[str, dict[str, None]] = {}  # counter key → outbox ids (ordered)
         self._merging: dict[tuple[object, ...], _Usage] = {}  # bucket key → usage not replayed
         self._outage: OrderedDict[str, _OutageReservation] = OrderedDict()  # by reservation id
-        self._customers: OrderedDict[str, CustomerRecord | None] = OrderedDict()
         self._refusals: OrderedDict[str, _Refusal] = OrderedDict()
         self._lock = threading.Lock()
 
@@ -488,18 +487,6 @@ class ResilientStorage(Storage):
         except StorageError:
             return self.local.peek(op)
 
-    def _load_customer(self, customer: str) -> Flow[CustomerRecord | None]:
-        try:
-            record = yield from self._call(LoadCustomer(customer))
-        except StorageError:
-            # Plans keep deciding from the last record seen, else from the token's claims.
-            return self._customers.get(customer)
-        with self._lock:
-            self._customers[customer] = record
-            if len(self._customers) > 100_000:
-                self._customers.popitem(last=False)
-        return record
-
     def reserve(self, op: Reserve) -> ReserveResult:
         return drive(self._reserve(op), self.inner)
 
@@ -524,27 +511,33 @@ class ResilientStorage(Storage):
     async def arecord(self, op: Record) -> tuple[int, ...] | None:
         return await adrive(self._call(op, op.counters), self.inner)
 
-    def load_customer(self, customer: str) -> CustomerRecord | None:
-        found, record = self._cached(customer)
-        if found:
-            return record
-        return drive(self._load_customer(customer), self.inner)
+    # Customer records: reads go through the breaker (plangate.customers answers from the
+    # record seen last when they fail); writes go straight to the backend.
 
-    async def aload_customer(self, customer: str) -> CustomerRecord | None:
-        found, record = self._cached(customer)
-        if found:
-            return record
-        return await adrive(self._load_customer(customer), self.inner)
+    def get_customer(self, customer: str) -> CustomerRecord | None:
+        return drive(self._call(LoadCustomer(customer)), self.inner)
 
-    def _cached(self, customer: str) -> tuple[bool, CustomerRecord | None]:
-        """The backend's in-process copy, when it has a fresh one: no call to make."""
-        cached = getattr(self.inner, "cached_customer", None)
-        return cached(customer) if cached is not None else (False, None)
+    async def aget_customer(self, customer: str) -> CustomerRecord | None:
+        return await adrive(self._call(LoadCustomer(customer)), self.inner)
 
-    def save_customer(self, record: CustomerRecord) -> None:
-        self.inner.save_customer(record)
+    def put_customer(self, record: CustomerRecord) -> None:
+        self.inner.put_customer(record)
+        self._changed()
+
+    async def aput_customer(self, record: CustomerRecord) -> None:
+        await self.inner.aput_customer(record)
+        self._changed()
+
+    def delete_customer(self, customer: str) -> None:
+        self.inner.delete_customer(customer)
+        self._changed()
+
+    async def adelete_customer(self, customer: str) -> None:
+        await self.inner.adelete_customer(customer)
+        self._changed()
+
+    def _changed(self) -> None:
         with self._lock:
-            self._customers.pop(record.customer, None)
             self._refusals.clear()  # a new plan may have new limits
 
     def close(self) -> None:

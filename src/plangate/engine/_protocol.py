@@ -1,0 +1,186 @@
+"""What the engine asks of a store: operations as data, their answers, and how keys are named.
+
+The engine yields these ``Op``s and receives their results; it never runs one. A driver
+(``plangate._drivers``) runs each against a backend: any object with the methods of
+``Backend``, which every ``plangate.storage.Storage`` has.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Generator
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Generic, NamedTuple, Protocol, TypeVar
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+Flow = Generator["Op[Any]", Any, R]
+
+#: A sliding window is kept as this many buckets. A unit consumed at ``t`` stops counting
+#: between ``t + window`` and ``t + window * (1 + 1/SLIDING_BUCKETS)``: never early, so no
+#: trailing window ever holds more than the limit.
+SLIDING_BUCKETS = 20
+
+
+def customer_prefix(customer: str) -> str:
+    """What every key of one customer starts with. The braces are a Redis Cluster hash tag:
+    all of a customer's keys live in one slot, so one script can change them together."""
+    return f"plangate:{{{customer}}}:"
+
+
+def customer_key(customer: str) -> str:
+    """Where a customer's record is kept."""
+    return f"{customer_prefix(customer)}customer"
+
+
+@dataclass(frozen=True, slots=True)
+class Counter:
+    """One limit of one meter of one customer, and what this request costs it.
+
+    ``window > 0``: a sliding window of that many seconds. Otherwise a calendar period whose
+    ``key`` names the period and which ends at ``resets_at`` (epoch seconds).
+    ``limit=None``: counted, never refused.
+    """
+
+    key: str
+    limit: int | None
+    cost: int
+    window: float = 0.0
+    resets_at: float = 0.0
+    #: what to do when the store cannot be reached: "local" (count in this process),
+    #: "allow" (count, never refuse) or "deny" (503)
+    on_error: str = "local"
+
+
+# Results are named tuples, not dataclasses: one is built per counter per request, and a
+# tuple is built several times faster than a frozen dataclass.
+
+
+class CounterState(NamedTuple):
+    used: int  # units counted now (after the reservation, for ``Reserve``)
+    reset_after: float  # seconds until capacity next returns
+
+
+class ReserveResult(NamedTuple):
+    admitted: bool
+    states: tuple[CounterState, ...]
+    slots: tuple[int, ...] = ()  # where each cost was placed; handed back to ``Settle``
+    violated: tuple[int, ...] = ()  # indices of the counters that refused
+    retry_after: float = 0.0  # seconds until every violated counter could take its cost
+    waits: tuple[float, ...] = ()  # refused: seconds until each counter could take its cost
+
+
+@dataclass(frozen=True, slots=True)
+class CustomerRecord:
+    """What the store knows of a customer. Provisioning (admin API, webhooks) comes later."""
+
+    customer: str
+    plan: str | None = None
+    billing_anchor: datetime | None = None
+
+
+class Backend(Protocol):
+    """What runs the operations: every ``plangate.storage.Storage`` is one."""
+
+    def reserve(self, op: Reserve, /) -> ReserveResult: ...
+    def settle(self, op: Settle, /) -> bool: ...
+    def peek(self, op: Peek, /) -> tuple[CounterState, ...]: ...
+    def record(self, op: Record, /) -> tuple[int, ...] | None: ...
+    def get_customer(self, customer: str, /) -> CustomerRecord | None: ...
+    async def areserve(self, op: Reserve, /) -> ReserveResult: ...
+    async def asettle(self, op: Settle, /) -> bool: ...
+    async def apeek(self, op: Peek, /) -> tuple[CounterState, ...]: ...
+    async def arecord(self, op: Record, /) -> tuple[int, ...] | None: ...
+    async def aget_customer(self, customer: str, /) -> CustomerRecord | None: ...
+
+
+class Op(ABC, Generic[T]):
+    """One storage operation, run by a sync or an async driver."""
+
+    @abstractmethod
+    def run(self, backend: Backend) -> T: ...
+
+    @abstractmethod
+    async def arun(self, backend: Backend) -> T: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Reserve(Op[ReserveResult]):
+    """All counters take their cost, or none does. ``enforce=False`` takes it regardless."""
+
+    counters: tuple[Counter, ...]
+    now: float
+    enforce: bool = True
+    #: names the reservation; the ``Settle`` that commits or refunds it carries the same id
+    reservation_id: str = ""
+
+    def run(self, backend: Backend) -> ReserveResult:
+        return backend.reserve(self)
+
+    async def arun(self, backend: Backend) -> ReserveResult:
+        return await backend.areserve(self)
+
+
+@dataclass(frozen=True, slots=True)
+class Settle(Op[bool]):
+    """Adjust a reservation by ``deltas`` (actual - reserved, per counter); once per id."""
+
+    reservation_id: str
+    counters: tuple[Counter, ...]
+    slots: tuple[int, ...]
+    deltas: tuple[int, ...]
+    now: float
+
+    def run(self, backend: Backend) -> bool:
+        return backend.settle(self)
+
+    async def arun(self, backend: Backend) -> bool:
+        return await backend.asettle(self)
+
+
+@dataclass(frozen=True, slots=True)
+class Record(Op["tuple[int, ...] | None"]):
+    """Add usage admitted elsewhere (replayed after an outage), no limit checked; once per id.
+
+    Answers where each cost was placed (slots, as ``Reserve`` does), or None if this id was
+    recorded before.
+    """
+
+    record_id: str
+    counters: tuple[Counter, ...]
+    costs: tuple[int, ...]
+    now: float
+
+    def run(self, backend: Backend) -> tuple[int, ...] | None:
+        return backend.record(self)
+
+    async def arun(self, backend: Backend) -> tuple[int, ...] | None:
+        return await backend.arecord(self)
+
+
+@dataclass(frozen=True, slots=True)
+class Peek(Op[tuple[CounterState, ...]]):
+    counters: tuple[Counter, ...]
+    now: float
+
+    def run(self, backend: Backend) -> tuple[CounterState, ...]:
+        return backend.peek(self)
+
+    async def arun(self, backend: Backend) -> tuple[CounterState, ...]:
+        return await backend.apeek(self)
+
+
+@dataclass(frozen=True, slots=True)
+class LoadCustomer(Op["CustomerRecord | None"]):
+    """The customer's record. The gate's drivers answer it from the customer store (its
+    cache); run on a backend, it is one raw read."""
+
+    customer: str
+
+    def run(self, backend: Backend) -> CustomerRecord | None:
+        return backend.get_customer(self.customer)
+
+    async def arun(self, backend: Backend) -> CustomerRecord | None:
+        return await backend.aget_customer(self.customer)
