@@ -37,6 +37,7 @@ def test_public_names_are_pinned():
     [
         "plangate.asgi",
         "plangate.config",
+        "plangate.customers",
         "plangate.engine",
         "plangate.errors",
         "plangate.identity",
