@@ -123,8 +123,9 @@ class RedisServer:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
-def drain(proc: subprocess.Popen[str]) -> None:
-    """Read and drop the rest of a process's output (stdout, else stderr) in a thread."""
+def drain(proc: subprocess.Popen[str], keep: list[str] | None = None) -> None:
+    """Read the rest of a process's output (stdout, else stderr) in a thread; dropped, or
+    appended to ``keep``."""
     import threading
 
     stream = proc.stdout or proc.stderr
@@ -132,8 +133,9 @@ def drain(proc: subprocess.Popen[str]) -> None:
 
     def read() -> None:
         with stream:  # closed at EOF, when the process has exited
-            for _ in stream:
-                pass
+            for line in stream:
+                if keep is not None:
+                    keep.append(line)
 
     threading.Thread(target=read, daemon=True).start()
 
@@ -243,26 +245,26 @@ def running(server: RedisServer | RedisCluster | RedisSentinel) -> Iterator[None
 
 @contextlib.contextmanager
 def ready_process(
-    command: list[str], ready: str, *, name: str = "", **popen: Any
+    command: list[str], ready: str, *, name: str = "", log: list[str] | None = None, **popen: Any
 ) -> Iterator[subprocess.Popen[str]]:
     """A server process that logs ``ready`` on stderr once it serves; stopped on exit.
 
     Its log is read until that line (an event, not a guess), then drained so that a full pipe
-    never stalls it.
+    never stalls it (into ``log``, when given).
     """
     proc = subprocess.Popen(
         command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, **popen
     )
     try:
         assert proc.stderr is not None
-        log = []
+        seen = []
         for line in proc.stderr:
-            log.append(line)
+            seen.append(line)
             if ready in line:
                 break
         else:
-            raise RuntimeError(f"{name or command[0]} exited:\n" + "".join(log))
-        drain(proc)
+            raise RuntimeError(f"{name or command[0]} exited:\n" + "".join(seen))
+        drain(proc, log)
         yield proc
     finally:
         proc.terminate()

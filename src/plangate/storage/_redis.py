@@ -361,15 +361,23 @@ class _Connections:
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def _open(self) -> Any:
+        # The pool would connect under its lock, and a burst's connections queue for it:
+        # waiting for the lock is not Redis's time, so only the connect is timed.
+        take = getattr(self.pool, "get_available_connection", None)
+        if take is None:  # pragma: no cover - an older redis-py
+            return await self.pool.get_connection()
+        conn = take()
         deadline = _Deadline(self.connect_timeout)
         try:
-            return await self.pool.get_connection()
-        except asyncio.CancelledError:
-            if deadline.clear():
+            await conn.connect()
+        except BaseException:
+            ours = deadline.clear()
+            await self.pool.release(conn)
+            if ours:
                 raise RedisTimeoutError(f"not connected within {self.connect_timeout} s") from None
             raise
-        finally:
-            deadline.clear()
+        deadline.clear()
+        return conn
 
     def give_back(self) -> list[Any]:
         idle, self.idle = self.idle, []
