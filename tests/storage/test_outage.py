@@ -127,6 +127,22 @@ def test_killed_redis_still_decides_features_from_the_last_customer_record(serve
         )
 
 
+def test_local_counting_starts_from_the_usage_redis_last_reported(server):
+    plans = {"free": {"features": {"api_calls": {"limit": 50, "window": "1h"}}}}
+    a, b = resilient(server.url, Clock()), resilient(server.url, Clock())
+    with client_for(a, plans=plans) as first, client_for(b, plans=plans) as second:
+        assert calls(first, 47) == [200] * 47
+        assert calls(second, 1) == [200]  # Redis answers 48 of 50
+        entitlements = first.get("/.plangate/entitlements", headers=bearer()).json()
+        assert entitlements["meters"]["api_calls"]["limits"][0]["used"] == 48
+        server.kill()
+        # each process counts on from the 48 Redis last reported to it: 2 more each, not 50
+        assert calls(first, 4) == [200, 200, 429, 429]
+        assert calls(second, 4) == [200, 200, 429, 429]
+        # a customer Redis never reported on here starts from nothing
+        assert calls(first, 51, customer="globex") == [200] * 50 + [429]
+
+
 # Restarted empty ---------------------------------------------------------------------------
 
 
@@ -188,6 +204,44 @@ def test_a_paused_redis_costs_one_timeout_then_nothing(server):
     assert statuses == [200] * 5 + [429] * 5  # no 5xx; the limit held, counted locally
     assert slowest < 1.0  # the bound; each call is capped at 50 ms by default
     assert store.backend_calls == tried  # with the breaker open, Redis was not asked
+
+
+def test_a_paused_redis_costs_an_asgi_request_one_timeout_then_nothing(server):
+    import asyncio
+
+    from plangate import asgi
+    from tests.middleware.apps import asgi_app
+
+    store = resilient(server.url, Clock())
+    app = asgi.PlanGateMiddleware(asgi_app(), config(**_policy("local")), storage=store)
+
+    async def run() -> tuple[list[int], float, int, list[int]]:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+
+            async def get(customer: str) -> int:
+                response = await client.get("/v1/projects", headers=bearer(customer))
+                return response.status_code
+
+            assert [await get("acme"), await get("acme")] == [200, 200]
+            os.kill(server.proc.pid, signal.SIGSTOP)
+            statuses, slowest = [], 0.0
+            for _ in range(10):
+                started = time.perf_counter()
+                statuses.append(await get("globex"))
+                slowest = max(slowest, time.perf_counter() - started)
+            tried = store.backend_calls
+            later = [await get("initech") for _ in range(3)]
+            os.kill(server.proc.pid, signal.SIGCONT)
+            untried = store.backend_calls - tried
+        await store.aclose()
+        return statuses, slowest, untried, later
+
+    statuses, slowest, untried, later = asyncio.run(run())
+    assert statuses == [200] * 5 + [429] * 5  # no 5xx; the limit held, counted locally
+    assert slowest < 1.0  # the bound; each call is capped at 50 ms by default
+    assert untried == 0  # with the breaker open, Redis was not asked
+    assert later == [200, 200, 200]
 
 
 @contextlib.contextmanager
@@ -296,10 +350,10 @@ def test_the_asgi_middleware_follows_the_same_policies(server):
         await store.aclose()
         return statuses
 
-    # 1 in Redis before; 5 more locally (a process counts only what it served during the
-    # outage: the local counter does not know the first one); after recovery the 5 replayed
-    # join the 1 in Redis: 6 of 5, refused.
-    assert asyncio.run(run()) == [200, 200, 200, 200, 200, 200, 429]
+    # 1 in Redis before, as Redis reported; 4 more locally (local counting starts from the
+    # last usage Redis reported), then refused; Redis restarted empty: after recovery it holds
+    # the 4 replayed, and a 5th fits.
+    assert asyncio.run(run()) == [200, 200, 200, 200, 200, 429, 200]
 
 
 # The bookkeeping of an outage ----------------------------------------------------------------

@@ -55,6 +55,7 @@ OUTBOX_LIMIT = 100_000  # records waiting for the backend; past it, usage is dro
 REPLAY_BATCH = 50  # records replayed after each successful backend call
 REFUSAL_TTL = 1.0  # seconds a refusal is trusted without asking the backend again
 REFUSALS = 100_000  # counters remembered as refusing; the oldest are forgotten first
+REPORTED = 100_000  # counters whose last usage from the backend is kept; the oldest forgotten
 OUTAGE_TTL = 600.0  # seconds a reservation made during an outage waits for its settle
 
 
@@ -206,6 +207,8 @@ class ResilientStorage(Storage):
         self._merging: dict[tuple[object, ...], _Usage] = {}  # bucket key → usage not replayed
         self._outage: OrderedDict[str, _OutageReservation] = OrderedDict()  # by reservation id
         self._refusals: OrderedDict[str, _Refusal] = OrderedDict()
+        #: counter key → (used, now): what the backend last answered for it, newest last
+        self._reported: dict[str, tuple[int, float]] = {}
         self._lock = threading.Lock()
 
     def __repr__(self) -> str:
@@ -354,9 +357,46 @@ class ResilientStorage(Storage):
             result = yield from self._call(op, op.counters)
         except StorageError as exc:
             return self._reserve_locally(op, exc)
+        self._note(op.counters, result.states, op.now)
         if not result.admitted and op.enforce and result.waits:
             self._remember_refusal(op, result)
         return result
+
+    # Local counting starts where the backend left off: each counter from the usage the
+    # backend last reported for it, so a customer at 48 of 50 gets at most 2 more per process
+    # during an outage, not 50. A counter never reported here starts from 0.
+
+    def _note(
+        self, counters: tuple[Counter, ...], states: tuple[CounterState, ...], now: float
+    ) -> None:
+        reported = self._reported
+        for counter, state in zip(counters, states, strict=True):
+            reported.pop(counter.key, None)
+            reported[counter.key] = (state.used, now)
+        if len(reported) > REPORTED:
+            with self._lock:
+                while len(reported) > REPORTED:
+                    reported.pop(next(iter(reported)), None)
+
+    def _catch_up(self, counters: tuple[Counter, ...], now: float) -> None:
+        """Bring each local counter up to the usage last reported for it (once per report).
+
+        The reported usage is counted as of the report, in one bucket: it leaves a sliding
+        window no earlier than it does in the backend.
+        """
+        with self._lock:
+            for counter in counters:
+                report = self._reported.pop(counter.key, None)
+                if report is None:
+                    continue
+                used, at = report
+                if counter.window > 0 and now - at >= counter.window:
+                    continue  # all of it has left the window since
+                held = self.local.peek(Peek((counter,), now))[0].used
+                if used > held:
+                    self.local.record(
+                        Record(f"seed:{os.urandom(8).hex()}", (counter,), (used - held,), at)
+                    )
 
     # A refused customer is answered from memory for up to ``refusal_ttl`` (and never past the
     # moment its window can admit again): asking the backend sooner would only cost a round
@@ -412,6 +452,8 @@ class ResilientStorage(Storage):
             raise StorageUnavailable(
                 f"usage cannot be counted: {cause}", max(1.0, self.breaker.retry_after)
             ) from cause
+        if self._reported:
+            self._catch_up(op.counters, op.now)
         counters = tuple(
             replace(c, limit=None) if c.on_error == "allow" else c for c in op.counters
         )
@@ -483,9 +525,13 @@ class ResilientStorage(Storage):
 
     def _peek(self, op: Peek) -> Flow[tuple[CounterState, ...]]:
         try:
-            return (yield from self._call(op, op.counters))
+            states = yield from self._call(op, op.counters)
         except StorageError:
+            if self._reported:
+                self._catch_up(op.counters, op.now)
             return self.local.peek(op)
+        self._note(op.counters, states, op.now)
+        return states
 
     def reserve(self, op: Reserve) -> ReserveResult:
         return drive(self._reserve(op), self.inner)
