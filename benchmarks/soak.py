@@ -2,6 +2,7 @@
 
     python benchmarks/soak.py              # 60 s, 64 connections; writes docs/operations.md
     python benchmarks/soak.py --quick      # 15 s, prints only
+    python benchmarks/soak.py --burst      # the overload burst; writes docs/operations.md
 
 A uvicorn process (one worker) serves a small Starlette API behind plangate on a Redis of its
 own (AOF on, so a restart keeps what Redis acknowledged). 64 concurrent clients, one customer
@@ -10,6 +11,11 @@ each, call a metered route as fast as they can. A third of the way in, Redis is 
 seen (there must be no 5xx), the latency of each phase, the app's memory (RSS) over time, and
 the usage Redis holds at the end against the requests that were admitted: usage admitted
 during the outage is replayed when Redis is back, so nothing admitted is missing.
+
+The burst case (``--burst``) asks whether a busy but healthy Redis costs exactness: two uvicorn
+processes on one Redis at the default timeouts, a CPU hog on every core, and three rounds of 8
+fresh customers each sending 90 requests at once (limit 50) spread over both processes. It
+reports what each customer was admitted (it must be exactly 50), the statuses and the latency.
 
 Bounded: every request has a timeout, the run a fixed duration; servers bind 127.0.0.1.
 """
@@ -48,6 +54,7 @@ from plangate.config import load_config  # noqa: E402
 
 DOCS = ROOT / "docs" / "operations.md"
 START, END = "<!-- soak -->", "<!-- /soak -->"
+BURST_START, BURST_END = "<!-- burst -->", "<!-- /burst -->"
 SECRET = "soak-test-secret-that-is-long-enough-0123456789"
 
 CONFIG: dict[str, Any] = {
@@ -284,21 +291,153 @@ def table(results: Results, info: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+# The burst: exact under overload -----------------------------------------------------------
+
+BURST_LIMIT, BURST_CUSTOMERS, BURST_REQUESTS, BURST_ROUNDS = 50, 8, 90, 3
+
+
+def burst_round(
+    urls: list[str], tokens: dict[str, str]
+) -> tuple[Counter[tuple[str, int]], list[float], float]:
+    """Every customer's requests at once, alternating between ``urls``."""
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
+
+    async def go() -> tuple[Counter[tuple[str, int]], list[float]]:
+        async with httpx.AsyncClient(timeout=30, limits=limits) as client:
+
+            async def one(url: str, customer: str) -> tuple[str, int, float]:
+                headers = {"authorization": f"Bearer {tokens[customer]}"}
+                started = time.perf_counter()
+                response = await client.get(f"{url}/v1/projects", headers=headers)
+                return customer, response.status_code, time.perf_counter() - started
+
+            jobs = [
+                one(urls[i % len(urls)], customer)
+                for i in range(BURST_REQUESTS)
+                for customer in tokens
+            ]
+            answers = await asyncio.gather(*jobs)
+        return Counter((c, s) for c, s, _ in answers), [t for _, _, t in answers]
+
+    started = time.perf_counter()
+    statuses, latency = asyncio.run(go())
+    return statuses, latency, time.perf_counter() - started
+
+
+def run_burst() -> list[tuple[Counter[tuple[str, int]], list[float], float]]:
+    workdir = Path(tempfile.mkdtemp(prefix="plangate-burst-"))
+    store = Redis(workdir)
+    store.start()
+    (workdir / "soak_app.py").write_text(APP)
+    config_file = workdir / "plangate.yaml"
+    plans = {"soak": {"features": {"api_calls": {"limit": BURST_LIMIT, "window": "1h"}}}}
+    config_file.write_text(yaml.safe_dump({**CONFIG, "plans": plans}))
+    env = {
+        **os.environ,
+        "PLANGATE_STORAGE": f"redis://127.0.0.1:{store.port}/0",  # the default timeouts
+        "SOAK_CONFIG": str(config_file),
+    }
+    apps, urls = [], []
+    rounds = []
+    try:
+        for _ in range(2):
+            port = free_port()
+            command = [sys.executable, "-m", "uvicorn", "soak_app:app", "--port", str(port)]
+            apps.append(
+                subprocess.Popen(
+                    [*command, "--no-access-log"],
+                    cwd=workdir,
+                    env=env,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.STDOUT,
+                    text=True,
+                )
+            )
+            wait_for_line(apps[-1], "Uvicorn running on")
+            urls.append(f"http://127.0.0.1:{port}")
+        config = load_config(config_file)
+        for round_ in range(BURST_ROUNDS):
+            customers = [f"burst{round_}-{i}" for i in range(BURST_CUSTOMERS)]
+            tokens = {c: mint_token(config, c, ttl=3600) for c in customers}
+            hogs = [
+                subprocess.Popen([sys.executable, "-c", "while True: pass"])
+                for _ in range(os.cpu_count() or 1)
+            ]
+            try:
+                rounds.append(burst_round(urls, tokens))
+            finally:
+                for hog in hogs:
+                    hog.kill()
+                    hog.wait(10)
+    finally:
+        for app in apps:
+            app.terminate()
+            app.wait(10)
+        store.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
+    return rounds
+
+
+def burst_table(rounds: list[tuple[Counter[tuple[str, int]], list[float], float]]) -> str:
+    now = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    lines = [
+        f"Run {now}; two uvicorn processes on one Redis at the default timeouts (50 ms), a CPU "
+        f"hog on each of the {os.cpu_count()} cores; each round {BURST_CUSTOMERS} fresh "
+        f"customers send {BURST_REQUESTS} requests each at once (limit {BURST_LIMIT}).",
+        "",
+        "| round | admitted per customer | other statuses | p50 ms | p99 ms | max ms | round s |",
+        "| --- | --- | --- | ---: | ---: | ---: | ---: |",
+    ]
+    for number, (statuses, latency, seconds) in enumerate(rounds, 1):
+        customers = sorted({c for c, _ in statuses})
+        admitted = ", ".join(str(statuses[c, 200]) for c in customers)
+        other = Counter()
+        for (_, status), n in statuses.items():
+            if status not in (200, 429):
+                other[status] += n
+        q = statistics.quantiles(sorted(latency), n=100)
+        lines.append(
+            f"| {number} | {admitted} | {dict(other) or 'none'} | {q[49] * 1000:.0f} "
+            f"| {q[98] * 1000:.0f} | {max(latency) * 1000:.0f} | {seconds:.1f} |"
+        )
+    return "\n".join(lines)
+
+
+def burst_exact(rounds: list[tuple[Counter[tuple[str, int]], list[float], float]]) -> bool:
+    return all(
+        statuses[c, 200] == BURST_LIMIT and statuses[c, 429] == BURST_REQUESTS - BURST_LIMIT
+        for statuses, _, _ in rounds
+        for c in {c for c, _ in statuses}
+    )
+
+
+def write_between(start_marker: str, end_marker: str, text: str) -> None:
+    doc = DOCS.read_text()
+    start, end = doc.index(start_marker) + len(start_marker), doc.index(end_marker)
+    DOCS.write_text(doc[:start] + "\n" + text + "\n" + doc[end:])
+    print(f"\nwrote {DOCS}")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="15 s, print only")
     parser.add_argument("--seconds", type=float, default=60)
     parser.add_argument("--connections", type=int, default=64)
+    parser.add_argument("--burst", action="store_true", help="the overload burst instead")
     args = parser.parse_args()
+    if args.burst:
+        rounds = run_burst()
+        text = burst_table(rounds)
+        print(text)
+        if not args.quick:
+            write_between(BURST_START, BURST_END, text)
+        return 0 if burst_exact(rounds) else 1
     seconds = 15 if args.quick else args.seconds
     results, info = run(seconds, args.connections)
     text = table(results, info)
     print(text)
     if not args.quick:
-        doc = DOCS.read_text()
-        start, end = doc.index(START) + len(START), doc.index(END)
-        DOCS.write_text(doc[:start] + "\n" + text + "\n" + doc[end:])
-        print(f"\nwrote {DOCS}")
+        write_between(START, END, text)
     five = sum(n for code, n in results.statuses.items() if code >= 500)
     return 1 if five or info["customers_short"] else 0
 
