@@ -13,6 +13,7 @@ from django.core.exceptions import ImproperlyConfigured
 from django.http import HttpRequest, HttpResponse, HttpResponseBase, StreamingHttpResponse
 
 from plangate import AsyncGate, Gate, Problem
+from plangate.identity import TokenRead
 from plangate.integration import (
     ENTITLEMENTS_PATH,
     Answer,
@@ -68,7 +69,7 @@ class PlanGateMiddleware:
         )
         self.entitlements_path = settings.get("ENTITLEMENTS_PATH", ENTITLEMENTS_PATH)
 
-    def _begin(self, request: HttpRequest) -> tuple[Exchange, str | None]:
+    def _begin(self, request: HttpRequest) -> tuple[Exchange, TokenRead]:
         """The request's exchange and token, once the client's own ``X-Plangate-*`` headers
         are gone: the app may trust those (a gateway sets them), never the client's."""
         meta = request.META
@@ -82,7 +83,8 @@ class PlanGateMiddleware:
             request.method or "GET", request.path_info, entitlements_path=self.entitlements_path
         )
         request.plangate_pending = Pending(self.gate, exchange)  # type: ignore[attr-defined]
-        return exchange, source.extract(request.headers.get(source.header))
+        value = request.headers.get(source.header)
+        return exchange, source.read(() if value is None else (value,))
 
     def __call__(self, request: HttpRequest) -> Any:
         if self.async_mode:

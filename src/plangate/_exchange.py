@@ -34,6 +34,7 @@ from typing import Any, TypeVar
 
 from .config import Rule
 from .engine import Decision, Problem
+from .identity import TokenRead
 
 logger = logging.getLogger("plangate")
 
@@ -130,7 +131,7 @@ class Exchange:
             and self.path == entitlements_path
             and self.method in ("GET", "HEAD")
         )
-        self.token: str | None = None
+        self.token: TokenRead = None
         #: the route rule's decision, once decided
         self.decision: Decision | None = None
         #: every decision to settle: the route rule's, then those of requirements on views

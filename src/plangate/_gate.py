@@ -19,7 +19,7 @@ from .config import Config, Rule, load_config
 from .customers import AsyncCustomerStore, CustomerStore
 from .engine import Decision, Engine, Flow, Problem, identity_problem
 from .errors import AuthenticationError, KeysUnavailableError
-from .identity import Identity, IdentityResult, TokenSource, TokenVerifier
+from .identity import Identity, IdentityResult, TokenRead, TokenSource, TokenVerifier
 from .storage import Storage, open_storage
 
 Clock = Callable[[], float]
@@ -54,8 +54,10 @@ class _Gate:
     def _open_customers(self) -> None:
         raise NotImplementedError
 
-    def identify(self, token: str | None) -> IdentityResult:
+    def identify(self, token: TokenRead) -> IdentityResult:
         """The caller, or why there is none. Never raises for bad input."""
+        if isinstance(token, AuthenticationError):  # the request's token could not be read
+            return token
         try:
             return self.verifier.verify(token)
         except (AuthenticationError, KeysUnavailableError) as exc:
@@ -118,7 +120,7 @@ class Gate(_Gate):
     def _open_customers(self) -> None:
         self.customers = CustomerStore(self.storage)
 
-    def check(self, method: str, path: str, token: str | None, *, consume: bool = True) -> Decision:
+    def check(self, method: str, path: str, token: TokenRead, *, consume: bool = True) -> Decision:
         """The decision for a request; reserves its meters unless ``consume=False``.
 
         Never raises: an unexpected error is logged and decided by the failure policy.
@@ -133,7 +135,7 @@ class Gate(_Gate):
         except Exception:
             return self._fallback(method, path)
 
-    def check_declared(self, rule: Rule, token: str | None) -> Decision:
+    def check_declared(self, rule: Rule, token: TokenRead) -> Decision:
         """The decision for a rule declared on a view (``Requirement``), for this token."""
         try:
             decision = self._declared(rule)
@@ -159,7 +161,7 @@ class Gate(_Gate):
         except Exception:
             logger.exception("plangate could not settle %r; its reservation stands", decision)
 
-    def entitlements(self, token: str | None) -> dict[str, Any] | Problem:
+    def entitlements(self, token: TokenRead) -> dict[str, Any] | Problem:
         try:
             return drive(self._entitlements(self.identify(token)), self.storage, self.customers)
         except Exception:
@@ -175,10 +177,10 @@ class AsyncGate(_Gate):
     def _open_customers(self) -> None:
         self.customers = AsyncCustomerStore(self.storage)
 
-    async def aidentify(self, token: str | None) -> IdentityResult:
+    async def aidentify(self, token: TokenRead) -> IdentityResult:
         """``identify``, without blocking the event loop on a JWKS fetch."""
         verifier = self.verifier
-        if verifier.fetches_keys:
+        if verifier.fetches_keys and not isinstance(token, AuthenticationError):
             hit = verifier.cached(token)
             if hit is not None:
                 return hit
@@ -186,7 +188,7 @@ class AsyncGate(_Gate):
         return self.identify(token)
 
     async def check(
-        self, method: str, path: str, token: str | None, *, consume: bool = True
+        self, method: str, path: str, token: TokenRead, *, consume: bool = True
     ) -> Decision:
         try:
             decision = self._route(method, path, consume)
@@ -199,7 +201,7 @@ class AsyncGate(_Gate):
         except Exception:
             return self._fallback(method, path)
 
-    async def check_declared(self, rule: Rule, token: str | None) -> Decision:
+    async def check_declared(self, rule: Rule, token: TokenRead) -> Decision:
         try:
             decision = self._declared(rule)
             identity = await self.aidentify(token)
@@ -224,7 +226,7 @@ class AsyncGate(_Gate):
         except Exception:
             logger.exception("plangate could not settle %r; its reservation stands", decision)
 
-    async def entitlements(self, token: str | None) -> dict[str, Any] | Problem:
+    async def entitlements(self, token: TokenRead) -> dict[str, Any] | Problem:
         try:
             identity = await self.aidentify(token)
             return await adrive(self._entitlements(identity), self.storage, self.customers)

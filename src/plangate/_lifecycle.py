@@ -14,13 +14,14 @@ from ._exchange import Answer, Exchange
 from ._gate import AsyncGate, Gate
 from ._requirements import Requirement
 from .engine import Decision
+from .identity import TokenRead
 
 #: where the front ends keep a request's ``Pending`` (ASGI scope state, WSGI environ, Django
 #: request attribute) for the requirements declared on views
 PENDING_KEY = "plangate.pending"
 
 
-def begin(gate: Gate, exchange: Exchange, token: str | None) -> Answer | None:
+def begin(gate: Gate, exchange: Exchange, token: TokenRead) -> Answer | None:
     """Decide the request: an ``Answer`` to send instead of calling the app, or None."""
     exchange.token = token
     if exchange.wants_entitlements:
@@ -28,7 +29,7 @@ def begin(gate: Gate, exchange: Exchange, token: str | None) -> Answer | None:
     return exchange.decided(gate.check(exchange.method, exchange.path, token))
 
 
-async def abegin(gate: AsyncGate, exchange: Exchange, token: str | None) -> Answer | None:
+async def abegin(gate: AsyncGate, exchange: Exchange, token: TokenRead) -> Answer | None:
     exchange.token = token
     if exchange.wants_entitlements:
         return exchange.answer_entitlements(await gate.entitlements(token))

@@ -7,22 +7,28 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Awaitable, Callable, Mapping, MutableMapping
+from collections.abc import Mapping
 from typing import Any
 
-from ._exchange import ENTITLEMENTS_PATH, Answer, Exchange, encoded
+from ._asgi import (
+    ASGIApp,
+    Message,
+    Receive,
+    Scope,
+    Send,
+    app_path,
+    send_answer,
+    without_client_headers,
+)
+from ._exchange import ENTITLEMENTS_PATH, Exchange, encoded
 from ._gate import AsyncGate, Clock
 from ._lifecycle import PENDING_KEY, Pending, abegin, asettle
+from ._websocket import gate_websocket
 from .config import Config
+from .identity import TokenRead
 from .storage import Storage
 
-Scope = MutableMapping[str, Any]
-Message = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
-ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
-
-__all__ = ["PlanGateMiddleware"]
+__all__ = ["PlanGateMiddleware", "app_path"]
 
 
 class PlanGateMiddleware:
@@ -51,49 +57,47 @@ class PlanGateMiddleware:
         self.entitlements_path = entitlements_path
         self._token_header = self.gate.token_source.header.encode("latin-1")
 
-    def _token(self, scope: Scope) -> str | None:
-        wanted = self._token_header
-        if wanted == b"cookie":  # HTTP/2 may split cookies over several header fields
-            values = [v for n, v in scope["headers"] if n == wanted]
-            joined = b"; ".join(values).decode("latin-1")
-            return self.gate.token_source.extract(joined) if values else None
-        for name, value in scope["headers"]:
-            if name == wanted:
-                return self.gate.token_source.extract(value.decode("latin-1"))
-        return None
+    def _token(self, scope: Scope) -> TokenRead:
+        wanted = self._token_header  # HTTP/2 may split cookies over several header fields
+        values = [v.decode("latin-1") for n, v in scope["headers"] if n == wanted]
+        return self.gate.token_source.read(values)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            if scope["type"] == "lifespan":
+        kind = scope["type"]
+        if kind != "http":
+            if kind == "websocket":
+                await gate_websocket(
+                    self.gate, self.app, scope, receive, send, self._token, self._with_state
+                )
+                return
+            if kind == "lifespan":
                 send = self._closing(send)
             await self.app(scope, receive, send)
             return
         exchange = Exchange(
-            scope["method"], scope["path"], entitlements_path=self.entitlements_path
+            scope["method"], app_path(scope), entitlements_path=self.entitlements_path
         )
-        for name, _ in scope["headers"]:
-            if name[:11] == b"x-plangate-":
-                # The app may trust X-Plangate-* (a gateway sets them): never the client's own.
-                kept = [(n, v) for n, v in scope["headers"] if n[:11] != b"x-plangate-"]
-                scope = {**scope, "headers": kept}
-                break
+        scope = without_client_headers(scope)
         answer = await abegin(self.gate, exchange, self._token(scope))
         if answer is not None:
-            await _send_answer(send, answer)
+            await send_answer(send, answer)
             return
         if not exchange.gated and not self.views:
             await self.app(scope, receive, send)
             return
+        scope = self._with_state(scope, exchange)
+        if not exchange.decisions and not self.views:
+            await self.app(scope, receive, send)
+            return
+        await self._call(scope, receive, send, exchange)
+
+    def _with_state(self, scope: Scope, exchange: Exchange) -> Scope:
         state = dict(scope.get("state") or ())
         if exchange.gated:
             state["plangate"] = exchange.decision
         if self.views:  # where adapters find the gate for requirements declared on views
             state[PENDING_KEY] = Pending(self.gate, exchange)
-        scope = {**scope, "state": state}
-        if not exchange.decisions and not self.views:
-            await self.app(scope, receive, send)
-            return
-        await self._call(scope, receive, send, exchange)
+        return {**scope, "state": state}
 
     def _closing(self, send: Send) -> Send:
         """``send`` for the lifespan scope: storage connections close at shutdown."""
@@ -136,9 +140,3 @@ class PlanGateMiddleware:
             raise
         finally:
             await asettle(self.gate, exchange)
-
-
-async def _send_answer(send: Send, answer: Answer) -> None:
-    headers = encoded(answer.headers)
-    await send({"type": "http.response.start", "status": answer.status, "headers": headers})
-    await send({"type": "http.response.body", "body": answer.body})

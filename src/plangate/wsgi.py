@@ -62,7 +62,8 @@ class PlanGateMiddleware:
         for key in [k for k in environ if k.startswith("HTTP_X_PLANGATE_")]:
             # The app may trust X-Plangate-* (a gateway sets them): never the client's own.
             del environ[key]
-        token = self.gate.token_source.extract(environ.get(self._token_key))
+        value = environ.get(self._token_key)
+        token = self.gate.token_source.read(() if value is None else (value,))
         answer = begin(self.gate, exchange, token)
         if answer is not None:
             return answer_wsgi(start_response, answer)

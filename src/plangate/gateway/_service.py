@@ -27,6 +27,7 @@ from .._lifecycle import abegin, asettle
 from ..config import Config
 from ..engine import PROBLEM_BASE, Decision, Problem
 from ..engine._problems import TITLES
+from ..identity import TokenRead
 from ..storage import Storage
 from ._logs import LogCommitter, follow_file
 
@@ -92,7 +93,7 @@ class GatewayService:
         except AmbiguousRequest as exc:
             logger.warning("check refused: %s", exc)
             return _error(400, "bad-request", f"cannot tell the original request: {exc}")
-        token = self.gate.token_source.extract(request.headers.get(self.gate.token_source.header))
+        token = self.gate.token_source.read(request.headers.getlist(self.gate.token_source.header))
         exchange = await self._begin(method, path, token)
         decision = exchange.decision
         assert decision is not None
@@ -108,13 +109,13 @@ class GatewayService:
             headers.append(("x-plangate-reservation", decision.reservation_id))
         return Response(status_code=200, headers=dict(_joined(headers)))
 
-    async def decide(self, method: str, path: str, token: str | None) -> Decision:
+    async def decide(self, method: str, path: str, token: TokenRead) -> Decision:
         """The decision for an original request; what it reserved waits for its commit."""
         decision = (await self._begin(method, path, token)).decision
         assert decision is not None
         return decision
 
-    async def _begin(self, method: str, path: str, token: str | None) -> Exchange:
+    async def _begin(self, method: str, path: str, token: TokenRead) -> Exchange:
         exchange = Exchange(method, path, entitlements_path=None)
         await abegin(self.gate, exchange, token)
         decision = exchange.decision
@@ -211,7 +212,7 @@ class GatewayService:
     async def entitlements(self, request: Request) -> Response:
         """The caller's plan, features and meters: route a gateway's
         ``/.plangate/entitlements`` here (the caller's token is read as for ``/check``)."""
-        token = self.gate.token_source.extract(request.headers.get(self.gate.token_source.header))
+        token = self.gate.token_source.read(request.headers.getlist(self.gate.token_source.header))
         result = await self.gate.entitlements(token)
         answer = Exchange(request.method, "/", entitlements_path=None).answer_entitlements(result)
         return Response(answer.body, status_code=answer.status, headers=dict(answer.headers))
