@@ -403,11 +403,11 @@ def floor_cases(port: int) -> dict[str, Callable[[int], float]]:
     # The same round trip with plangate's own reservation script and arguments: the floor
     # for any client that reserves with it.
     from plangate.storage import Counter, Reserve, customer_prefix
-    from plangate.storage._redis import _reserve_call, _script
+    from plangate.storage._redis_codec import reserve_call, script_source
 
     counter = Counter(customer_prefix("org_floor") + "api_calls-1d", QUOTA, 1, window=86400.0)
-    keys, args = _reserve_call(Reserve((counter,), time.time(), reservation_id="floor"))
-    reserve_sha = sync.script_load(_script("reserve"))
+    keys, args = reserve_call(Reserve((counter,), time.time(), reservation_id="floor"))
+    reserve_sha = sync.script_load(script_source("reserve"))
 
     async def areserve(count: int) -> float:
         started = time.perf_counter()

@@ -15,7 +15,8 @@ from plangate import CustomerRecord, asgi, wsgi
 from plangate.customers import CustomerStore
 from plangate.errors import ConfigError
 from plangate.storage import Counter, Peek, Reserve, customer_prefix, open_storage
-from plangate.storage._redis import RedisStorage, parse_redis_uri
+from plangate.storage._redis import RedisStorage
+from plangate.storage._redis_uri import parse_redis_uri
 from tests.middleware.apps import asgi_app, wsgi_app
 from tests.support import bearer, config
 

@@ -1,21 +1,17 @@
-"""``redis://``, ``rediss://``, ``redis+cluster://``, ``redis+sentinel://``: counters in Redis.
+"""The Redis client: connections, the timed asyncio path, ``RedisStorage``.
 
-Each operation is one Lua script (``lua/*.lua``), run by EVALSHA through redis-py's ``Script``,
-which loads it again after a ``SCRIPT FLUSH`` or a restart. Arguments are built and replies
-read by the functions below, the same for the blocking client (WSGI) and the asyncio one (ASGI):
-only the line that calls Redis differs.
+Each operation is one Lua script (``lua/*.lua``), run by EVALSHA; after a ``SCRIPT FLUSH`` or
+a restart it is loaded again. Arguments are built and replies read by ``_redis_codec``, the
+URI is read by ``_redis_uri``; only the line that calls Redis differs between the blocking
+client (WSGI) and the asyncio one (ASGI).
 """
 
 from __future__ import annotations
 
 import asyncio
 import weakref
-from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
-from importlib import resources
 from typing import Any
-from urllib.parse import parse_qsl, urlencode, urlsplit
 
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, ResponseError
@@ -23,8 +19,6 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from ..errors import ConfigError, ConfigIssue, StorageError
 from ._base import (
-    SLIDING_BUCKETS,
-    Counter,
     CounterState,
     CustomerRecord,
     Peek,
@@ -35,200 +29,20 @@ from ._base import (
     Storage,
     customer_key,
 )
-from ._registry import schemes_for
-
-SCHEMES = schemes_for("redis")
-_SETTLED_TTL = 600  # seconds a settled reservation id is remembered
-#: plangate's own URI options; every other query option goes to redis-py
-_OPTIONS = {
-    "customer_cache_ttl": float,
-    "breaker_failures": int,
-    "breaker_reset": float,
-    "refusal_ttl": float,
-}
-#: what plangate sets where the URI says nothing (redis-py's defaults wait forever)
-# Every call is bounded: an unreachable Redis costs a request one timeout at most, and none
-# once the circuit breaker is open (storage/_resilient.py).
-_DEFAULTS: dict[str, Any] = {"socket_timeout": 0.05, "socket_connect_timeout": 0.05}
-_MAX_CONNECTIONS = 100  # per process, and per cluster node
-
-
-def _script(name: str) -> str:
-    text = (resources.files(__package__) / "lua" / f"{name}.lua").read_text(encoding="utf-8")
-    return text.replace("__SLIDING_BUCKETS__", str(SLIDING_BUCKETS))
-
-
-@dataclass(frozen=True)
-class RedisTarget:
-    """Where a URI points and how to connect: the parsed form of a ``storage:`` URI."""
-
-    kind: str  # "single", "cluster" or "sentinel"
-    nodes: tuple[tuple[str, int], ...]
-    connection: dict[str, Any] = field(default_factory=dict)  # redis-py keyword arguments
-    service: str = ""  # sentinel: the monitored master's name
-    customer_cache_ttl: float = 5.0
-    breaker_failures: int = 3  # consecutive failures that open the circuit breaker
-    breaker_reset: float = 1.0  # seconds the breaker stays open before a probe
-    refusal_ttl: float = 1.0  # seconds a refusal is answered without asking Redis again
-
-    @property
-    def max_connections(self) -> int:
-        return int(self.connection.get("max_connections", _MAX_CONNECTIONS))
-
-
-def parse_redis_uri(uri: str) -> RedisTarget:
-    """Parse a Redis storage URI; ``ValueError`` says what is wrong with it."""
-    from redis.connection import parse_url
-
-    parts = urlsplit(uri)
-    scheme = parts.scheme
-    if scheme not in SCHEMES:
-        raise ValueError(f"unknown storage scheme {scheme!r}: use {', '.join(SCHEMES)}")
-    ours: dict[str, Any] = {}
-    theirs: list[tuple[str, str]] = []
-    for name, value in parse_qsl(parts.query, keep_blank_values=True):
-        if name in _OPTIONS:
-            try:
-                ours[name] = _OPTIONS[name](value)
-            except ValueError:
-                raise ValueError(f"invalid value for {name!r}: {value!r}") from None
-        else:
-            theirs.append((name, value))
-    auth, _, hosts = parts.netloc.rpartition("@")
-    nodes = []
-    for host in hosts.split(","):
-        location = urlsplit(f"//{host.strip()}")
-        try:
-            port = location.port or 6379
-        except ValueError:
-            raise ValueError(f"invalid port in {host!r}") from None
-        if not location.hostname:
-            raise ValueError(f"missing host in {uri!r}")
-        nodes.append((location.hostname, port))
-    if not nodes:
-        raise ValueError(f"missing host in {uri!r}")
-
-    path = parts.path.strip("/")
-    service = ""
-    if scheme == "redis+sentinel":
-        service, _, path = path.partition("/")
-        if not service:
-            raise ValueError("name the master: redis+sentinel://host:port/SERVICE")
-    if scheme in ("redis", "rediss") and len(nodes) > 1:
-        raise ValueError(f"{scheme}:// names one server; use redis+cluster:// for several")
-    # Let redis-py read everything it knows (credentials, db, timeouts, pool size, TLS).
-    base = "rediss" if scheme == "rediss" or ("ssl", "true") in theirs else "redis"
-    credentials = f"{auth}@" if auth else ""
-    host, port = nodes[0]
-    rebuilt = f"{base}://{credentials}{host}:{port}/{path}"
-    if theirs:
-        rebuilt += "?" + urlencode(theirs)
-    connection = {**_DEFAULTS, **parse_url(rebuilt)}
-    for key in ("host", "port"):
-        connection.pop(key, None)
-    if connection.pop("connection_class", None) is not None or scheme == "rediss":
-        connection["ssl"] = True  # the client picks its own TLS connection class
-    kind = {"redis+cluster": "cluster", "redis+sentinel": "sentinel"}.get(scheme, "single")
-    if kind == "cluster" and connection.pop("db", 0):
-        raise ValueError("a Redis Cluster has only database 0")
-    return RedisTarget(kind, tuple(nodes), connection, service, **ours)
-
-
-# Arguments and replies, shared by both clients --------------------------------------------
-
-
-#: counters tuple (by identity) → its keys and specs; the engine reuses one tuple per rule and
-#: customer for as long as its charge is valid, so each is formatted once
-_CALLS: dict[int, tuple[tuple[Counter, ...], list[str], list[str]]] = {}
-
-
-def _reserve_call(op: Reserve) -> tuple[list[str], list[Any]]:
-    counters = op.counters
-    cached = _CALLS.get(id(counters))
-    if cached is None or cached[0] is not counters:
-        specs = [
-            f"{-1 if c.limit is None else c.limit} {c.cost} {c.window!r} {c.resets_at!r}"
-            for c in counters
-        ]
-        cached = (counters, [c.key for c in counters], specs)
-        if len(_CALLS) >= 50_000:
-            _CALLS.clear()
-        _CALLS[id(counters)] = cached
-    return cached[1], [repr(op.now), "1" if op.enforce else "0", *cached[2]]
-
-
-def _reserve_result(reply: Sequence[int], op: Reserve) -> ReserveResult:
-    nviolated = reply[2]
-    if nviolated == 0 and len(reply) == 6:  # the usual case: one counter, admitted
-        return ReserveResult(True, (CounterState(reply[3], reply[4] / 1000),), (reply[5],))
-    violated = tuple(i - 1 for i in reply[3 : 3 + nviolated])
-    rest = reply[3 + nviolated :]
-    count = len(op.counters)
-    states = tuple(CounterState(rest[3 * i], rest[3 * i + 1] / 1000) for i in range(count))
-    if violated and op.enforce:
-        waits = tuple(rest[3 * i + 2] / 1000 for i in range(count))
-        return ReserveResult(False, states, (), violated, reply[1] / 1000, waits)
-    slots = tuple(rest[3 * i + 2] for i in range(count))
-    return ReserveResult(not violated, states, slots, violated)
-
-
-def _settle_call(op: Settle) -> tuple[list[str], list[Any]]:
-    marker = f"{op.counters[0].key}:settled:{op.reservation_id}"
-    keys = [c.key for c in op.counters] + [marker]
-    args: list[Any] = [repr(op.now), _SETTLED_TTL]
-    for c, slot, delta in zip(op.counters, op.slots, op.deltas, strict=True):
-        args += [repr(c.window), repr(c.resets_at), slot, delta]
-    return keys, args
-
-
-def _record_call(op: Record) -> tuple[list[str], list[Any]]:
-    marker = f"{op.counters[0].key}:recorded:{op.record_id}"
-    args: list[Any] = [repr(op.now), _SETTLED_TTL, SLIDING_BUCKETS]
-    for c, cost in zip(op.counters, op.costs, strict=True):
-        args += [repr(c.window), repr(c.resets_at), cost]
-    return [c.key for c in op.counters] + [marker], args
-
-
-def _record_result(reply: Sequence[int]) -> tuple[int, ...] | None:
-    return tuple(reply[1:]) if reply[0] else None
-
-
-def _peek_call(op: Peek) -> tuple[list[str], list[Any]]:
-    args: list[Any] = [repr(op.now), SLIDING_BUCKETS]
-    for c in op.counters:
-        args += [repr(c.window), repr(c.resets_at)]
-    return [c.key for c in op.counters], args
-
-
-def _peek_result(reply: Sequence[int]) -> tuple[CounterState, ...]:
-    return tuple(CounterState(reply[i], reply[i + 1] / 1000) for i in range(0, len(reply), 2))
-
-
-def _customer_record(customer: str, fields: Any) -> CustomerRecord | None:
-    """From an HGETALL reply: a map (RESP3, or the client's) or a flat list (RESP2)."""
-    if not fields:
-        return None
-    pairs = (
-        fields.items() if isinstance(fields, dict) else zip(fields[::2], fields[1::2], strict=True)
-    )
-    text = {_text(k): _text(v) for k, v in pairs}
-    anchor = text.get("billing_anchor")
-    return CustomerRecord(
-        customer,
-        plan=text.get("plan") or None,
-        billing_anchor=datetime.fromisoformat(anchor) if anchor else None,
-    )
-
-
-def _customer_fields(record: CustomerRecord) -> list[str]:
-    """Every field, an empty one for what is unset: one ``HSET`` replaces the whole record."""
-    anchor = record.billing_anchor.isoformat() if record.billing_anchor is not None else ""
-    return ["plan", record.plan or "", "billing_anchor", anchor]
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
-
+from ._redis_codec import (
+    SCRIPTS,
+    customer_fields,
+    customer_record,
+    peek_call,
+    peek_result,
+    record_call,
+    record_result,
+    reserve_call,
+    reserve_result,
+    script_source,
+    settle_call,
+)
+from ._redis_uri import DEFAULTS, MAX_CONNECTIONS, RedisTarget, parse_redis_uri
 
 #: a deadline the event loop reaches this late was missed by the loop, not by Redis
 _LATE = 0.005
@@ -422,7 +236,7 @@ class RedisStorage(Storage):
         except ValueError as exc:
             raise ConfigError([ConfigIssue("storage", f"{uri!r}: {exc}")]) from None
         self.uri = uri
-        self._texts = {name: _script(name) for name in ("reserve", "settle", "peek", "record")}
+        self._texts = {name: script_source(name) for name in SCRIPTS}
         self._client: Any = None
         self._direct: _Connections | None = None
         self._scripts: dict[str, Any] = {}
@@ -510,28 +324,28 @@ class RedisStorage(Storage):
     # operations ------------------------------------------------------------------------
 
     def reserve(self, op: Reserve) -> ReserveResult:
-        return _reserve_result(self._run("reserve", *_reserve_call(op)), op)
+        return reserve_result(self._run("reserve", *reserve_call(op)), op)
 
     async def areserve(self, op: Reserve) -> ReserveResult:
-        return _reserve_result(await self._arun("reserve", *_reserve_call(op)), op)
+        return reserve_result(await self._arun("reserve", *reserve_call(op)), op)
 
     def settle(self, op: Settle) -> bool:
-        return bool(self._run("settle", *_settle_call(op)))
+        return bool(self._run("settle", *settle_call(op)))
 
     async def asettle(self, op: Settle) -> bool:
-        return bool(await self._arun("settle", *_settle_call(op)))
+        return bool(await self._arun("settle", *settle_call(op)))
 
     def record(self, op: Record) -> tuple[int, ...] | None:
-        return _record_result(self._run("record", *_record_call(op)))
+        return record_result(self._run("record", *record_call(op)))
 
     async def arecord(self, op: Record) -> tuple[int, ...] | None:
-        return _record_result(await self._arun("record", *_record_call(op)))
+        return record_result(await self._arun("record", *record_call(op)))
 
     def peek(self, op: Peek) -> tuple[CounterState, ...]:
-        return _peek_result(self._run("peek", *_peek_call(op)))
+        return peek_result(self._run("peek", *peek_call(op)))
 
     async def apeek(self, op: Peek) -> tuple[CounterState, ...]:
-        return _peek_result(await self._arun("peek", *_peek_call(op)))
+        return peek_result(await self._arun("peek", *peek_call(op)))
 
     # customers: raw reads and writes (the cache is plangate.customers) ----------------
 
@@ -558,18 +372,18 @@ class RedisStorage(Storage):
 
     def get_customer(self, customer: str) -> CustomerRecord | None:
         fields = self._command("read", "HGETALL", customer_key(customer))
-        return _customer_record(customer, fields)
+        return customer_record(customer, fields)
 
     async def aget_customer(self, customer: str) -> CustomerRecord | None:
         fields = await self._acommand("read", "HGETALL", customer_key(customer))
-        return _customer_record(customer, fields)
+        return customer_record(customer, fields)
 
     def put_customer(self, record: CustomerRecord) -> None:
-        self._command("write", "HSET", customer_key(record.customer), *_customer_fields(record))
+        self._command("write", "HSET", customer_key(record.customer), *customer_fields(record))
 
     async def aput_customer(self, record: CustomerRecord) -> None:
         key = customer_key(record.customer)
-        await self._acommand("write", "HSET", key, *_customer_fields(record))
+        await self._acommand("write", "HSET", key, *customer_fields(record))
 
     def delete_customer(self, customer: str) -> None:
         self._command("delete", "DEL", customer_key(customer))
@@ -636,8 +450,8 @@ def _connect(target: RedisTarget, *, asynchronous: bool) -> Any:
             # Commands in flight never exceed max_connections; the connections that wait
             # idle between them (see _Connections) need as many again, so that the client's
             # own calls (script loads, customer writes) always find one.
-            "max_connections": 2 * options.pop("max_connections", _MAX_CONNECTIONS),
-            "timeout": options.pop("timeout", _DEFAULTS["socket_timeout"]),
+            "max_connections": 2 * options.pop("max_connections", MAX_CONNECTIONS),
+            "timeout": options.pop("timeout", DEFAULTS["socket_timeout"]),
         }
         if asynchronous:
             from redis.asyncio import ConnectionPool as AsyncPool
@@ -675,7 +489,7 @@ def _connect(target: RedisTarget, *, asynchronous: bool) -> Any:
         from redis.cluster import ClusterNode, RedisCluster
 
         return RedisCluster(startup_nodes=[ClusterNode(h, p) for h, p in target.nodes], **options)
-    options.setdefault("max_connections", _MAX_CONNECTIONS)
+    options.setdefault("max_connections", MAX_CONNECTIONS)
     sentinel_options = {
         k: v for k, v in options.items() if k in ("socket_timeout", "socket_connect_timeout")
     }

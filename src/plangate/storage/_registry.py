@@ -40,7 +40,7 @@ def _open_redis(uri: str) -> Storage:
 
 
 def _check_redis(uri: str) -> None:
-    from ._redis import parse_redis_uri
+    from ._redis_uri import parse_redis_uri
 
     parse_redis_uri(uri)
 
