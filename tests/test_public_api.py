@@ -69,6 +69,7 @@ def test_the_integration_module_is_pinned():
         "astream_settling",
         "begin",
         "encoded",
+        "is_preflight",
         "json_answer",
         "problem_answer",
         "route_path",

@@ -23,6 +23,7 @@ from plangate.integration import (
     asettle,
     astream_settling,
     begin,
+    is_preflight,
     problem_answer,
     settle,
     stream_settling,
@@ -79,8 +80,12 @@ class PlanGateMiddleware:
         if spoofed:
             request.__dict__.pop("headers", None)  # a middleware before us may have read them
         source = self.gate.token_source
+        method = request.method or "GET"
         exchange = Exchange(
-            request.method or "GET", request.path_info, entitlements_path=self.entitlements_path
+            method,
+            request.path_info,
+            entitlements_path=self.entitlements_path,
+            preflight=is_preflight(method, request.headers.__contains__),
         )
         request.plangate_pending = Pending(self.gate, exchange)  # type: ignore[attr-defined]
         value = request.headers.get(source.header)

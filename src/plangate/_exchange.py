@@ -28,7 +28,7 @@ from __future__ import annotations
 import json
 import logging
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -113,6 +113,7 @@ class Exchange:
         "head",
         "method",
         "path",
+        "preflight",
         "raised",
         "status",
         "token",
@@ -120,9 +121,17 @@ class Exchange:
     )
 
     def __init__(
-        self, method: str, path: str, *, entitlements_path: str | None = ENTITLEMENTS_PATH
+        self,
+        method: str,
+        path: str,
+        *,
+        entitlements_path: str | None = ENTITLEMENTS_PATH,
+        preflight: bool = False,
     ) -> None:
         self.method = method.upper()
+        #: a CORS preflight (``OPTIONS`` with ``Origin`` and ``Access-Control-Request-Method``):
+        #: by the Fetch standard it carries no credentials
+        self.preflight = preflight and self.method == "OPTIONS"
         #: the path rules are matched on (``route_path``)
         self.path = route_path(path or "/")
         self.head = self.method == "HEAD"
@@ -230,6 +239,15 @@ class Exchange:
             for i, d in enumerate(self.decisions)
             if not d.settled
         ]
+
+
+def is_preflight(method: str, has_header: Callable[[str], bool]) -> bool:
+    """Whether a request is a CORS preflight; ``has_header(name)`` looks a header up."""
+    return (
+        method.upper() == "OPTIONS"
+        and has_header("origin")
+        and has_header("access-control-request-method")
+    )
 
 
 def take_usage(

@@ -49,6 +49,8 @@ class _Gate:
         identity = self.config.model.identity
         self.verifier = TokenVerifier(identity.jwt, clock=clock)
         self.token_source = TokenSource(identity.token_from)
+        #: CORS preflights pass unauthenticated and unmetered (they carry no credentials)
+        self.pass_preflights = True
         self.clock = clock
 
     def _open_customers(self) -> None:

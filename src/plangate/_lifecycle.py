@@ -26,6 +26,8 @@ def begin(gate: Gate, exchange: Exchange, token: TokenRead) -> Answer | None:
     exchange.token = token
     if exchange.wants_entitlements:
         return exchange.answer_entitlements(gate.entitlements(token))
+    if exchange.preflight and gate.pass_preflights:
+        return None  # no decision: the app (its CORS middleware) answers
     return exchange.decided(gate.check(exchange.method, exchange.path, token))
 
 
@@ -33,6 +35,8 @@ async def abegin(gate: AsyncGate, exchange: Exchange, token: TokenRead) -> Answe
     exchange.token = token
     if exchange.wants_entitlements:
         return exchange.answer_entitlements(await gate.entitlements(token))
+    if exchange.preflight and gate.pass_preflights:
+        return None
     return exchange.decided(await gate.check(exchange.method, exchange.path, token))
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from ._asgi import (
@@ -20,7 +20,7 @@ from ._asgi import (
     send_answer,
     without_client_headers,
 )
-from ._exchange import ENTITLEMENTS_PATH, Exchange, encoded
+from ._exchange import ENTITLEMENTS_PATH, Exchange, encoded, is_preflight
 from ._gate import AsyncGate, Clock
 from ._lifecycle import PENDING_KEY, Pending, abegin, asettle
 from ._websocket import gate_websocket
@@ -74,8 +74,12 @@ class PlanGateMiddleware:
                 send = self._closing(send)
             await self.app(scope, receive, send)
             return
+        method = scope["method"]
         exchange = Exchange(
-            scope["method"], app_path(scope), entitlements_path=self.entitlements_path
+            method,
+            app_path(scope),
+            entitlements_path=self.entitlements_path,
+            preflight=method == "OPTIONS" and is_preflight(method, _has_header(scope)),
         )
         scope = without_client_headers(scope)
         answer = await abegin(self.gate, exchange, self._token(scope))
@@ -140,3 +144,8 @@ class PlanGateMiddleware:
             raise
         finally:
             await asettle(self.gate, exchange)
+
+
+def _has_header(scope: Scope) -> Callable[[str], bool]:
+    names = {n for n, _ in scope["headers"]}
+    return lambda name: name.encode("latin-1") in names

@@ -12,7 +12,7 @@ from http import HTTPStatus
 from types import TracebackType
 from typing import Any
 
-from ._exchange import ENTITLEMENTS_PATH, Answer, Exchange
+from ._exchange import ENTITLEMENTS_PATH, Answer, Exchange, is_preflight
 from ._gate import Clock, Gate
 from ._lifecycle import PENDING_KEY, Pending, begin, settle
 from .config import Config
@@ -50,14 +50,16 @@ class PlanGateMiddleware:
         self.views = views
         self.entitlements_path = entitlements_path
         header = self.gate.token_source.header
-        self._token_key = "HTTP_" + header.upper().replace("-", "_")
+        self._token_key = _environ_key(header)
         _listen_for_exceptions(app)
 
     def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
+        method = environ["REQUEST_METHOD"]
         exchange = Exchange(
-            environ["REQUEST_METHOD"],
+            method,
             environ.get("PATH_INFO") or "/",
             entitlements_path=self.entitlements_path,
+            preflight=is_preflight(method, lambda n: _environ_key(n) in environ),
         )
         for key in [k for k in environ if k.startswith("HTTP_X_PLANGATE_")]:
             # The app may trust X-Plangate-* (a gateway sets them): never the client's own.
@@ -122,6 +124,10 @@ class _Settling:
             if exchange.status and not exchange.complete and not exchange.raised:
                 exchange.finished(cut=True)  # the client went away mid-body
             settle(self._gate, exchange)
+
+
+def _environ_key(header: str) -> str:
+    return "HTTP_" + header.upper().replace("-", "_")
 
 
 def _reason(status: int) -> str:

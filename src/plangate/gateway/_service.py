@@ -21,7 +21,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from .._exchange import Exchange, problem_answer
+from .._exchange import Exchange, is_preflight, problem_answer
 from .._gate import AsyncGate, Clock
 from .._lifecycle import abegin, asettle
 from ..config import Config
@@ -94,9 +94,11 @@ class GatewayService:
             logger.warning("check refused: %s", exc)
             return _error(400, "bad-request", f"cannot tell the original request: {exc}")
         token = self.gate.token_source.read(request.headers.getlist(self.gate.token_source.header))
-        exchange = await self._begin(method, path, token)
+        preflight = is_preflight(method, request.headers.__contains__)
+        exchange = await self._begin(method, path, token, preflight=preflight)
         decision = exchange.decision
-        assert decision is not None
+        if decision is None:  # a CORS preflight: the upstream answers it
+            return Response(status_code=200)
         problem = decision.problem
         if problem is not None and not decision.shadowed:
             return self._denial(problem, request.query_params.get("deny") == "403")
@@ -115,8 +117,10 @@ class GatewayService:
         assert decision is not None
         return decision
 
-    async def _begin(self, method: str, path: str, token: TokenRead) -> Exchange:
-        exchange = Exchange(method, path, entitlements_path=None)
+    async def _begin(
+        self, method: str, path: str, token: TokenRead, *, preflight: bool = False
+    ) -> Exchange:
+        exchange = Exchange(method, path, entitlements_path=None, preflight=preflight)
         await abegin(self.gate, exchange, token)
         decision = exchange.decision
         if decision is not None and decision.reserved:
