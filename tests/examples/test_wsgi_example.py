@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import socket
 import subprocess
@@ -148,3 +149,32 @@ def test_the_example_runs_as_a_script():
         proc.wait(timeout=10)
         if proc.stdout is not None:
             proc.stdout.close()
+
+
+def test_a_refused_head_has_no_body_so_waitress_keeps_the_connection_sound(example):
+    """RFC 9110 §9.3.2: waitress sends whatever body the app returns for HEAD, and the next
+    response on the keep-alive connection would be read from the middle of it."""
+    import http.client
+    import threading
+
+    from waitress.server import create_server
+
+    server = create_server(example.create_app(), host="127.0.0.1", port=0, threads=2)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        connection = http.client.HTTPConnection("127.0.0.1", server.effective_port, timeout=10)
+        connection.request("HEAD", "/projects")  # no token: 401
+        refused = connection.getresponse()
+        assert refused.status == 401
+        assert refused.read() == b""
+        connection.request("GET", "/health")  # the same connection
+        healthy = connection.getresponse()
+        assert healthy.status == 200
+        assert json.loads(healthy.read()) == {"status": "ok"}
+        connection.close()
+    finally:
+        # closed from waitress's own loop thread, which then ends
+        server.trigger.pull_trigger(lambda: [c.close() for c in list(server._map.values())])
+        thread.join(timeout=10)
+        server.task_dispatcher.shutdown()
