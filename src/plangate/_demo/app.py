@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +27,11 @@ async def export_report(request: Request) -> JSONResponse:
 
 
 async def completions(request: Request) -> JSONResponse:
-    body: Any = await request.json() if await request.body() else {}
+    raw = await request.body()
+    try:
+        body: Any = json.loads(raw) if raw else {}
+    except ValueError:  # any body is a prompt: a text one is taken as it is
+        body = {"prompt": raw.decode("utf-8", errors="replace")}
     prompt = str(body.get("prompt", "hello")) if isinstance(body, dict) else "hello"
     tokens = 10 * len(prompt.split()) + 50  # what a model call would report
     return JSONResponse(
@@ -35,15 +41,19 @@ async def completions(request: Request) -> JSONResponse:
 
 async def projects(request: Request) -> JSONResponse:
     gate = request.state.plangate
-    limit = gate.value("max_projects")
     return JSONResponse(
         {
             "customer": gate.customer,
             "plan": gate.plan,
-            "max_projects": "unlimited" if limit == float("inf") else limit,
-            "api_calls_left": gate.remaining("api_calls"),
+            "max_projects": _number(gate.value("max_projects")),
+            "api_calls_left": _number(gate.remaining("api_calls")),
         }
     )
+
+
+def _number(value: Any) -> Any:
+    """JSON has no infinity: an unlimited value is written "unlimited"."""
+    return "unlimited" if value == math.inf else value
 
 
 def create_app(config: str | Path = CONFIG, storage: str | None = None) -> Starlette:
