@@ -79,6 +79,7 @@ class PlanGate:
         schema = self._openapi()
         components = schema.setdefault("components", {})
         components.setdefault("schemas", {})["Problem"] = PROBLEM_SCHEMA
+        components.setdefault("securitySchemes", {})[SECURITY_SCHEME] = self._security_scheme()
         for route in app.routes:
             if not isinstance(route, APIRoute):
                 continue
@@ -86,11 +87,23 @@ class PlanGate:
                 gated, metered = self._gated(route, method)
                 operation = schema.get("paths", {}).get(route.path_format, {}).get(method.lower())
                 if gated and operation is not None:
+                    operation.setdefault("security", [{SECURITY_SCHEME: []}])
                     responses = operation.setdefault("responses", {})
                     for status, response in _responses(metered).items():
                         responses.setdefault(status, response)
         app.openapi_schema = schema
         return schema
+
+    def _security_scheme(self) -> dict[str, Any]:
+        """Where the token goes, as the config's ``identity.token_from`` says: the scheme
+        behind Swagger UI's Authorize button."""
+        source = self.gate.config.model.identity.token_from
+        kind, _, name = source.partition(":")
+        if kind == "cookie":
+            return {"type": "apiKey", "in": "cookie", "name": name}
+        if name.lower() == "authorization":
+            return {"type": "http", "scheme": "bearer", "bearerFormat": "JWT"}
+        return {"type": "apiKey", "in": "header", "name": name}
 
     def _gated(self, route: APIRoute, method: str) -> tuple[bool, bool]:
         """Whether plangate decides this operation, and whether it meters it."""
@@ -164,6 +177,9 @@ def _requirements(dependant: Any) -> list[Requirement]:
         found.extend(_requirements(sub))
     return found
 
+
+#: the name of plangate's entry in ``components.securitySchemes``
+SECURITY_SCHEME = "plangate"
 
 PROBLEM_SCHEMA: dict[str, Any] = {
     "title": "Problem",

@@ -120,3 +120,32 @@ def test_the_openapi_schema_documents_plangates_responses():
     assert "429" not in declared  # it meters nothing
     assert "402" not in schema["paths"]["/health"]["get"]["responses"]
     assert "violated-policies" in schema["components"]["schemas"]["Problem"]["properties"]
+
+
+def test_the_openapi_schema_has_the_bearer_scheme_on_gated_operations():
+    schema = TestClient(make_app()).get("/openapi.json").json()
+    assert schema["components"]["securitySchemes"]["plangate"] == {
+        "type": "http",
+        "scheme": "bearer",
+        "bearerFormat": "JWT",
+    }
+    assert schema["paths"]["/v1/projects"]["get"]["security"] == [{"plangate": []}]
+    assert schema["paths"]["/views/export"]["post"]["security"] == [{"plangate": []}]
+    assert "security" not in schema["paths"]["/health"]["get"]
+
+
+def test_a_token_in_a_cookie_is_an_api_key_scheme():
+    app = FastAPI()
+    cfg = config()
+    PlanGate(app, config={**cfg, "identity": {**cfg["identity"], "token_from": "cookie:session"}})
+
+    @app.get("/v1/projects")
+    def projects() -> dict[str, str]:
+        return {}
+
+    schema = TestClient(app).get("/openapi.json").json()
+    assert schema["components"]["securitySchemes"]["plangate"] == {
+        "type": "apiKey",
+        "in": "cookie",
+        "name": "session",
+    }
