@@ -179,10 +179,12 @@ def test_the_entitlements_of_the_caller(client, service):
 
 
 def test_a_missing_token_is_a_401_problem(client, api):
-    assert_problem(client.get("/v1/projects"), 401, "unauthenticated")
+    missing = client.get("/v1/projects")
+    assert_problem(missing, 401, "unauthenticated")
+    assert missing.headers.get_list("www-authenticate") == ['Bearer realm="api"']
     bad = client.get("/v1/projects", headers={"authorization": "Bearer not-a-jwt"})
     assert_problem(bad, 401, "unauthenticated")
-    assert bad.headers.get_list("www-authenticate") == ['Bearer error="invalid_token"']
+    assert bad.headers.get_list("www-authenticate") == ['Bearer realm="api", error="invalid_token"']
     assert api.requests == []
 
 

@@ -149,7 +149,7 @@ def assert_invalid_token(response: httpx.Response) -> None:
     assert response.status_code == 401, response.text
     assert response.headers["content-type"] == "application/problem+json"
     assert response.json()["type"] == PROBLEM_BASE + "unauthenticated"
-    assert response.headers["www-authenticate"] == 'Bearer error="invalid_token"'
+    assert response.headers["www-authenticate"] == 'Bearer realm="api", error="invalid_token"'
 
 
 @pytest.mark.parametrize("attack", list(HS_ATTACKS))
@@ -187,11 +187,11 @@ def test_expired_within_leeway_is_allowed(clients):
     "value",
     ["Basic YWxhZGRpbjpvcGVuc2VzYW1l", "Bearer", "bearer", "Token abc"],
 )
-def test_authorization_without_bearer_token_is_401_without_invalid_token(clients, value):
+def test_authorization_without_bearer_token_is_401_with_a_bare_challenge(clients, value):
     response = clients["hs"].get("/v1/projects", headers={"authorization": value})
     assert response.status_code == 401
     assert response.json()["type"] == PROBLEM_BASE + "unauthenticated"
-    assert "www-authenticate" not in response.headers
+    assert response.headers["www-authenticate"] == 'Bearer realm="api"'  # no invalid_token
 
 
 def test_bearer_scheme_is_case_insensitive(clients):

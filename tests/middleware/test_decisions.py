@@ -34,14 +34,14 @@ def test_public_route_needs_no_token(serve):
     assert "ratelimit" not in response.headers
 
 
-def test_missing_token_is_401_problem_without_invalid_token(serve):
+def test_missing_token_is_401_problem_with_a_challenge_without_invalid_token(serve):
     response = serve(config()).get("/v1/projects")
     assert response.status_code == 401
     assert response.headers["content-type"] == PROBLEM
     body = response.json()
     assert body["type"] == PROBLEM_BASE + "unauthenticated"
     assert body["status"] == 401
-    assert "www-authenticate" not in response.headers
+    assert response.headers["www-authenticate"] == 'Bearer realm="api"'  # RFC 9110 §15.5.2
 
 
 def test_feature_outside_plan_is_402_with_feature_plan_and_upgrade_url(serve):

@@ -57,11 +57,23 @@ class Problem:
         return [("content-type", CONTENT_TYPE), *self.headers]
 
 
+#: the protection space of every 401's challenge (RFC 9110 §11.5): one API, one realm
+REALM = "api"
+
+
+def bearer_challenge(*, token_given: bool, realm: str = REALM) -> str:
+    """``WWW-Authenticate`` for a 401 (RFC 9110 §15.5.2 requires one on every 401).
+
+    RFC 6750 §3: ``error="invalid_token"`` only where a token was given; a request without
+    one (or with another scheme) gets the bare challenge.
+    """
+    challenge = f'Bearer realm="{realm}"'
+    return f'{challenge}, error="invalid_token"' if token_given else challenge
+
+
 def identity_problem(error: AuthenticationError | KeysUnavailableError) -> Problem:
     """The 401 for a missing or bad token; the 503 when the keys to check it are unreachable."""
     if isinstance(error, KeysUnavailableError):
         return Problem("entitlements-unavailable", str(error), headers=(("retry-after", "5"),))
-    headers: tuple[tuple[str, str], ...] = ()
-    if error.token_given:
-        headers = (("www-authenticate", 'Bearer error="invalid_token"'),)
-    return Problem("unauthenticated", error.detail, headers=headers)
+    challenge = bearer_challenge(token_given=error.token_given)
+    return Problem("unauthenticated", error.detail, headers=(("www-authenticate", challenge),))
