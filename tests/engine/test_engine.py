@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import re
+import time
 from datetime import datetime, timezone
 
 import pytest
@@ -10,6 +12,7 @@ import pytest
 from plangate import CustomerRecord, Gate, MemoryStorage
 from plangate.customers import CustomerStore
 from plangate.engine import quota_headers
+from plangate.engine._headers import ceil_seconds, policy_header
 from tests.support import config, token
 
 UTC = timezone.utc
@@ -142,3 +145,48 @@ def test_record_refuses_amounts_past_what_a_counter_can_hold():
     decision = Gate(config()).check("POST", "/v1/chat", token())
     with pytest.raises(ValueError, match="from 0 to 10\\^15"):
         decision.record("ai_tokens", 10**19)
+
+
+def test_a_refusal_names_a_violated_policy_and_retry_after_is_not_earlier_than_its_t():
+    # A request of 5 refused by the minute's limit (3 left of 8) while the hour's (5 left of
+    # 20, a smaller share) could take it: RateLimit names the minute, not the hour.
+    plans = {
+        "free": {
+            "features": {"api_calls": [{"limit": 8, "window": "1m"}, {"limit": 20, "window": "1h"}]}
+        }
+    }
+    routes = [
+        {"match": "GET /small", "meters": {"api_calls": 1}},
+        {"match": "GET /big", "meters": {"api_calls": 5}},
+    ]
+    now = [time.time()]
+    gate = Gate(config(plans=plans, routes=routes), clock=lambda: now[0])
+    for advance, count in [(0, 8), (70, 2), (70, 5)]:  # minute: 5 used; hour: 15 used
+        now[0] += advance
+        assert all(gate.check("GET", "/small", token()).problem is None for _ in range(count))
+    refused = gate.check("GET", "/big", token())
+    problem = refused.problem
+    assert problem is not None
+    assert problem.members["violated-policies"] == ["api_calls-1m"]
+    headers = dict(problem.headers)
+    match = re.fullmatch(r'"api_calls-1m";r=3;t=(\d+)', headers["ratelimit"])
+    assert match is not None
+    assert int(headers["retry-after"]) >= int(match[1])
+    assert int(headers["retry-after"]) <= 63
+
+
+def test_a_refusal_by_two_policies_names_the_one_whose_capacity_returns_last():
+    states = [("calls-1m", 10, 0, 30.0), ("calls-1d", 1000, 0, 5000.0), ("calls-1s", 1, 1, 0.2)]
+    headers = quota_headers("p", states, legacy=False, violated=["calls-1m", "calls-1d"])
+    assert headers[1] == ("ratelimit", '"calls-1d";r=0;t=5000')
+
+
+def test_quota_header_numbers_stay_within_structured_fields_integers():
+    big = 10**20
+    policy = policy_header([("calls-forever", big, big)])
+    assert policy == '"calls-forever";q=999999999999999;w=999999999999999'
+    headers = dict(quota_headers(policy, [("calls-forever", big, big, 1e30)], legacy=True))
+    assert headers["ratelimit"] == '"calls-forever";r=999999999999999;t=999999999999999'
+    assert headers["x-ratelimit-limit"] == "999999999999999"
+    assert ceil_seconds(math.inf) == ceil_seconds(1e300) == 999_999_999_999_999
+    assert ceil_seconds(0.0) == 1

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from datetime import datetime
 from typing import Any
 
@@ -11,7 +11,7 @@ from ..config import Config, Limit, Plan, Rule
 from ..errors import StorageError
 from ..identity import Identity, IdentityResult
 from ._decision import Charge, Decision
-from ._headers import ceil_seconds, policy_header, quota_headers
+from ._headers import QuotaState, ceil_seconds, named_policy, policy_header, quota_headers
 from ._periods import period_bounds
 from ._problems import Problem, identity_problem
 from ._protocol import (
@@ -283,17 +283,25 @@ class Engine:
         )
 
     def _quota_headers(
-        self, charge: Charge, states: tuple[CounterState, ...]
+        self,
+        charge: Charge,
+        states: tuple[CounterState, ...],
+        violated: Collection[str] | None = None,
     ) -> list[tuple[str, str]]:
         return quota_headers(
             charge.policy,
-            (
-                (lim.policy, lim.limit, max(0, lim.limit - s.used), s.reset_after)
-                for lim, s in zip(charge.limits, states, strict=True)
-                if lim is not None
-            ),
+            self._quota_states(charge, states),
             self.legacy_headers,
+            violated=violated,
         )
+
+    @staticmethod
+    def _quota_states(charge: Charge, states: tuple[CounterState, ...]) -> list[QuotaState]:
+        return [
+            (lim.policy, lim.limit, max(0, lim.limit - s.used), s.reset_after)
+            for lim, s in zip(charge.limits, states, strict=True)
+            if lim is not None
+        ]
 
     @staticmethod
     def _describe(charge: Charge, states: tuple[CounterState, ...]) -> str:
@@ -321,12 +329,15 @@ class Engine:
         charge = decision.charge
         assert charge is not None
         policies = [str(getattr(charge.limits[i], "policy", "")) for i in violated]
-        retry = ceil_seconds(retry_after)
+        # RateLimit names a violated policy, and Retry-After is never earlier than its t
+        named = named_policy(self._quota_states(charge, decision.states), policies)
+        retry = max(ceil_seconds(retry_after), ceil_seconds(named[3]) if named else 1)
         members = {"violated-policies": policies, **self._upsell(plan=plan.name)}
         detail = (
             f"the {plan.name} plan's quota {', '.join(policies)} is used up; retry in {retry} s"
         )
-        headers = [("retry-after", str(retry)), *self._quota_headers(charge, decision.states)]
+        quota = self._quota_headers(charge, decision.states, policies)
+        headers = [("retry-after", str(retry)), *quota]
         self._deny(decision, Problem("quota-exceeded", detail, members, tuple(headers)))
 
     def _upsell(self, **members: Any) -> dict[str, Any]:
