@@ -67,6 +67,10 @@ HS_ATTACKS = {
         _claims(org_id={"id": 1}), SECRET, algorithm="HS256"
     ),
     "empty-customer-claim": lambda: jwt.encode(_claims(org_id=""), SECRET, algorithm="HS256"),
+    "blank-customer-claim": lambda: jwt.encode(_claims(org_id=" "), SECRET, algorithm="HS256"),
+    "whitespace-customer-claim": lambda: jwt.encode(
+        _claims(org_id="\t \u3000\n"), SECRET, algorithm="HS256"
+    ),
     "garbage": lambda: "not-a-token",
     "three-garbage-parts": lambda: "a.b.c",
     "bad-base64": lambda: "eyJ!!!.eyJ!!!.sig",

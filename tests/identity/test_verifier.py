@@ -105,6 +105,19 @@ def test_dotted_customer_claim_walks_nested_objects_and_accepts_numbers():
     assert verifier.verify(jwt.encode(claims(org={"id": 42}), SECRET)).customer == "42"
 
 
+@pytest.mark.parametrize("customer", ["", " ", "\t\n", "\u3000", "\u00a0 \u2003"])
+def test_a_customer_claim_of_only_whitespace_is_no_customer(customer):
+    verifier = TokenVerifier(settings())
+    with pytest.raises(AuthenticationError, match="no usable 'org_id' claim") as refused:
+        verifier.verify(jwt.encode(claims(org_id=customer), SECRET))
+    assert refused.value.token_given
+
+
+def test_a_customer_claim_with_inner_spaces_is_a_customer():
+    verifier = TokenVerifier(settings())
+    assert verifier.verify(jwt.encode(claims(org_id="Acme Inc"), SECRET)).customer == "Acme Inc"
+
+
 def test_plan_claim_that_is_not_text_is_ignored():
     verifier = TokenVerifier(settings())
     assert verifier.verify(jwt.encode(claims(plan=["pro"]), SECRET)).plan is None

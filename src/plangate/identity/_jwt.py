@@ -172,7 +172,7 @@ class TokenVerifier:
             customer = str(customer)
         if (
             not isinstance(customer, str)
-            or not customer
+            or not customer.strip()  # "" or only whitespace: nobody in particular
             or len(customer) > _MAX_CUSTOMER_ID
             or not customer.isprintable()
         ):
