@@ -24,9 +24,10 @@ from ._base import (
     customer_key,
     customer_prefix,
 )
+from ._breaker import CircuitBreaker, StorageUnavailable
 from ._memory import MemoryStorage
 from ._registry import SCHEMES, Scheme, check_storage_uri, scheme_of
-from ._resilient import CircuitBreaker, ResilientStorage, StorageUnavailable
+from ._resilient import ResilientStorage
 
 __all__ = [
     "SCHEMES",

@@ -9,8 +9,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from ._base import Storage
+from ._breaker import CircuitBreaker
 from ._memory import MemoryStorage
-from ._resilient import CircuitBreaker, ResilientStorage
+from ._resilient import ResilientStorage
 
 
 @dataclass(frozen=True)
