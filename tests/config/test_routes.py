@@ -5,6 +5,8 @@ from __future__ import annotations
 import re
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from plangate.config._routes import Router, parse_template
 
@@ -238,3 +240,138 @@ def test_no_matching_rule_gives_none() -> None:
 
 def test_router_without_rules_matches_nothing() -> None:
     assert Router([]).match("GET", "/") is None
+
+
+# Router: segments that mix text and parameters -----------------------------------------
+
+
+def test_parameter_beside_text_in_one_segment() -> None:
+    router = _router("GET /files/{name}.json")
+    assert (router.match("GET", "/files/a.b.json"), router.match("GET", "/files/.json")) == (
+        (0, {"name": "a.b"}),
+        None,
+    )
+
+
+def test_two_parameters_in_one_segment_split_as_a_regex_would() -> None:
+    assert _router("/v/{a}-{b}").match("GET", "/v/x-y-z") == (0, {"a": "x-y", "b": "z"})
+
+
+def test_path_parameter_after_text_in_its_segment() -> None:
+    router = _router("/static/v{rest:path}")
+    assert (router.match("GET", "/static/v2/app.js"), router.match("GET", "/static/x")) == (
+        (0, {"rest": "2/app.js"}),
+        None,
+    )
+
+
+def test_path_parameter_needs_its_segment_to_exist() -> None:
+    assert _router("/v1/{rest:path}").match("GET", "/v1") is None
+
+
+def test_path_parameter_captures_newlines() -> None:
+    assert _router("/v1/{rest:path}").match("GET", "/v1/a\nb") == (0, {"rest": "a\nb"})
+
+
+def test_parameter_rule_before_a_literal_rule_wins() -> None:
+    router = _router("GET /items/{id}", "GET /items/new")
+    assert router.match("GET", "/items/new") == (0, {"id": "new"})
+
+
+def test_literal_rule_before_a_parameter_rule_wins() -> None:
+    router = _router("GET /items/new", "GET /items/{id}")
+    assert router.match("GET", "/items/new") == (0, {})
+
+
+def test_rule_for_any_method_keeps_its_place_among_method_rules() -> None:
+    router = _router("POST /a", "/a", "GET /a")
+    assert [router.match(m, "/a") for m in ("POST", "GET", "PATCH")] == [(0, {}), (1, {}), (1, {})]
+
+
+@pytest.mark.parametrize("path", ["", "*", "a/b"])
+def test_path_without_a_leading_slash_matches_nothing(path: str) -> None:
+    assert _router("/a/{x}", "/{rest:path}").match("GET", path) is None
+
+
+@pytest.mark.parametrize("method", ["", "GET /a", "G T"])
+def test_a_method_that_is_not_a_token_matches_nothing(method: str) -> None:
+    assert _router("/{rest:path}", "GET /a{x:path}").match(method, "/a") is None
+
+
+# Router: agrees with one regex per rule, tried in order ---------------------------------
+
+
+def _reference(templates: list[str], method: str, path: str) -> tuple[int, dict[str, str]] | None:
+    """The first rule, in order, whose method list and path regex match: the definition."""
+    for index, text in enumerate(templates):
+        template = parse_template(text)
+        methods = set(template.methods)
+        if "GET" in methods:
+            methods.add("HEAD")
+        if methods and method not in methods:
+            continue
+        regex, pos = "", 0
+        for param in re.finditer(r"\{(\w+)(:path)?\}", template.path):
+            regex += re.escape(template.path[pos : param.start()])
+            regex += f"(?P<{param[1]}>.*)" if param[2] else f"(?P<{param[1]}>[^/]+)"
+            pos = param.end()
+        found = re.fullmatch(regex + re.escape(template.path[pos:]), path, re.DOTALL)
+        if found is not None:
+            return index, found.groupdict()
+    return None
+
+
+_TEXT = st.sampled_from(["a", "b", "ab", "", "a.b", "a-b"])
+
+
+@st.composite
+def _template(draw: st.DrawFn) -> str:
+    segments = []
+    for depth in range(draw(st.integers(0, 4))):
+        shape = draw(st.sampled_from(["text", "text", "param", "mixed", "pair"]))
+        if shape == "text":
+            segments.append(draw(_TEXT))
+        elif shape == "param":
+            segments.append(f"{{p{depth}}}")
+        elif shape == "mixed":
+            segments.append(f"{draw(_TEXT)}{{p{depth}}}{draw(_TEXT)}")
+        else:
+            segments.append(f"{{p{depth}}}-{{q{depth}}}")
+    tail = draw(st.sampled_from(["", "", "{rest:path}", "a{rest:path}", "{p9}.{rest:path}"]))
+    if tail:
+        segments.append(tail)
+    methods = draw(st.sampled_from(["", "", "GET ", "POST ", "GET|HEAD ", "HEAD ", "PUT|POST "]))
+    return methods + "/" + "/".join(segments)
+
+
+_PATH = st.lists(
+    st.sampled_from(["a", "b", "ab", "", "a.b", "a-b", "b-a-b", "x", "aab", "a\nb"]), max_size=6
+).map(lambda segments: "/" + "/".join(segments))
+_METHOD = st.sampled_from(["GET", "HEAD", "POST", "PUT", "DELETE"])
+
+
+@settings(max_examples=500)
+@given(templates=st.lists(_template(), max_size=12), method=_METHOD, path=_PATH)
+def test_router_agrees_with_the_first_matching_regex(
+    templates: list[str], method: str, path: str
+) -> None:
+    router = Router([parse_template(text) for text in templates])
+    assert router.match(method, path) == _reference(templates, method, path)
+
+
+@settings(max_examples=300)
+@given(
+    templates=st.lists(_template(), min_size=1, max_size=12),
+    method=_METHOD,
+    pick=st.integers(0),
+    fill=st.lists(st.sampled_from(["a", "b", "a-b", "x/y", "", "a.b"]), min_size=12, max_size=12),
+)
+def test_router_agrees_on_paths_made_from_the_rules(
+    templates: list[str], method: str, pick: int, fill: list[str]
+) -> None:
+    # Paths drawn at random rarely fit a rule: fill one rule's parameters instead.
+    path = parse_template(templates[pick % len(templates)]).path
+    values = iter(fill)
+    path = re.sub(r"\{[^}]*\}", lambda _: next(values), path)
+    router = Router([parse_template(text) for text in templates])
+    assert router.match(method, path) == _reference(templates, method, path)

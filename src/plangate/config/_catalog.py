@@ -433,7 +433,7 @@ class _Builder:
 
 
 #: The template of a rule declared on a view rather than listed in ``routes:``.
-DECLARED = Template((), "(declared on the view)", "", ())
+DECLARED = Template((), "(declared on the view)", ())
 
 
 def declared_rule(model: ConfigModel, declaration: Mapping[str, Any], where: str) -> Rule:

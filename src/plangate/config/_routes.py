@@ -1,10 +1,12 @@
-"""Route templates (``POST /v1/reports/{id}/export``), compiled once into one ordered regex."""
+"""Route templates (``POST /v1/reports/{id}/export``) and the first-match-wins router."""
 
 from __future__ import annotations
 
 import re
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 _PARAM = re.compile(r"\{([^{}]*)\}")
 _METHODS = re.compile(r"[A-Z]+(\|[A-Z]+)*")
@@ -15,7 +17,6 @@ _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 class Template:
     methods: tuple[str, ...]  # empty: any method
     path: str
-    regex: str  # matches "METHOD /path"; parameters as named groups
     params: tuple[str, ...]
 
 
@@ -37,12 +38,12 @@ def parse_template(text: str) -> Template:
     if not path.startswith("/"):
         raise ValueError(f"the path must start with /, got {path!r}")
 
-    regex, params, pos = "", [], 0
+    params: list[str] = []
+    pos = 0
     for match in _PARAM.finditer(path):
         literal = path[pos : match.start()]
         if "{" in literal or "}" in literal:
             raise ValueError(f"unbalanced braces in {path!r}")
-        regex += re.escape(literal)
         name, _, kind = match.group(1).partition(":")
         if not _NAME.fullmatch(name):
             raise ValueError(f"invalid parameter name {name!r} in {path!r}")
@@ -55,40 +56,163 @@ def parse_template(text: str) -> Template:
         if kind == "path" and match.end() != len(path):
             raise ValueError(f"{{{name}:path}} must end the path in {path!r}")
         params.append(name)
-        regex += f"(?P<{name}>.*)" if kind == "path" else f"(?P<{name}>[^/]+)"
         pos = match.end()
     rest = path[pos:]
     if "{" in rest or "}" in rest:
         raise ValueError(f"unbalanced braces in {path!r}")
-    regex += re.escape(rest)
-    # Every framework answers HEAD with its GET handler: a GET rule must cover HEAD too, or
-    # HEAD would be an unenforced way to the same handler.
-    matched = (*methods, "HEAD") if "GET" in methods and "HEAD" not in methods else methods
-    method_regex = "|".join(matched) if matched else "[^ ]+"
-    return Template(methods, path, f"(?:{method_regex}) {regex}", tuple(params))
+    return Template(methods, path, tuple(params))
+
+
+_NO_RULE = sys.maxsize
+
+
+class _Node:
+    """The rules that continue past one matched segment: a node of a segment trie."""
+
+    __slots__ = ("end", "first", "literal", "param", "patterns", "tails")
+
+    def __init__(self) -> None:
+        self.literal: dict[str, _Node] = {}  # segment text → node
+        self.param: _Node | None = None  # {name}: any non-empty segment
+        self.patterns: dict[str, tuple[re.Pattern[str], _Node]] = {}  # text and {name} mixed
+        self.tails: list[tuple[int, re.Pattern[str] | None]] = []  # {name:path} in this segment
+        self.end = _NO_RULE  # the first rule whose path ends here
+        self.first = _NO_RULE  # the first rule at or below this node
+
+
+def _segment_regex(text: str) -> str:
+    """A segment that mixes text and parameters, as a regex (``{name:path}`` takes the rest)."""
+    regex, pos = "", 0
+    for match in _PARAM.finditer(text):
+        name, _, kind = match.group(1).partition(":")
+        regex += re.escape(text[pos : match.start()])
+        regex += f"(?P<{name}>.*)" if kind == "path" else f"(?P<{name}>[^/]+)"
+        pos = match.end()
+    return regex + re.escape(text[pos:])
+
+
+# How a rule reads its parameters: (segment index, the name of a parameter that is the whole
+# segment, or a regex for one that mixes text and parameters, True if it takes the rest).
+_Reader = tuple[int, str | re.Pattern[str], bool]
 
 
 class Router:
-    """First template that matches wins. One regex scan per request, whatever the rule count."""
+    """First template that matches wins.
+
+    Templates are compiled into one segment trie per method: a request walks literal segments
+    by dict lookup and tries ``{name}`` and mixed segments beside them, skipping any branch
+    whose first rule cannot beat a match already found. The cost follows the path's depth and
+    the branches it meets, not the number of rules.
+    """
 
     def __init__(self, templates: Sequence[Template]) -> None:
-        self._templates = tuple(templates)
-        alternatives = []
+        methods = {m for t in templates for m in _matched_methods(t.methods)}
+        self._any = _Node()  # rules for methods no template names
+        self._roots = {method: _Node() for method in methods}
+        self._readers: list[list[_Reader]] = []
         for index, template in enumerate(templates):
-            # Group names must be unique across alternatives: prefix them with the rule index.
-            regex = re.sub(r"\(\?P<", f"(?P<r{index}_", template.regex)
-            alternatives.append(f"(?P<r{index}>{regex})")
-        self._regex = re.compile("|".join(alternatives) or r"(?!)", re.DOTALL)
-        self._params = [
-            [(name, f"r{i}_{name}") for name in t.params] for i, t in enumerate(templates)
-        ]
+            segments, readers = self._compile(template.path)
+            self._readers.append(readers)
+            named = _matched_methods(template.methods)
+            roots = [self._roots[m] for m in named] if named else [self._any, *self._roots.values()]
+            for root in roots:
+                _insert(root, index, segments)
+
+    @staticmethod
+    def _compile(path: str) -> tuple[list[tuple[str, Any]], list[_Reader]]:
+        segments: list[tuple[str, Any]] = []
+        readers: list[_Reader] = []
+        for depth, text in enumerate(path.split("/")):
+            if "{" not in text:
+                segments.append(("literal", text))
+                continue
+            params = _PARAM.findall(text)
+            if params[-1].endswith(":path"):
+                name = params[-1].partition(":")[0]
+                if text == f"{{{params[-1]}}}":  # the whole rest of the path
+                    segments.append(("tail", None))
+                    readers.append((depth, name, True))
+                else:
+                    pattern = re.compile(_segment_regex(text), re.DOTALL)
+                    segments.append(("tail", pattern))
+                    readers.append((depth, pattern, True))
+                break  # {name:path} ends the path
+            if text == f"{{{params[0]}}}":
+                segments.append(("param", None))
+                readers.append((depth, params[0], False))
+            else:
+                pattern = re.compile(_segment_regex(text), re.DOTALL)
+                segments.append(("pattern", pattern))
+                readers.append((depth, pattern, False))
+        return segments, readers
 
     def match(self, method: str, path: str) -> tuple[int, dict[str, str]] | None:
         """The index of the first matching template and its parameters, or None."""
-        m = self._regex.fullmatch(f"{method} {path}")
-        if m is None:
+        root = self._roots.get(method, self._any)
+        if root.first == _NO_RULE or not method or " " in method:
             return None
-        # The outer group of the matching alternative is the last one to have closed.
-        index = int(m.lastgroup[1:])  # type: ignore[index]
-        names = self._params[index]
-        return index, ({name: m.group(group) for name, group in names} if names else {})
+        segments = path.split("/")
+        count = len(segments)
+        best = _NO_RULE
+        stack = [(root, 0)]
+        while stack:
+            node, depth = stack.pop()
+            if node.first >= best:
+                continue
+            if depth == count:
+                best = min(best, node.end)
+                continue
+            if node.tails:
+                rest = "/".join(segments[depth:])
+                for index, pattern in node.tails:  # in rule order
+                    if index >= best:
+                        break
+                    if pattern is None or pattern.fullmatch(rest):
+                        best = index
+                        break
+            segment = segments[depth]
+            child = node.literal.get(segment)
+            if child is not None and child.first < best:
+                stack.append((child, depth + 1))
+            child = node.param
+            if child is not None and segment and child.first < best:
+                stack.append((child, depth + 1))
+            for pattern, child in node.patterns.values():
+                if child.first < best and pattern.fullmatch(segment):
+                    stack.append((child, depth + 1))
+        if best == _NO_RULE:
+            return None
+        params: dict[str, str] = {}
+        for depth, reader, tail in self._readers[best]:
+            text = "/".join(segments[depth:]) if tail else segments[depth]
+            if isinstance(reader, str):
+                params[reader] = text
+            else:
+                params.update(reader.fullmatch(text).groupdict())  # type: ignore[union-attr]
+        return best, params
+
+
+def _matched_methods(methods: tuple[str, ...]) -> tuple[str, ...]:
+    # Every framework answers HEAD with its GET handler: a GET rule must cover HEAD too, or
+    # HEAD would be an unenforced way to the same handler.
+    return (*methods, "HEAD") if "GET" in methods and "HEAD" not in methods else methods
+
+
+def _insert(root: _Node, index: int, segments: list[tuple[str, Any]]) -> None:
+    node = root
+    node.first = min(node.first, index)
+    for kind, value in segments:
+        if kind == "tail":
+            node.tails.append((index, value))
+            return
+        if kind == "literal":
+            node = node.literal.setdefault(value, _Node())
+        elif kind == "param":
+            if node.param is None:
+                node.param = _Node()
+            node = node.param
+        else:
+            pattern = value
+            node = node.patterns.setdefault(pattern.pattern, (pattern, _Node()))[1]
+        node.first = min(node.first, index)
+    node.end = min(node.end, index)

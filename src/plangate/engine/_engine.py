@@ -64,7 +64,6 @@ class Engine:
         }
         self._router = self.catalog.router
         self._rules = self.catalog.rules
-        self._routes: dict[tuple[str, str], tuple[int, dict[str, str]] | None] = {}
         self._charges: dict[ChargeKey, Charge] = {}
 
     # 1. route ----------------------------------------------------------------------------
@@ -72,14 +71,9 @@ class Engine:
     def route(self, method: str, path: str, *, explain: bool = False) -> Decision:
         """The rule for a request. ``decision.rule is None``: unmatched; public: no more to do."""
         method = method.upper()  # werkzeug routes "get" as GET: so must the rules
-        key = (method, path)
-        try:
-            found = self._routes[key]
-        except KeyError:
-            found = self._router.match(method, path)
-            if len(self._routes) >= _CACHE_SIZE:
-                self._routes.clear()
-            self._routes[key] = found
+        # No cache: the router's cost does not grow with the rule count, and a cache keyed on
+        # paths would hold whatever paths clients invent.
+        found = self._router.match(method, path)
         if found is None:
             decision = Decision(None, {}, self.kinds, explain)
             if self.deny_unmatched:
