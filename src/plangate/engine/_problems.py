@@ -21,6 +21,19 @@ TITLES = {
     "entitlements-unavailable": (503, "Entitlements unavailable"),
 }
 
+#: the members each problem carries besides type, title, status and detail (SPEC §4)
+MEMBERS: dict[str, frozenset[str]] = {
+    "unauthenticated": frozenset(),
+    "feature-not-in-plan": frozenset({"feature", "plan", "upgrade_url"}),
+    "insufficient-credits": frozenset({"feature", "balance", "required", "upgrade_url"}),
+    "no-active-plan": frozenset({"upgrade_url"}),
+    "route-not-allowed": frozenset(),
+    "quota-exceeded": frozenset({"violated-policies", "plan", "upgrade_url"}),
+    "entitlements-unavailable": frozenset(),
+}
+#: the problems whose response says when to retry (``Retry-After``)
+RETRIED = frozenset({"quota-exceeded", "entitlements-unavailable"})
+
 
 @dataclass(frozen=True)
 class Problem:

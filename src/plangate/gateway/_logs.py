@@ -8,9 +8,10 @@ JSON access log and Traefik's JSON access log.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 from typing import Any, Protocol
+
+from ._bodies import BadRequest, load_json
 
 logger = logging.getLogger("plangate.gateway")
 
@@ -75,9 +76,9 @@ def _entries(text: str) -> list[Any]:
         if start < 0:
             continue
         try:
-            entries.append(json.loads(line[start:]))
-        except ValueError:
-            logger.warning("access log line is not JSON: %.200s", line)
+            entries.append(load_json(line[start:]))
+        except BadRequest as exc:
+            logger.warning("access log line refused (%s): %.200s", exc.detail, line)
     return entries
 
 

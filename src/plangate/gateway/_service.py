@@ -26,9 +26,11 @@ from .._gate import AsyncGate, Clock
 from .._lifecycle import abegin, asettle
 from ..config import Config
 from ..engine import PROBLEM_BASE, Decision, Problem
-from ..engine._problems import TITLES
+from ..engine._headers import MAX_INTEGER
+from ..engine._problems import MEMBERS, RETRIED, TITLES, bearer_challenge
 from ..identity import TokenRead
 from ..storage import Storage
+from ._bodies import MAX_BODY, BadRequest, load_json, read_json
 from ._logs import LogCommitter, follow_file
 
 logger = logging.getLogger("plangate.gateway")
@@ -36,6 +38,7 @@ logger = logging.getLogger("plangate.gateway")
 #: how long a reservation waits for its commit before its estimate simply stands
 RESERVATION_TTL = 600.0
 _MAX_PENDING = 200_000
+_MAX_PROBLEM = 16 * 1024  # characters of X-Plangate-Problem (nginx buffers 16k of headers)
 _TOKEN_CHARS = frozenset(
     "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789!#$&'*+-.^_`|~"
 )
@@ -58,6 +61,7 @@ class GatewayService:
         reservation_ttl: float = RESERVATION_TTL,
         request_from: str = "auto",
         clock: Clock = time.time,
+        max_body: int = MAX_BODY,
     ) -> None:
         if request_from not in STYLES:
             raise ValueError(f"request_from: one of {', '.join(STYLES)}, not {request_from!r}")
@@ -66,6 +70,8 @@ class GatewayService:
         self.request_from = request_from
         self.commit_token = commit_token
         self.reservation_ttl = reservation_ttl
+        #: bytes of a request body the service reads; past them, 413
+        self.max_body = max_body
         self._pending: OrderedDict[str, tuple[Exchange, float]] = OrderedDict()
         self._lock = asyncio.Lock()
         self.settled = 0  # reservations settled so far
@@ -92,7 +98,7 @@ class GatewayService:
             method, path = original_request(request, self.request_from)
         except AmbiguousRequest as exc:
             logger.warning("check refused: %s", exc)
-            return _error(400, "bad-request", f"cannot tell the original request: {exc}")
+            return _problem(400, f"cannot tell the original request: {exc}")
         token = self.gate.token_source.read(request.headers.getlist(self.gate.token_source.header))
         preflight = is_preflight(method, request.headers.__contains__)
         exchange = await self._begin(method, path, token, preflight=preflight)
@@ -158,11 +164,17 @@ class GatewayService:
         if self.commit_token is not None:
             given = request.headers.get("authorization", "")
             if not hmac.compare_digest(given.encode(), f"Bearer {self.commit_token}".encode()):
-                return _error(401, "unauthorized", "a valid commit token is required")
+                tried = given[:7].lower() == "bearer "
+                challenge = bearer_challenge(token_given=tried, realm="plangate-commit")
+                return _problem(
+                    401,
+                    "a valid commit token is required",
+                    {"www-authenticate": challenge},
+                )
         try:
-            record = json.loads(await request.body())
-        except ValueError:
-            return _error(400, "bad-request", "the body is not JSON")
+            record = await read_json(request, self.max_body)
+        except BadRequest as exc:
+            return _problem(exc.status, exc.detail)
         outcome, detail = await self.settle(record)
         status = {"settled": 200, "already-settled": 200, "unknown": 404, "invalid": 400}[outcome]
         return JSONResponse({"outcome": outcome, "detail": detail}, status_code=status)
@@ -199,19 +211,73 @@ class GatewayService:
     # /render, /healthz --------------------------------------------------------------------
 
     async def render(self, request: Request) -> Response:
-        """The real problem response behind nginx's 401/403 (``X-Plangate-Problem``)."""
+        """The real problem response behind nginx's 401/403 (``X-Plangate-Problem``).
+
+        Renders only a problem plangate itself could have issued, rebuilt from its parts
+        (``_reissued``), never the bytes it was sent; anything else is a 400.
+        """
         try:
-            body = json.loads(request.headers.get("x-plangate-problem", ""))
-            name = str(body["type"]).removeprefix(PROBLEM_BASE)
-            status = TITLES[name][0]
-            assert body["type"] == PROBLEM_BASE + name
-        except (ValueError, KeyError, TypeError, AssertionError):
-            return _error(400, "bad-request", "no plangate problem to render")
-        headers = {"content-type": "application/problem+json"}
-        retry = request.headers.get("x-plangate-retry-after")
-        if retry and retry.isdigit():
+            problem = self._reissued(request.headers.get("x-plangate-problem", ""))
+            retry = _retry_after(problem, request.headers.get("x-plangate-retry-after"))
+        except BadRequest as exc:
+            return _problem(400, f"no plangate problem to render: {exc.detail}")
+        headers = dict(problem.response_headers())
+        if retry is not None:
             headers["retry-after"] = retry
-        return Response(json.dumps(body, separators=(",", ":")), status, headers=headers)
+        return Response(problem.encode(), problem.status, headers=headers)
+
+    def _reissued(self, text: str) -> Problem:
+        """The problem ``text`` (a problem body as ``/check`` sends it) describes, if plangate
+        could have issued it: a type, title and status of plangate's own table, only the
+        members that problem carries, each with a value from this config (a plan, a feature,
+        policies, the upgrade URL). Raises ``BadRequest`` saying what is not plangate's."""
+        if len(text) > _MAX_PROBLEM:
+            raise BadRequest(400, f"the problem is longer than {_MAX_PROBLEM} characters")
+        body = load_json(text, max_depth=2)
+        if not isinstance(body, dict):
+            raise BadRequest(400, "the problem is not a JSON object")
+        kind = body.pop("type", None)
+        name = kind.removeprefix(PROBLEM_BASE) if isinstance(kind, str) else ""
+        if kind != PROBLEM_BASE + name or name not in TITLES:
+            raise BadRequest(400, "its type is not a plangate problem type")
+        status, title = TITLES[name]
+        given_status = body.pop("status", None)
+        if type(given_status) is not int or given_status != status:
+            raise BadRequest(400, f"the status of {name} is {status}")
+        if body.pop("title", None) != title:
+            raise BadRequest(400, f"the title of {name} is {title!r}")
+        detail = body.pop("detail", None)
+        if not isinstance(detail, str):
+            raise BadRequest(400, "its detail is not text")
+        for member, value in body.items():
+            if member not in MEMBERS[name]:
+                raise BadRequest(400, f"{name} has no member {member!r}")
+            if not self._issued_value(member, value):
+                raise BadRequest(400, f"its {member!r} is not one this config has")
+        return Problem(name, detail, body)
+
+    def _issued_value(self, member: str, value: Any) -> bool:
+        engine = self.gate.engine
+        if member == "plan":
+            return isinstance(value, str) and value in engine.catalog.plans
+        if member == "feature":
+            return isinstance(value, str) and value in engine.kinds
+        if member == "upgrade_url":
+            return engine.upgrade_url is not None and value == engine.upgrade_url
+        if member == "violated-policies":
+            policies = {
+                limit.policy
+                for plan in engine.catalog.plans.values()
+                for grant in plan.meters.values()
+                for limit in grant.limits
+            }
+            return (
+                isinstance(value, list)
+                and 0 < len(value) == len(set(map(str, value)))
+                and all(isinstance(policy, str) and policy in policies for policy in value)
+            )
+        # balance, required
+        return type(value) is int and 0 <= value <= MAX_INTEGER
 
     async def entitlements(self, request: Request) -> Response:
         """The caller's plan, features and meters: route a gateway's
@@ -343,8 +409,30 @@ def _invalid(record: Any) -> str:
     return ""
 
 
-def _error(status: int, name: str, detail: str) -> JSONResponse:
-    return JSONResponse({"error": name, "detail": detail}, status_code=status)
+def _retry_after(problem: Problem, value: str | None) -> str | None:
+    """``Retry-After`` for a rendered problem: whole seconds, and only where plangate sends it."""
+    if not value:
+        return None
+    if problem.name not in RETRIED:
+        raise BadRequest(400, f"{problem.name} has no Retry-After")
+    if not (value.isascii() and value.isdigit()) or not 1 <= int(value[:16]) <= MAX_INTEGER:
+        raise BadRequest(400, f"Retry-After is not whole seconds from 1 to {MAX_INTEGER}")
+    return str(int(value))
+
+
+#: the titles of the service's own errors (RFC 9457 ``about:blank``: the status phrase)
+_PHRASES = {400: "Bad Request", 401: "Unauthorized", 413: "Content Too Large"}
+
+
+def _problem(status: int, detail: str, headers: Mapping[str, str] | None = None) -> Response:
+    """An error of the service itself (not a decision): an ``about:blank`` problem."""
+    body = {"type": "about:blank", "title": _PHRASES[status], "status": status, "detail": detail}
+    return Response(
+        json.dumps(body, separators=(",", ":")),
+        status,
+        headers=dict(headers or {}),
+        media_type="application/problem+json",
+    )
 
 
 def serve(
