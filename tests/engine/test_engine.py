@@ -13,6 +13,7 @@ from plangate import CustomerRecord, Gate, MemoryStorage
 from plangate.customers import CustomerStore
 from plangate.engine import quota_headers
 from plangate.engine._headers import ceil_seconds, policy_header
+from plangate.engine._problems import MEMBERS, RETRIED, TITLES
 from tests.support import config, token
 
 UTC = timezone.utc
@@ -190,3 +191,9 @@ def test_quota_header_numbers_stay_within_structured_fields_integers():
     assert headers["x-ratelimit-limit"] == "999999999999999"
     assert ceil_seconds(math.inf) == ceil_seconds(1e300) == 999_999_999_999_999
     assert ceil_seconds(0.0) == 1
+
+
+def test_every_problem_lists_its_members():
+    # the gateway's /render renders a problem only with the members listed for it
+    assert MEMBERS.keys() == TITLES.keys()
+    assert RETRIED.issubset(TITLES)
