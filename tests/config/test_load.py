@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from plangate.config import (
     Config,
@@ -312,7 +315,48 @@ def test_without_env_the_process_environment_is_used(
     assert load_config(path).model.responses.upgrade_url == "https://example.com/"
 
 
-# YAML merge keys -----------------------------------------------------------------------
+_FLOW = "features:\n  api_calls: {kind: metered}\nplans:\n  free:\n    features:\n"
+
+
+def test_variable_in_a_flow_mapping_is_replaced(tmp_path: Path) -> None:
+    path = _write(tmp_path, _FLOW + "      api_calls: {limit: ${FREE_CALLS:-100}, window: 1d}\n")
+    limits = load_config(path, env={}).catalog.plans["free"].meters["api_calls"].limits
+    assert limits == (Limit("api_calls", 100, "api_calls-1d", window=86400),)
+
+
+def test_variable_in_a_flow_mapping_comes_from_env(tmp_path: Path) -> None:
+    path = _write(tmp_path, _FLOW + "      api_calls: {limit: ${FREE_CALLS:-100}, window: 1d}\n")
+    meters = load_config(path, env={"FREE_CALLS": "7"}).catalog.plans["free"].meters
+    assert meters["api_calls"].limits[0].limit == 7
+
+
+def test_flow_syntax_in_a_default_stays_in_the_value(tmp_path: Path) -> None:
+    path = _write(tmp_path, "responses: {upgrade_url: ${URL:-https://a.example/?a=1,b[]=2}}\n")
+    assert load_config(path, env={}).model.responses.upgrade_url == "https://a.example/?a=1,b[]=2"
+
+
+def test_variable_value_never_becomes_yaml_structure(tmp_path: Path) -> None:
+    path = _write(tmp_path, "responses: {upgrade_url: ${URL}}\n")
+    config = load_config(path, env={"URL": "https://a.example/, legacy_headers: true"})
+    assert (config.model.responses.upgrade_url, config.model.responses.legacy_headers) == (
+        "https://a.example/, legacy_headers: true",
+        False,
+    )
+
+
+def test_variable_in_a_flow_sequence_is_replaced(tmp_path: Path) -> None:
+    path = _write(tmp_path, "billing: {precedence: [${FIRST:-zuora}, stripe]}\n")
+    assert load_config(path, env={}).model.billing.precedence == ["zuora", "stripe"]  # type: ignore[union-attr]
+
+
+def test_variable_reference_in_a_key_stays_as_written(tmp_path: Path) -> None:
+    path = _write(tmp_path, "features:\n  ${X}: {kind: boolean}\n")
+    with pytest.raises(ConfigError) as caught:
+        load_config(path, env={"X": "export"})
+    assert [issue.path for issue in caught.value.issues] == ["features.${X}"]
+
+
+# YAML merge keys, anchors and aliases ---------------------------------------------------
 
 _DAILY = "features:\n  api_calls: {kind: metered}\nplans:\n  free:\n    features:\n      api_calls: &daily {limit: 100, window: 1d}\n  pro:\n    features:\n"
 
@@ -329,6 +373,36 @@ def test_key_beside_a_merge_key_overrides_the_merged_one(tmp_path: Path) -> None
     assert load_config(path, env={}).catalog.plans["pro"].meters["api_calls"].limits == (
         Limit("api_calls", 5000, "api_calls-1d", window=86400),
     )
+
+
+def test_an_alias_of_a_merged_mapping_reads_it_again_without_duplicates(tmp_path: Path) -> None:
+    body = _DAILY + "      api_calls: &pro {<<: *daily, limit: 5000}\n  team:\n    features:\n"
+    path = _write(tmp_path, body + "      api_calls: *pro\n")
+    assert load_config(path, env={}).catalog.plans["team"].meters["api_calls"].limits == (
+        Limit("api_calls", 5000, "api_calls-1d", window=86400),
+    )
+
+
+def test_aliases_within_the_budget_are_expanded(tmp_path: Path) -> None:
+    plans = "".join(f"  p{i}:\n    features:\n      api_calls: *daily\n" for i in range(200))
+    path = _write(tmp_path, _DAILY + "      api_calls: {limit: 1, window: 1s}\n" + plans)
+    assert len(load_config(path, env={}).catalog.plans) == 202
+
+
+_BROKEN = st.text(st.sampled_from(list("\x00\t\n :-{}[],&*!|>'\"#%@`$<=?\\\ufeff\u2028ab1")))
+
+
+@settings(max_examples=300, deadline=None)
+@given(at=st.integers(0, 2000), cut=st.integers(0, 40), insert=_BROKEN)
+def test_any_edit_of_the_reference_file_loads_or_is_a_config_error(
+    tmp_path_factory: pytest.TempPathFactory, at: int, cut: int, insert: str
+) -> None:
+    text = EXAMPLE.read_text(encoding="utf-8")
+    at %= len(text)
+    path = tmp_path_factory.mktemp("edit") / "plangate.yaml"
+    path.write_text(text[:at] + insert + text[at + cut :], encoding="utf-8")
+    with contextlib.suppress(ConfigError):
+        load_config(str(path), env={})
 
 
 # PLANGATE_STORAGE ----------------------------------------------------------------------

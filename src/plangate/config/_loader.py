@@ -49,13 +49,47 @@ class Document:
         return ConfigIssue(path=format_path(loc), message=message, file=self.file, line=line)
 
 
+# Limits that keep a hostile or broken file from costing more than a mistake: a real config
+# nests about six levels deep and aliases, if any, copy a few plans or meters.
+MAX_DEPTH = 64
+ALIAS_BUDGET = 100_000  # values that aliases may add to the document
+
+# `${NAME:-default}` is swapped for a token of private-use characters before parsing, so that
+# it reads as one plain scalar anywhere, even in a flow mapping where `{` and `,` are syntax;
+# the reference, as written, is put back and interpolated once the YAML is parsed.
+_TOKEN = re.compile("\ue000([0-9]+)\ue001")
+
+
+class _References:
+    def __init__(self, text: str) -> None:
+        self.written: list[str] = []
+        if "\ue000" in text:  # the file uses the token's characters itself: leave it as is
+            self.text = text
+            return
+
+        def token(match: re.Match[str]) -> str:
+            if match.group(1) is None or "\n" in match.group(0):
+                return match.group(0)
+            self.written.append(match.group(0))
+            return f"\ue000{len(self.written) - 1}\ue001"
+
+        self.text = _VARIABLE.sub(token, text)
+
+    def restore(self, text: str) -> str:
+        if not self.written or "\ue000" not in text:
+            return text
+        return _TOKEN.sub(lambda match: self.written[int(match.group(1))], text)
+
+
 class _Reader:
-    def __init__(self, file: str | None, env: Mapping[str, str]) -> None:
+    def __init__(self, file: str | None, env: Mapping[str, str], refs: _References) -> None:
         self.file = file
         self.env = env
+        self.refs = refs
         self.lines: dict[Loc, int] = {}
         self.issues: list[ConfigIssue] = []
         self.loader = yaml.SafeLoader("")
+        self.written: dict[int, set[int]] = {}  # per mapping node: the keys written in it
 
     def read(self, node: yaml.Node, loc: Loc) -> Any:
         self.lines.setdefault(loc, node.start_mark.line + 1)
@@ -64,26 +98,62 @@ class _Reader:
         if isinstance(node, yaml.SequenceNode):
             return [self.read(item, (*loc, i)) for i, item in enumerate(node.value)]
         assert isinstance(node, yaml.ScalarNode)
-        value = self.loader.construct_object(node)
-        if isinstance(value, str) and "$" in value:
+        value = self._construct(node, loc)
+        if isinstance(value, str) and "$" in (value := self.refs.restore(value)):
             value = self._interpolate(node, loc, value)
         return value
 
+    def _construct(self, node: yaml.Node, loc: Loc) -> Any:
+        try:
+            return self.loader.construct_object(node, deep=True)
+        except yaml.constructor.ConstructorError as exc:
+            if node.tag not in self.loader.yaml_constructors:
+                message = f"unknown tag {node.tag!r}: plangate.yaml takes plain YAML values"
+            else:
+                message = f"invalid {node.tag.rpartition(':')[2]}: {exc.problem}"
+        except Exception as exc:  # PyYAML's constructors raise what they meet: 2001-02-30
+            written = self.refs.restore(node.value)
+            detail = f": {exc}" if written == node.value else ""  # exc would show the token
+            message = f"invalid {node.tag.rpartition(':')[2]} {written!r}{detail}"
+        self.loader.recursive_objects.pop(node, None)  # else an alias of it reads as recursive
+        self._issue(node, loc, message)
+        return None
+
     def _mapping(self, node: yaml.MappingNode, loc: Loc) -> dict[str, Any]:
         # Keys written here may repeat keys merged in with `<<: *anchor` (and override them);
-        # only a key written twice here is a duplicate.
-        written = {id(key) for key, _ in node.value if key.tag != "tag:yaml.org,2002:merge"}
-        self.loader.flatten_mapping(node)
+        # only a key written twice here is a duplicate. An alias reads the same node again,
+        # merged already: remember what was written the first time.
+        written = self.written.get(id(node))
+        if written is None:
+            merge = "tag:yaml.org,2002:merge"
+            written = {id(key) for key, _ in node.value if key.tag != merge}
+            self.written[id(node)] = written
+            try:
+                self.loader.flatten_mapping(node)
+            except yaml.constructor.ConstructorError as exc:
+                where = exc.problem_mark or node.start_mark
+                self.issues.append(
+                    ConfigIssue(
+                        format_path(loc),
+                        "a merge key (<<) takes an alias of a mapping, or a list of them "
+                        "(<<: *defaults)",
+                        self.file,
+                        where.line + 1,
+                    )
+                )
+                return {}
         result: dict[str, Any] = {}
         explicit: set[str] = set()
         for key_node, value_node in node.value:
             if not isinstance(key_node, yaml.ScalarNode):
                 self._issue(key_node, loc, "a key must be text, not a list or a mapping")
                 continue
-            if self.loader.construct_object(key_node) is None:
-                self._issue(key_node, loc, "a key must be text, got None")
+            issues = len(self.issues)
+            if self._construct(key_node, loc) is None:
+                if len(self.issues) == issues:
+                    self._issue(key_node, loc, "a key must be text, got None")
                 continue
-            key = key_node.value  # as written: `on:` stays "on", `5:` stays "5"
+            key = self.refs.restore(key_node.value)  # as written: `on:` stays "on"
             here = (*loc, key)
             if id(key_node) in written:
                 if key in explicit:
@@ -121,7 +191,7 @@ class _Reader:
         if node.style is None:  # a plain scalar: `${LIMIT:-100}` is the number 100
             tag = self.loader.resolve(yaml.ScalarNode, result, (True, False))  # type: ignore[no-untyped-call]
             plain = yaml.ScalarNode(tag, result, node.start_mark, node.end_mark)
-            return self.loader.construct_object(plain, deep=True)
+            return self._construct(plain, loc)
         return result
 
     def _issue(self, node: yaml.Node, loc: Loc, message: str) -> None:
@@ -130,10 +200,28 @@ class _Reader:
         )
 
 
-def _path_at_error(text: str) -> Loc:
-    """The key path the YAML parser had reached when it found a syntax error."""
+def _fail(path: Loc, message: str, file: str | None, line: int | None) -> ConfigError:
+    return ConfigError([ConfigIssue(format_path(path), message, file, line)])
+
+
+def _scan(text: str, file: str | None, refs: _References) -> None:
+    """Check the YAML events before any node is built: syntax, nesting depth, alias expansion.
+
+    A syntax error names the key path the parser had reached.
+    """
     # Each frame: [is_mapping, key or item index, in a mapping: reading a value (not a key)]
     frames: list[list[Any]] = []
+    # Per open collection: [values in it, collections nested in it, its anchor]
+    sizes: list[list[Any]] = []
+    anchors: dict[str, tuple[int, int]] = {}  # anchor → (values, levels of nesting)
+    added = 0
+
+    def path() -> Loc:
+        return tuple(
+            refs.restore(key) if isinstance(key, str) else key
+            for is_mapping, key, in_value in frames
+            if ((in_value and isinstance(key, str)) if is_mapping else key >= 0)
+        )
 
     def consumed_value() -> None:
         if frames:
@@ -141,17 +229,55 @@ def _path_at_error(text: str) -> Loc:
             if top[0]:
                 top[2] = not top[2]
 
+    def count(values: int, depth: int) -> None:
+        if sizes:
+            sizes[-1][0] += values
+            sizes[-1][1] = max(sizes[-1][1], depth)
+
     try:
         for event in yaml.parse(text, Loader=yaml.SafeLoader):
+            line = event.start_mark.line + 1 if event.start_mark is not None else None
             top = frames[-1] if frames else None
             if isinstance(event, (yaml.MappingStartEvent, yaml.SequenceStartEvent)):
+                if len(frames) >= MAX_DEPTH:
+                    message = f"more than {MAX_DEPTH} levels of nesting"
+                    raise _fail(path()[:4], message, file, line)  # where the nesting starts
                 if top is not None and not top[0]:
                     top[1] += 1
                 frames.append([isinstance(event, yaml.MappingStartEvent), -1, False])
+                sizes.append([1, 0, event.anchor])
             elif isinstance(event, (yaml.MappingEndEvent, yaml.SequenceEndEvent)):
                 frames.pop()
+                values, depth, anchor = sizes.pop()
+                if anchor is not None:
+                    anchors[anchor] = (values, depth + 1)
+                count(values, depth + 1)
                 consumed_value()
             elif isinstance(event, (yaml.ScalarEvent, yaml.AliasEvent)):
+                if isinstance(event, yaml.AliasEvent):
+                    name = str(event.anchor)
+                    if any(size[2] == name for size in sizes):
+                        message = f"the alias *{name} is inside the value it names"
+                        raise _fail(path(), message, file, line)
+                    if name not in anchors:
+                        message = f"invalid YAML: found undefined alias {name!r}"
+                        raise _fail(path(), message, file, line)
+                    values, depth = anchors[name]
+                    added += values
+                    if added > ALIAS_BUDGET:
+                        message = (
+                            f"aliases expand the file by more than {ALIAS_BUDGET} values; "
+                            "write the repeated values out or use fewer aliases"
+                        )
+                        raise _fail(path(), message, file, line)
+                    if len(frames) + depth > MAX_DEPTH:
+                        message = f"the alias *{name} nests more than {MAX_DEPTH} levels deep"
+                        raise _fail(path()[:4], message, file, line)
+                    count(values, depth)
+                else:
+                    if event.anchor is not None:
+                        anchors[event.anchor] = (1, 0)
+                    count(1, 0)
                 if top is None:
                     continue
                 if not top[0]:
@@ -161,25 +287,27 @@ def _path_at_error(text: str) -> Loc:
                     top[2] = True
                 else:
                     top[2] = False
-    except yaml.YAMLError:
-        pass
-    return tuple(
-        key
-        for is_mapping, key, in_value in frames
-        if ((in_value and isinstance(key, str)) if is_mapping else key >= 0)
-    )
-
-
-def read_yaml(text: str, file: str | None, env: Mapping[str, str]) -> Document:
-    reader = _Reader(file, env)
-    try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         line = mark.line + 1 if mark is not None else None
-        problem = exc.problem or "invalid YAML"
-        where = format_path(_path_at_error(text))
-        raise ConfigError([ConfigIssue(where, f"invalid YAML: {problem}", file, line)]) from None
+        raise _fail(path(), f"invalid YAML: {exc.problem or 'invalid YAML'}", file, line) from None
+    except yaml.reader.ReaderError as exc:
+        line = text.count("\n", 0, exc.position) + 1
+        character = f"U+{exc.character:04X}" if isinstance(exc.character, int) else "a byte"
+        message = f"invalid YAML: the character {character} is not allowed in a YAML file"
+        raise _fail(path(), message, file, line) from None
+
+
+def read_yaml(text: str, file: str | None, env: Mapping[str, str]) -> Document:
+    refs = _References(text)
+    _scan(refs.text, file, refs)
+    reader = _Reader(file, env, refs)
+    try:
+        node = yaml.compose(refs.text, Loader=yaml.SafeLoader)
+    except yaml.MarkedYAMLError as exc:  # an anchor defined twice
+        mark = exc.problem_mark or exc.context_mark
+        line = mark.line + 1 if mark is not None else None
+        raise _fail((), f"invalid YAML: {exc.problem}", file, line) from None
     if node is None:
         raise ConfigError([ConfigIssue("", "the file is empty", file, 1)])
     data = reader.read(node, ())
@@ -193,9 +321,16 @@ def read_yaml(text: str, file: str | None, env: Mapping[str, str]) -> Document:
 def read_source(source: str | os.PathLike[str], env: Mapping[str, str] | None) -> Document:
     path = Path(source)
     try:
-        text = path.read_text(encoding="utf-8")
+        data = path.read_bytes()
     except OSError as exc:
         raise ConfigError([ConfigIssue("", f"cannot read: {exc.strerror}", str(source))]) from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        byte = data[exc.start : exc.start + 1].hex()
+        message = f"not UTF-8: the byte 0x{byte} cannot be read; save the file as UTF-8"
+        raise ConfigError([ConfigIssue("", message, str(source), line)]) from None
     return read_yaml(text, str(source), os.environ if env is None else env)
 
 
