@@ -9,9 +9,11 @@ client (WSGI) and the asyncio one (ASGI).
 from __future__ import annotations
 
 import asyncio
+import queue
 import weakref
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, ResponseError
@@ -43,6 +45,8 @@ from ._redis_codec import (
     settle_call,
 )
 from ._redis_uri import DEFAULTS, MAX_CONNECTIONS, RedisTarget, parse_redis_uri
+
+T = TypeVar("T")
 
 #: a deadline the event loop reaches this late was missed by the loop, not by Redis
 _LATE = 0.005
@@ -203,7 +207,10 @@ class _AsyncClient:
     client: Any
     scripts: dict[str, Any]
     slots: asyncio.Semaphore  # at most max_connections commands in flight
-    direct: _Connections | None = None  # a single node: commands go straight to a connection
+    #: one node or the master behind Sentinel: commands go straight to a connection
+    direct: _Connections | None = None
+    #: a cluster: each command, redirections and reconnects included, is timed as a whole
+    timeout: float | None = None
     ready: bool = False  # connected and scripts loaded
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
@@ -213,14 +220,27 @@ class _AsyncClient:
         async with self.lock:
             if self.ready:
                 return
-            if hasattr(self.client, "initialize"):
-                await self.client.initialize()
-            for script in self.scripts.values():
-                if self.direct is not None:  # bounded by its own timeout
+            if self.direct is not None:  # bounded by its own timeouts
+                for script in self.scripts.values():
                     await self.direct.acall("SCRIPT", "LOAD", script.script)
-                else:
-                    await self.client.script_load(script.script)
+            else:
+                await self.timed(self.client.initialize())
+                for script in self.scripts.values():
+                    await self.timed(self.client.script_load(script.script))
             self.ready = True
+
+    async def timed(self, command: Awaitable[T]) -> T:
+        """``command``, cancelled when Redis stays silent for ``timeout`` (see _Deadline):
+        the cluster client's own timeouts are off, a lagging event loop would fool them."""
+        deadline = _Deadline(self.timeout)
+        try:
+            result = await command
+        except BaseException:
+            if deadline.clear():
+                raise RedisTimeoutError(f"no reply within {self.timeout} s") from None
+            raise
+        deadline.clear()
+        return result
 
 
 class RedisStorage(Storage):
@@ -245,6 +265,12 @@ class RedisStorage(Storage):
         #: the event loop (weakly) and client of the last asyncio call
         self._last: tuple[weakref.ref[asyncio.AbstractEventLoop], _AsyncClient] | None = None
         self.customer_cache_ttl = self.target.customer_cache_ttl
+        #: blocking calls take a token for as long as they use Redis: at most max_connections
+        #: in flight, and the pool always has a connection for them. Waiting for a token is
+        #: not Redis's time (each call ahead is bounded by its timeouts): it is not timed.
+        self._tokens: queue.SimpleQueue[None] = queue.SimpleQueue()
+        for _ in range(self.target.max_connections):
+            self._tokens.put(None)
 
     def __repr__(self) -> str:
         return f"RedisStorage({self.target.kind}, nodes={list(self.target.nodes)})"
@@ -271,9 +297,14 @@ class RedisStorage(Storage):
             client = _connect(self.target, asynchronous=True)
             scripts = {n: client.register_script(t) for n, t in self._texts.items()}
             entry = _AsyncClient(client, scripts, asyncio.Semaphore(self.target.max_connections))
-            if self.target.kind == "single":
-                timeout = self.target.connection.get("socket_timeout")
-                connect_timeout = self.target.connection.get("socket_connect_timeout", timeout)
+            # The clients' own timeouts are off under asyncio (see _connect): plangate's are
+            # kept here, measuring Redis's answer and not the event loop's lag (_Deadline).
+            timeout = self.target.connection.get("socket_timeout")
+            connect_timeout = self.target.connection.get("socket_connect_timeout", timeout)
+            if self.target.kind == "cluster":
+                timeouts = [t for t in (timeout, connect_timeout) if t is not None]
+                entry.timeout = max(timeouts) if timeouts else None
+            else:
                 entry.direct = _Connections(client.connection_pool, timeout, connect_timeout)
             self._aclients[loop] = entry
             self._last = (weakref.ref(loop), entry)
@@ -292,6 +323,7 @@ class RedisStorage(Storage):
     # which a lagging event loop fools (see _Deadline). Script.__call__ handed a client whose
     # evalsha is this path costs 3-4 µs more and buys nothing but the NOSCRIPT fallback below.
     def _run(self, name: str, keys: list[str], args: list[Any]) -> Any:
+        self._tokens.get()
         try:
             script = self._sync()[name]
             try:  # what redis-py's Script does, without its per-call bookkeeping
@@ -302,6 +334,8 @@ class RedisStorage(Storage):
                 return script(keys=keys, args=args)
         except Exception as exc:
             raise StorageError(f"redis {name} failed: {exc}") from exc
+        finally:
+            self._tokens.put(None)
 
     async def _arun(self, name: str, keys: list[str], args: list[Any]) -> Any:
         entry = self._async()
@@ -317,13 +351,15 @@ class RedisStorage(Storage):
                         return await entry.direct.acall(
                             "EVALSHA", script.sha, len(keys), *keys, *args
                         )
-                    return await entry.client.evalsha(script.sha, len(keys), *keys, *args)
+                    return await entry.timed(
+                        entry.client.evalsha(script.sha, len(keys), *keys, *args)
+                    )
                 except NoScriptError:  # a SCRIPT FLUSH or a restart: load it again
                     if entry.direct is not None:  # EVAL loads it
                         return await entry.direct.acall(
                             "EVAL", script.script, len(keys), *keys, *args
                         )
-                    return await script(keys=keys, args=args)
+                    return await entry.timed(script(keys=keys, args=args))
         except Exception as exc:
             raise StorageError(f"redis {name} failed: {exc}") from exc
 
@@ -356,6 +392,7 @@ class RedisStorage(Storage):
     # customers: raw reads and writes (the cache is plangate.customers) ----------------
 
     def _command(self, what: str, *args: Any) -> Any:
+        self._tokens.get()
         try:
             self._sync()
             if self._direct is not None:
@@ -363,6 +400,8 @@ class RedisStorage(Storage):
             return self._client.execute_command(*args)
         except Exception as exc:
             raise StorageError(f"redis customer {what} failed: {exc}") from exc
+        finally:
+            self._tokens.put(None)
 
     async def _acommand(self, what: str, *args: Any) -> Any:
         entry = self._async()
@@ -372,7 +411,7 @@ class RedisStorage(Storage):
             async with entry.slots:
                 if entry.direct is not None:
                     return await entry.direct.acall(*args)
-                return await entry.client.execute_command(*args)
+                return await entry.timed(entry.client.execute_command(*args))
         except Exception as exc:
             raise StorageError(f"redis customer {what} failed: {exc}") from exc
 
@@ -449,13 +488,12 @@ def _connect(target: RedisTarget, *, asynchronous: bool) -> Any:
     if target.kind != "cluster":
         options.setdefault("retry", _retry(asynchronous))
     if target.kind == "single":
-        # A blocking pool: under a burst, requests wait (up to ``timeout``) for a connection
-        # instead of failing with "Too many connections".
         host, port = target.nodes[0]
         pool_options = {
-            # Commands in flight never exceed max_connections; the connections that wait
-            # idle between them (see _Connections) need as many again, so that the client's
-            # own calls (script loads, customer writes) always find one.
+            # Commands in flight never exceed max_connections (RedisStorage's tokens and
+            # semaphore: a burst waits there, untimed); the connections that wait idle
+            # between them (see _Connections) need as many again. So the pool always has a
+            # connection, and waiting for one is never taken for Redis failing.
             "max_connections": 2 * options.pop("max_connections", MAX_CONNECTIONS),
             "timeout": options.pop("timeout", DEFAULTS["socket_timeout"]),
         }
@@ -485,6 +523,10 @@ def _connect(target: RedisTarget, *, asynchronous: bool) -> Any:
         )
     if tls:
         options["ssl"] = True
+    if asynchronous:
+        # Timed by RedisStorage instead (see _Deadline): the whole command on a cluster, the
+        # connect (Sentinel's answer included) and the reply behind Sentinel.
+        options["socket_timeout"] = options["socket_connect_timeout"] = None
     if target.kind == "cluster":
         if asynchronous:
             from redis.asyncio.cluster import ClusterNode as AsyncNode
@@ -495,13 +537,16 @@ def _connect(target: RedisTarget, *, asynchronous: bool) -> Any:
         from redis.cluster import ClusterNode, RedisCluster
 
         return RedisCluster(startup_nodes=[ClusterNode(h, p) for h, p in target.nodes], **options)
-    options.setdefault("max_connections", MAX_CONNECTIONS)
+    # As on one node: commands in flight never exceed max_connections, and the connections
+    # idle between them (asyncio, see _Connections) need as many again.
+    options["max_connections"] = 2 * options.get("max_connections", MAX_CONNECTIONS)
     sentinel_options = {
         k: v for k, v in options.items() if k in ("socket_timeout", "socket_connect_timeout")
     }
     if asynchronous:
         from redis.asyncio.sentinel import Sentinel as AsyncSentinel
 
+        options.update(_no_client_info())
         sentinels = AsyncSentinel(list(target.nodes), sentinel_kwargs=sentinel_options, **options)
         master = sentinels.master_for(target.service)
         master.plangate_sentinels = sentinels.sentinels  # closed with the master
