@@ -482,6 +482,28 @@ def test_reference_example_notes_what_is_not_enforced(example: Config) -> None:
     ]
 
 
+def test_a_rule_that_earlier_rules_shadow_is_noted(tmp_path: Path) -> None:
+    body = (
+        "features:\n  api_calls: {kind: metered}\nroutes:\n"
+        "  - match: /v1/{rest:path}\n    meters: {api_calls: 1}\n"
+        "  - match: GET /v1/projects\n    meters: {api_calls: 2}\n"
+    )
+    path = _write(tmp_path, body)
+    assert [str(note) for note in load_config(path, env={}).notes] == [
+        f"{path}:12: routes[1].match: this rule never applies: routes[0] (/v1/{{rest:path}}) "
+        "comes first and matches every request it matches"
+    ]
+
+
+def test_a_rule_shadowed_by_two_earlier_rules_names_both(tmp_path: Path) -> None:
+    body = "routes:\n  - match: GET /a\n  - match: POST /a\n  - match: GET|POST /a\n"
+    (note,) = load_config(_write(tmp_path, body), env={}).notes
+    assert note.message == (
+        "this rule never applies: routes[0] (GET /a) and routes[1] (POST /a) come first and "
+        "match every request it matches"
+    )
+
+
 def test_admin_token_is_noted_as_unused(tmp_path: Path) -> None:
     config = load_config(_write(tmp_path, "admin:\n  token: an-admin-token\n"), env={})
     assert [(note.path, note.message) for note in config.notes] == [

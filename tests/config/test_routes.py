@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from plangate.config._routes import Router, parse_template
+from plangate.config._routes import Router, parse_template, shadowed
 
 
 def _router(*templates: str) -> Router:
@@ -375,3 +375,58 @@ def test_router_agrees_on_paths_made_from_the_rules(
     path = re.sub(r"\{[^}]*\}", lambda _: next(values), path)
     router = Router([parse_template(text) for text in templates])
     assert router.match(method, path) == _reference(templates, method, path)
+
+
+# shadowed: rules that earlier rules match entirely ---------------------------------------
+
+
+def _shadowed(*templates: str) -> dict[int, tuple[int, ...]]:
+    return shadowed([parse_template(text) for text in templates])
+
+
+@pytest.mark.parametrize(
+    ("templates", "expected"),
+    [
+        pytest.param(["/v1/{rest:path}", "GET /v1/projects"], {1: (0,)}, id="catch-all-first"),
+        pytest.param(["GET /a", "HEAD /a"], {1: (0,)}, id="get-covers-head"),
+        pytest.param(["GET /a", "POST /a", "GET|POST /a"], {2: (0, 1)}, id="methods-together"),
+        pytest.param(["GET /a", "/a"], {}, id="any-method-after-one"),
+        pytest.param(["/items/{id}", "/items/new"], {1: (0,)}, id="parameter-first"),
+        pytest.param(["/items/new", "/items/{id}"], {}, id="literal-first"),
+        pytest.param(["/items/{id}", "/items/"], {}, id="empty-segment"),
+        pytest.param(["/files/{name}.json", "/files/a.json"], {1: (0,)}, id="mixed-segment"),
+        pytest.param(["/files/{a}.json", "/files/{b}.json"], {1: (0,)}, id="same-shape"),
+        pytest.param(["/s/v{rest:path}", "/s/v2/app.js"], {1: (0,)}, id="tail-prefix"),
+        pytest.param(["/s/v{rest:path}", "/s/x"], {}, id="tail-prefix-differs"),
+        pytest.param(["/{a}/{b}", "POST /x/{c}"], {1: (0,)}, id="parameters"),
+        pytest.param(["/v1/{rest:path}", "/v1/{x:path}"], {1: (0,)}, id="same-tail"),
+        pytest.param(["/v1/{x}", "/v1/{rest:path}"], {}, id="tail-after-one-segment"),
+        pytest.param(["/v1/{rest:path}", "/v1"], {}, id="tail-needs-its-segment"),
+    ],
+)
+def test_shadowed_rules(templates: list[str], expected: dict[int, tuple[int, ...]]) -> None:
+    assert _shadowed(*templates) == expected
+
+
+@settings(max_examples=500)
+@given(
+    templates=st.lists(_template(), min_size=2, max_size=10),
+    method=_METHOD,
+    pick=st.integers(0),
+    fill=st.lists(st.sampled_from(["a", "b", "a-b", "x/y", "", "a.b"]), min_size=12, max_size=12),
+)
+def test_a_rule_reported_shadowed_never_matches_first(
+    templates: list[str], method: str, pick: int, fill: list[str]
+) -> None:
+    found = _shadowed(*templates)
+    for index, earlier in found.items():
+        assert all(i < index for i in earlier)
+    if not found:
+        return
+    index = sorted(found)[pick % len(found)]
+    values = iter(fill)
+    path = re.sub(r"\{[^}]*\}", lambda _: next(values), parse_template(templates[index]).path)
+    if _reference([templates[index]], method, path) is not None:
+        first = _reference(templates, method, path)
+        assert first is not None
+        assert first[0] < index

@@ -54,7 +54,8 @@ class Config:
 
     @property
     def notes(self) -> tuple[ConfigIssue, ...]:
-        """What the file declares that this release validates but does not enforce yet."""
+        """Warnings: what the file declares that has no effect (not enforced yet, or a route
+        rule that earlier rules shadow). ``plangate check`` prints them; loading goes on."""
         return self.catalog.notes
 
 

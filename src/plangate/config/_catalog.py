@@ -10,10 +10,13 @@ from datetime import date
 from pathlib import Path
 from typing import Any
 
+import jwt
+
 from ..errors import ConfigError, ConfigIssue
 from ._durations import parse_duration
 from ._loader import Document, Loc, validate_model
 from ._models import (
+    MAX_AMOUNT,
     AddonGrantSpec,
     ConfigModel,
     CreditGrantSpec,
@@ -21,7 +24,7 @@ from ._models import (
     LimitSpec,
     RouteConfig,
 )
-from ._routes import Router, Template, parse_template
+from ._routes import Router, Template, parse_template, shadowed
 
 UNLIMITED = "unlimited"
 
@@ -166,12 +169,40 @@ class _Builder:
             )
         if m.admin.token:
             self.note(("admin",), "the admin API is not served yet; admin.token is unused")
-        key = m.identity.jwt.public_key
-        if key is not None and key.startswith("file:") and not Path(key[5:]).is_file():
-            self.fail(("identity", "jwt", "public_key"), f"cannot read the key file {key[5:]!r}")
+        self._public_key()
+        self._shadowed(rules)
         router = Router([rule.template for rule in rules])
         notes = tuple(sorted(self.notes, key=lambda issue: (issue.line or 0, issue.path)))
         return Catalog(plans, tuple(rules), router, m.default_plan, notes)
+
+    def _public_key(self) -> None:
+        jwt_config = self.model.identity.jwt
+        key, loc = jwt_config.public_key, ("identity", "jwt", "public_key")
+        if key is None:
+            return
+        if key.startswith("file:"):
+            try:
+                key = Path(key[5:]).read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError):
+                self.fail(loc, f"cannot read the key file {key[5:]!r}")
+                return
+        for name in jwt_config.algorithms:
+            try:
+                jwt.get_algorithm_by_name(name).prepare_key(key)
+            except (jwt.InvalidKeyError, ValueError, TypeError) as exc:
+                self.fail(loc, f"not a usable {name} public key: {exc}")
+                return
+
+    def _shadowed(self, rules: list[Rule]) -> None:
+        for position, earlier in shadowed([rule.template for rule in rules]).items():
+            rule = rules[position]
+            names = " and ".join(f"routes[{rules[i].index}] ({rules[i].match})" for i in earlier)
+            verb = "comes" if len(earlier) == 1 else "come"
+            self.note(
+                ("routes", rule.index, "match"),
+                f"this rule never applies: {names} {verb} first and match"
+                f"{'es' if len(earlier) == 1 else ''} every request it matches",
+            )
 
     def _names(self) -> None:
         m = self.model
@@ -358,6 +389,8 @@ class _Builder:
             elif isinstance(cost, int):
                 if cost < 0:
                     self.fail(meter_loc, f"the cost must be 0 or more, got {cost}")
+                elif cost > MAX_AMOUNT:
+                    self.fail(meter_loc, f"the cost {cost} is too large: at most {MAX_AMOUNT}")
                 costs.append(MeterCost(meter, cost))
             else:
                 header = self.sub(HeaderCost, cost, meter_loc)

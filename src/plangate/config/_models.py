@@ -8,9 +8,17 @@ plan entitlements into typed objects.
 from __future__ import annotations
 
 import re
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    field_validator,
+    model_validator,
+)
 
 from ._durations import parse_duration
 
@@ -30,6 +38,47 @@ class Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+def _not_a_boolean(value: Any) -> Any:
+    # pydantic reads true as 1 in a number field: `limit: true` would be a quota of one.
+    if isinstance(value, bool):
+        raise ValueError(f"expected a number, got {str(value).lower()}")
+    return value
+
+
+# Quotas travel in RateLimit headers as Structured Fields integers: at most 15 digits.
+MAX_AMOUNT = 10**15 - 1
+
+
+def fits_a_header(value: int) -> int:
+    if value > MAX_AMOUNT:
+        raise ValueError(
+            f"{value} is too large: at most {MAX_AMOUNT} (quota headers carry 15 digits)"
+        )
+    return value
+
+
+Number = Annotated[int, BeforeValidator(_not_a_boolean)]
+Seconds = Annotated[float, BeforeValidator(_not_a_boolean)]
+Amount = Annotated[int, BeforeValidator(_not_a_boolean), AfterValidator(fits_a_header)]
+
+# Framing and hop-by-hop headers (RFC 9110 §7.6.1, RFC 9112): plangate removes the usage
+# header from the response, and must never remove one of these.
+FRAMING_HEADERS = frozenset(
+    {
+        "connection", "content-length", "host", "keep-alive", "proxy-connection", "te",
+        "trailer", "transfer-encoding", "upgrade",
+    }
+)  # fmt: skip
+OWN_HEADERS = frozenset(
+    {
+        "ratelimit", "ratelimit-policy", "retry-after", "www-authenticate",
+        "x-ratelimit-limit", "x-ratelimit-remaining", "x-ratelimit-reset",
+    }
+)  # fmt: skip
+_TOKEN = re.compile(r"[A-Za-z0-9!#$%&'*+.^_`|~-]+")
+_CLAIM = re.compile(r"[^.]+(\.[^.]+)*")
+
+
 class JwtConfig(Model):
     algorithms: list[str]
     secret: str | None = None
@@ -37,12 +86,21 @@ class JwtConfig(Model):
     jwks_url: str | None = None
     issuer: str | None = None
     audience: str | list[str] | None = None
-    leeway: float = Field(default=0, ge=0)
+    leeway: Seconds = Field(default=0, ge=0, le=3600, allow_inf_nan=False)
     customer_claim: str
     plan_claim: str | None = None
     required_claims: list[str] = Field(default_factory=lambda: ["exp"])
-    jwks_cache_seconds: int = Field(default=300, ge=1)
-    max_token_bytes: int = Field(default=8192, gt=0)
+    jwks_cache_seconds: Number = Field(default=300, ge=1)
+    max_token_bytes: Number = Field(default=8192, gt=0)
+
+    @field_validator("customer_claim", "plan_claim")
+    @classmethod
+    def _claim_path(cls, value: str | None) -> str | None:
+        if value is not None and not _CLAIM.fullmatch(value):
+            raise ValueError(
+                f"expected a claim name, or a dotted path to a nested claim (org.id), got {value!r}"
+            )
+        return value
 
     @field_validator("algorithms")
     @classmethod
@@ -115,7 +173,7 @@ class FeatureConfig(Model):
 class PlanConfig(Model):
     extends: str | None = None
     legacy: bool = False
-    trial_days: int | None = Field(default=None, ge=0)
+    trial_days: Number | None = Field(default=None, ge=0)
     features: dict[str, EntitlementValue] = Field(default_factory=dict)
 
 
@@ -125,8 +183,22 @@ class AddonConfig(Model):
 
 class HeaderCost(Model):
     response_header: str
-    estimate: int = Field(ge=0)
+    estimate: Amount = Field(ge=0)
     expose: bool = False
+
+    @field_validator("response_header")
+    @classmethod
+    def _header_name(cls, value: str) -> str:
+        if not _TOKEN.fullmatch(value):
+            raise ValueError(f"not a header name: {value!r}")
+        if value.lower() in FRAMING_HEADERS:
+            raise ValueError(
+                f"{value} frames the response or the connection: plangate removes the usage "
+                "header from the response, so usage needs a header of its own (X-Usage-Tokens)"
+            )
+        if value.lower() in OWN_HEADERS:
+            raise ValueError(f"{value} is a header plangate writes; name a header of the app's")
+        return value
 
 
 class RouteConfig(Model):
@@ -204,22 +276,23 @@ class ConfigModel(Model):
 
 
 Period = Literal["hour", "day", "week", "month", "year"]
+MAX_WINDOW = 3650 * 86400  # a sliding window's seconds, as `w` and as Redis key expiries
 
 
 class LimitSpec(Model):
     """One limit of a metered entitlement: ``{limit, window}`` or ``{limit, period}``."""
 
-    limit: int = Field(ge=0)
+    limit: Amount = Field(ge=0)
     window: str | None = None
     period: Period | None = None
     overage: str | None = None
-    rate: float | None = Field(default=None, gt=0)
+    rate: Seconds | None = Field(default=None, gt=0, allow_inf_nan=False)
 
     @field_validator("window")
     @classmethod
     def _duration(cls, value: str | None) -> str | None:
-        if value is not None:
-            parse_duration(value)
+        if value is not None and parse_duration(value) > MAX_WINDOW:
+            raise ValueError(f"the window {value} is longer than 10 years (3650d)")
         return value
 
     @model_validator(mode="after")
@@ -232,9 +305,9 @@ class LimitSpec(Model):
 
 
 class CreditGrantSpec(Model):
-    grant: int = Field(ge=0)
+    grant: Amount = Field(ge=0)
     period: Period
 
 
 class AddonGrantSpec(Model):
-    add: int = Field(gt=0)
+    add: Amount = Field(gt=0)

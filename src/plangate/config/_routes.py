@@ -216,3 +216,121 @@ def _insert(root: _Node, index: int, segments: list[tuple[str, Any]]) -> None:
             node = node.patterns.setdefault(pattern.pattern, (pattern, _Node()))[1]
         node.first = min(node.first, index)
     node.end = min(node.end, index)
+
+
+class _Cover:
+    """A node of the trie of earlier rules that ``shadowed`` walks; shapes, not names."""
+
+    __slots__ = ("ends", "literal", "param", "patterns", "tails")
+
+    def __init__(self) -> None:
+        self.literal: dict[str, _Cover] = {}
+        self.param: _Cover | None = None
+        self.patterns: dict[str, tuple[re.Pattern[str], _Cover]] = {}
+        # (shape, regex or None for a bare {name:path}, literal text before it, rule, methods)
+        self.tails: list[tuple[str, re.Pattern[str] | None, str | None, int, Methods]] = []
+        self.ends: list[tuple[int, Methods]] = []
+
+
+Methods = frozenset[str] | None  # None: any method
+_Shape = tuple[str, str, re.Pattern[str] | None, str | None]  # kind, shape, regex, tail prefix
+
+
+def _shape(path: str) -> list[_Shape]:
+    shapes: list[_Shape] = []
+    for text in path.split("/"):
+        params = _PARAM.findall(text)
+        shape = _PARAM.sub(lambda m: "{*}" if m[1].endswith(":path") else "{}", text)
+        if not params:
+            shapes.append(("literal", text, None, None))
+        elif params[-1].endswith(":path"):
+            pure = text == f"{{{params[-1]}}}"
+            prefix = text.partition("{")[0] if len(params) == 1 else None
+            regex = None if pure else re.compile(_segment_regex(text), re.DOTALL)
+            shapes.append(("tail", shape, regex, prefix))
+            break
+        elif text == f"{{{params[0]}}}":
+            shapes.append(("param", shape, None, None))
+        else:
+            shapes.append(("pattern", shape, re.compile(_segment_regex(text), re.DOTALL), None))
+    return shapes
+
+
+def shadowed(templates: Sequence[Template]) -> dict[int, tuple[int, ...]]:
+    """Rules that never match because earlier ones match all their requests first.
+
+    Rule index → the earlier rules that cover it (together, when each covers some methods).
+    Sound but not complete: a rule reported is shadowed; one that earlier rules cover only
+    through a subtle regex overlap may go unreported.
+    """
+    root = _Cover()
+    found: dict[int, tuple[int, ...]] = {}
+    for index, template in enumerate(templates):
+        shapes = _shape(template.path)
+        methods: Methods = frozenset(_matched_methods(template.methods)) or None
+        covering: list[tuple[int, Methods]] = []
+        _covering(root, shapes, 0, covering)
+        if methods is None:
+            by = [i for i, m in covering if m is None][:1]
+        else:
+            whole = [i for i, m in covering if m is None or m >= methods][:1]
+            parts = [(i, m) for i, m in covering if m is not None and m & methods]
+            union = frozenset().union(*(m for _, m in parts)) if parts else frozenset()
+            by = whole or ([i for i, _ in parts] if union >= methods else [])
+        if by:
+            found[index] = tuple(sorted(set(by)))
+        _add(root, shapes, index, methods)
+    return found
+
+
+def _covering(
+    node: _Cover, shapes: list[_Shape], depth: int, out: list[tuple[int, Methods]]
+) -> None:
+    """Collect the earlier rules under ``node`` whose paths include all of ``shapes[depth:]``."""
+    if depth == len(shapes):
+        out.extend(node.ends)
+        return
+    kind, shape, _, prefix = shapes[depth]
+    rest = None
+    if all(s[0] == "literal" for s in shapes[depth:]):
+        rest = "/".join(s[1] for s in shapes[depth:])
+    for tail_shape, regex, tail_prefix, index, methods in node.tails:
+        if (
+            regex is None
+            or tail_shape == shape
+            or (tail_prefix is not None and kind == "literal" and shape.startswith(tail_prefix))
+            or (tail_prefix is not None and prefix is not None and prefix.startswith(tail_prefix))
+            or (rest is not None and regex.fullmatch(rest))
+        ):
+            out.append((index, methods))
+    if kind == "tail":
+        return
+    children: list[_Cover] = []
+    if kind == "literal":
+        if shape in node.literal:
+            children.append(node.literal[shape])
+        children.extend(child for regex, child in node.patterns.values() if regex.fullmatch(shape))
+    elif kind == "pattern" and shape in node.patterns:
+        children.append(node.patterns[shape][1])
+    if node.param is not None and shape:  # any segment but the empty one
+        children.append(node.param)
+    for child in children:
+        _covering(child, shapes, depth + 1, out)
+
+
+def _add(root: _Cover, shapes: list[_Shape], index: int, methods: Methods) -> None:
+    node = root
+    for kind, shape, regex, prefix in shapes:
+        if kind == "tail":
+            node.tails.append((shape, regex, prefix, index, methods))
+            return
+        if kind == "literal":
+            node = node.literal.setdefault(shape, _Cover())
+        elif kind == "param":
+            if node.param is None:
+                node.param = _Cover()
+            node = node.param
+        else:
+            assert regex is not None
+            node = node.patterns.setdefault(shape, (regex, _Cover()))[1]
+    node.ends.append((index, methods))
