@@ -26,7 +26,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
 
-from plangate.config import load_config  # noqa: E402
+from plangate.config import Config, load_config  # noqa: E402
 from plangate.engine import Engine  # noqa: E402
 
 DOCS = ROOT / "docs" / "benchmarks.md"
@@ -69,7 +69,7 @@ def timed(
     return statistics.median(means[1:])  # the first batch warms up
 
 
-def config(n: int) -> object:
+def config(n: int) -> Config:
     return load_config(
         {
             "version": 1,
@@ -91,7 +91,7 @@ def run(rounds: int) -> list[str]:
         start = time.perf_counter()
         loaded = config(n)
         build = (time.perf_counter() - start) * 1e3
-        engine = Engine(loaded, new_id=lambda: "id")  # type: ignore[arg-type]
+        engine = Engine(loaded, new_id=lambda: "id")
         router = engine.catalog.router
         cells = [
             timed(router.match, requests(n, where), rounds) for where in ("first", "last", "none")
