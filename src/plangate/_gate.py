@@ -50,7 +50,7 @@ class _Gate:
         self.verifier = TokenVerifier(identity.jwt, clock=clock)
         self.token_source = TokenSource(identity.token_from)
         #: CORS preflights pass unauthenticated and unmetered (they carry no credentials)
-        self.pass_preflights = True
+        self.pass_preflights = self.config.model.cors_preflight == "pass"
         self.clock = clock
 
     def _open_customers(self) -> None:

@@ -28,3 +28,8 @@ def test_an_options_request_that_is_no_preflight_is_decided_as_usual(start):
     assert client.request("OPTIONS", "/v1/ok", {"Origin": "https://app.example"}).status == 401
     # decided and metered (the quota headers); whether it is charged is the app's status
     assert "ratelimit" in client.request("OPTIONS", "/v1/ok", bearer()).headers
+
+
+def test_cors_preflight_decide_decides_a_preflight_like_any_request(start):
+    client = start(config(cors_preflight="decide"))
+    assert client.request("OPTIONS", "/v1/ok", PREFLIGHT).status == 401

@@ -261,6 +261,7 @@ class ConfigModel(Model):
     routes: list[RouteConfig] = Field(default_factory=list)
     unmatched: Literal["allow", "deny"] = "allow"
     mode: Literal["enforce", "shadow"] = "enforce"
+    cors_preflight: Literal["pass", "decide"] = "pass"
     on_storage_error: StorageErrorPolicy = "local"
     responses: ResponsesConfig = Field(default_factory=ResponsesConfig)
     admin: AdminConfig = Field(default_factory=AdminConfig)
