@@ -104,3 +104,36 @@ def test_a_lagging_event_loop_is_not_a_redis_failure(topology, request):
     assert admitted == [True] * (2 * len(counters))
     assert store.breaker.state == "closed"
     assert _counted_locally(store, counters) == []
+
+
+async def _wait_for(ticks: int, answering: bool) -> bool:
+    """A call that needs ``ticks`` turns of a ticker (each ~5 ms) under a 10 ms deadline,
+    while Redis answers other calls (``answering``) or nobody; True if it was cut off."""
+    from plangate.storage._redis import _Deadline
+
+    answered = 0
+    done = asyncio.Event()
+
+    async def ticker() -> None:
+        nonlocal answered
+        for _ in range(ticks):
+            await asyncio.sleep(0.005)
+            answered += answering
+        done.set()
+
+    asyncio.get_running_loop().create_task(ticker())
+    deadline = _Deadline(0.01, lambda: answered)
+    try:
+        await done.wait()
+    except asyncio.CancelledError:
+        return deadline.clear()
+    deadline.clear()
+    return False
+
+
+def test_a_slow_call_is_not_cut_off_while_redis_answers_other_calls():
+    assert asyncio.run(_wait_for(ticks=20, answering=True)) is False
+
+
+def test_a_call_is_cut_off_after_one_timeout_when_redis_answers_nobody():
+    assert asyncio.run(_wait_for(ticks=20, answering=False)) is True

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import queue
 import weakref
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -53,6 +53,8 @@ _LATE = 0.005
 #: turns of the event loop a missed reply may still need to reach its task (a new
 #: connection's transport takes three)
 _TURNS = 4
+#: timeouts a call may wait in all while Redis answers other calls meanwhile
+_PATIENCE = 20
 
 
 class _Deadline:
@@ -64,15 +66,34 @@ class _Deadline:
     reached in time it still lets the loop run what it holds (a reply read in this turn
     reaches its task in the next ones) before it cancels. So a hung Redis costs one timeout
     on an idle loop; a busy loop cannot make a healthy Redis look hung.
+
+    ``answered`` counts what Redis answered on other calls: when it moved since this call
+    started (or since its last extension), Redis is answering and this call is slow on our
+    side (a loop that needs more turns than the heuristic allows, a burst of connects), so
+    the deadline is extended — up to ``_PATIENCE`` timeouts in all. A hung Redis answers
+    nobody: one timeout.
     """
 
-    __slots__ = ("_cancelling", "_handle", "_loop", "_task", "_timeout", "expired")
+    __slots__ = (
+        "_answered",
+        "_cancelling",
+        "_extensions",
+        "_handle",
+        "_loop",
+        "_seen",
+        "_task",
+        "_timeout",
+        "expired",
+    )
 
-    def __init__(self, timeout: float | None) -> None:
+    def __init__(self, timeout: float | None, answered: Callable[[], int] | None = None) -> None:
         self.expired = False
         self._handle: asyncio.Handle | None = None
         if timeout is None:
             return
+        self._answered = answered
+        self._seen = answered() if answered is not None else 0
+        self._extensions = 0
         self._loop = asyncio.get_running_loop()
         self._task = asyncio.current_task()
         self._timeout = timeout
@@ -90,6 +111,12 @@ class _Deadline:
     def _turn(self, left: int) -> None:
         if left:
             self._handle = self._loop.call_soon(self._turn, left - 1)
+            return
+        answered = self._answered() if self._answered is not None else self._seen
+        if answered != self._seen and self._extensions < _PATIENCE - 1:
+            self._seen = answered
+            self._extensions += 1
+            self._handle = self._loop.call_at(self._loop.time() + self._timeout, self._due)
         elif self._task is not None:
             self.expired = True
             self._task.cancel()
@@ -127,6 +154,11 @@ class _Connections:
         self.idle: list[Any] = []
         self.timeout = timeout
         self.connect_timeout = connect_timeout
+        #: replies and connects Redis gave under asyncio (see ``_Deadline``)
+        self.answered = 0
+
+    def _answered(self) -> int:
+        return self.answered
 
     def call(self, *args: Any) -> Any:
         for attempt in (1, 2):
@@ -157,13 +189,14 @@ class _Connections:
     async def acall(self, *args: Any) -> Any:
         for attempt in (1, 2):
             conn = self.idle.pop() if self.idle else await self._open()
-            deadline = _Deadline(self.timeout)
+            deadline = _Deadline(self.timeout, self._answered)
             try:
                 await conn.send_packed_command(conn.pack_command(*args), check_health=False)
                 reply = await conn.read_response()
             except BaseException as exc:
                 ours = deadline.clear()
                 if isinstance(exc, ResponseError):  # an error reply: the connection is fine
+                    self.answered += 1
                     self.idle.append(conn)
                     raise
                 await conn.disconnect()
@@ -174,6 +207,7 @@ class _Connections:
                     continue  # a connection broken while idle (a restart)
                 raise
             deadline.clear()
+            self.answered += 1
             self.idle.append(conn)
             return reply
         raise AssertionError("unreachable")  # pragma: no cover
@@ -185,7 +219,7 @@ class _Connections:
         if take is None:  # pragma: no cover - an older redis-py
             return await self.pool.get_connection()
         conn = take()
-        deadline = _Deadline(self.connect_timeout)
+        deadline = _Deadline(self.connect_timeout, self._answered)
         try:
             await conn.connect()
         except BaseException:
@@ -195,6 +229,7 @@ class _Connections:
                 raise RedisTimeoutError(f"not connected within {self.connect_timeout} s") from None
             raise
         deadline.clear()
+        self.answered += 1
         return conn
 
     def give_back(self) -> list[Any]:
@@ -213,6 +248,7 @@ class _AsyncClient:
     timeout: float | None = None
     ready: bool = False  # connected and scripts loaded
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    answered: int = 0  # commands Redis answered (see _Deadline)
 
     async def prepare(self) -> None:
         # Connect and load the scripts once, before the first burst: the asyncio cluster
@@ -232,14 +268,17 @@ class _AsyncClient:
     async def timed(self, command: Awaitable[T]) -> T:
         """``command``, cancelled when Redis stays silent for ``timeout`` (see _Deadline):
         the cluster client's own timeouts are off, a lagging event loop would fool them."""
-        deadline = _Deadline(self.timeout)
+        deadline = _Deadline(self.timeout, lambda: self.answered)
         try:
             result = await command
-        except BaseException:
+        except BaseException as exc:
             if deadline.clear():
                 raise RedisTimeoutError(f"no reply within {self.timeout} s") from None
+            if isinstance(exc, ResponseError):
+                self.answered += 1
             raise
         deadline.clear()
+        self.answered += 1
         return result
 
 
