@@ -70,6 +70,7 @@ class PlanGate:
             entitlements_path=app.config.get("PLANGATE_ENTITLEMENTS_PATH", ENTITLEMENTS_PATH),
         )
         app.extensions["plangate"] = gate
+        report_exceptions(app)  # also when app.wsgi_app was wrapped by another middleware first
         app.before_request(_expose_decision)
 
     def requires(
