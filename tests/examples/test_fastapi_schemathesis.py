@@ -3,7 +3,6 @@ the schema documents (plangate's 401/402/429 problems included), and none is a 5
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
@@ -12,17 +11,9 @@ from hypothesis import HealthCheck, settings
 from schemathesis import checks
 
 from plangate.testing import bearer
+from tests.support import load_module
 
 EXAMPLE = Path(__file__).parents[2] / "examples" / "fastapi"
-
-
-def _load():
-    spec = importlib.util.spec_from_file_location("fastapi_example_st", EXAMPLE / "app.py")
-    assert spec is not None
-    assert spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 #: what the schema promises, response by response; not schemathesis's guesses about which
@@ -35,7 +26,7 @@ CHECKS = [
     checks.response_schema_conformance,
 ]
 
-app = _load().app
+app = load_module(EXAMPLE / "app.py", "fastapi_example_st").app
 schema = schemathesis.openapi.from_asgi("/openapi.json", app)
 
 

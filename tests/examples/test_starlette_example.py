@@ -1,24 +1,18 @@
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import httpx
 
 from plangate.cli import mint_token
 from plangate.config import load_config
-from tests.support import serve_asgi
+from tests.support import load_module, serve_asgi
 
 EXAMPLE = Path(__file__).parents[2] / "examples" / "starlette"
 
 
 def load_example_app():
-    spec = importlib.util.spec_from_file_location("starlette_example", EXAMPLE / "app.py")
-    assert spec is not None
-    assert spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.app
+    return load_module(EXAMPLE / "app.py", "starlette_example").app
 
 
 def test_starlette_example_runs_as_its_readme_says(monkeypatch):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import socket
@@ -17,17 +16,13 @@ from werkzeug.test import Client
 
 from plangate.cli import mint_token
 from plangate.config import load_config
+from tests.support import load_module
 
 EXAMPLE = Path(__file__).parents[2] / "examples" / "wsgi"
 
 
 def load_example() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("wsgi_example", EXAMPLE / "app.py")
-    assert spec is not None
-    assert spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_module(EXAMPLE / "app.py", "wsgi_example")
 
 
 @pytest.fixture
