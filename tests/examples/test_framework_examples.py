@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import http_sf
 import httpx
 import pytest
 
@@ -118,7 +119,10 @@ def http(example: Example) -> Iterator[httpx.Client]:
                 pytest.fail(f"the example exited before {example.ready!r}:\n{''.join(seen)}")
             seen.append(line)
         assert f"http://127.0.0.1:{port}" in "".join(seen)
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as client:
+        hooks = {"response": [structured_fields_parse]}
+        with httpx.Client(
+            base_url=f"http://127.0.0.1:{port}", timeout=10, event_hooks=hooks
+        ) as client:
             yield client
     finally:
         proc.terminate()
@@ -128,6 +132,17 @@ def http(example: Example) -> Iterator[httpx.Client]:
             proc.kill()
             proc.wait(timeout=10)
         reader.join(timeout=10)
+
+
+def structured_fields_parse(response: httpx.Response) -> None:
+    """Every quota header an example sends is read by a real Structured Fields parser
+    (RFC 9651), which drops a whole header it cannot read."""
+    for name in ("ratelimit-policy", "ratelimit"):
+        for value in response.headers.get_list(name):
+            http_sf.parse(value.encode(), tltype="list")
+    if "retry-after" in response.headers:
+        value, _ = http_sf.parse(response.headers["retry-after"].encode(), tltype="item")
+        assert type(value) is int
 
 
 def test_health_is_public(http):
