@@ -12,6 +12,7 @@ from collections.abc import Generator
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Generic, NamedTuple, Protocol, TypeVar
+from urllib.parse import quote
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -24,10 +25,22 @@ Flow = Generator["Op[Any]", Any, R]
 SLIDING_BUCKETS = 20
 
 
+#: printable ASCII that stands for itself in a key; anything else is percent-encoded
+_KEY_SAFE = "".join(chr(c) for c in range(0x21, 0x7F) if chr(c) not in "{}%:")
+
+
 def customer_prefix(customer: str) -> str:
     """What every key of one customer starts with. The braces are a Redis Cluster hash tag:
-    all of a customer's keys live in one slot, so one script can change them together."""
-    return f"plangate:{{{customer}}}:"
+    all of a customer's keys live in one slot, so one script can change them together.
+
+    The id is percent-encoded (its UTF-8) except for printable ASCII other than ``{}%:``, so
+    any id makes one well-formed, non-empty tag (``}x@example.com`` would close it early),
+    and different ids make different tags; ``acme`` and ``a@b.co`` stay as they are. The
+    empty id is ``%``, which no other id encodes to.
+    """
+    if not customer:
+        return "plangate:{%}:"
+    return f"plangate:{{{quote(customer.encode('utf-8', 'surrogatepass'), _KEY_SAFE)}}}:"
 
 
 def customer_key(customer: str) -> str:

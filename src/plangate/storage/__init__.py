@@ -24,7 +24,7 @@ from ._base import (
     customer_key,
     customer_prefix,
 )
-from ._breaker import CircuitBreaker, StorageUnavailable
+from ._breaker import CircuitBreaker, StorageRejected, StorageUnavailable
 from ._memory import MemoryStorage
 from ._registry import SCHEMES, Scheme, check_storage_uri, scheme_of
 from ._resilient import ResilientStorage
@@ -48,6 +48,7 @@ __all__ = [
     "Scheme",
     "Settle",
     "Storage",
+    "StorageRejected",
     "StorageUnavailable",
     "check_storage_uri",
     "customer_key",

@@ -1,4 +1,5 @@
-"""The circuit breaker in front of a remote store, and the error of a ``deny`` policy."""
+"""The circuit breaker in front of a remote store, the error of a ``deny`` policy, and the
+error that is not an outage (``StorageRejected``)."""
 
 from __future__ import annotations
 
@@ -18,6 +19,12 @@ class StorageUnavailable(StorageError):
     def __init__(self, message: str, retry_after: float) -> None:
         super().__init__(message)
         self.retry_after = retry_after
+
+
+class StorageRejected(StorageError):
+    """The backend answered, with an error about this request's own data (a Redis error
+    reply: a key of the wrong type, keys in different cluster slots, a script's error).
+    Not an outage: the breaker does not count it; the request follows its failure policy."""
 
 
 class CircuitBreaker:

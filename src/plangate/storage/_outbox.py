@@ -82,6 +82,7 @@ class Outbox:
     def __init__(self, limit: int = OUTBOX_LIMIT) -> None:
         self.limit = limit
         self.dropped = 0  # usage records lost because the outbox was full
+        self.discarded = 0  # records the backend refused on replay (see ``discard``)
         self._entries: OrderedDict[str, Entry] = OrderedDict()
         self._by_key: dict[str, dict[str, None]] = {}  # counter key → outbox ids (ordered)
         self._merging: dict[tuple[object, ...], Usage] = {}  # bucket key → usage not replayed
@@ -202,6 +203,13 @@ class Outbox:
             entry.replaying = False
             if isinstance(entry, Usage):  # still waiting: more usage may join it
                 self._merging.setdefault(_bucket_key(entry.counters, entry.now), entry)
+
+    def discard(self, entry: Entry) -> None:
+        """The backend refused ``entry`` (its data, not an outage): it would be refused
+        again, so it leaves the outbox; the settles of its reservations go with it."""
+        with self._lock:
+            self._forget(entry)
+            self.discarded += 1
 
     def replayed(self, entry: Entry, result: object) -> list[Settle]:
         """The backend took ``entry``; the settles of its reservations that arrived while

@@ -15,8 +15,18 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+from redis.exceptions import (
+    AskError,
+    ClusterDownError,
+    NoPermissionError,
+    NoScriptError,
+    OutOfMemoryError,
+    ReadOnlyError,
+    RedisClusterException,
+    ResponseError,
+    TryAgainError,
+)
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from ..errors import ConfigError, ConfigIssue, StorageError
@@ -31,6 +41,7 @@ from ._base import (
     Storage,
     customer_key,
 )
+from ._breaker import StorageRejected
 from ._redis_codec import (
     SCRIPTS,
     customer_fields,
@@ -55,6 +66,28 @@ _LATE = 0.005
 _TURNS = 4
 #: timeouts a call may wait in all while Redis answers other calls meanwhile
 _PATIENCE = 20
+
+#: error replies that say Redis cannot serve anyone now (an outage, for the breaker)
+_UNAVAILABLE = (
+    AskError,  # and MOVED: the cluster is moving slots
+    ClusterDownError,  # and MASTERDOWN
+    NoPermissionError,
+    OutOfMemoryError,
+    ReadOnlyError,
+    TryAgainError,
+)
+_UNAVAILABLE_CODES = ("BUSY ", "MISCONF ", "NOREPLICAS ")
+
+
+def _failure(what: str, exc: Exception) -> StorageError:
+    """The ``StorageError`` for ``exc``: ``StorageRejected`` when Redis answered with an error
+    about this request's data (a key of the wrong type, a script's error, keys in two cluster
+    slots), which is that request's problem and not an outage."""
+    if isinstance(exc, ResponseError):
+        data = not isinstance(exc, _UNAVAILABLE) and not str(exc).startswith(_UNAVAILABLE_CODES)
+    else:  # redis-py's cluster client refuses keys of several slots before sending them
+        data = isinstance(exc, RedisClusterException) and "same key slot" in str(exc)
+    return (StorageRejected if data else StorageError)(f"redis {what} failed: {exc}")
 
 
 class _Deadline:
@@ -372,7 +405,7 @@ class RedisStorage(Storage):
             except NoScriptError:  # a SCRIPT FLUSH or a restart: load it again
                 return script(keys=keys, args=args)
         except Exception as exc:
-            raise StorageError(f"redis {name} failed: {exc}") from exc
+            raise _failure(name, exc) from exc
         finally:
             self._tokens.put(None)
 
@@ -400,7 +433,7 @@ class RedisStorage(Storage):
                         )
                     return await entry.timed(script(keys=keys, args=args))
         except Exception as exc:
-            raise StorageError(f"redis {name} failed: {exc}") from exc
+            raise _failure(name, exc) from exc
 
     # operations ------------------------------------------------------------------------
 
@@ -438,7 +471,7 @@ class RedisStorage(Storage):
                 return self._direct.call(*args)
             return self._client.execute_command(*args)
         except Exception as exc:
-            raise StorageError(f"redis customer {what} failed: {exc}") from exc
+            raise _failure(f"customer {what}", exc) from exc
         finally:
             self._tokens.put(None)
 
@@ -452,7 +485,7 @@ class RedisStorage(Storage):
                     return await entry.direct.acall(*args)
                 return await entry.timed(entry.client.execute_command(*args))
         except Exception as exc:
-            raise StorageError(f"redis customer {what} failed: {exc}") from exc
+            raise _failure(f"customer {what}", exc) from exc
 
     def get_customer(self, customer: str) -> CustomerRecord | None:
         fields = self._command("read", "HGETALL", customer_key(customer))

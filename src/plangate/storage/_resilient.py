@@ -37,7 +37,7 @@ from ._base import (
     Settle,
     Storage,
 )
-from ._breaker import CircuitBreaker, StorageUnavailable
+from ._breaker import CircuitBreaker, StorageRejected, StorageUnavailable
 from ._memory import MemoryStorage
 from ._outbox import OUTBOX_LIMIT, Entry, Outbox, Usage
 from ._remembered import REFUSAL_TTL, Refusals, ReportedUsage
@@ -97,7 +97,9 @@ class ResilientStorage(Storage):
     def _call(self, op: Op[T], counters: Iterable[Counter] = ()) -> Flow[T]:
         """Run ``op`` on the backend after replaying what waits for ``counters``.
 
-        Raises ``StorageError`` when the breaker is open or the backend fails (recorded).
+        Raises ``StorageError`` when the breaker is open or the backend fails (recorded), and
+        ``StorageRejected`` when the backend answered with an error about the request's data:
+        the backend is up, so that is no failure of the breaker's.
         """
         if not self.breaker.allow():
             raise StorageError("the storage circuit breaker is open")
@@ -107,6 +109,9 @@ class ResilientStorage(Storage):
                 for entry in self.outbox.waiting_for(c.key for c in counters):
                     yield from self._replay(entry)
             result: T = yield op
+        except StorageRejected:
+            self.breaker.succeeded()
+            raise
         except BaseException as exc:  # a cancelled call says nothing good about the backend
             self.breaker.failed(exc)
             raise
@@ -129,6 +134,10 @@ class ResilientStorage(Storage):
             return
         try:
             result = yield op
+        except StorageRejected as exc:  # it would be refused again: never retried
+            self.outbox.discard(entry)
+            logger.error("storage refused a record waiting since the outage, dropped: %s", exc)
+            return
         except BaseException:
             self.outbox.put_back(entry)
             raise
@@ -145,6 +154,14 @@ class ResilientStorage(Storage):
             return refused
         try:
             result = yield from self._call(op, op.counters)
+        except StorageRejected as exc:
+            logger.error(
+                "storage refused a reservation of %s (not an outage; on_storage_error "
+                "decides this request): %s",
+                op.counters[0].key if op.counters else "nothing",
+                exc,
+            )
+            return self._reserve_locally(op, exc)
         except StorageError as exc:
             return self._reserve_locally(op, exc)
         self.reported.note(op.counters, result.states, op.now)
@@ -163,7 +180,9 @@ class ResilientStorage(Storage):
             replace(c, limit=None) if c.on_error == "allow" else c for c in op.counters
         )
         result = self.local.reserve(replace(op, counters=counters))
-        if result.slots:  # admitted, or counted in shadow mode: the usage is real
+        # Admitted, or counted in shadow mode: the usage is real, and waits for the backend;
+        # unless the backend refused it, as it would refuse its replay.
+        if result.slots and not isinstance(cause, StorageRejected):
             self.outbox.count(op)
         return result
 
@@ -184,6 +203,9 @@ class ResilientStorage(Storage):
     def _settle_on_backend(self, op: Settle) -> Flow[bool]:
         try:
             return (yield from self._call(op))
+        except StorageRejected as exc:  # it would be refused again: not kept
+            logger.error("storage refused a settle, dropped: %s", exc)
+            return True
         except StorageError:
             self.outbox.keep_settle(op)
             return True
