@@ -375,6 +375,8 @@ def _counter(limit: int = 100, cost: int = 100, key: str = "plangate:{acme}:ai_t
 
 def _used(server: RedisServer, key: str = "plangate:{acme}:ai_tokens-1d") -> int:
     with server.client() as client:
+        if client.type(key) == b"list":  # an exact log: its header holds the total
+            return int(client.lindex(key, 0).split()[1])
         return sum(int(v) for k, v in client.hgetall(key).items() if k != b"t")
 
 
@@ -457,3 +459,115 @@ def test_a_probe_that_never_reports_is_replaced():
     assert not breaker.allow()
     clock.now += 1
     assert breaker.allow()  # another probe
+
+
+# Restarted after a burst: every pooled connection is dead at once ---------------------------
+
+WARM = 24  # connections a warm-up burst leaves idle; each probe used to clear two of them
+
+
+def _warm_counter(i: int):
+    from plangate.storage import Counter, customer_prefix
+
+    return Counter(customer_prefix(f"warm-{i}") + "api_calls-1h", 1000, 1, window=3600.0)
+
+
+def _in_redis(server: RedisServer, counter) -> int:
+    with server.client() as client:
+        return sum(int(v) for k, v in client.hgetall(counter.key).items() if k != b"t")
+
+
+def _warm_up_threads(server: RedisServer, store: ResilientStorage) -> int:
+    """WARM blocking reservations in flight at once (Redis holds the writes until all of them
+    are connected and waiting), so the pool ends with WARM idle connections."""
+    from plangate.storage import Reserve
+
+    store.reserve(Reserve((_warm_counter(0),), time.time()))  # scripts loaded
+    with server.client() as control:
+        control.client_pause(60_000, all=False)  # writes (EVALSHA) wait, CLIENT LIST answers
+        threads = [
+            threading.Thread(
+                target=store.reserve, args=(Reserve((_warm_counter(i),), time.time()),)
+            )
+            for i in range(WARM)
+        ]
+        for thread in threads:
+            thread.start()
+        while sum(c["cmd"] == "evalsha" for c in control.client_list()) < WARM:
+            pass  # every thread's command is in Redis: an event, read from Redis
+        control.client_unpause()
+    for thread in threads:
+        thread.join(30)
+    direct = store.inner._direct
+    assert direct is not None
+    return len(direct.idle)
+
+
+def test_after_a_restart_the_first_blocking_call_is_served_by_redis(server):
+    from plangate.storage import Reserve
+
+    store = resilient(f"{server.url}?socket_timeout=5", Clock())
+    assert _warm_up_threads(server, store) == WARM
+    server.restart()  # every idle connection is dead
+    counter = _warm_counter(1)
+    assert store.reserve(Reserve((counter,), time.time())).admitted
+    assert _in_redis(server, counter) == 1  # Redis counted it: not the local fallback
+    assert store.breaker.state == "closed"
+    assert store.pending == 0
+    store.close()
+
+
+def test_after_a_restart_the_first_probe_is_served_by_redis(server):
+    from plangate.storage import Reserve
+
+    clock = Clock()
+    store = resilient(f"{server.url}?socket_timeout=5", clock)
+    assert _warm_up_threads(server, store) == WARM
+    server.kill()
+    for i in range(3):
+        store.reserve(Reserve((_warm_counter(i),), time.time()))  # counted locally
+    assert store.breaker.state == "open"
+    server.start()
+    clock.now += 1  # the breaker's next probe
+    calls = store.backend_calls
+    counter = _warm_counter(3)
+    assert store.reserve(Reserve((counter,), time.time())).admitted
+    assert store.backend_calls == calls + 1  # one probe
+    assert store.breaker.state == "closed"
+    assert _in_redis(server, counter) == 1
+    assert store.pending == 0  # and what was counted meanwhile is replayed
+    store.close()
+
+
+def test_after_a_restart_the_first_asgi_probe_is_served_by_redis(server):
+    import asyncio
+
+    from plangate.storage import Reserve
+
+    clock = Clock()
+    store = resilient(server.url, clock)
+
+    async def run() -> tuple[int, int, bool, str, int]:
+        await store.areserve(Reserve((_warm_counter(0),), time.time()))  # scripts loaded
+        await asyncio.gather(
+            *(store.areserve(Reserve((_warm_counter(i),), time.time())) for i in range(WARM))
+        )
+        direct = store.inner._async().direct
+        assert direct is not None
+        idle = len(direct.idle)
+        server.kill()
+        for i in range(3):
+            await store.areserve(Reserve((_warm_counter(i),), time.time()))  # locally
+        assert store.breaker.state == "open"
+        server.start()
+        clock.now += 1  # the breaker's next probe
+        calls = store.backend_calls
+        admitted = (await store.areserve(Reserve((_warm_counter(3),), time.time()))).admitted
+        probes = store.backend_calls - calls
+        await store.aclose()
+        return idle, probes, admitted, store.breaker.state, store.pending
+
+    idle, probes, admitted, state, pending = asyncio.run(run())
+    assert idle == WARM
+    assert (probes, admitted, state, pending) == (1, True, "closed", 0)
+    assert _in_redis(server, _warm_counter(3)) == 1
