@@ -347,8 +347,9 @@ def test_plangate_options_are_taken_from_the_uri():
         ("redis://cache:port/0", "invalid port in 'cache:port'"),
         (
             "redis://cache/0?customer_cache_ttl=soon",
-            "invalid value for 'customer_cache_ttl': 'soon'",
+            "invalid value for 'customer_cache_ttl': 'soon' (seconds, at least 0)",
         ),
+        ("redis://cache/abc", "invalid database 'abc' (a whole number, at least 0)"),
     ],
 )
 def test_bad_uris_say_what_is_wrong(uri, message):
