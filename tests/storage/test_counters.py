@@ -213,7 +213,7 @@ def test_a_time_on_a_bucket_edge_lands_in_the_same_bucket_everywhere(storage):
     # 1800000002.95 // 0.05 and floor(1800000002.95 / 0.05) differ in floating point: every
     # backend must use the second, as the Redis scripts do.
     edge = 1_800_000_002.95
-    result = storage.reserve(Reserve((sliding(window=1.0),), edge))
+    result = storage.reserve(Reserve((sliding(limit=5000, window=1.0),), edge))
     assert result.slots == (36_000_000_059,)
     assert result.states[0].reset_after == pytest.approx(1.05)
 

@@ -473,8 +473,7 @@ def _warm_counter(i: int):
 
 
 def _in_redis(server: RedisServer, counter) -> int:
-    with server.client() as client:
-        return sum(int(v) for k, v in client.hgetall(counter.key).items() if k != b"t")
+    return _used(server, counter.key)
 
 
 def _warm_up_threads(server: RedisServer, store: ResilientStorage) -> int:

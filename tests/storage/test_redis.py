@@ -180,10 +180,18 @@ def test_every_counter_key_expires_by_itself(redis_server, redis_url):
 
 def test_a_sliding_window_key_lives_one_window_past_its_newest_bucket(redis_server, redis_url):
     store = RedisStorage(redis_url)
-    store.reserve(Reserve((Counter(K + "api-1h", 5, 1, window=3600.0),), T0))
+    store.reserve(Reserve((Counter(K + "api-1h", 5000, 1, window=3600.0),), T0))
     with redis_server.client() as client:
         ttl = client.pttl(K + "api-1h")
     assert 3600_000 < ttl <= 3600_000 + 180_000  # the window, plus up to one bucket
+
+
+def test_an_exact_log_key_lives_one_window_past_its_newest_entry(redis_server, redis_url):
+    store = RedisStorage(redis_url)
+    store.reserve(Reserve((Counter(K + "api-1h", 5, 1, window=3600.0),), T0))
+    with redis_server.client() as client:
+        ttl = client.pttl(K + "api-1h")
+    assert 3600_000 - 1000 < ttl <= 3600_000
     store.close()
 
 

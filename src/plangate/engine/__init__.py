@@ -8,6 +8,7 @@ from ._headers import quota_headers
 from ._periods import period_bounds
 from ._problems import PROBLEM_BASE, Problem, identity_problem
 from ._protocol import (
+    EXACT_WINDOW_LIMIT,
     SLIDING_BUCKETS,
     Backend,
     Counter,
@@ -26,6 +27,7 @@ from ._protocol import (
 )
 
 __all__ = [
+    "EXACT_WINDOW_LIMIT",
     "PROBLEM_BASE",
     "SLIDING_BUCKETS",
     "Backend",

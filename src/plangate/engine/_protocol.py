@@ -19,9 +19,14 @@ R = TypeVar("R")
 
 Flow = Generator["Op[Any]", Any, R]
 
-#: A sliding window is kept as this many buckets. A unit consumed at ``t`` stops counting
-#: between ``t + window`` and ``t + window * (1 + 1/SLIDING_BUCKETS)``: never early, so no
-#: trailing window ever holds more than the limit.
+#: A sliding window whose limit is at most this many units is kept as an exact log: the time
+#: and units of each reservation in it (at most ``limit`` entries). A unit used at ``t`` counts
+#: while ``now < t + window`` and not a moment longer.
+EXACT_WINDOW_LIMIT = 1000
+
+#: A larger sliding window is kept as this many buckets. A unit consumed at ``t`` stops
+#: counting between ``t + window`` and ``t + window * (1 + 1/SLIDING_BUCKETS)``: never early,
+#: so no trailing window ever holds more than the limit.
 SLIDING_BUCKETS = 20
 
 
@@ -52,8 +57,9 @@ def customer_key(customer: str) -> str:
 class Counter:
     """One limit of one meter of one customer, and what this request costs it.
 
-    ``window > 0``: a sliding window of that many seconds. Otherwise a calendar period whose
-    ``key`` names the period and which ends at ``resets_at`` (epoch seconds).
+    ``window > 0``: a sliding window of that many seconds (an exact log or buckets, see
+    ``exact``). Otherwise a calendar period whose ``key`` names the period and which ends at
+    ``resets_at`` (epoch seconds).
     ``limit=None``: counted, never refused.
     """
 
@@ -65,6 +71,11 @@ class Counter:
     #: what to do when the store cannot be reached: "local" (count in this process),
     #: "allow" (count, never refuse) or "deny" (503)
     on_error: str = "local"
+
+    @property
+    def exact(self) -> bool:
+        """A sliding window kept as an exact log (limit at most ``EXACT_WINDOW_LIMIT``)."""
+        return self.window > 0 and self.limit is not None and self.limit <= EXACT_WINDOW_LIMIT
 
 
 # Results are named tuples, not dataclasses: one is built per counter per request, and a

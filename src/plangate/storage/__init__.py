@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from ..errors import ConfigError, ConfigIssue
 from ._base import (
+    EXACT_WINDOW_LIMIT,
     SLIDING_BUCKETS,
     Counter,
     CounterState,
@@ -30,6 +31,7 @@ from ._registry import SCHEMES, Scheme, check_storage_uri, scheme_of
 from ._resilient import ResilientStorage
 
 __all__ = [
+    "EXACT_WINDOW_LIMIT",
     "SCHEMES",
     "SLIDING_BUCKETS",
     "CircuitBreaker",

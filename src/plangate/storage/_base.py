@@ -12,6 +12,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 
 from ..engine import (
+    EXACT_WINDOW_LIMIT,
     SLIDING_BUCKETS,
     Counter,
     CounterState,
@@ -29,6 +30,7 @@ from ..engine import (
 )
 
 __all__ = [
+    "EXACT_WINDOW_LIMIT",
     "SLIDING_BUCKETS",
     "Counter",
     "CounterState",

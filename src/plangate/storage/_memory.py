@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 import threading
+from array import array
+from bisect import bisect_left, bisect_right
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
@@ -84,6 +86,103 @@ class _Sliding:
         return -math.inf if last is None else (last + 1) * self.width + self.window
 
 
+def _int64s() -> array[int]:
+    return array("q")
+
+
+def _doubles() -> array[float]:
+    return array("d")
+
+
+@dataclass(slots=True)
+class _Log:
+    """A sliding window kept exactly: each reservation's sequence number (its time in µs,
+    made unique), time and units, oldest first, in three arrays (24 bytes an entry). A unit
+    used at ``t`` counts while ``now < t + window``.
+
+    At most ``bound`` (the limit, at least 1) entries: reservations at the same time share
+    one; at the bound, entries left with no units (refunded, free calls) are dropped, and if
+    that is not enough, new units join the newest entry, at the later time. A settle of a
+    dropped entry goes to the next newer one: a unit never counts shorter than it should."""
+
+    window: float
+    seqs: array[int] = field(default_factory=_int64s)
+    times: array[float] = field(default_factory=_doubles)
+    units: array[int] = field(default_factory=_int64s)
+    total: int = 0
+    next_seq: int = 0
+    evicted: int = -1  # the newest seq that left the window
+
+    def evict(self, now: float) -> None:
+        times = self.times
+        window = self.window
+        if not times or times[0] + window > now:
+            return
+        gone = bisect_right(times, now, key=lambda t: t + window)
+        self.total -= sum(self.units[:gone])
+        self.evicted = self.seqs[gone - 1]
+        del self.seqs[:gone], times[:gone], self.units[:gone]
+
+    def reset_after(self, now: float) -> float:
+        for i, units in enumerate(self.units):
+            if units:
+                return self.times[i] + self.window - now
+        return 0.0
+
+    def wait_for(self, excess: int, now: float) -> float:
+        """Seconds until at least ``excess`` units have left the window."""
+        freed = 0
+        for i, units in enumerate(self.units):
+            freed += units
+            if freed >= excess:
+                return self.times[i] + self.window - now
+        return self.window
+
+    def add(self, now: float, units: int, bound: int) -> int:
+        """Count ``units`` used at ``now`` (never before the newest entry); their entry's
+        sequence number, the slot a settle names."""
+        self.total += units
+        if self.times and self.times[-1] != now and len(self.times) >= bound:
+            self._drop_empty()
+        times = self.times
+        if times and (times[-1] == now or len(times) >= bound):
+            times[-1] = now  # later, never earlier: the units count no shorter than they should
+            self.units[-1] += units
+            return self.seqs[-1]
+        # at least the time in µs: a counter that expired and starts again never reuses one
+        seq = max(self.next_seq, math.floor(now * 1e6))
+        self.next_seq = seq + 1
+        self.seqs.append(seq)
+        times.append(now)
+        self.units.append(units)
+        return seq
+
+    def _drop_empty(self) -> None:
+        keep = [i for i, units in enumerate(self.units) if units]
+        self.seqs = array("q", (self.seqs[i] for i in keep))
+        self.times = array("d", (self.times[i] for i in keep))
+        self.units = array("q", (self.units[i] for i in keep))
+
+    def adjust(self, seq: int, units: int, now: float, bound: int) -> None:
+        """Add ``units`` (may be negative, never below 0) to the entry ``seq``, unless it has
+        left the window; a dropped entry's units go to the next newer one."""
+        if seq <= self.evicted:
+            return
+        i = bisect_left(self.seqs, seq)
+        if i == len(self.seqs):
+            if units > 0:
+                self.add(now, units, bound)
+            return
+        held = self.units[i]
+        units = max(units, -held)
+        self.total += units
+        self.units[i] = held + units
+
+    @property
+    def expires_at(self) -> float:
+        return self.times[-1] + self.window if self.times else -math.inf
+
+
 @dataclass(slots=True)
 class _Fixed:
     resets_at: float
@@ -99,24 +198,33 @@ class MemoryStorage(Storage):
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._counters: dict[str, _Sliding | _Fixed] = {}
+        self._counters: dict[str, _Log | _Sliding | _Fixed] = {}
         self._customers: dict[str, CustomerRecord] = {}
         self._settled: OrderedDict[str, float] = OrderedDict()
         self._next_sweep = 0.0
         self._now = 0.0
 
-    def _counter(self, counter: Counter, now: float, create: bool) -> _Sliding | _Fixed | None:
+    def _counter(
+        self, counter: Counter, now: float, create: bool
+    ) -> _Log | _Sliding | _Fixed | None:
+        """The counter's state, current at ``now``. ``create``: made if missing, and kept as
+        ``counter`` says (its limit crossed ``EXACT_WINDOW_LIMIT``: a plan changed)."""
         state = self._counters.get(counter.key)
         if state is None:
             if not create:
                 return None
-            if counter.window > 0:
+            if counter.exact:
+                # a slot of an earlier life of this counter is older: it has left the window
+                state = _Log(counter.window, evicted=math.floor(now * 1e6) - 1)
+            elif counter.window > 0:
                 state = _Sliding(counter.window / SLIDING_BUCKETS, counter.window)
             else:
                 state = _Fixed(counter.resets_at)
             self._counters[counter.key] = state
-        elif isinstance(state, _Sliding):
+        elif not isinstance(state, _Fixed):
             state.evict(now)
+            if create and (type(state) is _Log) != counter.exact:
+                state = self._counters[counter.key] = _convert(state, counter, now)
         return state
 
     def _clock(self, now: float) -> float:
@@ -152,7 +260,10 @@ class MemoryStorage(Storage):
             slots: list[int] = []
             after: list[CounterState] = []
             for c, s in zip(counters, states, strict=True):
-                if type(s) is _Sliding:
+                if type(s) is _Log:
+                    slots.append(s.add(now, c.cost, max(c.limit or 0, 1)))
+                    after.append(CounterState(s.total, s.reset_after(now)))
+                elif type(s) is _Sliding:
                     slots.append(s.add(now, c.cost))
                     after.append(CounterState(s.total, s.reset_after(now)))
                 else:
@@ -163,7 +274,7 @@ class MemoryStorage(Storage):
             return ReserveResult(not violated, tuple(after), tuple(slots), violated)
 
     @staticmethod
-    def _wait(counter: Counter, state: _Sliding | _Fixed, now: float) -> float:
+    def _wait(counter: Counter, state: _Log | _Sliding | _Fixed, now: float) -> float:
         if isinstance(state, _Fixed):
             return state.resets_at - now
         assert counter.limit is not None
@@ -172,7 +283,7 @@ class MemoryStorage(Storage):
         return state.wait_for(state.total + counter.cost - counter.limit, now)
 
     @staticmethod
-    def _state(state: _Sliding | _Fixed, now: float) -> CounterState:
+    def _state(state: _Log | _Sliding | _Fixed, now: float) -> CounterState:
         if isinstance(state, _Fixed):
             return CounterState(state.total, state.resets_at - now)
         return CounterState(state.total, state.reset_after(now))
@@ -190,11 +301,13 @@ class MemoryStorage(Storage):
             for counter, slot, delta in zip(op.counters, op.slots, op.deltas, strict=True):
                 if delta == 0:
                     continue
-                state = self._counter(counter, now, create=delta > 0)
-                if isinstance(state, _Sliding):
-                    state.adjust(slot, delta)  # a bucket already out of the window stays out
-                elif state is not None:
+                state = self._counter(counter, now, create=delta > 0 and counter.window == 0)
+                if isinstance(state, _Fixed):
                     state.total = max(0, state.total + delta)
+                elif isinstance(state, _Log) and counter.exact:
+                    state.adjust(slot, delta, now, max(counter.limit or 0, 1))
+                elif isinstance(state, _Sliding) and not counter.exact:
+                    state.adjust(slot, delta)  # a bucket already out of the window stays out
             return True
 
     def record(self, op: Record) -> tuple[int, ...] | None:
@@ -206,7 +319,9 @@ class MemoryStorage(Storage):
             slots = []
             for counter, cost in zip(op.counters, op.costs, strict=True):
                 state = self._counter(counter, now, create=True)
-                if isinstance(state, _Sliding):
+                if isinstance(state, _Log):
+                    slots.append(state.add(now, cost, max(counter.limit or 0, 1)))
+                elif isinstance(state, _Sliding):
                     slots.append(state.add(now, cost))
                 else:
                     assert state is not None
@@ -241,3 +356,19 @@ class MemoryStorage(Storage):
         expired = [key for key, state in self._counters.items() if state.expires_at <= now]
         for key in expired:
             del self._counters[key]
+
+
+def _convert(state: _Log | _Sliding, counter: Counter, now: float) -> _Log | _Sliding:
+    """``state`` kept the other way, each unit counting no shorter than it did: a log's
+    entries go to the buckets of their times; a bucket becomes an entry at its end (or now,
+    if that is sooner: its units were all used by now)."""
+    if isinstance(state, _Log):
+        buckets = _Sliding(counter.window / SLIDING_BUCKETS, counter.window)
+        for time, units in zip(state.times, state.units, strict=True):
+            buckets.add(time, units)
+        return buckets
+    log = _Log(counter.window)
+    for index, units in state.buckets.items():
+        if units:
+            log.add(min((index + 1) * state.width, now), units, max(counter.limit or 0, 1))
+    return log

@@ -25,14 +25,20 @@ from ._base import (
     Settle,
 )
 
-SCRIPTS = ("reserve", "settle", "peek", "record")  # lua/<name>.lua
+SCRIPTS = ("reserve", "settle", "peek", "record")  # lua/<name>.lua, after lua/window.lua
 SETTLED_TTL = 600  # seconds a settled reservation id is remembered
 
 
 def script_source(name: str) -> str:
-    """The Lua source of one of ``SCRIPTS``."""
-    text = (resources.files(__package__) / "lua" / f"{name}.lua").read_text(encoding="utf-8")
+    """The Lua source of one of ``SCRIPTS``: the sliding windows' functions, then its own."""
+    lua = resources.files(__package__) / "lua"
+    text = "\n".join((lua / f"{part}.lua").read_text(encoding="utf-8") for part in ("window", name))
     return text.replace("__SLIDING_BUCKETS__", str(SLIDING_BUCKETS))
+
+
+def _bound(counter: Counter) -> int:
+    """The entries an exact log may hold (its limit, at least 1); 0: the window is buckets."""
+    return max(counter.limit or 0, 1) if counter.exact else 0
 
 
 #: counters tuple (by identity) → its keys and specs; the engine reuses one tuple per rule and
@@ -46,6 +52,7 @@ def reserve_call(op: Reserve) -> tuple[list[str], list[Any]]:
     if cached is None or cached[0] is not counters:
         specs = [
             f"{-1 if c.limit is None else c.limit} {c.cost} {c.window!r} {c.resets_at!r}"
+            f" {_bound(c)}"
             for c in counters
         ]
         cached = (counters, [c.key for c in counters], specs)
@@ -75,7 +82,7 @@ def settle_call(op: Settle) -> tuple[list[str], list[Any]]:
     keys = [c.key for c in op.counters] + [marker]
     args: list[Any] = [repr(op.now), SETTLED_TTL]
     for c, slot, delta in zip(op.counters, op.slots, op.deltas, strict=True):
-        args += [repr(c.window), repr(c.resets_at), slot, delta]
+        args += [repr(c.window), repr(c.resets_at), slot, delta, _bound(c)]
     return keys, args
 
 
@@ -83,7 +90,7 @@ def record_call(op: Record) -> tuple[list[str], list[Any]]:
     marker = f"{op.counters[0].key}:recorded:{op.record_id}"
     args: list[Any] = [repr(op.now), SETTLED_TTL, SLIDING_BUCKETS]
     for c, cost in zip(op.counters, op.costs, strict=True):
-        args += [repr(c.window), repr(c.resets_at), cost]
+        args += [repr(c.window), repr(c.resets_at), cost, _bound(c)]
     return [c.key for c in op.counters] + [marker], args
 
 

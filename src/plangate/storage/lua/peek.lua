@@ -4,7 +4,8 @@
 -- ARGV[1]  now, epoch seconds; ARGV[2] buckets per sliding window
 -- then per counter, 2 values: window seconds (0: a period), period end (epoch seconds)
 --
--- Returns per counter: used, reset_after_ms
+-- Returns per counter: used, reset_after_ms. A window is read as it is kept, a log or
+-- buckets (see window.lua).
 
 local now = tonumber(ARGV[1])
 local nbuckets = tonumber(ARGV[2])
@@ -13,7 +14,16 @@ for i = 1, #KEYS do
   local window = tonumber(ARGV[2 + (i - 1) * 2 + 1])
   local resets = tonumber(ARGV[2 + (i - 1) * 2 + 2])
   local used, reset = 0, 0
+  local log = nil
   if window > 0 then
+    log = log_open(KEYS[i], window, now, ARGV[1], false)
+  end
+  if log ~= nil then
+    used = log.total
+    if log.oldest ~= nil then
+      reset = log.oldest + window - log.t
+    end
+  elseif window > 0 then
     local width = window / nbuckets
     local flat = redis.call("HGETALL", KEYS[i])
     local t = now

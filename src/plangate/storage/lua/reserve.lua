@@ -1,11 +1,13 @@
 -- Reserve the cost of one request on every counter of it, all or nothing (plangate).
 --
--- KEYS[i]  counter i: a hash of sliding-window buckets, or a string for a calendar period
+-- KEYS[i]  counter i: a sliding window (a log or buckets, see window.lua), or a string for a
+--   calendar period
 -- ARGV[1]  now, epoch seconds (the caller's clock; the time of a window never goes back)
 -- ARGV[2]  "1": refuse when a limit would be exceeded; "0": count regardless (shadow mode)
--- ARGV[2 + i]  counter i, as "limit cost window resets": limit (-1: unlimited), cost,
---   window seconds (0: a period), period end (epoch seconds; 0 for a window). One argument
---   per counter: every argument costs the client time to encode.
+-- ARGV[2 + i]  counter i, as "limit cost window resets bound": limit (-1: unlimited), cost,
+--   window seconds (0: a period), period end (epoch seconds; 0 for a window), and for an
+--   exact log its bound on entries (0: buckets). One argument per counter: every argument
+--   costs the client time to encode.
 --
 -- Returns {admitted, retry_after_ms, #violated, violated indices (1-based)...,
 --          then per counter: used, reset_after_ms, slot (refused: the ms this counter refuses)}
@@ -18,20 +20,32 @@ local nbuckets = __SLIDING_BUCKETS__
 
 local counters = {}
 for i = 1, #KEYS do
-  local limit, cost, window, resets = string.match(ARGV[2 + i], "(%S+) (%S+) (%S+) (%S+)")
+  local limit, cost, window, resets, bound =
+    string.match(ARGV[2 + i], "(%S+) (%S+) (%S+) (%S+) (%S+)")
   local c = {
     key = KEYS[i],
     limit = tonumber(limit),
     cost = tonumber(cost),
     window = tonumber(window),
     resets = tonumber(resets),
+    bound = tonumber(bound),
     total = 0,
   }
-  if c.window > 0 then
+  if c.window > 0 and c.bound > 0 then
+    c.log = log_open(c.key, c.window, now, now_arg, true)
+    if c.log == nil then -- buckets: a plan changed the limit
+      c.log = log_from_buckets(c.key, c.window, c.window / nbuckets, now, now_arg, c.bound)
+    end
+    c.total = c.log.total
+  elseif c.window > 0 then
     c.width = c.window / nbuckets
     c.t = now
     c.t_text = now_arg
-    local flat = redis.call("HGETALL", c.key)
+    local flat = redis.pcall("HGETALL", c.key)
+    if flat.err then -- a log: a plan changed the limit
+      buckets_from_log(c.key, c.window, c.width, now, now_arg)
+      flat = redis.call("HGETALL", c.key)
+    end
     local buckets = {}
     for j = 1, #flat, 2 do
       if flat[j] == "t" then
@@ -73,6 +87,12 @@ local function expires_in(c, index)
 end
 
 local function reset_after(c)
+  if c.log then
+    if c.log.oldest == nil then
+      return 0
+    end
+    return c.log.oldest + c.window - c.log.t
+  end
   if c.window > 0 then
     if #c.live == 0 then
       return 0
@@ -90,6 +110,9 @@ local function wait_for(c)
     return c.window -- can never fit; say when the window is clear again
   end
   local excess = c.total + c.cost - c.limit
+  if c.log then
+    return log_wait(c.log, excess)
+  end
   local freed = 0
   for _, b in ipairs(c.live) do
     freed = freed + b[2]
@@ -121,6 +144,9 @@ if #violated > 0 and enforce then
     reply[#reply + 1] = i
   end
   for _, c in ipairs(counters) do
+    if c.log then
+      log_flush(c.log) -- expired entries were removed
+    end
     reply[#reply + 1] = c.total
     reply[#reply + 1] = ms(reset_after(c))
     reply[#reply + 1] = ms(c.wait or 0) -- refused: no slot, but how long this counter refuses
@@ -134,7 +160,10 @@ for _, i in ipairs(violated) do
 end
 for _, c in ipairs(counters) do
   local slot = 0
-  if c.window > 0 then
+  if c.log then
+    slot = log_add(c.log, c.log.t, c.log.t_text, c.cost, c.bound)
+    log_expire(c.log, now)
+  elseif c.window > 0 then
     slot = math.floor(c.t / c.width)
     -- t never goes back, so this bucket is the newest one
     local last = c.live[#c.live]

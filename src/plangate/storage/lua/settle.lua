@@ -5,8 +5,9 @@
 -- KEYS[n+1]   the reservation's settled marker
 -- ARGV[1]     now, epoch seconds
 -- ARGV[2]     how long the marker is kept, seconds
--- then per counter, 4 values: window seconds (0: a period), period end (epoch seconds),
---   slot (the sliding-window bucket), delta (may be negative)
+-- then per counter, 5 values: window seconds (0: a period), period end (epoch seconds),
+--   slot (the log entry's seq, or the bucket), delta (may be negative), and the log's bound
+--   (0: buckets)
 --
 -- Returns 1, or 0 if this reservation was settled before (then nothing changes).
 
@@ -15,20 +16,69 @@ local now = tonumber(ARGV[1])
 if redis.call("EXISTS", KEYS[n + 1]) == 1 then
   return 0
 end
+
+-- The entry `seq` of a log changes by `delta` (never below 0), unless it has left the
+-- window; if it was dropped (it held no units), the next newer entry takes the change.
+local function log_settle(key, window, seq, delta, bound)
+  local log = log_open(key, window, now, ARGV[1], true)
+  if log == nil then
+    return -- buckets now (a plan changed): where the reservation was is not known
+  end
+  if seq <= log.evicted then
+    log_flush(log)
+    return
+  end
+  local index, found = 1, nil
+  while found == nil and index <= log.n do -- newest first: a settle usually follows soon
+    local chunk = redis.call("LRANGE", key, index, index + 31)
+    for j, text in ipairs(chunk) do
+      local entry_seq = log_entry(text)
+      if entry_seq < seq then -- passed it: it was dropped
+        found = index + j - 2
+        break
+      elseif entry_seq == seq then
+        found = index + j - 1
+        break
+      end
+    end
+    index = index + 32
+  end
+  found = found or log.n -- every entry is newer: the oldest is the next newer
+  if found == 0 then -- no newer entry: counted now, later than it was used
+    if delta > 0 then
+      log_add(log, log.t, log.t_text, delta, bound)
+      log_expire(log, now)
+    end
+    log_flush(log)
+    return
+  end
+  local entry_seq, _, held, time_text = log_entry(redis.call("LINDEX", key, found))
+  delta = math.max(delta, -held)
+  if delta ~= 0 then
+    redis.call("LSET", key, found, string.format("%d %s %d", entry_seq, time_text, held + delta))
+    log.total = log.total + delta
+    log.dirty = true
+  end
+  log_flush(log)
+end
+
 for i = 1, n do
-  local base = 2 + (i - 1) * 4
+  local base = 2 + (i - 1) * 5
   local key = KEYS[i]
   local window = tonumber(ARGV[base + 1])
   local resets = tonumber(ARGV[base + 2])
   local slot = ARGV[base + 3]
   local delta = tonumber(ARGV[base + 4])
+  local bound = tonumber(ARGV[base + 5])
   if delta ~= 0 then
-    if window > 0 then
+    if window > 0 and bound > 0 then
+      log_settle(key, window, tonumber(slot), delta, bound)
+    elseif window > 0 then
       -- A bucket already out of the window (or an expired counter) stays out; a refund never
       -- takes more than the bucket holds.
-      local held = tonumber(redis.call("HGET", key, slot))
-      if held ~= nil then
-        redis.call("HINCRBY", key, slot, math.max(delta, -held))
+      local held = redis.pcall("HGET", key, slot) -- an error: a log now (a plan changed)
+      if type(held) == "string" then
+        redis.call("HINCRBY", key, slot, math.max(delta, -tonumber(held)))
       end
     elseif resets > now then
       local held = tonumber(redis.call("GET", key) or "0")
