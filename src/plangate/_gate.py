@@ -18,12 +18,13 @@ from ._drivers import adrive, drive
 from .config import Config, Rule, load_config
 from .customers import AsyncCustomerStore, CustomerStore
 from .engine import Decision, Engine, Flow, Problem, identity_problem
-from .errors import AuthenticationError, KeysUnavailableError
+from .errors import AuthenticationError, KeysUnavailableError, StorageError
 from .identity import Identity, IdentityResult, TokenRead, TokenSource, TokenVerifier
 from .storage import Storage, open_storage
 
 Clock = Callable[[], float]
 logger = logging.getLogger("plangate")
+storage_logger = logging.getLogger("plangate.storage")
 
 
 def new_reservation_id() -> str:
@@ -46,6 +47,8 @@ class _Gate:
             self.storage = open_storage(storage or self.config.model.storage)
         self.engine = Engine(self.config, new_id=new_reservation_id)
         self._open_customers()
+        #: a store this gate opened is checked once, at start-up (``check_storage``)
+        self.storage_unchecked = not isinstance(storage, Storage)
         identity = self.config.model.identity
         self.verifier = TokenVerifier(identity.jwt, clock=clock)
         self.token_source = TokenSource(identity.token_from)
@@ -55,6 +58,18 @@ class _Gate:
 
     def _open_customers(self) -> None:
         raise NotImplementedError
+
+    def _checked(self, answered: str | None, error: StorageError | None) -> bool:
+        if error is not None:
+            storage_logger.error(
+                "storage check failed: %s; until it succeeds, every request follows its "
+                "on_storage_error policy",
+                error,
+            )
+            return False
+        if answered is not None:
+            storage_logger.info("storage check: connected to %s", answered)
+        return True
 
     def identify(self, token: TokenRead) -> IdentityResult:
         """The caller, or why there is none. Never raises for bad input."""
@@ -122,11 +137,24 @@ class Gate(_Gate):
     def _open_customers(self) -> None:
         self.customers = CustomerStore(self.storage)
 
+    def check_storage(self) -> bool:
+        """Connect to the store now (Redis: connect, authenticate, ask its version) and log
+        the outcome: an ERROR naming the URI (password masked) and the cause if the store
+        cannot be used. The WSGI middleware calls it when it is built; otherwise the first
+        request does."""
+        self.storage_unchecked = False
+        try:
+            return self._checked(self.storage.check_connection(), None)
+        except StorageError as exc:
+            return self._checked(None, exc)
+
     def check(self, method: str, path: str, token: TokenRead, *, consume: bool = True) -> Decision:
         """The decision for a request; reserves its meters unless ``consume=False``.
 
         Never raises: an unexpected error is logged and decided by the failure policy.
         """
+        if self.storage_unchecked:  # a gate not built by the WSGI middleware
+            self.check_storage()
         try:
             decision = self._route(method, path, consume)
             if not _needs_identity(decision):
@@ -179,6 +207,15 @@ class AsyncGate(_Gate):
     def _open_customers(self) -> None:
         self.customers = AsyncCustomerStore(self.storage)
 
+    async def check_storage(self) -> bool:
+        """``Gate.check_storage``, without blocking the event loop. The ASGI middleware calls
+        it at the lifespan startup; without one, the first request does."""
+        self.storage_unchecked = False
+        try:
+            return self._checked(await self.storage.acheck_connection(), None)
+        except StorageError as exc:
+            return self._checked(None, exc)
+
     async def aidentify(self, token: TokenRead) -> IdentityResult:
         """``identify``, without blocking the event loop on a JWKS fetch."""
         verifier = self.verifier
@@ -192,6 +229,8 @@ class AsyncGate(_Gate):
     async def check(
         self, method: str, path: str, token: TokenRead, *, consume: bool = True
     ) -> Decision:
+        if self.storage_unchecked:  # no lifespan startup ran the check
+            await self.check_storage()
         try:
             decision = self._route(method, path, consume)
             if not _needs_identity(decision):

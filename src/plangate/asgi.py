@@ -104,9 +104,12 @@ class PlanGateMiddleware:
         return {**scope, "state": state}
 
     def _closing(self, send: Send) -> Send:
-        """``send`` for the lifespan scope: storage connections close at shutdown."""
+        """``send`` for the lifespan scope: the store is checked at startup, its connections
+        close at shutdown."""
 
         async def closing_send(message: Message) -> None:
+            if message["type"] == "lifespan.startup.complete" and self.gate.storage_unchecked:
+                await self.gate.check_storage()  # a store it opened: checked at start-up
             if message["type"] == "lifespan.shutdown.complete":
                 await self.gate.storage.aclose()
             await send(message)

@@ -11,7 +11,7 @@ from . import identity
 from .__about__ import __version__
 from ._gate import Gate
 from .config import Config, load_config, parse_duration
-from .errors import ConfigError
+from .errors import ConfigError, StorageError
 
 DEMO_CONFIG = Path(__file__).parent / "_demo" / "plangate.yaml"
 
@@ -36,6 +36,11 @@ def _parser() -> argparse.ArgumentParser:
 
     check = commands.add_parser("check", help="validate a config file")
     check.add_argument("file")
+    check.add_argument(
+        "--connect",
+        action="store_true",
+        help="also connect to the config's storage and authenticate (exit 1 if that fails)",
+    )
     check.set_defaults(run=_check)
 
     token = commands.add_parser("token", help="mint a development token with the config's secret")
@@ -95,6 +100,23 @@ def _check(args: argparse.Namespace) -> int:
     )
     for note in config.notes:
         print(f"note: {note}")
+    if args.connect:
+        return _connect(m.storage)
+    return 0
+
+
+def _connect(uri: str) -> int:
+    from .storage import open_storage
+
+    storage = open_storage(uri)
+    try:
+        answered = storage.check_connection()
+    except StorageError as exc:
+        print(f"plangate check: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        storage.close()
+    print(f"connected to {answered}" if answered else f"{uri}: nothing to connect to")
     return 0
 
 

@@ -46,6 +46,8 @@ class PlanGateMiddleware:
     ) -> None:
         self.app = app
         self.gate = gate or Gate(config, storage=storage, clock=clock)
+        if self.gate.storage_unchecked:  # a store it opened: checked now, at start-up
+            self.gate.check_storage()
         #: requirements may be declared on views (the Flask adapter turns this on)
         self.views = views
         self.entitlements_path = entitlements_path

@@ -99,6 +99,15 @@ class Storage(ABC):
     async def adelete_customer(self, customer: str) -> None:
         self.delete_customer(customer)
 
+    def check_connection(self) -> str | None:
+        """Connect now and say what answered (``"redis://cache:6379/0 (redis 7.0.15)"``);
+        ``StorageError`` naming the cause. None: there is nothing to connect to."""
+        return None
+
+    async def acheck_connection(self) -> str | None:
+        """``check_connection`` without blocking the event loop."""
+        return self.check_connection()
+
     def close(self) -> None:  # noqa: B027 - optional for backends without connections
         """Release connections."""
 

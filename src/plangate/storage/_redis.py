@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import queue
+import socket
 import weakref
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -17,7 +18,10 @@ from typing import Any, TypeVar
 
 from redis.exceptions import (
     AskError,
+    AuthenticationError,
+    AuthorizationError,
     ClusterDownError,
+    InvalidResponse,
     NoPermissionError,
     NoScriptError,
     OutOfMemoryError,
@@ -56,6 +60,7 @@ from ._redis_codec import (
     settle_call,
 )
 from ._redis_uri import DEFAULTS, MAX_CONNECTIONS, RedisTarget, parse_redis_uri
+from ._registry import masked
 
 T = TypeVar("T")
 
@@ -347,7 +352,7 @@ class RedisStorage(Storage):
         try:
             self.target = parse_redis_uri(uri)
         except ValueError as exc:
-            raise ConfigError([ConfigIssue("storage", f"{uri!r}: {exc}")]) from None
+            raise ConfigError([ConfigIssue("storage", f"{masked(uri)!r}: {exc}")]) from None
         self.uri = uri
         self._texts = {name: script_source(name) for name in SCRIPTS}
         self._client: Any = None
@@ -456,6 +461,30 @@ class RedisStorage(Storage):
         except Exception as exc:
             raise _failure(name, exc) from exc
 
+    # start-up check ---------------------------------------------------------------------
+
+    def check_connection(self) -> str:
+        """Connect, authenticate and ask Redis its version, on a client of its own (nothing
+        stays open: the store's own connections are made where they are used, after a fork).
+        ``StorageError`` names the URI, password masked, and the cause."""
+        client: Any = None
+        try:
+            client = _connect(self.target, asynchronous=False)
+            info: dict[str, Any] = client.info("server")
+        except Exception as exc:
+            raise StorageError(f"cannot use {masked(self.uri)}: {_cause(exc)}") from exc
+        finally:
+            if client is not None:
+                for sentinel in getattr(client, "plangate_sentinels", ()):
+                    sentinel.close()
+                client.close()
+        return f"{masked(self.uri)} (redis {info.get('redis_version', '?')})"
+
+    async def acheck_connection(self) -> str:
+        # The blocking client in a thread: its socket timeouts bound the check, and a
+        # lagging event loop cannot fool them.
+        return await asyncio.to_thread(self.check_connection)
+
     # operations ------------------------------------------------------------------------
 
     def reserve(self, op: Reserve) -> ReserveResult:
@@ -550,6 +579,23 @@ class RedisStorage(Storage):
                 await sentinel.aclose()
             await entry.client.aclose()
         self.close()
+
+
+def _cause(exc: BaseException) -> str:
+    """What went wrong connecting, in words an operator acts on."""
+    text = str(exc) or type(exc).__name__
+    context = exc.__context__
+    if isinstance(exc, (AuthenticationError, AuthorizationError, NoPermissionError)):
+        return f"authentication failed (a wrong or missing password?): {text}"
+    if isinstance(exc, RedisTimeoutError):
+        return f"timed out: {text}"
+    if isinstance(context, ConnectionRefusedError) or "Connection refused" in text:
+        return f"connection refused: {text}"
+    if isinstance(context, socket.gaierror):
+        return f"unknown host: {text}"
+    if isinstance(exc, InvalidResponse):
+        return f"not a Redis server: {text}"
+    return text
 
 
 def _retry(asynchronous: bool) -> Any:

@@ -64,6 +64,16 @@ def schemes_for(backend: str) -> tuple[str, ...]:
     return tuple(name for name, scheme in SCHEMES.items() if scheme.backend == backend)
 
 
+def masked(uri: str) -> str:
+    """``uri`` as messages and logs show it: with its password as ``***``."""
+    scheme, sep, rest = uri.partition("://")
+    end = rest.rfind("@", 0, len(rest.split("?", 1)[0]))  # a password may hold a '/'
+    user, colon, password = rest[: max(end, 0)].partition(":")
+    if not (sep and colon and password):
+        return uri
+    return f"{scheme}://{user}:***{rest[end:]}"
+
+
 def scheme_of(uri: str) -> Scheme:
     """The registered scheme of ``uri``; ``ValueError`` when there is none."""
     name = uri.split("://", 1)[0] if "://" in uri else ""
@@ -71,7 +81,7 @@ def scheme_of(uri: str) -> Scheme:
     if scheme is None:
         forms = [s.form for s in SCHEMES.values()]
         use = f"{', '.join(forms[:-1])} or {forms[-1]}"
-        raise ValueError(f"unknown storage {uri!r}; use {use}")
+        raise ValueError(f"unknown storage {masked(uri)!r}; use {use}")
     return scheme
 
 
@@ -81,4 +91,4 @@ def check_storage_uri(uri: str) -> None:
     try:
         scheme.check(uri)
     except ValueError as exc:
-        raise ValueError(f"{uri!r} is not usable: {exc}") from None
+        raise ValueError(f"{masked(uri)!r} is not usable: {exc}") from None

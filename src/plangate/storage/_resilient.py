@@ -269,6 +269,12 @@ class ResilientStorage(Storage):
         await self.inner.adelete_customer(customer)
         self.refusals.clear()
 
+    def check_connection(self) -> str | None:
+        return self.inner.check_connection()
+
+    async def acheck_connection(self) -> str | None:
+        return await self.inner.acheck_connection()
+
     def close(self) -> None:
         self.inner.close()
 
