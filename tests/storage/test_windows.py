@@ -329,3 +329,53 @@ def test_every_backend_admits_a_paced_client_every_time(storage, seed):
     key = f"{K}paced-{uuid.uuid4().hex}"
     for now, (_, cost) in zip(paced(steps, q, seconds), steps, strict=True):
         assert storage.reserve(Reserve((Counter(key, q, cost, window=seconds),), now)).admitted
+
+
+def advertised_window(limit: int, seconds: int) -> int:
+    """The ``w`` plangate advertises for a window of ``limit`` per ``seconds``."""
+    from plangate.config import load_config
+    from plangate.engine import Engine
+
+    config = load_config(
+        {
+            "version": 1,
+            "identity": {
+                "jwt": {"algorithms": ["HS256"], "secret": "s" * 32, "customer_claim": "sub"}
+            },
+            "features": {"api_calls": {"kind": "metered"}},
+            "plans": {
+                "free": {"features": {"api_calls": {"limit": limit, "window": f"{seconds}s"}}}
+            },
+        }
+    )
+    engine = Engine(config, new_id=lambda: "id")
+    charge = engine.build_charge([("api_calls", 1)], "acme", config.catalog.plans["free"], None, T0)
+    return charge.windows[0]
+
+
+def test_an_exact_window_advertises_its_own_length():
+    assert advertised_window(EXACT_WINDOW_LIMIT, 86_400) == 86_400
+
+
+def test_a_bucketed_window_advertises_the_window_its_units_may_count_in():
+    # a unit counts up to one bucket (w/20) past the window: q units in any 21/20 w always fit
+    assert advertised_window(EXACT_WINDOW_LIMIT + 1, 86_400) == 90_720
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    q=st.integers(min_value=EXACT_WINDOW_LIMIT + 1, max_value=EXACT_WINDOW_LIMIT + 30),
+    seconds=st.sampled_from([10, 60, 3600]),
+    steps=st.lists(
+        st.tuples(st.sampled_from([0.0, 0.01, 0.3, 1.0, 7.0, 30.0]), st.integers(1, 400)),
+        max_size=60,
+    ),
+)
+def test_a_bucketed_window_never_refuses_a_client_pacing_by_the_advertised_w(q, seconds, steps):
+    store = MemoryStorage()
+    key = f"{K}paced-buckets"
+    w = advertised_window(q, seconds)
+    steps = [(gap, min(cost, q)) for gap, cost in steps]
+    for now, (_, cost) in zip(paced(steps, q, w), steps, strict=True):
+        result = store.reserve(Reserve((Counter(key, q, cost, window=float(seconds)),), now))
+        assert result.admitted, (now - T0, cost)

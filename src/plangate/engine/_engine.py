@@ -15,6 +15,7 @@ from ._headers import QuotaState, ceil_seconds, named_policy, policy_header, quo
 from ._periods import period_bounds
 from ._problems import Problem, identity_problem
 from ._protocol import (
+    SLIDING_BUCKETS,
     Counter,
     CounterState,
     CustomerRecord,
@@ -250,7 +251,14 @@ class Engine:
                         window=limit.window,
                         on_error=self.on_error[meter],
                     )
-                    window = math.ceil(limit.window)
+                    # The policy's w: the window an exact log keeps; for buckets, the
+                    # window plus the one bucket a unit may outlive it by, so that a client
+                    # that sends q units in any w (as the draft reads w) is never refused.
+                    window = math.ceil(
+                        limit.window
+                        if counter.exact
+                        else limit.window * (SLIDING_BUCKETS + 1) / SLIDING_BUCKETS
+                    )
                 else:  # a calendar period; unlimited meters are counted per billing month
                     period = limit.period if limit is not None else "month"
                     start, end = period_bounds(period or "month", now, anchor)
