@@ -226,6 +226,11 @@ class Exchange:
         """The framework reports that the view raised (and turned it into a response)."""
         self.raised = True
 
+    @property
+    def settled(self) -> bool:
+        """Whether ``settlements`` was asked already (it answers once)."""
+        return self._settled
+
     def settlements(self) -> list[Settlement]:
         """What each decision's store must do; empty once settled (settles happen once)."""
         if self._settled:

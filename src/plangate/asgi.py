@@ -146,7 +146,8 @@ class PlanGateMiddleware:
             exchange.finished(raised=True)
             raise
         finally:
-            await asettle(self.gate, exchange)
+            if not exchange.settled:
+                await asettle(self.gate, exchange)
 
 
 def _has_header(scope: Scope) -> Callable[[str], bool]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import uuid
 
 import pytest
@@ -178,7 +179,8 @@ def test_no_trailing_window_ever_holds_more_than_the_limit(storage, steps, limit
     # per example, so that an earlier example's times do not carry over.
     store = MemoryStorage() if isinstance(storage, MemoryStorage) else storage
     key = f"{K}prop-{uuid.uuid4().hex}"
-    now = latest = T0
+    now = T0
+    latest = -math.inf  # the latest time the store has seen for this key: none yet
     kept: list[tuple[float, int]] = []
     for n, (dt, cost, refund) in enumerate(steps):
         now += dt

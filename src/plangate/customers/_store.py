@@ -48,6 +48,8 @@ class _Cache:
         self.storage = storage
         #: seconds a record read from the store is reused; the store's ``customer_cache_ttl``
         self.ttl = storage.customer_cache_ttl if ttl is None else ttl
+        #: read the store every time, no cache: it is in this process and never fails
+        self.direct = storage.in_process and self.ttl <= 0
         self.size = size
         self.clock = clock
         self._entries: dict[str, _Entry] = {}
@@ -98,6 +100,8 @@ class CustomerStore(_Cache):
 
     def load(self, customer: str) -> CustomerRecord | None:
         """The customer's record, or None if the store has none."""
+        if self.direct:
+            return self.storage.get_customer(customer)
         entry, fresh = self._fresh(customer)
         if fresh:
             assert entry is not None
@@ -127,6 +131,8 @@ class AsyncCustomerStore(_Cache):
     """The same as ``CustomerStore``, with awaited store calls (ASGI)."""
 
     async def load(self, customer: str) -> CustomerRecord | None:
+        if self.direct:
+            return await self.storage.aget_customer(customer)
         entry, fresh = self._fresh(customer)
         if fresh:
             assert entry is not None

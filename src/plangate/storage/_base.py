@@ -56,6 +56,8 @@ class Storage(ABC):
 
     #: seconds a customer record read from this store may be reused without reading it again
     customer_cache_ttl: float = 0.0
+    #: in this process and never failing (memory): a read costs what a cache hit would
+    in_process: bool = False
 
     @abstractmethod
     def reserve(self, op: Reserve) -> ReserveResult: ...

@@ -196,6 +196,8 @@ class _Fixed:
 class MemoryStorage(Storage):
     """Counters in a dict behind one lock. For one process: tests, demos, single workers."""
 
+    in_process = True
+
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._counters: dict[str, _Log | _Sliding | _Fixed] = {}
