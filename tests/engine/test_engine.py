@@ -10,8 +10,9 @@ from datetime import datetime, timezone
 import pytest
 
 from plangate import CustomerRecord, Gate, MemoryStorage
+from plangate.config import load_config
 from plangate.customers import CustomerStore
-from plangate.engine import quota_headers
+from plangate.engine import Engine, quota_headers
 from plangate.engine._headers import ceil_seconds, policy_header
 from plangate.engine._problems import MEMBERS, RETRIED, TITLES
 from tests.support import config, token
@@ -197,3 +198,14 @@ def test_every_problem_lists_its_members():
     # the gateway's /render renders a problem only with the members listed for it
     assert MEMBERS.keys() == TITLES.keys()
     assert RETRIED.issubset(TITLES)
+
+
+def test_the_route_cache_stays_bounded_whatever_paths_clients_invent():
+    from plangate.engine._engine import _ROUTE_CACHE_SIZE
+
+    engine = Engine(load_config(config()), new_id=lambda: "id")
+    for i in range(_ROUTE_CACHE_SIZE + 50):
+        assert engine.route("GET", f"/v1/projects/{i}").rule is not None
+    engine.route("GET", "/v1/" + "x" * 1000)  # a long path is matched, never kept
+    assert len(engine._routes) <= _ROUTE_CACHE_SIZE
+    assert ("GET", "/v1/" + "x" * 1000) not in engine._routes
