@@ -230,7 +230,33 @@ def test_a_customer_record_is_one_hash_written_in_one_command(tally, redis_serve
     store.get_customer("acme")  # connected
     assert _verbs(tally.during(lambda: store.put_customer(record))) == ["HSET"]
     with redis_server.client() as client:
-        assert client.hgetall(K + "customer") == {b"plan": b"pro", b"billing_anchor": b""}
+        assert client.hgetall(K + "customer") == {
+            b"plan": b"pro",
+            b"billing_anchor": b"",
+            b"addons": b"",
+            b"overrides": b"",
+            b"trial_ends_at": b"",
+            b"previous_plan": b"",
+        }
+    store.close()
+
+
+def test_a_record_written_before_addons_existed_reads_without_them(redis_server, redis_url):
+    with redis_server.client() as client:
+        client.hset(K + "customer", mapping={"plan": "pro", "billing_anchor": ""})
+    store = RedisStorage(redis_url)
+    assert store.get_customer("acme") == CustomerRecord("acme", plan="pro")
+    store.close()
+
+
+def test_addons_and_overrides_are_json_fields(redis_server, redis_url):
+    store = RedisStorage(redis_url)
+    store.put_customer(
+        CustomerRecord("acme", plan="pro", addons={"x": 2}, overrides={"max_projects": 9})
+    )
+    with redis_server.client() as client:
+        fields = client.hgetall(K + "customer")
+    assert (fields[b"addons"], fields[b"overrides"]) == (b'{"x": 2}', b'{"max_projects": 9}')
     store.close()
 
 

@@ -8,8 +8,8 @@ The engine yields these ``Op``s and receives their results; it never runs one. A
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Generator
-from dataclasses import dataclass
+from collections.abc import Generator, Iterator, Mapping
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Generic, NamedTuple, Protocol, TypeVar
 from urllib.parse import quote
@@ -96,13 +96,72 @@ class ReserveResult(NamedTuple):
     waits: tuple[float, ...] = ()  # refused: seconds until each counter could take its cost
 
 
+def _frozen(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return tuple(sorted((str(k), _frozen(v)) for k, v in value.items()))
+    if isinstance(value, (list, tuple)):
+        return tuple(_frozen(v) for v in value)
+    return value
+
+
+class FrozenMap(Mapping[str, Any]):
+    """A read-only mapping that can be hashed (nested dicts and lists included), so a
+    record's add-ons and overrides can key the engine's cache of resolved plans."""
+
+    __slots__ = ("_data", "_hash")
+
+    def __init__(self, data: Mapping[str, Any] | None = None) -> None:
+        self._data: dict[str, Any] = dict(data or {})
+        self._hash: int | None = None
+
+    def __getitem__(self, key: str) -> Any:
+        return self._data[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._data)
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def __hash__(self) -> int:
+        if self._hash is None:
+            self._hash = hash(_frozen(self._data))
+        return self._hash
+
+    def __eq__(self, other: object) -> bool:
+        return self is other or (isinstance(other, Mapping) and self._data == dict(other))
+
+    def __repr__(self) -> str:
+        return f"FrozenMap({self._data!r})"
+
+
+EMPTY = FrozenMap()
+
+
 @dataclass(frozen=True, slots=True)
 class CustomerRecord:
-    """What the store knows of a customer. Provisioning (admin API, webhooks) comes later."""
+    """What the store knows of a customer (SPEC §6). The engine resolves its entitlements:
+    override > add-ons (each times its quantity) > plan > ``default_plan``.
+
+    ``addons``: add-on name → quantity (0: none). ``overrides``: feature → a value of its
+    kind, as in a plan (``false`` takes the feature away). While ``trial_ends_at`` has not
+    passed the customer is on ``plan``; after it, on ``previous_plan`` (else the config's
+    ``default_plan``), with nothing written at that moment.
+    """
 
     customer: str
     plan: str | None = None
     billing_anchor: datetime | None = None
+    addons: Mapping[str, int] = field(default=EMPTY)
+    overrides: Mapping[str, Any] = field(default=EMPTY)
+    trial_ends_at: datetime | None = None
+    previous_plan: str | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.addons, FrozenMap):
+            object.__setattr__(self, "addons", FrozenMap(self.addons))
+        if not isinstance(self.overrides, FrozenMap):
+            object.__setattr__(self, "overrides", FrozenMap(self.overrides))
 
 
 class Backend(Protocol):

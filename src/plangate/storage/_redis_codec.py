@@ -8,6 +8,7 @@ script and arguments, without plangate's client); tests/test_benchmarks.py check
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from datetime import datetime
 from importlib import resources
@@ -110,7 +111,9 @@ def peek_result(reply: Sequence[int]) -> tuple[CounterState, ...]:
 
 
 def customer_record(customer: str, fields: Any) -> CustomerRecord | None:
-    """From an HGETALL reply: a map (RESP3, or the client's) or a flat list (RESP2)."""
+    """From an HGETALL reply: a map (RESP3, or the client's) or a flat list (RESP2).
+
+    A record written before a field existed reads as that field unset."""
     if not fields:
         return None
     pairs = (
@@ -118,17 +121,41 @@ def customer_record(customer: str, fields: Any) -> CustomerRecord | None:
     )
     text = {_text(k): _text(v) for k, v in pairs}
     anchor = text.get("billing_anchor")
+    trial = text.get("trial_ends_at")
+    addons = text.get("addons")
+    overrides = text.get("overrides")
     return CustomerRecord(
         customer,
         plan=text.get("plan") or None,
         billing_anchor=datetime.fromisoformat(anchor) if anchor else None,
+        addons=json.loads(addons) if addons else {},
+        overrides=json.loads(overrides) if overrides else {},
+        trial_ends_at=datetime.fromisoformat(trial) if trial else None,
+        previous_plan=text.get("previous_plan") or None,
     )
 
 
 def customer_fields(record: CustomerRecord) -> list[str]:
-    """Every field, an empty one for what is unset: one ``HSET`` replaces the whole record."""
+    """Every field, an empty one for what is unset: one ``HSET`` replaces the whole record.
+    Add-ons and overrides are JSON objects."""
     anchor = record.billing_anchor.isoformat() if record.billing_anchor is not None else ""
-    return ["plan", record.plan or "", "billing_anchor", anchor]
+    trial = record.trial_ends_at.isoformat() if record.trial_ends_at is not None else ""
+    addons = json.dumps(dict(record.addons), sort_keys=True) if record.addons else ""
+    overrides = json.dumps(dict(record.overrides), sort_keys=True) if record.overrides else ""
+    return [
+        "plan",
+        record.plan or "",
+        "billing_anchor",
+        anchor,
+        "addons",
+        addons,
+        "overrides",
+        overrides,
+        "trial_ends_at",
+        trial,
+        "previous_plan",
+        record.previous_plan or "",
+    ]
 
 
 def _text(value: Any) -> str:
