@@ -474,10 +474,10 @@ def test_load_config_returns_a_loaded_config_unchanged(example: Config) -> None:
 
 def test_reference_example_notes_what_is_not_enforced(example: Config) -> None:
     assert [str(note).replace(str(EXAMPLE), "{file}") for note in example.notes] == [
-        "{file}:31: plans.pro.trial_days: trials are not enforced yet: they need the customer store",
+        "{file}:31: plans.pro.trial_days: trials are enforced through customer records (trial_ends_at); nothing assigns them yet (no admin API or CLI)",
         "{file}:38: plans.pro.features.ai_tokens.overage: overage to credits is not enforced yet: requests over the limit are refused",
         "{file}:39: plans.pro.features.ai_credits: credit balances are not enforced yet: the grant is validated only",
-        "{file}:52: addons: add-ons are not enforced yet: they need the customer store",
+        "{file}:52: addons: add-ons are enforced through customer records; nothing assigns them yet (no admin API or CLI)",
         "{file}:80: billing: billing webhooks are not served yet; this section is validated only",
     ]
 

@@ -135,6 +135,7 @@ def test_unlimited_plan_never_refuses_and_is_counted(serve):
             "limit": "unlimited",
             "remaining": "unlimited",
             "reset": body["meters"]["api_calls"]["limits"][0]["reset"],
+            "source": "plan",
         }
     ]
 
@@ -357,6 +358,34 @@ def test_storage_argument_overrides_the_config(serve):
     client = serve(config(), storage=store)
     # The store's record wins over the token's plan claim.
     assert client.get("/v1/projects", headers=bearer("acme", "free")).json()["plan"] == "enterprise"
+
+
+def test_a_stored_addon_raises_the_limit_and_an_override_switches_a_feature_off(serve):
+    store = MemoryStorage()
+    record = CustomerRecord(
+        "acme",
+        plan="pro",
+        addons={"extra_calls": 2},
+        overrides={"export_reports": False},
+    )
+    CustomerStore(store).save(record)
+    addons = {"extra_calls": {"features": {"api_calls": {"add": 100}}}}
+    client = serve(config(addons=addons), storage=store)
+    described = client.get("/v1/projects", headers=bearer("acme", "free")).json()
+    assert described["plan"] == "pro"
+    assert described["api_calls_left"] == 1000 + 2 * 100 - 1
+    assert described["export_reports"] is False
+    refused = client.post("/v1/reports/7/export", headers=bearer("acme"))
+    assert refused.status_code == 402
+    assert refused.json()["type"].endswith("feature-not-in-plan")
+    body = client.get("/.plangate/entitlements", headers=bearer("acme")).json()
+    assert body["meters"]["api_calls"]["limits"][0]["limit"] == 1200
+    assert body["meters"]["api_calls"]["limits"][0]["source"] == "addon"
+    assert (body["features"]["export_reports"], body["sources"]["export_reports"]) == (
+        False,
+        "override",
+    )
+    assert body["trial_ends_at"] is None
 
 
 def test_record_while_streaming_the_body_is_charged(serve):

@@ -14,6 +14,7 @@ from typing import Any
 
 from ..errors import ConfigError, ConfigIssue
 from ._catalog import (
+    AddonGrant,
     Catalog,
     CreditGrant,
     Limit,
@@ -22,6 +23,7 @@ from ._catalog import (
     Plan,
     Rule,
     build_catalog,
+    compile_entitlement,
     declared_rule,
 )
 from ._durations import parse_duration
@@ -29,6 +31,7 @@ from ._loader import Document, read_source, validate_model
 from ._models import ConfigModel
 
 __all__ = [
+    "AddonGrant",
     "Catalog",
     "Config",
     "ConfigModel",
@@ -38,6 +41,7 @@ __all__ = [
     "MeterGrant",
     "Plan",
     "Rule",
+    "compile_entitlement",
     "declared_rule",
     "load_config",
     "parse_duration",

@@ -73,6 +73,10 @@ class Plan:
     values: Mapping[str, Any]  # boolean → True, config → its value (unlimited → math.inf)
     meters: Mapping[str, MeterGrant]
     credits: Mapping[str, CreditGrant]
+    #: a customer's resolved plan: the layer ("addon", "override") of each feature and each
+    #: limit's policy that did not come from the plan itself; empty for a plan of the config
+    sources: Mapping[str, str] = field(default_factory=dict)
+    limit_sources: Mapping[str, str] = field(default_factory=dict)
 
     def grants(self, feature: str) -> bool:
         return feature in self.values or feature in self.meters or feature in self.credits
@@ -114,6 +118,15 @@ class Rule:
         return f"{methods} {self.template.path}" if methods else self.template.path
 
 
+@dataclass(frozen=True, slots=True)
+class AddonGrant:
+    """What one unit of an add-on gives a feature: ``add`` units to every limit of a meter,
+    or (``add=None``) the feature itself."""
+
+    feature: str
+    add: int | None = None
+
+
 @dataclass(frozen=True)
 class Catalog:
     plans: Mapping[str, Plan]
@@ -121,6 +134,17 @@ class Catalog:
     router: Router
     default_plan: str | None
     notes: tuple[ConfigIssue, ...] = field(default=())  # valid, but not enforced yet
+    addons: Mapping[str, tuple[AddonGrant, ...]] = field(default_factory=dict)
+
+
+def compile_entitlement(model: ConfigModel, feature: str, value: Any) -> Any:
+    """A customer's override of ``feature``, typed as a plan's grant is (None: not granted);
+    ``ConfigError`` for an unknown feature or a value of the wrong kind."""
+    builder = _Builder(model, Document({}, {}, None))
+    grant = builder._entitlement(feature, value, ("overrides", feature))
+    if builder.issues:
+        raise ConfigError(builder.issues)
+    return grant
 
 
 def build_catalog(model: ConfigModel, doc: Document) -> Catalog:
@@ -156,7 +180,7 @@ class _Builder:
         self._names()
         plans = self._plans()
         rules = self._rules()
-        self._addons()
+        addons = self._addons()
         self._billing()
         m = self.model
         if m.default_plan is not None and m.default_plan not in m.plans:
@@ -173,7 +197,7 @@ class _Builder:
         self._shadowed(rules)
         router = Router([rule.template for rule in rules])
         notes = tuple(sorted(self.notes, key=lambda issue: (issue.line or 0, issue.path)))
-        return Catalog(plans, tuple(rules), router, m.default_plan, notes)
+        return Catalog(plans, tuple(rules), router, m.default_plan, notes, addons)
 
     def _public_key(self) -> None:
         jwt_config = self.model.identity.jwt
@@ -241,7 +265,8 @@ class _Builder:
             if spec.trial_days is not None:
                 self.note(
                     ("plans", name, "trial_days"),
-                    "trials are not enforced yet: they need the customer store",
+                    "trials are enforced through customer records (trial_ends_at); "
+                    "nothing assigns them yet (no admin API or CLI)",
                 )
             plans[name] = Plan(name, spec.legacy, spec.trial_days, values, meters, credits)
         return plans
@@ -407,17 +432,17 @@ class _Builder:
             shadow=route.mode == "shadow",
         )
 
-    # sections validated now, enforced by later releases ---------------------------------
-
-    def _addons(self) -> None:
+    def _addons(self) -> dict[str, tuple[AddonGrant, ...]]:
+        addons = {}
         for name, addon in self.model.addons.items():
+            grants = []
             for feature, value in addon.features.items():
                 loc: Loc = ("addons", name, "features", feature)
                 spec = self.model.features.get(feature)
                 if spec is None:
                     self.fail(loc, f"unknown feature {feature!r}{self._known(self.model.features)}")
                 elif value is True:
-                    continue
+                    grants.append(AddonGrant(feature))
                 elif spec.kind != "metered":
                     self.fail(
                         loc,
@@ -426,9 +451,19 @@ class _Builder:
                 elif not isinstance(value, dict):
                     self.fail(loc, "use true, or {add: N} to raise a metered limit")
                 else:
-                    self.sub(AddonGrantSpec, value, loc)
+                    added = self.sub(AddonGrantSpec, value, loc)
+                    if added is not None:
+                        grants.append(AddonGrant(feature, added.add))
+            addons[name] = tuple(grants)
         if self.model.addons:
-            self.note(("addons",), "add-ons are not enforced yet: they need the customer store")
+            self.note(
+                ("addons",),
+                "add-ons are enforced through customer records; nothing assigns them yet "
+                "(no admin API or CLI)",
+            )
+        return addons
+
+    # sections validated now, enforced by later releases ---------------------------------
 
     def _billing(self) -> None:
         billing = self.model.billing

@@ -43,6 +43,7 @@ class Decision:
         "identity",
         "params",
         "plan_entitlements",
+        "plan_source",
         "problem",
         "reasons",
         "recorded",
@@ -65,7 +66,10 @@ class Decision:
         self.params = params
         self._kinds = kinds
         self.identity: Identity | None = None
+        #: the customer's plan, its add-ons and overrides laid over it
         self.plan_entitlements: Plan | None = None
+        #: where the plan came from: "plan" (the store or the token), "default" (default_plan)
+        self.plan_source = "plan"
         self.problem: Problem | None = None
         self.shadowed = False  # denied, but the rule is in shadow mode: let through
         self.headers: list[tuple[str, str]] = []  # quota headers for the response

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Collection, Mapping
-from datetime import datetime
+from datetime import datetime, timezone
 from typing import Any
 
-from ..config import Config, Limit, Plan, Rule
+from ..config import Config, Limit, Plan, Rule, compile_entitlement
 from ..errors import StorageError
 from ..identity import Identity, IdentityResult
 from ._decision import Charge, Decision
@@ -26,6 +26,7 @@ from ._protocol import (
     Settle,
     customer_prefix,
 )
+from ._resolve import resolve_plan
 
 
 def unavailable(error: StorageError) -> Problem:
@@ -40,7 +41,15 @@ _CACHE_SIZE = 50_000  # entries of each per-request cache before it starts afres
 _ROUTE_CACHE_SIZE = 10_000  # (method, path) pairs remembered
 _ROUTE_KEY_MAX = 256  # longer paths are matched every time
 
-ChargeKey = tuple[str, str, int, "datetime | None"]
+ChargeKey = tuple[str, int, int, "datetime | None"]  # customer, id(plan), rule, anchor
+PlanKey = tuple[str, Mapping[str, int], Mapping[str, Any]]  # plan, add-ons, overrides
+
+
+def _epoch(moment: datetime) -> float:
+    """Seconds since the epoch; a time without a zone is taken as UTC."""
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=timezone.utc)
+    return moment.timestamp()
 
 
 class Engine:
@@ -69,6 +78,11 @@ class Engine:
         self._router = self.catalog.router
         self._rules = self.catalog.rules
         self._charges: dict[ChargeKey, Charge] = {}
+        #: the plans of customers with add-ons or overrides, by what they are built from;
+        #: charges are cached by plan identity, so both caches start afresh together
+        self._resolved: dict[PlanKey, Plan] = {}
+        self._addons = self.catalog.addons
+        self._compile = lambda feature, value: compile_entitlement(model, feature, value)
         self._routes: dict[tuple[str, str], tuple[int, dict[str, str]] | None] = {}
 
     # 1. route ----------------------------------------------------------------------------
@@ -131,7 +145,7 @@ class Engine:
             record: CustomerRecord | None = yield LoadCustomer(identity.customer)
         except StorageError:  # plans keep deciding from the token's claims
             record = None
-        plan = self._plan(decision, identity, record)
+        plan = self._plan(decision, identity, record, now)
         if plan is None:
             return decision
         decision.plan_entitlements = plan
@@ -200,14 +214,33 @@ class Engine:
         return decision
 
     def _plan(
-        self, decision: Decision, identity: Identity, record: CustomerRecord | None
+        self,
+        decision: Decision,
+        identity: Identity,
+        record: CustomerRecord | None,
+        now: float,
     ) -> Plan | None:
+        """The customer's plan, resolved: override > add-ons > plan > ``default_plan``."""
+        name: str | None
         if record is not None and record.plan:
             name, source = record.plan, "the customer store"
+            ends = record.trial_ends_at
+            if ends is not None and now >= _epoch(ends):
+                # The trial is over: back to the plan before it, with nothing written now.
+                ended = f"the trial of {record.plan} ended {ends.isoformat()}"
+                name, source = record.previous_plan, f"the customer store; {ended}"
+                if not name and self.catalog.default_plan:
+                    name, source = self.catalog.default_plan, f"default_plan; {ended}"
+                    decision.plan_source = "default"
+                if not name:
+                    detail = f"customer {identity.customer!r} has no plan: {ended}"
+                    self._deny(decision, Problem("no-active-plan", detail, self._upsell()))
+                    return None
         elif identity.plan:
             name, source = identity.plan, "the token's plan claim"
         elif self.catalog.default_plan:
             name, source = self.catalog.default_plan, "default_plan"
+            decision.plan_source = "default"
         else:
             detail = f"customer {identity.customer!r} has no plan"
             self._deny(decision, Problem("no-active-plan", detail, self._upsell()))
@@ -219,13 +252,38 @@ class Engine:
             return None
         if decision.reasons is not None:
             decision.reasons.append(f"plan {name} (from {source})")
+        if record is not None and (record.addons or record.overrides):
+            plan = self._resolve(plan, record.addons, record.overrides)
+            if decision.reasons is not None:
+                layers = [f"add-ons {dict(record.addons)}"] if record.addons else []
+                if record.overrides:
+                    layers.append(f"overrides {dict(record.overrides)}")
+                decision.reasons.append("with " + " and ".join(layers))
         return plan
+
+    def _resolve(self, plan: Plan, addons: Mapping[str, int], overrides: Mapping[str, Any]) -> Plan:
+        key = (plan.name, addons, overrides)
+        resolved = self._resolved.get(key)
+        if resolved is None:
+            resolved = resolve_plan(
+                plan,
+                addons,
+                overrides,
+                catalog_addons=self._addons,
+                kinds=self.kinds,
+                compile_override=self._compile,
+            )
+            if len(self._resolved) >= _CACHE_SIZE:
+                self._resolved.clear()
+                self._charges.clear()
+            self._resolved[key] = resolved
+        return resolved
 
     def _charge(
         self, rule: Rule, customer: str, plan: Plan, anchor: datetime | None, now: float
     ) -> Charge | None:
         """What the rule charges; None if it meters nothing the plan grants."""
-        key = (customer, plan.name, rule.index, anchor)
+        key = (customer, id(plan), rule.index, anchor)
         charge = self._charges.get(key)
         if charge is None or now >= charge.valid_until:
             # Only a shadowed denial gets here with a meter the plan does not grant.
@@ -406,18 +464,24 @@ class Engine:
         except StorageError:
             record = None
         probe = Decision(None, {}, self.kinds)
-        plan = self._plan(probe, identity, record)
+        plan = self._plan(probe, identity, record, now)
         if plan is None:
             assert probe.problem is not None
             return probe.problem
         anchor = record.billing_anchor if record else None
+        base = probe.plan_source
         features: dict[str, Any] = {}
+        sources: dict[str, str] = {}
         for name, kind in self.kinds.items():
             if kind in ("boolean", "config"):
                 value = plan.values.get(name, False if kind == "boolean" else None)
                 features[name] = "unlimited" if value == math.inf else value
+                # a feature no layer grants has its default (off, null)
+                granted = base if name in plan.values else "default"
+                sources[name] = plan.sources.get(name, granted)
         meters: dict[str, Any] = {}
         for name in plan.meters:
+            meter_source = plan.sources.get(name, base)
             charge = self.build_charge([(name, 0)], identity.customer, plan, anchor, now)
             try:
                 states = yield Peek(charge.counters, now)
@@ -435,8 +499,15 @@ class Engine:
                         policy=limit.policy, limit=limit.limit, remaining=remaining, **where
                     )
                 entry["reset"] = ceil_seconds(state.reset_after) if state.used else 0
+                policy = limit.policy if limit is not None else ""
+                entry["source"] = plan.limit_sources.get(policy, meter_source)
                 entries.append(entry)
-            meters[name] = {"unit": self.units.get(name), "limits": entries}
+            meters[name] = {
+                "unit": self.units.get(name),
+                "limits": entries,
+                "source": meter_source,
+            }
+        trial_ends_at = record.trial_ends_at if record else None
         credits = {
             name: {"grant": g.grant, "period": g.period, "enforced": False}
             for name, g in plan.credits.items()
@@ -444,7 +515,9 @@ class Engine:
         return {
             "customer": identity.customer,
             "plan": plan.name,
+            "trial_ends_at": trial_ends_at.isoformat() if trial_ends_at else None,
             "features": features,
+            "sources": sources,
             "meters": meters,
             "credits": credits,
             **self._upsell(),
