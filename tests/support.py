@@ -169,3 +169,24 @@ def load_module(path: Path, name: str) -> ModuleType:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def configure_django() -> None:
+    """Django is configured once per process, by whichever test module comes first: these
+    settings serve tests/adapters/test_django.py, and each Django front of tests/fronts
+    overrides ``PLANGATE`` per test."""
+    import django
+    from django.conf import settings
+
+    if settings.configured:
+        return
+    settings.configure(
+        DEBUG=False,
+        SECRET_KEY="plangate-tests",
+        ALLOWED_HOSTS=["*"],
+        ROOT_URLCONF="tests.adapters.django_views",
+        INSTALLED_APPS=["plangate_django"],
+        MIDDLEWARE=["plangate_django.PlanGateMiddleware"],
+        PLANGATE={"CONFIG": config()},
+    )
+    django.setup()

@@ -5,28 +5,16 @@ from __future__ import annotations
 import asyncio
 import io
 
-import django
 import pytest
-from django.conf import settings
 from django.core.management import call_command
 from django.core.management.base import CommandError
 
 from plangate.engine import PROBLEM_BASE
-from tests.support import REFERENCE, bearer, config
+from tests.support import REFERENCE, bearer, configure_django
 
-if not settings.configured:
-    settings.configure(
-        DEBUG=False,
-        SECRET_KEY="plangate-tests",
-        ALLOWED_HOSTS=["*"],
-        ROOT_URLCONF="tests.adapters.django_views",
-        INSTALLED_APPS=["plangate_django"],
-        MIDDLEWARE=["plangate_django.PlanGateMiddleware"],
-        PLANGATE={"CONFIG": config()},
-    )
-    django.setup()
+configure_django()
 
-from django.test import AsyncClient, Client
+from django.test import AsyncClient, Client  # noqa: E402 - needs configured settings
 
 PROBLEM = "application/problem+json"
 

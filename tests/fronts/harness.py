@@ -27,6 +27,7 @@ from werkzeug.test import EnvironBuilder
 
 from plangate import Storage
 from tests.fronts import apps
+from tests.support import configure_django
 
 BASE_URL = "http://testserver"
 ENTITLEMENTS_PATH = "/.plangate/entitlements"
@@ -240,31 +241,10 @@ def start_flask(config: dict[str, Any], storage: Storage) -> Client:
     return WSGIClient(app)
 
 
-def _configure_django() -> None:
-    import django
-    from django.conf import settings
-
-    if not settings.configured:
-        # Django is configured once per process, by whichever test module comes first: these
-        # are tests/adapters/test_django.py's settings, and each Django front overrides them.
-        from tests.support import config
-
-        settings.configure(
-            DEBUG=False,
-            SECRET_KEY="plangate-tests",
-            ALLOWED_HOSTS=["*"],
-            ROOT_URLCONF="tests.adapters.django_views",
-            INSTALLED_APPS=["plangate_django"],
-            MIDDLEWARE=["plangate_django.PlanGateMiddleware"],
-            PLANGATE={"CONFIG": config()},
-        )
-        django.setup()
-
-
 def start_django(config: dict[str, Any], storage: Storage) -> Client:
     """``settings.PLANGATE`` with a ``Storage`` as ``STORAGE``, served by Django's WSGI handler
     (what gunicorn runs) — it reads the settings when it loads its middleware."""
-    _configure_django()
+    configure_django()
     from django.core.handlers.wsgi import WSGIHandler
     from django.test.utils import override_settings
 
