@@ -21,7 +21,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from .._exchange import Exchange, is_preflight, problem_answer
+from .._exchange import ENTITLEMENTS_PATH, Exchange, is_preflight, problem_answer
 from .._gate import AsyncGate, Clock
 from .._lifecycle import abegin, asettle
 from ..config import Config
@@ -283,8 +283,8 @@ class GatewayService:
         """The caller's plan, features and meters: route a gateway's
         ``/.plangate/entitlements`` here (the caller's token is read as for ``/check``)."""
         token = self.gate.token_source.read(request.headers.getlist(self.gate.token_source.header))
-        result = await self.gate.entitlements(token)
-        answer = Exchange(request.method, "/", entitlements_path=None).answer_entitlements(result)
+        answer = await abegin(self.gate, Exchange(request.method, ENTITLEMENTS_PATH), token)
+        assert answer is not None  # the entitlements path is always answered
         return Response(answer.body, status_code=answer.status, headers=dict(answer.headers))
 
     async def healthz(self, request: Request) -> Response:
