@@ -46,6 +46,7 @@ class _Gate:
         else:
             self.storage = open_storage(storage or self.config.model.storage)
         self.engine = Engine(self.config, new_id=new_reservation_id)
+        self.clock = clock
         self._open_customers()
         #: a store this gate opened is checked once, at start-up (``check_storage``)
         self.storage_unchecked = not isinstance(storage, Storage)
@@ -135,7 +136,7 @@ class Gate(_Gate):
     customers: CustomerStore
 
     def _open_customers(self) -> None:
-        self.customers = CustomerStore(self.storage)
+        self.customers = CustomerStore(self.storage, engine=self.engine, now=self.clock)
 
     def check_storage(self) -> bool:
         """Connect to the store now (Redis: connect, authenticate, ask its version) and log
@@ -205,7 +206,7 @@ class AsyncGate(_Gate):
     customers: AsyncCustomerStore
 
     def _open_customers(self) -> None:
-        self.customers = AsyncCustomerStore(self.storage)
+        self.customers = AsyncCustomerStore(self.storage, engine=self.engine, now=self.clock)
 
     async def check_storage(self) -> bool:
         """``Gate.check_storage``, without blocking the event loop. The ASGI middleware calls

@@ -6,7 +6,8 @@
     ├── ConfigError            a config file or object that cannot be used; lists every issue
     ├── AuthenticationError    a missing, malformed, expired or forged token (→ 401)
     ├── KeysUnavailableError   the issuer's signing keys (JWKS) could not be fetched (→ 503)
-    └── StorageError           a storage backend failed; wraps the backend's exception
+    ├── StorageError           a storage backend failed; wraps the backend's exception
+    └── VersionConflict        a customer record changed since the version a write expected
 
 A denial (402, 403, 429) is not an exception: it is a decision, returned by the engine.
 """
@@ -22,6 +23,7 @@ __all__ = [
     "KeysUnavailableError",
     "PlanGateError",
     "StorageError",
+    "VersionConflict",
 ]
 
 
@@ -74,3 +76,18 @@ class KeysUnavailableError(PlanGateError):
 
 class StorageError(PlanGateError):
     """A storage backend failed. The backend's own exception is the ``__cause__``."""
+
+
+class VersionConflict(PlanGateError):
+    """A write that expected a customer record at one version found another (an HTTP 412).
+
+    ``current`` is the version the store holds (0: there is no record)."""
+
+    def __init__(self, customer: str, expected: int, current: int) -> None:
+        self.customer = customer
+        self.expected = expected
+        self.current = current
+        super().__init__(
+            f"customer {customer!r} is at version {current}, not {expected}: "
+            "read it again and retry"
+        )

@@ -21,10 +21,18 @@ class Clock:
         return self.now
 
 
-class Flaky(MemoryStorage):
-    """Memory records that can be made unreachable, or changed while a read is on its way."""
+class Silent(MemoryStorage):
+    """Memory records whose changes nobody is told of: another process's writes with every
+    pub/sub message lost. Only the TTL brings them."""
 
-    in_process = False  # it can fail: the cache in front of it is what is tested
+    in_process = False  # the cache in front of it is what is tested
+
+    def watch_customers(self, listener) -> None:
+        pass
+
+
+class Flaky(Silent):
+    """Records that can be made unreachable, or changed while a read is on its way."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -44,7 +52,7 @@ class Flaky(MemoryStorage):
 def test_a_saved_record_is_loaded():
     customers = CustomerStore(MemoryStorage())
     customers.save(CustomerRecord("acme", plan="pro"))
-    assert customers.load("acme") == CustomerRecord("acme", plan="pro")
+    assert customers.load("acme").plan == "pro"
     assert customers.load("nobody") is None
 
 
@@ -58,14 +66,14 @@ def test_a_deleted_record_is_gone():
 
 
 def test_a_record_is_reused_for_the_ttl_then_read_again():
-    storage, clock = MemoryStorage(), Clock()
+    storage, clock = Silent(), Clock()
     customers = CustomerStore(storage, ttl=5, clock=clock)
     customers.save(CustomerRecord("acme", plan="free"))
     storage.put_customer(CustomerRecord("acme", plan="pro"))  # written by another process
     clock.now = 4.9
-    assert customers.load("acme") == CustomerRecord("acme", plan="free")
+    assert customers.load("acme").plan == "free"
     clock.now = 5.0
-    assert customers.load("acme") == CustomerRecord("acme", plan="pro")
+    assert customers.load("acme").plan == "pro"
 
 
 def test_the_ttl_is_the_stores_customer_cache_ttl():
@@ -76,14 +84,14 @@ def test_the_ttl_is_the_stores_customer_cache_ttl():
 
 
 def test_an_invalidated_record_is_read_again_and_counted_as_a_version():
-    storage = MemoryStorage()
+    storage = Silent()
     customers = CustomerStore(storage, ttl=60)
     customers.save(CustomerRecord("acme", plan="free"))
     assert customers.version("acme") == 1
     storage.put_customer(CustomerRecord("acme", plan="pro"))
     customers.invalidate("acme")
     assert customers.version("acme") == 2
-    assert customers.load("acme") == CustomerRecord("acme", plan="pro")
+    assert customers.load("acme").plan == "pro"
     customers.invalidate("globex")  # never seen: nothing cached, the version still counts
     assert customers.version("globex") == 1
 
@@ -93,21 +101,21 @@ def test_a_read_older_than_a_change_does_not_replace_it_in_the_cache():
     customers = CustomerStore(storage, ttl=60)
     storage.put_customer(CustomerRecord("acme", plan="free"))
     storage.during_read = lambda: customers.save(CustomerRecord("acme", plan="pro"))
-    assert customers.load("acme") == CustomerRecord("acme", plan="free")  # read before the save
+    assert customers.load("acme").plan == "free"  # read before the save
     storage.down = True  # answered from the cache, which holds the newer record
-    assert customers.load("acme") == CustomerRecord("acme", plan="pro")
+    assert customers.load("acme").plan == "pro"
 
 
 def test_while_the_store_fails_the_record_seen_last_is_used_however_old():
     storage, clock = Flaky(), Clock()
     customers = CustomerStore(storage, ttl=5, clock=clock)
     storage.put_customer(CustomerRecord("acme", plan="pro"))
-    assert customers.load("acme") == CustomerRecord("acme", plan="pro")
+    assert customers.load("acme").plan == "pro"
     storage.down = True
     clock.now = 3600
-    assert customers.load("acme") == CustomerRecord("acme", plan="pro")
+    assert customers.load("acme").plan == "pro"
     customers.invalidate("acme")  # changed elsewhere, but the store cannot say how
-    assert customers.load("acme") == CustomerRecord("acme", plan="pro")
+    assert customers.load("acme").plan == "pro"
     with pytest.raises(StorageError):  # never seen: the caller falls back to the token
         customers.load("globex")
 
@@ -124,7 +132,7 @@ def test_the_async_store_shares_the_behaviour():
         clock.now = 3600
         return [await customers.load("acme"), await customers.load("globex")]
 
-    assert asyncio.run(run()) == [CustomerRecord("acme", plan="pro"), None]
+    assert asyncio.run(run()) == [CustomerRecord("acme", plan="pro", version=1), None]
 
 
 def test_the_gate_decides_from_its_customer_store():
@@ -144,4 +152,4 @@ def test_an_in_process_store_is_read_directly_and_changes_show_at_once():
     store = CustomerStore(storage)
     assert store.direct
     storage.put_customer(CustomerRecord("acme", plan="pro"))  # written behind the store's back
-    assert store.load("acme") == CustomerRecord("acme", plan="pro")
+    assert store.load("acme") == CustomerRecord("acme", plan="pro", version=1)

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 from datetime import datetime, timedelta, timezone
 
 import pytest
 
 from plangate import CustomerRecord
+from plangate.errors import VersionConflict
 from plangate.storage import Storage
 
 ANCHOR = datetime(2026, 1, 31, 9, 30, tzinfo=timezone.utc)
@@ -15,7 +17,7 @@ ANCHOR = datetime(2026, 1, 31, 9, 30, tzinfo=timezone.utc)
 
 def test_a_record_round_trips(storage: Storage):
     storage.put_customer(CustomerRecord("acme", plan="pro", billing_anchor=ANCHOR))
-    assert storage.get_customer("acme") == CustomerRecord("acme", "pro", ANCHOR)
+    assert storage.get_customer("acme") == CustomerRecord("acme", "pro", ANCHOR, version=1)
 
 
 def test_an_unknown_customer_has_no_record(storage: Storage):
@@ -24,8 +26,8 @@ def test_an_unknown_customer_has_no_record(storage: Storage):
 
 def test_a_write_replaces_the_whole_record(storage: Storage):
     storage.put_customer(CustomerRecord("acme", plan="pro", billing_anchor=ANCHOR))
-    storage.put_customer(CustomerRecord("acme", plan="free"))
-    assert storage.get_customer("acme") == CustomerRecord("acme", "free", None)
+    assert storage.put_customer(CustomerRecord("acme", plan="free")) == 2
+    assert storage.get_customer("acme") == CustomerRecord("acme", "free", None, version=2)
 
 
 def test_a_deleted_record_is_gone(storage: Storage):
@@ -45,7 +47,7 @@ def test_the_async_methods_read_and_write_the_same_records(storage: Storage):
         finally:
             await storage.aclose()
 
-    assert asyncio.run(run()) == [CustomerRecord("acme", "pro", ANCHOR), None]
+    assert asyncio.run(run()) == [CustomerRecord("acme", "pro", ANCHOR, version=1), None]
 
 
 def test_addons_overrides_and_a_trial_round_trip(storage: Storage):
@@ -63,7 +65,7 @@ def test_addons_overrides_and_a_trial_round_trip(storage: Storage):
         previous_plan="free",
     )
     storage.put_customer(record)
-    assert storage.get_customer("acme") == record
+    assert storage.get_customer("acme") == replace(record, version=1)
 
 
 def test_a_write_clears_addons_overrides_and_the_trial(storage: Storage):
@@ -78,7 +80,7 @@ def test_a_write_clears_addons_overrides_and_the_trial(storage: Storage):
         )
     )
     storage.put_customer(CustomerRecord("acme", plan="free"))
-    assert storage.get_customer("acme") == CustomerRecord("acme", "free")
+    assert storage.get_customer("acme") == CustomerRecord("acme", "free", version=2)
 
 
 def test_records_with_the_same_addons_and_overrides_hash_alike():
@@ -89,3 +91,67 @@ def test_records_with_the_same_addons_and_overrides_hash_alike():
     assert one.addons == {"a": 1}
     with pytest.raises(TypeError):
         one.addons["a"] = 2  # type: ignore[index]
+
+
+def test_a_write_that_expects_another_version_changes_nothing(storage: Storage):
+    assert storage.put_customer(CustomerRecord("acme", plan="free"), expected_version=0) == 1
+    with pytest.raises(VersionConflict) as raised:
+        storage.put_customer(CustomerRecord("acme", plan="pro"), expected_version=0)
+    assert (raised.value.expected, raised.value.current) == (0, 1)
+    assert storage.put_customer(CustomerRecord("acme", plan="pro"), expected_version=1) == 2
+    with pytest.raises(VersionConflict):
+        storage.put_customer(CustomerRecord("acme", plan="enterprise"), expected_version=1)
+    assert storage.get_customer("acme") == CustomerRecord("acme", "pro", version=2)
+    with pytest.raises(VersionConflict):  # no record: only version 0 is expected
+        storage.put_customer(CustomerRecord("nobody", plan="pro"), expected_version=3)
+    assert storage.get_customer("nobody") is None
+
+
+def test_the_async_write_checks_the_version_too(storage: Storage):
+    async def run() -> int:
+        try:
+            await storage.aput_customer(CustomerRecord("acme", plan="free"))
+            with pytest.raises(VersionConflict):
+                await storage.aput_customer(CustomerRecord("acme"), expected_version=7)
+            return await storage.aput_customer(CustomerRecord("acme"), expected_version=1)
+        finally:
+            await storage.aclose()
+
+    assert asyncio.run(run()) == 2
+
+
+@pytest.mark.parametrize("limit", [1, 3, 100])
+def test_a_listing_pages_through_every_record_once(storage: Storage, limit: int):
+    ids = ["", "a b", "a@b.co", "}x", "ünï", *(f"c{i:02}" for i in range(25))]
+    for i, customer in enumerate(ids):
+        storage.put_customer(CustomerRecord(customer, plan="pro" if i % 3 else "free"))
+    seen: list[str] = []
+    pro: list[str] = []
+    cursor = None
+    for _ in range(1000):
+        page = storage.list_customers(limit=limit, cursor=cursor)
+        seen += [r.customer for r in page.records]
+        cursor = page.cursor
+        if cursor is None:
+            break
+    cursor = None
+    for _ in range(1000):
+        page = storage.list_customers(plan="pro", limit=limit, cursor=cursor)
+        assert all(r.plan == "pro" for r in page.records)
+        pro += [r.customer for r in page.records]
+        cursor = page.cursor
+        if cursor is None:
+            break
+    assert sorted(set(seen)) == sorted(ids)  # SCAN may repeat a key; never misses one
+    assert sorted(set(pro)) == sorted(c for i, c in enumerate(ids) if i % 3)
+
+
+def test_a_listing_refuses_a_cursor_it_did_not_make(storage: Storage):
+    with pytest.raises(ValueError, match="cursor"):
+        storage.list_customers(cursor="not-a-cursor!")
+
+
+def test_an_empty_store_lists_nothing(storage: Storage):
+    page = storage.list_customers(plan="pro")
+    assert page.records == ()
+    assert page.cursor is None

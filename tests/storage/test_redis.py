@@ -224,11 +224,13 @@ def test_customer_records_are_read_once_per_cache_ttl(tally, redis_url):
     store.close()
 
 
-def test_a_customer_record_is_one_hash_written_in_one_command(tally, redis_server, redis_url):
+def test_a_customer_record_is_one_hash_written_by_one_script_then_published(
+    tally, redis_server, redis_url
+):
     store = RedisStorage(redis_url)
     record = CustomerRecord("acme", plan="pro")
     store.get_customer("acme")  # connected
-    assert _verbs(tally.during(lambda: store.put_customer(record))) == ["HSET"]
+    assert _verbs(tally.during(lambda: store.put_customer(record))) == ["EVALSHA", "PUBLISH"]
     with redis_server.client() as client:
         assert client.hgetall(K + "customer") == {
             b"plan": b"pro",
@@ -237,6 +239,7 @@ def test_a_customer_record_is_one_hash_written_in_one_command(tally, redis_serve
             b"overrides": b"",
             b"trial_ends_at": b"",
             b"previous_plan": b"",
+            b"version": b"1",
         }
     store.close()
 

@@ -1,4 +1,5 @@
-"""Customer records: read through one in-process cache, written through to the store.
+"""Customer records: read through one in-process cache, written through to the store, and
+provisioned (shown, assigned, patched, listed, migrated) against the config.
 
 ``CustomerStore`` (blocking) and ``AsyncCustomerStore`` (asyncio) have the same methods;
 the gate keeps one as ``gate.customers`` and answers the engine's ``LoadCustomer`` from it.
@@ -7,6 +8,17 @@ the gate keeps one as ``gate.customers`` and answers the engine's ``LoadCustomer
 from __future__ import annotations
 
 from ..engine import CustomerRecord
+from ..errors import VersionConflict
+from ._provisioning import CustomerNotFound, InvalidRecord, LegacyPlanRefused, merge_patch
 from ._store import AsyncCustomerStore, CustomerStore
 
-__all__ = ["AsyncCustomerStore", "CustomerRecord", "CustomerStore"]
+__all__ = [
+    "AsyncCustomerStore",
+    "CustomerNotFound",
+    "CustomerRecord",
+    "CustomerStore",
+    "InvalidRecord",
+    "LegacyPlanRefused",
+    "VersionConflict",
+    "merge_patch",
+]

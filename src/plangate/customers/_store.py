@@ -6,34 +6,45 @@ seen, from the token's claims: the engine's part).
 
 Each customer has a version in this process, raised by every change the process makes or
 hears of (``save``, ``delete``, ``invalidate``). A read that started before a change does not
-put its older answer back in the cache afterwards. Invalidations from other processes (a
-pub/sub channel) call ``invalidate``.
+put its older answer back in the cache afterwards. The store tells the cache of changes made
+by any process (``heard``: Redis pub/sub; memory: at once): the entry is dropped unless it
+already holds that version; when the store says changes may have been missed (the
+subscription was down), every entry is read again.
+
+The stores also provision (``show``, ``assign``, ``put``, ``patch``, ``remove``, ``list``,
+``migrate``): the flows of ``_provisioning``, checked against the gate's config.
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Mapping
+from dataclasses import replace
+from datetime import datetime
+from typing import TYPE_CHECKING, Any, TypeVar
 
-from ..engine import CustomerRecord
+from ..engine import CustomerRecord, Engine, Flow, Op
 from ..errors import StorageError
+from ._provisioning import UNSET, Provisioning, RemoveCustomer, WriteCustomer
 
 if TYPE_CHECKING:
     from ..storage import Storage
+
+R = TypeVar("R")
 
 CACHE_SIZE = 100_000  # customers remembered; the oldest are forgotten first
 
 
 class _Entry:
-    __slots__ = ("expires", "record", "seen", "version")
+    __slots__ = ("expires", "heard", "record", "seen", "version")
 
     def __init__(self, record: CustomerRecord | None, expires: float, version: int) -> None:
         self.record = record
         self.expires = expires  # monotonic; -inf: read the store again
         self.version = version
         self.seen = True  # False: no record is known (only a version)
+        self.heard = 0  # the newest version of the record the store told of
 
 
 class _Cache:
@@ -44,6 +55,8 @@ class _Cache:
         ttl: float | None = None,
         size: int = CACHE_SIZE,
         clock: Callable[[], float] = time.monotonic,
+        engine: Engine | None = None,
+        now: Callable[[], float] = time.time,
     ) -> None:
         self.storage = storage
         #: seconds a record read from the store is reused; the store's ``customer_cache_ttl``
@@ -54,6 +67,44 @@ class _Cache:
         self.clock = clock
         self._entries: dict[str, _Entry] = {}
         self._lock = threading.Lock()
+        #: the flows of provisioning; None without a config (a bare cache)
+        self.provisioning = None if engine is None else Provisioning(engine, now)
+        if not self.direct:
+            storage.watch_customers(self)
+
+    def _flows(self) -> Provisioning:
+        if self.provisioning is None:
+            raise TypeError("this customer store has no config: build it with engine=")
+        return self.provisioning
+
+    # what the store tells --------------------------------------------------------------
+
+    def heard(self, customer: str, version: int) -> None:
+        """``customer`` changed (in any process) and is at ``version`` now (0: deleted)."""
+        entry = self._entries.get(customer)
+        if entry is not None and entry.seen:
+            held = 0 if entry.record is None else entry.record.version
+            if held == version and self.clock() < entry.expires:
+                return  # this process made the change, or has read it already
+        self.invalidate(customer)
+        with self._lock:
+            entry = self._entries.get(customer)
+            if entry is not None:
+                entry.heard = max(entry.heard, version)
+
+    def heard_nothing_for_a_while(self) -> None:
+        """Changes may have been missed: read every customer from the store again."""
+        with self._lock:
+            for entry in self._entries.values():
+                entry.expires = -float("inf")
+                entry.version += 1
+
+    def _written(self, op: Op[Any], result: Any) -> None:
+        """A provisioning write went through: this process sees it at once."""
+        if type(op) is WriteCustomer:
+            self._remember(op.record.customer, replace(op.record, version=result), None)
+        elif type(op) is RemoveCustomer:
+            self._remember(op.customer, None, None)
 
     def version(self, customer: str) -> int:
         """How many changes to ``customer`` this process has made or heard of."""
@@ -66,6 +117,8 @@ class _Cache:
         with self._lock:
             entry = self._entries.get(customer)
             if entry is None:
+                if len(self._entries) >= self.size:
+                    del self._entries[next(iter(self._entries))]
                 entry = self._entries[customer] = _Entry(None, -float("inf"), 0)
                 entry.seen = False
             entry.expires = -float("inf")
@@ -89,7 +142,10 @@ class _Cache:
             if read_at is None:
                 entry.version += 1
             elif read_at != entry.version:
-                return
+                # a change came while reading: keep the answer only if it has that change
+                newest = record is not None and entry.heard and record.version >= entry.heard
+                if not newest:
+                    return
             entry.record = record
             entry.expires = expires
             entry.seen = True
@@ -116,15 +172,105 @@ class CustomerStore(_Cache):
         self._remember(customer, record, version)
         return record
 
-    def save(self, record: CustomerRecord) -> None:
-        """Write ``record`` to the store (replacing the customer's previous one)."""
-        self.storage.put_customer(record)
-        self._remember(record.customer, record, None)
+    def save(self, record: CustomerRecord, *, expected_version: int | None = None) -> int:
+        """Write ``record`` to the store as it is (replacing the customer's previous one,
+        unchecked: ``assign`` and ``put`` check it against the config); its new version."""
+        version = self.storage.put_customer(record, expected_version=expected_version)
+        self._remember(record.customer, replace(record, version=version), None)
+        return version
 
     def delete(self, customer: str) -> None:
         """Remove the customer's record from the store."""
         self.storage.delete_customer(customer)
         self._remember(customer, None, None)
+
+    # provisioning ------------------------------------------------------------------------
+
+    def _run(self, flow: Flow[R]) -> R:
+        try:
+            op = next(flow)
+            while True:
+                try:
+                    result = op.run(self.storage)
+                    self._written(op, result)
+                except Exception as exc:
+                    op = flow.throw(exc)
+                else:
+                    op = flow.send(result)
+        except StopIteration as stop:
+            return stop.value  # type: ignore[no-any-return]
+
+    def show(self, customer: str) -> dict[str, Any]:
+        """The customer's record, version and resolved entitlements, as the admin API's
+        ``GET /admin/customers/{id}`` answers; ``CustomerNotFound``."""
+        return self._run(self._flows().show(customer))
+
+    def assign(
+        self,
+        customer: str,
+        *,
+        plan: str | None = UNSET,
+        trial: bool = False,
+        addons: Mapping[str, int] | None = None,
+        overrides: Mapping[str, Any] | None = None,
+        billing_anchor: datetime | None = UNSET,
+        allow_legacy: bool = False,
+    ) -> dict[str, Any]:
+        """Change what is given, keep the rest (``Provisioning.assign``); what ``show``
+        answers after. ``InvalidRecord``, ``LegacyPlanRefused``."""
+        flow = self._flows().assign(
+            customer,
+            plan=plan,
+            trial=trial,
+            addons=addons,
+            overrides=overrides,
+            billing_anchor=billing_anchor,
+            allow_legacy=allow_legacy,
+        )
+        return self._run(flow)
+
+    def put(
+        self,
+        customer: str,
+        body: Mapping[str, Any],
+        *,
+        if_version: int | None = None,
+        allow_legacy: bool = False,
+    ) -> dict[str, Any]:
+        """Replace the record with ``body`` (JSON members, as ``show`` answers them)."""
+        flow = self._flows().put(customer, body, if_version=if_version, allow_legacy=allow_legacy)
+        return self._run(flow)
+
+    def patch(
+        self,
+        customer: str,
+        patch: Mapping[str, Any],
+        *,
+        if_version: int | None = None,
+        allow_legacy: bool = False,
+    ) -> dict[str, Any]:
+        """Apply a JSON merge patch (RFC 7396) to the record."""
+        flow = self._flows().patch(
+            customer, patch, if_version=if_version, allow_legacy=allow_legacy
+        )
+        return self._run(flow)
+
+    def remove(self, customer: str, *, if_version: int | None = None) -> None:
+        """Delete the record; ``CustomerNotFound`` if there is none."""
+        self._run(self._flows().delete(customer, if_version=if_version))
+
+    def list(
+        self, *, plan: str | None = None, limit: int = 100, cursor: str | None = None
+    ) -> dict[str, Any]:
+        """A page of records: ``{"customers": [...], "next_cursor": ...}``."""
+        return self._run(self._flows().listing(plan=plan, limit=limit, cursor=cursor))
+
+    def migrate(
+        self, from_plan: str, to_plan: str, *, dry_run: bool = False, allow_legacy: bool = False
+    ) -> dict[str, Any]:
+        """Move every customer on ``from_plan`` to ``to_plan``: ``{"matched", "migrated"}``."""
+        flow = self._flows().migrate(from_plan, to_plan, dry_run=dry_run, allow_legacy=allow_legacy)
+        return self._run(flow)
 
 
 class AsyncCustomerStore(_Cache):
@@ -147,10 +293,90 @@ class AsyncCustomerStore(_Cache):
         self._remember(customer, record, version)
         return record
 
-    async def save(self, record: CustomerRecord) -> None:
-        await self.storage.aput_customer(record)
-        self._remember(record.customer, record, None)
+    async def save(self, record: CustomerRecord, *, expected_version: int | None = None) -> int:
+        version = await self.storage.aput_customer(record, expected_version=expected_version)
+        self._remember(record.customer, replace(record, version=version), None)
+        return version
 
     async def delete(self, customer: str) -> None:
         await self.storage.adelete_customer(customer)
         self._remember(customer, None, None)
+
+    # provisioning: CustomerStore's, awaited ---------------------------------------------
+
+    async def _run(self, flow: Flow[R]) -> R:
+        try:
+            op = next(flow)
+            while True:
+                try:
+                    result = await op.arun(self.storage)
+                    self._written(op, result)
+                except Exception as exc:
+                    op = flow.throw(exc)
+                else:
+                    op = flow.send(result)
+        except StopIteration as stop:
+            return stop.value  # type: ignore[no-any-return]
+
+    async def show(self, customer: str) -> dict[str, Any]:
+        return await self._run(self._flows().show(customer))
+
+    async def assign(
+        self,
+        customer: str,
+        *,
+        plan: str | None = UNSET,
+        trial: bool = False,
+        addons: Mapping[str, int] | None = None,
+        overrides: Mapping[str, Any] | None = None,
+        billing_anchor: datetime | None = UNSET,
+        allow_legacy: bool = False,
+    ) -> dict[str, Any]:
+        flow = self._flows().assign(
+            customer,
+            plan=plan,
+            trial=trial,
+            addons=addons,
+            overrides=overrides,
+            billing_anchor=billing_anchor,
+            allow_legacy=allow_legacy,
+        )
+        return await self._run(flow)
+
+    async def put(
+        self,
+        customer: str,
+        body: Mapping[str, Any],
+        *,
+        if_version: int | None = None,
+        allow_legacy: bool = False,
+    ) -> dict[str, Any]:
+        flow = self._flows().put(customer, body, if_version=if_version, allow_legacy=allow_legacy)
+        return await self._run(flow)
+
+    async def patch(
+        self,
+        customer: str,
+        patch: Mapping[str, Any],
+        *,
+        if_version: int | None = None,
+        allow_legacy: bool = False,
+    ) -> dict[str, Any]:
+        flow = self._flows().patch(
+            customer, patch, if_version=if_version, allow_legacy=allow_legacy
+        )
+        return await self._run(flow)
+
+    async def remove(self, customer: str, *, if_version: int | None = None) -> None:
+        await self._run(self._flows().delete(customer, if_version=if_version))
+
+    async def list(
+        self, *, plan: str | None = None, limit: int = 100, cursor: str | None = None
+    ) -> dict[str, Any]:
+        return await self._run(self._flows().listing(plan=plan, limit=limit, cursor=cursor))
+
+    async def migrate(
+        self, from_plan: str, to_plan: str, *, dry_run: bool = False, allow_legacy: bool = False
+    ) -> dict[str, Any]:
+        flow = self._flows().migrate(from_plan, to_plan, dry_run=dry_run, allow_legacy=allow_legacy)
+        return await self._run(flow)

@@ -13,6 +13,7 @@ from ._protocol import (
     Backend,
     Counter,
     CounterState,
+    CustomerPage,
     CustomerRecord,
     Flow,
     LoadCustomer,
@@ -23,6 +24,7 @@ from ._protocol import (
     ReserveResult,
     Settle,
     customer_key,
+    customer_of_key,
     customer_prefix,
 )
 
@@ -34,6 +36,7 @@ __all__ = [
     "Charge",
     "Counter",
     "CounterState",
+    "CustomerPage",
     "CustomerRecord",
     "Decision",
     "Engine",
@@ -47,6 +50,7 @@ __all__ = [
     "ReserveResult",
     "Settle",
     "customer_key",
+    "customer_of_key",
     "customer_prefix",
     "identity_problem",
     "period_bounds",

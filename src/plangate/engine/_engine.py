@@ -62,6 +62,7 @@ class Engine:
     def __init__(self, config: Config, *, new_id: Callable[[], str]) -> None:
         model = config.model
         self.new_id = new_id
+        self.config = config
         self.catalog = config.catalog
         self.kinds = {name: feature.kind for name, feature in model.features.items()}
         self.units = {name: feature.unit for name, feature in model.features.items()}

@@ -12,7 +12,7 @@ from collections.abc import Generator, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Generic, NamedTuple, Protocol, TypeVar
-from urllib.parse import quote
+from urllib.parse import quote, unquote
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -51,6 +51,17 @@ def customer_prefix(customer: str) -> str:
 def customer_key(customer: str) -> str:
     """Where a customer's record is kept."""
     return f"{customer_prefix(customer)}customer"
+
+
+def customer_of_key(key: str) -> str | None:
+    """The customer whose record ``customer_key`` keeps at ``key``; None for another key."""
+    head, tail = "plangate:{", "}:customer"
+    if not (key.startswith(head) and key.endswith(tail)) or len(key) <= len(head + tail):
+        return None
+    tag = key[len(head) : -len(tail)]
+    if tag == "%":
+        return ""
+    return unquote(tag, "utf-8", "surrogatepass")
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,6 +158,10 @@ class CustomerRecord:
     kind, as in a plan (``false`` takes the feature away). While ``trial_ends_at`` has not
     passed the customer is on ``plan``; after it, on ``previous_plan`` (else the config's
     ``default_plan``), with nothing written at that moment.
+
+    ``version`` is the store's: raised by one on every write of the record (0: never
+    written). A write may require it (compare-and-set), and every process hears it with
+    each change.
     """
 
     customer: str
@@ -156,12 +171,20 @@ class CustomerRecord:
     overrides: Mapping[str, Any] = field(default=EMPTY)
     trial_ends_at: datetime | None = None
     previous_plan: str | None = None
+    version: int = 0
 
     def __post_init__(self) -> None:
         if not isinstance(self.addons, FrozenMap):
             object.__setattr__(self, "addons", FrozenMap(self.addons))
         if not isinstance(self.overrides, FrozenMap):
             object.__setattr__(self, "overrides", FrozenMap(self.overrides))
+
+
+class CustomerPage(NamedTuple):
+    """One page of a listing of customer records; ``cursor`` asks for the next (None: done)."""
+
+    records: tuple[CustomerRecord, ...]
+    cursor: str | None
 
 
 class Backend(Protocol):
@@ -172,11 +195,25 @@ class Backend(Protocol):
     def peek(self, op: Peek, /) -> tuple[CounterState, ...]: ...
     def record(self, op: Record, /) -> tuple[int, ...] | None: ...
     def get_customer(self, customer: str, /) -> CustomerRecord | None: ...
+    def put_customer(
+        self, record: CustomerRecord, /, *, expected_version: int | None = None
+    ) -> int: ...
+    def delete_customer(self, customer: str, /) -> None: ...
+    def list_customers(
+        self, *, plan: str | None = None, limit: int = 100, cursor: str | None = None
+    ) -> CustomerPage: ...
     async def areserve(self, op: Reserve, /) -> ReserveResult: ...
     async def asettle(self, op: Settle, /) -> bool: ...
     async def apeek(self, op: Peek, /) -> tuple[CounterState, ...]: ...
     async def arecord(self, op: Record, /) -> tuple[int, ...] | None: ...
     async def aget_customer(self, customer: str, /) -> CustomerRecord | None: ...
+    async def aput_customer(
+        self, record: CustomerRecord, /, *, expected_version: int | None = None
+    ) -> int: ...
+    async def adelete_customer(self, customer: str, /) -> None: ...
+    async def alist_customers(
+        self, *, plan: str | None = None, limit: int = 100, cursor: str | None = None
+    ) -> CustomerPage: ...
 
 
 class Op(ABC, Generic[T]):

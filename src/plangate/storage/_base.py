@@ -9,13 +9,20 @@ implements each once for sync callers and once for async ones, and the gate's dr
 
 from __future__ import annotations
 
+import base64
+import json
+import logging
+import threading
+import weakref
 from abc import ABC, abstractmethod
+from typing import Any, Protocol
 
 from ..engine import (
     EXACT_WINDOW_LIMIT,
     SLIDING_BUCKETS,
     Counter,
     CounterState,
+    CustomerPage,
     CustomerRecord,
     Flow,
     LoadCustomer,
@@ -26,6 +33,7 @@ from ..engine import (
     ReserveResult,
     Settle,
     customer_key,
+    customer_of_key,
     customer_prefix,
 )
 
@@ -34,8 +42,11 @@ __all__ = [
     "SLIDING_BUCKETS",
     "Counter",
     "CounterState",
+    "CustomerListener",
+    "CustomerPage",
     "CustomerRecord",
     "Flow",
+    "Listeners",
     "LoadCustomer",
     "Op",
     "Peek",
@@ -45,8 +56,70 @@ __all__ = [
     "Settle",
     "Storage",
     "customer_key",
+    "customer_of_key",
     "customer_prefix",
 ]
+
+
+class CustomerListener(Protocol):
+    """Told of changes to customer records, made in this process or any other."""
+
+    def heard(self, customer: str, version: int) -> None:
+        """``customer`` changed: its record is at ``version`` now (0: deleted)."""
+
+    def heard_nothing_for_a_while(self) -> None:
+        """Changes may have been missed (the subscription was down): forget them all."""
+
+
+class Listeners:
+    """The listeners a store tells of changes, held weakly: a gate that is gone stops
+    listening. One failing listener does not keep the others from hearing."""
+
+    def __init__(self) -> None:
+        self._listeners: weakref.WeakSet[Any] = weakref.WeakSet()
+        self._lock = threading.Lock()
+
+    def add(self, listener: CustomerListener) -> bool:
+        """Add ``listener``; True if it is the first."""
+        with self._lock:
+            first = not self._listeners
+            self._listeners.add(listener)
+            return first
+
+    def any(self) -> bool:
+        with self._lock:
+            return bool(self._listeners)
+
+    def _each(self) -> list[CustomerListener]:
+        with self._lock:
+            return list(self._listeners)
+
+    def heard(self, customer: str, version: int) -> None:
+        for listener in self._each():
+            try:
+                listener.heard(customer, version)
+            except Exception:
+                logging.getLogger("plangate.storage").exception("a customer listener failed")
+
+    def heard_nothing_for_a_while(self) -> None:
+        for listener in self._each():
+            try:
+                listener.heard_nothing_for_a_while()
+            except Exception:
+                logging.getLogger("plangate.storage").exception("a customer listener failed")
+
+
+def encode_cursor(value: Any) -> str:
+    """An opaque listing cursor: a JSON value, URL-safe base64."""
+    return base64.urlsafe_b64encode(json.dumps(value).encode()).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> Any:
+    """The value ``encode_cursor`` was given; ``ValueError`` for anything else."""
+    try:
+        return json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
+    except (ValueError, TypeError) as exc:
+        raise ValueError(f"not a cursor this store made: {cursor[:40]!r}") from exc
 
 
 class Storage(ABC):
@@ -75,10 +148,26 @@ class Storage(ABC):
     def get_customer(self, customer: str) -> CustomerRecord | None: ...
 
     @abstractmethod
-    def put_customer(self, record: CustomerRecord) -> None: ...
+    def put_customer(self, record: CustomerRecord, *, expected_version: int | None = None) -> int:
+        """Replace the customer's record with ``record`` (its ``version`` is ignored) and
+        tell every process; the new version. ``expected_version``: write only if the stored
+        record is at that version (0: there is none), else ``VersionConflict``."""
 
     @abstractmethod
-    def delete_customer(self, customer: str) -> None: ...
+    def delete_customer(self, customer: str) -> None:
+        """Remove the customer's record, and tell every process."""
+
+    @abstractmethod
+    def list_customers(
+        self, *, plan: str | None = None, limit: int = 100, cursor: str | None = None
+    ) -> CustomerPage:
+        """A page of customer records, on ``plan`` if given. A listing walks the store once
+        (a record changed meanwhile may be seen twice or not at all); about ``limit``
+        records a page."""
+
+    def watch_customers(self, listener: CustomerListener) -> None:  # noqa: B027
+        """Tell ``listener`` (held weakly) of every change to a customer record, made in
+        this process or another. Nothing to do for a store only this process uses."""
 
     async def areserve(self, op: Reserve) -> ReserveResult:
         return self.reserve(op)
@@ -95,11 +184,18 @@ class Storage(ABC):
     async def aget_customer(self, customer: str) -> CustomerRecord | None:
         return self.get_customer(customer)
 
-    async def aput_customer(self, record: CustomerRecord) -> None:
-        self.put_customer(record)
+    async def aput_customer(
+        self, record: CustomerRecord, *, expected_version: int | None = None
+    ) -> int:
+        return self.put_customer(record, expected_version=expected_version)
 
     async def adelete_customer(self, customer: str) -> None:
         self.delete_customer(customer)
+
+    async def alist_customers(
+        self, *, plan: str | None = None, limit: int = 100, cursor: str | None = None
+    ) -> CustomerPage:
+        return self.list_customers(plan=plan, limit=limit, cursor=cursor)
 
     def check_connection(self) -> str | None:
         """Connect now and say what answered (``"redis://cache:6379/0 (redis 7.0.15)"``);

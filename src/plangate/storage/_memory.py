@@ -7,19 +7,25 @@ import threading
 from array import array
 from bisect import bisect_left, bisect_right
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
+from ..errors import VersionConflict
 from ._base import (
     SLIDING_BUCKETS,
     Counter,
     CounterState,
+    CustomerListener,
+    CustomerPage,
     CustomerRecord,
+    Listeners,
     Peek,
     Record,
     Reserve,
     ReserveResult,
     Settle,
     Storage,
+    decode_cursor,
+    encode_cursor,
 )
 
 _SWEEP_EVERY = 60.0  # seconds between sweeps of expired counters
@@ -202,6 +208,7 @@ class MemoryStorage(Storage):
         self._lock = threading.Lock()
         self._counters: dict[str, _Log | _Sliding | _Fixed] = {}
         self._customers: dict[str, CustomerRecord] = {}
+        self.listeners = Listeners()
         self._settled: OrderedDict[str, float] = OrderedDict()
         self._next_sweep = 0.0
         self._now = 0.0
@@ -347,11 +354,39 @@ class MemoryStorage(Storage):
     def get_customer(self, customer: str) -> CustomerRecord | None:
         return self._customers.get(customer)
 
-    def put_customer(self, record: CustomerRecord) -> None:
-        self._customers[record.customer] = record
+    def put_customer(self, record: CustomerRecord, *, expected_version: int | None = None) -> int:
+        with self._lock:
+            stored = self._customers.get(record.customer)
+            current = 0 if stored is None else stored.version
+            if expected_version is not None and expected_version != current:
+                raise VersionConflict(record.customer, expected_version, current)
+            self._customers[record.customer] = replace(record, version=current + 1)
+        self.listeners.heard(record.customer, current + 1)
+        return current + 1
 
     def delete_customer(self, customer: str) -> None:
-        self._customers.pop(customer, None)
+        with self._lock:
+            self._customers.pop(customer, None)
+        self.listeners.heard(customer, 0)
+
+    def list_customers(
+        self, *, plan: str | None = None, limit: int = 100, cursor: str | None = None
+    ) -> CustomerPage:
+        """In order of customer id; the cursor is the last id of the page."""
+        after = None if cursor is None else decode_cursor(cursor)
+        if after is not None and not isinstance(after, str):
+            raise ValueError("not a cursor this store made")
+        with self._lock:
+            ids = sorted(c for c in self._customers if after is None or c > after)
+            records = [self._customers[c] for c in ids]
+        if plan is not None:
+            records = [r for r in records if r.plan == plan]
+        page = tuple(records[: max(limit, 1)])
+        more = len(records) > len(page)
+        return CustomerPage(page, encode_cursor(page[-1].customer) if more else None)
+
+    def watch_customers(self, listener: CustomerListener) -> None:
+        self.listeners.add(listener)
 
     def _sweep(self, now: float) -> None:
         self._next_sweep = now + _SWEEP_EVERY

@@ -13,7 +13,7 @@ import queue
 import socket
 import weakref
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
 from redis.exceptions import (
@@ -36,6 +36,8 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from ..errors import ConfigError, ConfigIssue, StorageError
 from ._base import (
     CounterState,
+    CustomerListener,
+    CustomerPage,
     CustomerRecord,
     Peek,
     Record,
@@ -44,11 +46,16 @@ from ._base import (
     Settle,
     Storage,
     customer_key,
+    customer_of_key,
+    decode_cursor,
+    encode_cursor,
 )
 from ._breaker import StorageRejected
+from ._redis_changes import ChangeFeed
 from ._redis_codec import (
     SCRIPTS,
     customer_fields,
+    customer_put_result,
     customer_record,
     peek_call,
     peek_result,
@@ -369,6 +376,14 @@ class RedisStorage(Storage):
         self._tokens: queue.SimpleQueue[None] = queue.SimpleQueue()
         for _ in range(self.target.max_connections):
             self._tokens.put(None)
+        #: changes to customer records: published on every write, heard on a thread
+        self.changes = ChangeFeed(self._subscriber_client, cluster=self.target.kind == "cluster")
+
+    def _subscriber_client(self) -> Any:
+        """A blocking client of its own for the subscription, which waits on its socket for
+        as long as it likes (the store's socket timeout is for commands)."""
+        options = {**self.target.connection, "socket_timeout": None, "max_connections": 2}
+        return _connect(replace(self.target, connection=options), asynchronous=False)
 
     def __repr__(self) -> str:
         return f"RedisStorage({self.target.kind}, nodes={list(self.target.nodes)})"
@@ -545,20 +560,114 @@ class RedisStorage(Storage):
         fields = await self._acommand("read", "HGETALL", customer_key(customer))
         return customer_record(customer, fields)
 
-    def put_customer(self, record: CustomerRecord) -> None:
-        self._command("write", "HSET", customer_key(record.customer), *customer_fields(record))
+    def put_customer(self, record: CustomerRecord, *, expected_version: int | None = None) -> int:
+        expected = "" if expected_version is None else str(expected_version)
+        keys = [customer_key(record.customer)]
+        reply = self._run("customer_put", keys, [expected, *customer_fields(record)])
+        version = customer_put_result(record.customer, expected_version, reply)
+        self._publish(record.customer, version)
+        return version
 
-    async def aput_customer(self, record: CustomerRecord) -> None:
-        key = customer_key(record.customer)
-        await self._acommand("write", "HSET", key, *customer_fields(record))
+    async def aput_customer(
+        self, record: CustomerRecord, *, expected_version: int | None = None
+    ) -> int:
+        expected = "" if expected_version is None else str(expected_version)
+        keys = [customer_key(record.customer)]
+        reply = await self._arun("customer_put", keys, [expected, *customer_fields(record)])
+        version = customer_put_result(record.customer, expected_version, reply)
+        await asyncio.to_thread(self._publish, record.customer, version)
+        return version
 
     def delete_customer(self, customer: str) -> None:
         self._command("delete", "DEL", customer_key(customer))
+        self._publish(customer, 0)
 
     async def adelete_customer(self, customer: str) -> None:
         await self._acommand("delete", "DEL", customer_key(customer))
+        await asyncio.to_thread(self._publish, customer, 0)
+
+    def _publish(self, customer: str, version: int) -> None:
+        self._tokens.get()
+        try:
+            self._sync()
+            execute = (
+                self._direct.call if self._direct is not None else self._client.execute_command
+            )
+            self.changes.publish(execute, customer, version)
+        finally:
+            self._tokens.put(None)
+
+    def watch_customers(self, listener: CustomerListener) -> None:
+        self.changes.watch(listener)
+
+    def list_customers(
+        self, *, plan: str | None = None, limit: int = 100, cursor: str | None = None
+    ) -> CustomerPage:
+        """SCAN over the records' keys (never KEYS), node by node on a cluster; the cursor
+        holds the node and SCAN's own cursor. A page holds about ``limit`` records."""
+        try:
+            node, position = (0, 0) if cursor is None else decode_cursor(cursor)
+            node, position = int(node), int(position)
+        except (TypeError, ValueError):
+            raise ValueError("not a cursor this store made") from None
+        limit = max(1, limit)
+        self._tokens.get()
+        try:
+            self._sync()
+            records: list[CustomerRecord] = []
+            nodes = self._scan_nodes()
+            while node < len(nodes) and len(records) < limit:
+                position, keys = self._scan(nodes[node], position, limit)
+                records += self._records(keys, plan)
+                if position == 0:
+                    node += 1
+        except Exception as exc:
+            raise _failure("customer listing", exc) from exc
+        finally:
+            self._tokens.put(None)
+        more = node < len(nodes)
+        return CustomerPage(tuple(records), encode_cursor([node, position]) if more else None)
+
+    async def alist_customers(
+        self, *, plan: str | None = None, limit: int = 100, cursor: str | None = None
+    ) -> CustomerPage:
+        # An admin call, not a request's: the blocking client, on a thread.
+        return await asyncio.to_thread(
+            lambda: self.list_customers(plan=plan, limit=limit, cursor=cursor)
+        )
+
+    def _scan_nodes(self) -> list[Any]:
+        if self.target.kind != "cluster":
+            return [None]
+        return sorted(self._client.get_primaries(), key=lambda n: n.name)
+
+    def _scan(self, node: Any, position: int, count: int) -> tuple[int, list[Any]]:
+        match = customer_key("*")  # '*' is kept as it is: the pattern of every record
+        if node is None:
+            cursor, keys = self._client.scan(position, match=match, count=count)
+            return int(cursor), keys
+        cursors, keys = self._client.scan(position, match=match, count=count, target_nodes=node)
+        return int(cursors[node.name]), keys
+
+    def _records(self, keys: list[Any], plan: str | None) -> list[CustomerRecord]:
+        """The records under ``keys``, read in one pipeline, on ``plan`` if given."""
+        named = [(key, customer_of_key(_text(key))) for key in keys]
+        named = [(key, customer) for key, customer in named if customer is not None]
+        if not named:
+            return []
+        pipe = self._client.pipeline(transaction=False)
+        for key, _ in named:
+            pipe.hgetall(key)
+        found = []
+        for (_, customer), fields in zip(named, pipe.execute(), strict=True):
+            assert customer is not None
+            record = customer_record(customer, fields)
+            if record is not None and (plan is None or record.plan == plan):
+                found.append(record)
+        return found
 
     def close(self) -> None:
+        self.changes.close()
         if self._client is not None:
             if self._direct is not None:
                 for conn in self._direct.give_back():
@@ -579,6 +688,10 @@ class RedisStorage(Storage):
                 await sentinel.aclose()
             await entry.client.aclose()
         self.close()
+
+
+def _text(value: Any) -> str:
+    return value.decode("utf-8", "surrogateescape") if isinstance(value, bytes) else str(value)
 
 
 def _cause(exc: BaseException) -> str:

@@ -14,6 +14,7 @@ from datetime import datetime
 from importlib import resources
 from typing import Any
 
+from ..errors import VersionConflict
 from ._base import (
     SLIDING_BUCKETS,
     Counter,
@@ -26,7 +27,13 @@ from ._base import (
     Settle,
 )
 
-SCRIPTS = ("reserve", "settle", "peek", "record")  # lua/<name>.lua, after lua/window.lua
+SCRIPTS = (
+    "reserve",
+    "settle",
+    "peek",
+    "record",
+    "customer_put",
+)  # lua/<name>.lua, after lua/window.lua
 SETTLED_TTL = 600  # seconds a settled reservation id is remembered
 
 
@@ -132,11 +139,20 @@ def customer_record(customer: str, fields: Any) -> CustomerRecord | None:
         overrides=json.loads(overrides) if overrides else {},
         trial_ends_at=datetime.fromisoformat(trial) if trial else None,
         previous_plan=text.get("previous_plan") or None,
+        version=int(text.get("version") or 0),
     )
 
 
+def customer_put_result(customer: str, expected: int | None, reply: Sequence[int]) -> int:
+    """The new version from ``customer_put.lua``'s reply; ``VersionConflict`` if none."""
+    written, version = int(reply[0]), int(reply[1])
+    if not written:
+        raise VersionConflict(customer, -1 if expected is None else expected, version)
+    return version
+
+
 def customer_fields(record: CustomerRecord) -> list[str]:
-    """Every field, an empty one for what is unset: one ``HSET`` replaces the whole record.
+    """Every field but the version (the store keeps it), an empty one for what is unset.
     Add-ons and overrides are JSON objects."""
     anchor = record.billing_anchor.isoformat() if record.billing_anchor is not None else ""
     trial = record.trial_ends_at.isoformat() if record.trial_ends_at is not None else ""

@@ -26,6 +26,8 @@ from ..errors import StorageError
 from ._base import (
     Counter,
     CounterState,
+    CustomerListener,
+    CustomerPage,
     CustomerRecord,
     Flow,
     LoadCustomer,
@@ -253,13 +255,17 @@ class ResilientStorage(Storage):
     async def aget_customer(self, customer: str) -> CustomerRecord | None:
         return await adrive(self._call(LoadCustomer(customer)), self.inner)
 
-    def put_customer(self, record: CustomerRecord) -> None:
-        self.inner.put_customer(record)
+    def put_customer(self, record: CustomerRecord, *, expected_version: int | None = None) -> int:
+        version = self.inner.put_customer(record, expected_version=expected_version)
         self.refusals.clear()  # a new plan may have new limits
+        return version
 
-    async def aput_customer(self, record: CustomerRecord) -> None:
-        await self.inner.aput_customer(record)
+    async def aput_customer(
+        self, record: CustomerRecord, *, expected_version: int | None = None
+    ) -> int:
+        version = await self.inner.aput_customer(record, expected_version=expected_version)
         self.refusals.clear()
+        return version
 
     def delete_customer(self, customer: str) -> None:
         self.inner.delete_customer(customer)
@@ -268,6 +274,19 @@ class ResilientStorage(Storage):
     async def adelete_customer(self, customer: str) -> None:
         await self.inner.adelete_customer(customer)
         self.refusals.clear()
+
+    def list_customers(
+        self, *, plan: str | None = None, limit: int = 100, cursor: str | None = None
+    ) -> CustomerPage:
+        return self.inner.list_customers(plan=plan, limit=limit, cursor=cursor)
+
+    async def alist_customers(
+        self, *, plan: str | None = None, limit: int = 100, cursor: str | None = None
+    ) -> CustomerPage:
+        return await self.inner.alist_customers(plan=plan, limit=limit, cursor=cursor)
+
+    def watch_customers(self, listener: CustomerListener) -> None:
+        self.inner.watch_customers(listener)
 
     def check_connection(self) -> str | None:
         return self.inner.check_connection()

@@ -1,0 +1,214 @@
+"""Changes to customer records, told to every process through Redis pub/sub.
+
+A write publishes ``"<version> <customer>"`` on ``CHANNEL``; each process subscribes once per
+store, on a thread of its own (one connection, whatever serves the requests: blocking calls
+or any number of event loops), and tells its listeners (the customer caches). On Redis
+Cluster the channel is a sharded one (``SPUBLISH``/``SSUBSCRIBE``, Redis 7) where the server
+has them, else a plain one.
+
+Pub/sub delivers at most once: a message published while the subscription is down is lost.
+So after every resubscription the listeners are told to forget everything they hold, and
+each cache entry also lives at most ``customer_cache_ttl``: a change is never missed for
+longer than that.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import weakref
+from typing import Any
+
+from redis.exceptions import ResponseError
+
+from ._base import Listeners
+
+logger = logging.getLogger("plangate.storage")
+
+CHANNEL = "plangate:customers"
+#: seconds between attempts to subscribe again, doubling from the first to the last
+RETRY_FIRST, RETRY_LAST = 0.05, 2.0
+#: seconds the subscriber waits for a message before it looks whether it should stop
+POLL = 1.0
+
+
+def message(customer: str, version: int) -> str:
+    return f"{version} {customer}"
+
+
+def parse_message(data: Any) -> tuple[str, int] | None:
+    """``(customer, version)`` from a message; None for one plangate did not publish."""
+    text = data.decode("utf-8", "surrogateescape") if isinstance(data, bytes) else str(data)
+    version, sep, customer = text.partition(" ")
+    if not sep or not version.isdigit():
+        return None
+    return customer, int(version)
+
+
+class ChangeFeed:
+    """Publishes changes, and listens for them on a daemon thread once there is a listener.
+
+    ``connect()`` makes a blocking redis-py client of its own; ``cluster`` says whether it is
+    a ``RedisCluster`` (sharded channels where the server has them).
+    """
+
+    def __init__(self, connect: Any, *, cluster: bool) -> None:
+        self._connect = connect
+        self.cluster = cluster
+        self.listeners = Listeners()
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        #: None: not known yet; False: the cluster has no sharded pub/sub (Redis before 7)
+        self.sharded: bool | None = None if cluster else False
+        #: how many times the subscription was made (1 + reconnections); ``subscribed`` is
+        #: set each time, and cleared while the subscription is down
+        self.subscriptions = 0
+        self.subscribed = threading.Event()
+        self._changed = threading.Condition()
+        self._pid = os.getpid()
+        _FEEDS.add(self)
+
+    # publishing --------------------------------------------------------------------------
+
+    def publish(self, execute: Any, customer: str, version: int) -> None:
+        """Tell every process, with ``execute(*command)``; a failure is logged (the caches'
+        TTL still brings the change)."""
+        text = message(customer, version)
+        try:
+            if self.sharded is not False:
+                try:
+                    execute("SPUBLISH", CHANNEL, text)
+                    self.sharded = True
+                    return
+                except ResponseError as exc:
+                    if "unknown command" not in str(exc).lower():
+                        raise
+                    self.sharded = False
+            execute("PUBLISH", CHANNEL, text)
+        except Exception as exc:
+            logger.warning(
+                "could not publish the change of customer %r (version %d): %s; other processes "
+                "see it within customer_cache_ttl",
+                customer,
+                version,
+                exc,
+            )
+
+    # listening ---------------------------------------------------------------------------
+
+    def watch(self, listener: Any) -> None:
+        self.listeners.add(listener)
+        self._start()
+
+    def _start(self) -> None:
+        with self._lock:
+            if self._thread is not None and self._thread.is_alive():
+                return
+            self._stop.clear()
+            self._thread = threading.Thread(
+                target=self._run, name="plangate-customer-changes", daemon=True
+            )
+            self._thread.start()
+
+    def close(self) -> None:
+        self._stop.set()
+        thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(POLL + 1)
+        self._thread = None
+
+    def wait_subscribed(self, count: int = 1, timeout: float = 10.0) -> bool:
+        """Wait until the subscription has been made ``count`` times in all (tests and
+        benchmarks await this rather than sleep)."""
+        with self._changed:
+            return self._changed.wait_for(lambda: self.subscriptions >= count, timeout)
+
+    def _run(self) -> None:
+        delay = RETRY_FIRST
+        while not self._stop.is_set():
+            client: Any = None
+            pubsub: Any = None
+            try:
+                client = self._connect()
+                pubsub = client.pubsub()
+                get = self._subscribe(pubsub)
+                while not self._stop.is_set():
+                    item = get(timeout=POLL)
+                    if item is None:
+                        continue
+                    kind = item.get("type")
+                    if isinstance(kind, bytes):
+                        kind = kind.decode()
+                    if kind in ("subscribe", "ssubscribe"):
+                        self._subscribed()
+                        delay = RETRY_FIRST
+                    elif kind in ("message", "smessage"):
+                        parsed = parse_message(item.get("data"))
+                        if parsed is not None:
+                            self.listeners.heard(*parsed)
+            except Exception as exc:
+                if not self._stop.is_set():
+                    logger.warning(
+                        "the customer-change subscription failed (%s); subscribing again in "
+                        "%.2fs, meanwhile changes arrive within customer_cache_ttl",
+                        exc,
+                        delay,
+                    )
+            finally:
+                self.subscribed.clear()
+                for thing in (pubsub, client):
+                    if thing is not None:
+                        try:
+                            thing.close()
+                        except Exception as exc:  # a connection already broken
+                            logger.debug("closing the subscription: %s", exc)
+            self._stop.wait(delay)
+            delay = min(delay * 2, RETRY_LAST)
+
+    def _subscribe(self, pubsub: Any) -> Any:
+        if self.cluster and self.sharded is not False:
+            try:
+                pubsub.ssubscribe(CHANNEL)
+                self.sharded = True
+                return pubsub.get_sharded_message
+            except ResponseError as exc:
+                if "unknown command" not in str(exc).lower():
+                    raise
+                self.sharded = False
+        pubsub.subscribe(CHANNEL)
+        return pubsub.get_message
+
+    def _subscribed(self) -> None:
+        """Resubscribed: what was published while it was down is lost, so the listeners
+        forget everything. (Before the first subscription there was nothing to lose: what a
+        cache read then is as old as any entry, and lives no longer than the TTL.)"""
+        if self.subscriptions:
+            logger.info("the customer-change subscription is back")
+            self.listeners.heard_nothing_for_a_while()
+        with self._changed:
+            self.subscriptions += 1
+            self.subscribed.set()
+            self._changed.notify_all()
+
+    def _after_fork(self) -> None:
+        """In a child process: the parent's thread is not here; start one of our own."""
+        self._pid = os.getpid()
+        self._thread = None
+        self._lock = threading.Lock()
+        self._changed = threading.Condition()
+        self.subscribed = threading.Event()
+        if self.listeners.any():
+            self._start()
+
+
+_FEEDS: weakref.WeakSet[ChangeFeed] = weakref.WeakSet()
+
+
+def _restart_in_child() -> None:
+    for feed in list(_FEEDS):
+        feed._after_fork()
+
+
+os.register_at_fork(after_in_child=_restart_in_child)
