@@ -474,12 +474,23 @@ def test_load_config_returns_a_loaded_config_unchanged(example: Config) -> None:
 
 def test_reference_example_notes_what_is_not_enforced(example: Config) -> None:
     assert [str(note).replace(str(EXAMPLE), "{file}") for note in example.notes] == [
-        "{file}:31: plans.pro.trial_days: trials are enforced through customer records (trial_ends_at); nothing assigns them yet (no admin API or CLI)",
         "{file}:38: plans.pro.features.ai_tokens.overage: overage to credits is not enforced yet: requests over the limit are refused",
         "{file}:39: plans.pro.features.ai_credits: credit balances are not enforced yet: the grant is validated only",
-        "{file}:52: addons: add-ons are enforced through customer records; nothing assigns them yet (no admin API or CLI)",
         "{file}:80: billing: billing webhooks are not served yet; this section is validated only",
     ]
+
+
+def test_trials_and_addons_are_enforced_so_not_noted(tmp_path: Path) -> None:
+    body = (
+        "features:\n  api_calls: {kind: metered}\n"
+        "plans:\n  pro:\n    trial_days: 14\n    features:\n"
+        "      api_calls: {limit: 10, window: 1m}\n"
+        "addons:\n  extra_calls:\n    features:\n      api_calls: {add: 5}\n"
+    )
+    config = load_config(_write(tmp_path, body), env={})
+    assert config.catalog.plans["pro"].trial_days == 14
+    assert config.catalog.addons["extra_calls"]
+    assert config.notes == ()
 
 
 def test_a_rule_that_earlier_rules_shadow_is_noted(tmp_path: Path) -> None:

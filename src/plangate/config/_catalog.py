@@ -262,12 +262,6 @@ class _Builder:
                     credits[feature] = grant
                 else:
                     values[feature] = grant
-            if spec.trial_days is not None:
-                self.note(
-                    ("plans", name, "trial_days"),
-                    "trials are enforced through customer records (trial_ends_at); "
-                    "nothing assigns them yet (no admin API or CLI)",
-                )
             plans[name] = Plan(name, spec.legacy, spec.trial_days, values, meters, credits)
         return plans
 
@@ -455,12 +449,6 @@ class _Builder:
                     if added is not None:
                         grants.append(AddonGrant(feature, added.add))
             addons[name] = tuple(grants)
-        if self.model.addons:
-            self.note(
-                ("addons",),
-                "add-ons are enforced through customer records; nothing assigns them yet "
-                "(no admin API or CLI)",
-            )
         return addons
 
     # sections validated now, enforced by later releases ---------------------------------
