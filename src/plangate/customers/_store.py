@@ -66,7 +66,8 @@ class _Cache:
         self.size = size
         self.clock = clock
         self._entries: dict[str, _Entry] = {}
-        self._lock = threading.Lock()
+        #: guards the entries; notified whenever a customer's version moves
+        self._lock = threading.Condition(threading.Lock())
         #: the flows of provisioning; None without a config (a bare cache)
         self.provisioning = None if engine is None else Provisioning(engine, now)
         if not self.direct:
@@ -98,6 +99,7 @@ class _Cache:
             for entry in self._entries.values():
                 entry.expires = -float("inf")
                 entry.version += 1
+            self._lock.notify_all()
 
     def _written(self, op: Op[Any], result: Any) -> None:
         """A provisioning write went through: this process sees it at once."""
@@ -123,6 +125,14 @@ class _Cache:
                 entry.seen = False
             entry.expires = -float("inf")
             entry.version += 1
+            self._lock.notify_all()
+
+    def wait_version(self, customer: str, version: int, timeout: float) -> bool:
+        """Wait until ``version(customer)`` reaches ``version`` (a change made or heard);
+        False if ``timeout`` seconds pass first. For tests and benchmarks, which await a
+        change rather than sleep."""
+        with self._lock:
+            return self._lock.wait_for(lambda: self.version(customer) >= version, timeout)
 
     def _fresh(self, customer: str) -> tuple[_Entry | None, bool]:
         entry = self._entries.get(customer)

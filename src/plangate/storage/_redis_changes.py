@@ -150,11 +150,12 @@ class ChangeFeed:
                             self.listeners.heard(*parsed)
             except Exception as exc:
                 if not self._stop.is_set():
-                    logger.warning(
-                        "the customer-change subscription failed (%s); subscribing again in "
-                        "%.2fs, meanwhile changes arrive within customer_cache_ttl",
+                    # once per outage: a warning when it starts, then quiet retries
+                    log = logger.warning if delay == RETRY_FIRST else logger.debug
+                    log(
+                        "the customer-change subscription failed (%s); subscribing again "
+                        "until it works, meanwhile changes arrive within customer_cache_ttl",
                         exc,
-                        delay,
                     )
             finally:
                 self.subscribed.clear()

@@ -1,0 +1,171 @@
+"""A change to a customer reaches every process's next request: published on Redis pub/sub
+(sharded on a cluster), heard by each process's cache; the TTL is the safety net when a
+message is lost, and the subscriber comes back by itself."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+
+from plangate import Gate, MemoryStorage
+from plangate.storage import open_storage
+from plangate.storage._redis_changes import CHANNEL
+from tests.servers import RedisServer, running
+from tests.storage.test_redis_service import uvicorn_process
+from tests.support import bearer, config, token
+
+WAIT = 15.0  # seconds an awaited event may take before the test fails
+
+
+def plan_of(gate: Gate, customer: str = "acme") -> str | None:
+    return gate.check("GET", "/v1/projects", token(customer, "free"), consume=False).plan
+
+
+def gate_on(uri: str, ttl: float = 3600) -> Gate:
+    """A gate with its own connections, as another process has: a long TTL, so that only
+    a published change can reach it in time."""
+    separator = "&" if "?" in uri else "?"
+    return Gate(config(), storage=open_storage(f"{uri}{separator}customer_cache_ttl={ttl}"))
+
+
+def feed(gate: Gate):
+    return gate.storage.inner.changes  # type: ignore[attr-defined]
+
+
+def subscribed(gate: Gate, times: int = 1) -> None:
+    assert feed(gate).wait_subscribed(times, WAIT), "the subscriber did not (re)subscribe"
+
+
+def heard(gate: Gate, version: int) -> None:
+    assert gate.customers.wait_version("acme", version, WAIT), "the change was not heard"
+
+
+@pytest.fixture(params=["redis_server", "redis_cluster", "redis_sentinel"])
+def uri(request: pytest.FixtureRequest) -> Iterator[str]:
+    yield str(request.getfixturevalue(request.param).url)
+
+
+def test_memory_is_one_process_and_a_change_shows_at_once():
+    storage = MemoryStorage()
+    writer, reader = Gate(config(), storage=storage), Gate(config(), storage=storage)
+    assert plan_of(reader) == "free"
+    writer.customers.assign("acme", plan="enterprise")
+    assert plan_of(reader) == "enterprise"
+
+
+def test_a_change_reaches_another_gates_next_request(uri: str):
+    writer, reader = gate_on(uri), gate_on(uri)
+    try:
+        writer.storage.delete_customer("acme")  # left by another topology's run
+        assert plan_of(reader) == "free"  # cached for an hour
+        subscribed(reader)
+        seen = reader.customers.version("acme")
+        writer.customers.assign("acme", plan="enterprise")
+        heard(reader, seen + 1)
+        assert plan_of(reader) == "enterprise"
+        if "cluster" in uri:
+            assert feed(writer).sharded is True  # SPUBLISH/SSUBSCRIBE on Redis 7
+    finally:
+        writer.storage.close()
+        reader.storage.close()
+
+
+def test_a_killed_subscription_comes_back_and_hears_again(redis_server):
+    writer, reader = gate_on(redis_server.url), gate_on(redis_server.url)
+    try:
+        writer.customers.assign("acme", plan="free")
+        assert plan_of(reader) == "free"
+        subscribed(reader)
+        with redis_server.client() as client:
+            assert client.client_kill_filter(_type="pubsub") >= 1
+        subscribed(reader, 2)
+        seen = reader.customers.version("acme")
+        writer.customers.assign("acme", plan="pro")
+        heard(reader, seen + 1)
+        assert plan_of(reader) == "pro"
+    finally:
+        writer.storage.close()
+        reader.storage.close()
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_with_the_subscription_dead_a_change_shows_within_the_ttl(redis_server):
+    writer, reader = gate_on(redis_server.url), gate_on(redis_server.url, ttl=5)
+    clock = reader.customers.clock = Clock()  # the cache's TTL clock
+    try:
+        writer.customers.assign("acme", plan="free")
+        assert plan_of(reader) == "free"
+        subscribed(reader)
+        feed(reader).close()  # the subscription is dead and stays dead
+        with redis_server.client() as client:
+            client.client_kill_filter(_type="pubsub")
+        writer.customers.assign("acme", plan="enterprise")
+        clock.now = 4.9  # nobody told this process: within the TTL its record answers...
+        assert plan_of(reader) == "free"
+        clock.now = 5.0  # ...and never past it
+        assert plan_of(reader) == "enterprise"
+    finally:
+        writer.storage.close()
+        reader.storage.close()
+
+
+def test_after_a_redis_restart_the_subscriber_is_back_by_itself():
+    server = RedisServer()
+    with running(server):
+        writer, reader = gate_on(server.url), gate_on(server.url)
+        try:
+            writer.customers.assign("acme", plan="free")
+            assert plan_of(reader) == "free"
+            subscribed(reader)
+            server.restart()  # empty: the record is gone with it
+            subscribed(reader, 2)
+            seen = reader.customers.version("acme")
+            writer.customers.assign("acme", plan="enterprise")
+            heard(reader, seen + 1)
+            assert plan_of(reader) == "enterprise"
+        finally:
+            writer.storage.close()
+            reader.storage.close()
+
+
+def test_a_change_reaches_another_process(redis_server, tmp_path: Path):
+    with redis_server.client() as client:
+        client.flushall()
+    path = tmp_path / "plangate.yaml"
+    path.write_text(yaml.safe_dump(config()))
+    storage = f"{redis_server.url}?customer_cache_ttl=3600"
+    writer = gate_on(redis_server.url)
+    try:
+        with uvicorn_process(storage, path) as url, httpx.Client(base_url=url) as client:
+
+            def plan() -> str:
+                answer = client.get("/.plangate/entitlements", headers=bearer("acme", "free"))
+                return str(answer.json()["plan"])
+
+            assert plan() == "free"  # read, and cached for an hour
+            with redis_server.client() as redis:  # the other process has subscribed
+                _until(lambda: redis.pubsub_numsub(CHANNEL)[0][1] >= 1)
+            writer.customers.assign("acme", plan="enterprise")
+            _until(lambda: plan() == "enterprise")
+    finally:
+        writer.storage.close()
+
+
+def _until(condition, timeout: float = WAIT) -> None:
+    """Poll another process's state (nothing in this process can be awaited for it)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "the other process did not see the change"
+        time.sleep(0.01)
