@@ -5,7 +5,6 @@ message is lost, and the subscriber comes back by itself."""
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -46,8 +45,8 @@ def heard(gate: Gate, version: int) -> None:
 
 
 @pytest.fixture(params=["redis_server", "redis_cluster", "redis_sentinel"])
-def uri(request: pytest.FixtureRequest) -> Iterator[str]:
-    yield str(request.getfixturevalue(request.param).url)
+def uri(request: pytest.FixtureRequest) -> str:
+    return str(request.getfixturevalue(request.param).url)
 
 
 def test_memory_is_one_process_and_a_change_shows_at_once():

@@ -89,7 +89,7 @@ def test_a_removed_customer_goes_back_to_its_token(gate: Gate):
     assert plan_of(gate, claim="pro") == "pro"
 
 
-@pytest.mark.parametrize("quantity, limit", [(0, 10000), (1, 11000), (5, 15000)])
+@pytest.mark.parametrize(("quantity", "limit"), [(0, 10000), (1, 11000), (5, 15000)])
 def test_addon_quantities_raise_the_limit_times_the_quantity(gate: Gate, quantity, limit):
     shown = gate.customers.assign("acme", plan="free", addons={"token_pack": quantity})
     assert shown["addons"] == ({"token_pack": quantity} if quantity else {})
@@ -108,7 +108,7 @@ def test_an_addon_that_enables_a_feature(gate: Gate):
 
 
 @pytest.mark.parametrize(
-    "feature, value, shown",
+    ("feature", "value", "shown"),
     [
         ("export_reports", True, True),
         ("export_reports", False, False),
@@ -185,7 +185,7 @@ def test_a_legacy_plan_is_refused_unless_asked_for_and_kept_by_who_has_it(gate: 
 
 
 @pytest.mark.parametrize(
-    "body, field",
+    ("body", "field"),
     [
         ({"plan": "platinum"}, "plan"),
         ({"plan": 7}, "plan"),
