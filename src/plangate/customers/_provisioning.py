@@ -104,6 +104,19 @@ class WriteCustomer(Op[int]):
 
 
 @dataclass(frozen=True, slots=True)
+class WriteCustomers(Op["list[int | VersionConflict]"]):
+    """Many compare-and-set writes, sent together; per write its version or conflict."""
+
+    writes: tuple[tuple[CustomerRecord, int | None], ...]
+
+    def run(self, backend: Backend) -> list[int | VersionConflict]:
+        return backend.put_customers(self.writes)
+
+    async def arun(self, backend: Backend) -> list[int | VersionConflict]:
+        return await backend.aput_customers(self.writes)
+
+
+@dataclass(frozen=True, slots=True)
 class RemoveCustomer(Op[None]):
     customer: str
 
@@ -326,26 +339,26 @@ class Provisioning:
         cursor: str | None = None
         while True:
             page = yield ListCustomers(None, batch, cursor)
-            for found in page.records:
-                if not _on(found, from_plan):
-                    continue
-                record: CustomerRecord | None = found
-                matched += 1
-                while not dry_run and record is not None and _on(record, from_plan):
-                    moved = replace(
-                        record,
-                        plan=to_plan if record.plan == from_plan else record.plan,
-                        previous_plan=(
-                            to_plan if record.previous_plan == from_plan else record.previous_plan
-                        ),
-                    )
-                    try:
-                        yield WriteCustomer(moved, record.version)
-                    except VersionConflict:  # changed since it was listed: look again
-                        record = yield ReadCustomer(record.customer)
+            found = [record for record in page.records if _on(record, from_plan)]
+            matched += len(found)
+            if found and not dry_run:
+                # the page in one batch of writes; a record changed since it was listed
+                # is read again and written alone
+                moved = tuple((_moved(r, from_plan, to_plan), r.version) for r in found)
+                results = yield WriteCustomers(moved)
+                migrated += sum(isinstance(result, int) for result in results)
+                for record, result in zip(found, results, strict=True):
+                    if isinstance(result, int):
                         continue
-                    migrated += 1
-                    break
+                    again: CustomerRecord | None = record
+                    while again is not None and _on(again, from_plan):
+                        try:
+                            yield WriteCustomer(_moved(again, from_plan, to_plan), again.version)
+                        except VersionConflict:
+                            again = yield ReadCustomer(again.customer)
+                            continue
+                        migrated += 1
+                        break
             cursor = page.cursor
             if cursor is None:
                 break
@@ -465,6 +478,15 @@ class Provisioning:
 
 def _on(record: CustomerRecord, plan: str) -> bool:
     return record.plan == plan or record.previous_plan == plan
+
+
+def _moved(record: CustomerRecord, from_plan: str, to_plan: str) -> CustomerRecord:
+    """``record`` with ``from_plan`` replaced by ``to_plan`` (a trial's fallback too)."""
+    return replace(
+        record,
+        plan=to_plan if record.plan == from_plan else record.plan,
+        previous_plan=to_plan if record.previous_plan == from_plan else record.previous_plan,
+    )
 
 
 def _expected(current: CustomerRecord | None, if_version: int | None) -> int:

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from ..engine import CustomerRecord, Engine, Flow, Op
 from ..errors import StorageError
-from ._provisioning import UNSET, Provisioning, RemoveCustomer, WriteCustomer
+from ._provisioning import UNSET, Provisioning, RemoveCustomer, WriteCustomer, WriteCustomers
 
 if TYPE_CHECKING:
     from ..storage import Storage
@@ -105,6 +105,10 @@ class _Cache:
         """A provisioning write went through: this process sees it at once."""
         if type(op) is WriteCustomer:
             self._remember(op.record.customer, replace(op.record, version=result), None)
+        elif type(op) is WriteCustomers:
+            for (record, _), version in zip(op.writes, result, strict=True):
+                if isinstance(version, int):
+                    self._remember(record.customer, replace(record, version=version), None)
         elif type(op) is RemoveCustomer:
             self._remember(op.customer, None, None)
 

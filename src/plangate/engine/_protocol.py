@@ -8,7 +8,7 @@ The engine yields these ``Op``s and receives their results; it never runs one. A
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Generator, Iterator, Mapping
+from collections.abc import Generator, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Generic, NamedTuple, Protocol, TypeVar
@@ -198,6 +198,9 @@ class Backend(Protocol):
     def put_customer(
         self, record: CustomerRecord, /, *, expected_version: int | None = None
     ) -> int: ...
+    def put_customers(
+        self, writes: Sequence[tuple[CustomerRecord, int | None]], /
+    ) -> list[Any]: ...
     def delete_customer(self, customer: str, /) -> None: ...
     def list_customers(
         self, *, plan: str | None = None, limit: int = 100, cursor: str | None = None
@@ -210,6 +213,9 @@ class Backend(Protocol):
     async def aput_customer(
         self, record: CustomerRecord, /, *, expected_version: int | None = None
     ) -> int: ...
+    async def aput_customers(
+        self, writes: Sequence[tuple[CustomerRecord, int | None]], /
+    ) -> list[Any]: ...
     async def adelete_customer(self, customer: str, /) -> None: ...
     async def alist_customers(
         self, *, plan: str | None = None, limit: int = 100, cursor: str | None = None

@@ -15,6 +15,7 @@ import logging
 import threading
 import weakref
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from typing import Any, Protocol
 
 from ..engine import (
@@ -36,6 +37,7 @@ from ..engine import (
     customer_of_key,
     customer_prefix,
 )
+from ..errors import VersionConflict
 
 __all__ = [
     "EXACT_WINDOW_LIMIT",
@@ -153,6 +155,20 @@ class Storage(ABC):
         tell every process; the new version. ``expected_version``: write only if the stored
         record is at that version (0: there is none), else ``VersionConflict``."""
 
+    def put_customers(
+        self, writes: Sequence[tuple[CustomerRecord, int | None]]
+    ) -> list[int | VersionConflict]:
+        """Many ``put_customer``s, each ``(record, expected_version)``: per write, the new
+        version or the ``VersionConflict`` that refused it. A backend may send them together
+        (Redis: one pipeline), so a bulk change costs a few round trips, not one each."""
+        results: list[int | VersionConflict] = []
+        for record, expected in writes:
+            try:
+                results.append(self.put_customer(record, expected_version=expected))
+            except VersionConflict as conflict:
+                results.append(conflict)
+        return results
+
     @abstractmethod
     def delete_customer(self, customer: str) -> None:
         """Remove the customer's record, and tell every process."""
@@ -188,6 +204,11 @@ class Storage(ABC):
         self, record: CustomerRecord, *, expected_version: int | None = None
     ) -> int:
         return self.put_customer(record, expected_version=expected_version)
+
+    async def aput_customers(
+        self, writes: Sequence[tuple[CustomerRecord, int | None]]
+    ) -> list[int | VersionConflict]:
+        return self.put_customers(writes)
 
     async def adelete_customer(self, customer: str) -> None:
         self.delete_customer(customer)

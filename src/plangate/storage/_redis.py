@@ -12,7 +12,7 @@ import asyncio
 import queue
 import socket
 import weakref
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
@@ -33,7 +33,7 @@ from redis.exceptions import (
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from ..errors import ConfigError, ConfigIssue, StorageError
+from ..errors import ConfigError, ConfigIssue, StorageError, VersionConflict
 from ._base import (
     CounterState,
     CustomerListener,
@@ -577,6 +577,56 @@ class RedisStorage(Storage):
         version = customer_put_result(record.customer, expected_version, reply)
         await asyncio.to_thread(self._publish, record.customer, version)
         return version
+
+    def put_customers(
+        self, writes: Sequence[tuple[CustomerRecord, int | None]]
+    ) -> list[int | VersionConflict]:
+        """One pipeline of ``customer_put`` scripts, then one of their publications."""
+        if len(writes) < 2:
+            return super().put_customers(writes)
+        self._tokens.get()
+        try:
+            script = self._sync()["customer_put"]
+            pipe = self._client.pipeline(transaction=False)
+            for record, expected in writes:
+                mark = "" if expected is None else str(expected)
+                key = customer_key(record.customer)
+                pipe.evalsha(script.sha, 1, key, mark, *customer_fields(record))
+            replies = pipe.execute(raise_on_error=False)
+        except Exception as exc:
+            raise _failure("customer write", exc) from exc
+        finally:
+            self._tokens.put(None)
+        results: list[int | VersionConflict] = []
+        for (record, expected), reply in zip(writes, replies, strict=True):
+            if isinstance(reply, NoScriptError):  # flushed or restarted meanwhile
+                results += super().put_customers([(record, expected)])
+                continue
+            if isinstance(reply, Exception):
+                raise _failure("customer write", reply) from reply
+            try:
+                version = customer_put_result(record.customer, expected, reply)
+            except VersionConflict as conflict:
+                results.append(conflict)
+                continue
+            results.append(version)
+        published = [
+            (record.customer, version)
+            for (record, _), version in zip(writes, results, strict=True)
+            if isinstance(version, int)
+        ]
+        self._tokens.get()
+        try:
+            self.changes.publish_many(self._client, published)
+        finally:
+            self._tokens.put(None)
+        return results
+
+    async def aput_customers(
+        self, writes: Sequence[tuple[CustomerRecord, int | None]]
+    ) -> list[int | VersionConflict]:
+        # An admin call, not a request's: the blocking client, on a thread.
+        return await asyncio.to_thread(self.put_customers, writes)
 
     def delete_customer(self, customer: str) -> None:
         self._command("delete", "DEL", customer_key(customer))

@@ -96,6 +96,28 @@ class ChangeFeed:
                 exc,
             )
 
+    def publish_many(self, client: Any, changes: list[tuple[str, int]]) -> None:
+        """``publish`` for many changes: one pipeline (the first alone while it is not known
+        whether the server has sharded channels)."""
+        if changes and self.sharded is None:
+            self.publish(client.execute_command, *changes[0])
+            changes = changes[1:]
+        if not changes:
+            return
+        command = "SPUBLISH" if self.sharded else "PUBLISH"
+        try:
+            pipe = client.pipeline(transaction=False)
+            for customer, version in changes:
+                pipe.execute_command(command, CHANNEL, message(customer, version))
+            pipe.execute()
+        except Exception as exc:
+            logger.warning(
+                "could not publish %d customer changes: %s; other processes see them within "
+                "customer_cache_ttl",
+                len(changes),
+                exc,
+            )
+
     # listening ---------------------------------------------------------------------------
 
     def watch(self, listener: Any) -> None:

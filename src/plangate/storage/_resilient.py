@@ -17,12 +17,12 @@ blocking methods and by ``adrive`` for the asyncio ones.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import replace
 from typing import TypeVar
 
 from .._drivers import adrive, drive
-from ..errors import StorageError
+from ..errors import StorageError, VersionConflict
 from ._base import (
     Counter,
     CounterState,
@@ -266,6 +266,20 @@ class ResilientStorage(Storage):
         version = await self.inner.aput_customer(record, expected_version=expected_version)
         self.refusals.clear()
         return version
+
+    def put_customers(
+        self, writes: Sequence[tuple[CustomerRecord, int | None]]
+    ) -> list[int | VersionConflict]:
+        results = self.inner.put_customers(writes)
+        self.refusals.clear()
+        return results
+
+    async def aput_customers(
+        self, writes: Sequence[tuple[CustomerRecord, int | None]]
+    ) -> list[int | VersionConflict]:
+        results = await self.inner.aput_customers(writes)
+        self.refusals.clear()
+        return results
 
     def delete_customer(self, customer: str) -> None:
         self.inner.delete_customer(customer)
