@@ -383,3 +383,19 @@ def test_concurrent_patches_of_different_fields_all_survive(redis_server):
     finally:
         for gate in gates:
             gate.storage.close()
+
+
+def test_the_handler_sees_the_trial_end_and_each_features_source(gate: Gate, clock: Clock):
+    gate.customers.assign("acme", plan="free", addons={"token_pack": 1, "reports": 1})
+    gate.customers.assign("acme", plan="pro", trial=True, overrides={"max_projects": 8})
+    decision = gate.check("GET", "/v1/projects", token("acme", "enterprise"))
+    ends = datetime.fromtimestamp(START, timezone.utc) + timedelta(days=14)
+    assert decision.trial_ends_at == ends
+    sources = {f: decision.source(f) for f in ("max_projects", "ai_tokens", "api_calls")}
+    assert sources == {"max_projects": "override", "ai_tokens": "addon", "api_calls": "plan"}
+    clock.now = ends.timestamp()  # the trial is over: free, and no trial any more
+    decision = gate.check("GET", "/v1/projects", token("acme", "enterprise"))
+    assert (decision.plan, decision.trial_ends_at) == ("free", None)
+    assert decision.source("export_reports") == "addon"
+    other = gate.check("GET", "/v1/projects", token("globex", None))
+    assert (other.source("max_projects"), other.source("export_reports")) == ("default", "default")

@@ -6,6 +6,7 @@ import logging
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 from ..config import Limit, Plan, Rule
@@ -32,8 +33,9 @@ class Decision:
     """What plangate decided for one request.
 
     Handlers read it as ``request.state.plangate`` (ASGI) or ``environ["plangate"]`` (WSGI):
-    ``customer``, ``plan``, ``has(feature)``, ``value(feature)``, ``remaining(meter)`` and
-    ``record(meter, amount)`` to set what this request actually used.
+    ``customer``, ``plan``, ``has(feature)``, ``value(feature)``, ``source(feature)`` (which
+    layer granted it), ``trial_ends_at``, ``remaining(meter)`` and ``record(meter, amount)``
+    to set what this request actually used.
     """
 
     __slots__ = (
@@ -53,6 +55,7 @@ class Decision:
         "shadowed",
         "slots",
         "states",
+        "trial_ends_at",
     )
 
     def __init__(
@@ -70,6 +73,8 @@ class Decision:
         self.plan_entitlements: Plan | None = None
         #: where the plan came from: "plan" (the store or the token), "default" (default_plan)
         self.plan_source = "plan"
+        #: when the trial the customer is on ends (None: not on a trial)
+        self.trial_ends_at: datetime | None = None
         self.problem: Problem | None = None
         self.shadowed = False  # denied, but the rule is in shadow mode: let through
         self.headers: list[tuple[str, str]] = []  # quota headers for the response
@@ -121,6 +126,16 @@ class Decision:
         if plan is None:
             return None
         return plan.values.get(feature)
+
+    def source(self, feature: str) -> str:
+        """Which layer decided ``feature``: "override", "addon", "plan" (the customer's
+        plan: the store's, else the token's), or "default" (``default_plan``, or a feature
+        no layer grants). The entitlements endpoint reports the same per feature."""
+        plan = self.plan_entitlements
+        if plan is None:
+            return "default"
+        granted = feature in plan.values or feature in plan.meters or feature in plan.credits
+        return plan.sources.get(feature, self.plan_source if granted else "default")
 
     def remaining(self, meter: str) -> float:
         """Units of ``meter`` left after this request's reservation (``math.inf`` if unlimited).

@@ -226,7 +226,9 @@ class Engine:
         if record is not None and record.plan:
             name, source = record.plan, "the customer store"
             ends = record.trial_ends_at
-            if ends is not None and now >= _epoch(ends):
+            if ends is not None and now < _epoch(ends):
+                decision.trial_ends_at = ends
+            elif ends is not None:
                 # The trial is over: back to the plan before it, with nothing written now.
                 ended = f"the trial of {record.plan} ended {ends.isoformat()}"
                 name, source = record.previous_plan, f"the customer store; {ended}"
