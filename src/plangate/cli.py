@@ -1,19 +1,24 @@
-"""The ``plangate`` command: check, token, explain, demo (SPEC §9)."""
+"""The ``plangate`` command: check, token, explain, customer, plans, gateway, demo (SPEC §9)."""
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 from . import identity
 from .__about__ import __version__
 from ._gate import Gate
 from .config import Config, load_config, parse_duration
-from .errors import ConfigError, StorageError
+from .customers import CustomerNotFound, CustomerStore, InvalidRecord, LegacyPlanRefused
+from .errors import ConfigError, StorageError, VersionConflict
 
 DEMO_CONFIG = Path(__file__).parent / "_demo" / "plangate.yaml"
+LIST_PAGE = 500  # records asked of the store at a time by ``customer list``
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -26,6 +31,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.run(args))
     except ConfigError as exc:
         print(exc, file=sys.stderr)
+        return 1
+    except InvalidRecord as exc:
+        for field, message in exc.errors:
+            print(
+                f"plangate: {field}: {message}" if field else f"plangate: {message}",
+                file=sys.stderr,
+            )
+        return 1
+    except LegacyPlanRefused as exc:
+        print(
+            f"plangate: plan {exc.plan!r} is a legacy plan: it stays with the customers who "
+            "have it; pass --allow-legacy to assign it",
+            file=sys.stderr,
+        )
+        return 1
+    except (CustomerNotFound, VersionConflict, StorageError) as exc:
+        print(f"plangate: {exc}", file=sys.stderr)
+        return 1
+    except BrokenPipeError:  # the reader went away (| head): stop quietly
+        # Python flushes stdout again at exit; point it at /dev/null so that it cannot fail
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
 
 
@@ -58,6 +84,8 @@ def _parser() -> argparse.ArgumentParser:
     explain.add_argument("request", help='"METHOD /path", such as "POST /v1/reports/7/export"')
     explain.set_defaults(run=_explain)
 
+    _customer_parsers(commands)
+
     gateway = commands.add_parser(
         "gateway", help="run the forward-auth service for API gateways (nginx, Envoy, …)"
     )
@@ -89,6 +117,205 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--port", type=int, default=8000)
     demo.set_defaults(run=_demo)
     return parser
+
+
+def _customer_parsers(commands: Any) -> None:
+    config_help = "the config (default: ./plangate.yaml, else the demo's)"
+    customer = commands.add_parser("customer", help="show, set and list customer records")
+    customer.set_defaults(run=lambda args: _usage(customer))
+    actions = customer.add_subparsers(title="commands", metavar="COMMAND")
+
+    show = actions.add_parser("show", help="print a customer's record and entitlements")
+    show.add_argument("customer", metavar="ID", help="the customer id")
+    show.add_argument("--config", metavar="FILE", help=config_help)
+    show.set_defaults(run=_customer_show)
+
+    set_ = actions.add_parser(
+        "set", help="assign a plan, add-ons or overrides; what is not given is kept"
+    )
+    set_.add_argument("customer", metavar="ID", help="the customer id")
+    set_.add_argument("--config", metavar="FILE", help=config_help)
+    set_.add_argument("--plan", help="the customer's plan from now on")
+    set_.add_argument("--trial", action="store_true", help="start the trial of --plan now")
+    set_.add_argument(
+        "--addon",
+        metavar="NAME=QTY",
+        type=_addon,
+        action="append",
+        default=[],
+        help="an add-on and its quantity (0 removes it); repeatable",
+    )
+    set_.add_argument(
+        "--override",
+        metavar="FEATURE=VALUE",
+        type=_override,
+        action="append",
+        default=[],
+        help="a feature's value for this customer: JSON (true, 50, "
+        '\'{"limit": 5, "window": "1m"}\', null removes it) or text (unlimited); repeatable',
+    )
+    set_.add_argument(
+        "--allow-legacy",
+        action="store_true",
+        help="assign a legacy plan to a customer not on it already",
+    )
+    set_.set_defaults(run=_customer_set)
+
+    list_ = actions.add_parser("list", help="print customer records, one JSON object a line")
+    list_.add_argument("--config", metavar="FILE", help=config_help)
+    list_.add_argument("--plan", help="only the customers on this plan")
+    list_.add_argument(
+        "--limit", type=_positive, metavar="N", help="print at most N records (default: all)"
+    )
+    list_.set_defaults(run=_customer_list)
+
+    plans = commands.add_parser("plans", help="move customers between plans")
+    plans.set_defaults(run=lambda args: _usage(plans))
+    plan_actions = plans.add_subparsers(title="commands", metavar="COMMAND")
+    migrate = plan_actions.add_parser(
+        "migrate", help="move every customer on one plan to another (resumable)"
+    )
+    migrate.add_argument("--config", metavar="FILE", help=config_help)
+    migrate.add_argument("--from", dest="from_plan", required=True, metavar="PLAN")
+    migrate.add_argument("--to", dest="to_plan", required=True, metavar="PLAN")
+    migrate.add_argument(
+        "--dry-run", action="store_true", help="count the customers it would move, move none"
+    )
+    migrate.add_argument(
+        "--allow-legacy", action="store_true", help="migrate to a legacy plan all the same"
+    )
+    migrate.set_defaults(run=_plans_migrate)
+
+
+def _usage(parser: argparse.ArgumentParser) -> int:
+    parser.print_help()
+    return 2
+
+
+def _pair(text: str, what: str) -> tuple[str, str]:
+    name, sep, value = text.partition("=")
+    if not sep or not name:
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+    return name, value
+
+
+def _addon(text: str) -> tuple[str, int]:
+    name, quantity = _pair(text, "NAME=QTY")
+    try:
+        return name, int(quantity)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"the quantity of {name!r} is a whole number, not {quantity!r}"
+        ) from None
+
+
+def _override(text: str) -> tuple[str, Any]:
+    feature, raw = _pair(text, "FEATURE=VALUE")
+    try:
+        return feature, json.loads(raw)
+    except ValueError:  # not JSON: a word such as unlimited
+        return feature, raw
+
+
+def _positive(text: str) -> int:
+    try:
+        number = int(text)
+    except ValueError:
+        number = 0
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"a whole number of at least 1, not {text!r}")
+    return number
+
+
+def _print_json(value: Any, indent: int | None = 2) -> None:
+    print(json.dumps(value, indent=indent, ensure_ascii=False))
+
+
+class _Store:
+    """The customers of the config's store, for one command: opened, then closed."""
+
+    def __init__(self, path: str | None) -> None:
+        self.config = _default_config(path)
+        self.path = path
+
+    def __enter__(self) -> CustomerStore:
+        if self.config.model.storage.startswith("memory://"):
+            print(
+                "plangate: warning: the config's storage is memory://, so this command has a "
+                "store of its own, in its own memory: no server sees its changes, and it sees "
+                "none of theirs (set storage: or PLANGATE_STORAGE to the servers' store)",
+                file=sys.stderr,
+            )
+        self.gate = Gate(self.config)
+        return self.gate.customers
+
+    def __exit__(self, *exc: object) -> None:
+        self.gate.storage.close()
+
+
+def _customer_show(args: argparse.Namespace) -> int:
+    with _Store(args.config) as customers:
+        _print_json(customers.show(args.customer))
+    return 0
+
+
+def _customer_set(args: argparse.Namespace) -> int:
+    if args.trial and args.plan is None:
+        print("plangate customer set: --trial needs --plan (the plan to try)", file=sys.stderr)
+        return 2
+    if args.plan is None and not args.addon and not args.override:
+        print(
+            "plangate customer set: nothing to set: give --plan, --addon or --override",
+            file=sys.stderr,
+        )
+        return 2
+    changes: dict[str, Any] = {
+        "addons": dict(args.addon),
+        "overrides": dict(args.override),
+        "trial": args.trial,
+        "allow_legacy": args.allow_legacy,
+    }
+    if args.plan is not None:
+        changes["plan"] = args.plan
+    with _Store(args.config) as customers:
+        _print_json(customers.assign(args.customer, **changes))
+    return 0
+
+
+def _customer_list(args: argparse.Namespace) -> int:
+    with _Store(args.config) as customers:
+        for record in _records(customers, args.plan, args.limit):
+            _print_json(record, indent=None)
+    return 0
+
+
+def _records(
+    customers: CustomerStore, plan: str | None, limit: int | None
+) -> Iterator[dict[str, Any]]:
+    """Every record (on ``plan``), page after page; ``limit`` of them at most."""
+    left = limit
+    cursor = None
+    while True:
+        size = LIST_PAGE if left is None else min(left, LIST_PAGE)
+        page = customers.list(plan=plan, limit=size, cursor=cursor)
+        found = page["customers"] if left is None else page["customers"][:left]
+        yield from found
+        if left is not None:
+            left -= len(found)
+            if left <= 0:
+                return
+        cursor = page["next_cursor"]
+        if cursor is None:
+            return
+
+
+def _plans_migrate(args: argparse.Namespace) -> int:
+    with _Store(args.config) as customers:
+        result = customers.migrate(
+            args.from_plan, args.to_plan, dry_run=args.dry_run, allow_legacy=args.allow_legacy
+        )
+    _print_json(result)
+    return 0
 
 
 def _check(args: argparse.Namespace) -> int:
@@ -169,7 +396,6 @@ def _explain(args: argparse.Namespace) -> int:
 
 def _gateway(args: argparse.Namespace) -> int:
     import logging
-    import os
 
     from .gateway import GatewayService, serve
 
