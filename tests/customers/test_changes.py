@@ -168,3 +168,39 @@ def _until(condition, timeout: float = WAIT) -> None:
     while not condition():
         assert time.monotonic() < deadline, "the other process did not see the change"
         time.sleep(0.01)
+
+
+def _forked_reader(gate: Gate, pipe) -> None:  # runs in the child
+    try:
+        assert feed(gate).wait_subscribed(1, WAIT)  # its own subscriber, not the parent's
+        pipe.send(plan_of(gate))
+        seen = gate.customers.version("acme")
+        pipe.recv()  # the parent has written
+        assert gate.customers.wait_version("acme", seen + 1, WAIT)
+        pipe.send(plan_of(gate))
+    except BaseException as exc:  # pragma: no cover - reported to the parent
+        pipe.send(repr(exc))
+
+
+def test_a_forked_worker_subscribes_on_its_own(redis_server):
+    import multiprocessing
+
+    writer, reader = gate_on(redis_server.url), gate_on(redis_server.url)
+    try:
+        writer.customers.assign("acme", plan="free")
+        assert plan_of(reader) == "free"
+        subscribed(reader)  # the parent's subscriber: a thread the child does not inherit
+        context = multiprocessing.get_context("fork")
+        mine, theirs = context.Pipe()
+        child = context.Process(target=_forked_reader, args=(reader, theirs))
+        child.start()
+        try:
+            assert mine.poll(WAIT) and mine.recv() == "free"
+            writer.customers.assign("acme", plan="enterprise")
+            mine.send("written")
+            assert mine.poll(WAIT) and mine.recv() == "enterprise"
+        finally:
+            child.join(WAIT)
+    finally:
+        writer.storage.close()
+        reader.storage.close()

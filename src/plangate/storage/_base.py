@@ -88,6 +88,10 @@ class Listeners:
             self._listeners.add(listener)
             return first
 
+    def after_fork(self) -> None:
+        """In a forked child: a lock held by a thread of the parent would stay held."""
+        self._lock = threading.Lock()
+
     def any(self) -> bool:
         with self._lock:
             return bool(self._listeners)

@@ -222,6 +222,8 @@ class ChangeFeed:
         self._lock = threading.Lock()
         self._changed = threading.Condition()
         self.subscribed = threading.Event()
+        self.subscriptions = 0
+        self.listeners.after_fork()
         if self.listeners.any():
             self._start()
 
