@@ -195,10 +195,12 @@ def test_a_forked_worker_subscribes_on_its_own(redis_server):
         child = context.Process(target=_forked_reader, args=(reader, theirs))
         child.start()
         try:
-            assert mine.poll(WAIT) and mine.recv() == "free"
+            assert mine.poll(WAIT)
+            assert mine.recv() == "free"
             writer.customers.assign("acme", plan="enterprise")
             mine.send("written")
-            assert mine.poll(WAIT) and mine.recv() == "enterprise"
+            assert mine.poll(WAIT)
+            assert mine.recv() == "enterprise"
         finally:
             child.join(WAIT)
     finally:
