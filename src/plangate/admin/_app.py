@@ -1,0 +1,388 @@
+"""The admin API: Starlette routes over ``gate.customers``, behind a bearer token."""
+
+from __future__ import annotations
+
+import contextlib
+import hmac
+import logging
+import os
+from collections.abc import AsyncIterator, Mapping
+from typing import Any
+from urllib.parse import unquote
+
+from starlette.applications import Starlette
+from starlette.datastructures import Headers
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Mount, Route
+from starlette.types import Receive, Scope, Send
+
+from .._gate import AsyncGate
+from ..config import Config
+from ..customers import CustomerNotFound, InvalidRecord, LegacyPlanRefused
+from ..customers._provisioning import PATCH_ATTEMPTS, UNSET, iter_errors
+from ..engine._problems import bearer_challenge
+from ..errors import StorageError, VersionConflict
+from ..gateway._bodies import MAX_BODY, BadRequest, load_json, read_body
+from ..storage import Storage
+from ._problems import AdminError
+
+logger = logging.getLogger("plangate.admin")
+
+REALM = "plangate-admin"
+MAX_LIMIT = 1000
+DEFAULT_LIMIT = 100
+JSON = "application/json"
+MERGE_PATCH = "application/merge-patch+json"
+#: the members of a migration's body
+MIGRATION = ("from", "to", "dry_run", "allow_legacy")
+
+
+class AdminAPI:
+    """The admin API as an ASGI app: customer records and plan migrations over HTTP.
+
+    Its routes are relative to where it is mounted (``Mount("/admin", app=AdminAPI(gate))``):
+    ``/customers``, ``/customers/{id}``, ``/plans/migrate``. Every request needs
+    ``Authorization: Bearer <token>``; ``token`` defaults to the config's ``admin.token``,
+    and without one the API answers 404 to everything. See docs/admin.md.
+    """
+
+    def __init__(
+        self, gate: AsyncGate, *, token: str | None = UNSET, max_body: int = MAX_BODY
+    ) -> None:
+        self.gate = gate
+        if token is UNSET:
+            token = gate.config.model.admin.token
+        self._token = token.encode() if token else None
+        #: bytes of a request body the API reads; past them, 413
+        self.max_body = max_body
+        self.app = Starlette(
+            routes=[
+                Route("/customers", self.list_customers, methods=["GET"]),
+                Route(
+                    "/customers/{customer:path}",
+                    self.customer,
+                    methods=["GET", "PUT", "PATCH", "DELETE"],
+                ),
+                Route("/plans/migrate", self.migrate, methods=["POST"]),
+            ],
+            exception_handlers={
+                HTTPException: _http_error,
+                AdminError: _admin_error,
+                BadRequest: _bad_request,
+                InvalidRecord: _invalid_record,
+                LegacyPlanRefused: _legacy_plan,
+                CustomerNotFound: _customer_not_found,
+                VersionConflict: _version_conflict,
+                StorageError: _storage_error,
+            },
+        )
+
+    @classmethod
+    def from_config(
+        cls,
+        config: str | os.PathLike[str] | Mapping[str, Any] | Config,
+        storage: str | Storage | None = None,
+        *,
+        token: str | None = UNSET,
+    ) -> AdminAPI:
+        """The admin API on a gate of its own, for ``config`` (a path, a mapping or a
+        loaded ``Config``) and ``storage`` (a URI or a ``Storage``; else the config's)."""
+        return cls(AsyncGate(config, storage=storage), token=token)
+
+    @property
+    def enabled(self) -> bool:
+        """Whether a token is set: without one, every request is answered 404."""
+        return self._token is not None
+
+    def __repr__(self) -> str:  # never the token
+        state = "token set" if self.enabled else "no token: off"
+        return f"<AdminAPI ({state})>"
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            refused = self._refused(scope)
+            if refused is not None:
+                await refused.response()(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+    def _refused(self, scope: Scope) -> AdminError | None:
+        """Why a request may not use the API (no token configured, or not the token)."""
+        if self._token is None:
+            return _not_found()
+        given = Headers(scope=scope).getlist("authorization")
+        scheme, _, credentials = given[0].partition(" ") if len(given) == 1 else ("", "", "")
+        if scheme.lower() == "bearer" and hmac.compare_digest(
+            credentials.strip().encode("latin-1"), self._token
+        ):
+            return None
+        challenge = bearer_challenge(token_given=scheme.lower() == "bearer", realm=REALM)
+        return AdminError(
+            "admin-token-required",
+            "the admin API needs Authorization: Bearer <admin.token>",
+            headers={"www-authenticate": challenge},
+        )
+
+    # /customers ---------------------------------------------------------------------------
+
+    async def list_customers(self, request: Request) -> Response:
+        """A page of records: ``?plan=NAME&limit=N&cursor=C``."""
+        query = request.query_params
+        limit = _limit(query.get("limit"))
+        cursor = query.get("cursor") or None
+        try:
+            page = await self.gate.customers.list(
+                plan=query.get("plan"), limit=limit, cursor=cursor
+            )
+        except ValueError:
+            raise AdminError(
+                "malformed-request",
+                "cursor: not a cursor this API made; pass the next_cursor of the page before",
+                {"parameter": "cursor"},
+            ) from None
+        return _json(page)
+
+    # /customers/{id} ----------------------------------------------------------------------
+
+    async def customer(self, request: Request) -> Response:
+        customer = _customer(request)
+        customers = self.gate.customers
+        method = request.method
+        if method in ("GET", "HEAD"):
+            return _record(await customers.show(customer))
+        if_version = _if_match(request)
+        if method == "DELETE":
+            await customers.remove(customer, if_version=if_version)
+            logger.info("admin: customer %r deleted", customer)
+            return Response(status_code=204, headers={"cache-control": "no-store"})
+        allow_legacy = _flag(request, "allow_legacy")
+        if method == "PUT":
+            body = await self._body(request, (JSON,))
+            answer = await self._put(customer, body, if_version, allow_legacy)
+        else:
+            patch = await self._body(request, (MERGE_PATCH, JSON))
+            answer = await customers.patch(
+                customer, patch, if_version=if_version, allow_legacy=allow_legacy
+            )
+        logger.info(
+            "admin: customer %r written (%s), version %d", customer, method, answer["version"]
+        )
+        return _record(answer)
+
+    async def _put(
+        self, customer: str, body: dict[str, Any], if_version: int | None, allow_legacy: bool
+    ) -> dict[str, Any]:
+        """Without If-Match the last write wins: a write that came between the store's read
+        and its write is overwritten by writing again."""
+        put = self.gate.customers.put
+        for _ in range(PATCH_ATTEMPTS - 1):
+            try:
+                return await put(customer, body, if_version=if_version, allow_legacy=allow_legacy)
+            except VersionConflict:
+                if if_version is not None:
+                    raise
+        return await put(customer, body, if_version=if_version, allow_legacy=allow_legacy)
+
+    # /plans/migrate -----------------------------------------------------------------------
+
+    async def migrate(self, request: Request) -> Response:
+        """``{"from", "to", "dry_run"?, "allow_legacy"?}``: every customer moved."""
+        body = await self._body(request, (JSON,))
+        errors = [
+            (str(key), f"unknown member; a migration has {', '.join(MIGRATION)}")
+            for key in body
+            if key not in MIGRATION
+        ]
+        for key in ("dry_run", "allow_legacy"):
+            if not isinstance(body.get(key, False), bool):
+                errors.append((key, "true or false"))
+        if errors:
+            raise InvalidRecord(errors)
+        allow_legacy = body.get("allow_legacy", False) or _flag(request, "allow_legacy")
+        answer = await self.gate.customers.migrate(
+            body.get("from", ""),
+            body.get("to", ""),
+            dry_run=body.get("dry_run", False),
+            allow_legacy=allow_legacy,
+        )
+        if not body.get("dry_run", False):
+            logger.info(
+                "admin: %d customers moved from plan %r to %r",
+                answer["migrated"],
+                answer["from"],
+                answer["to"],
+            )
+        return _json(answer)
+
+    # reading requests ---------------------------------------------------------------------
+
+    async def _body(self, request: Request, accepted: tuple[str, ...]) -> dict[str, Any]:
+        """The request's JSON object: its media type checked before a byte is read, its
+        size while reading (``read_body`` stops at ``max_body``)."""
+        given = request.headers.get("content-type", "")
+        if given.partition(";")[0].strip().lower() not in accepted:
+            headers = {"accept-patch": ", ".join(accepted)} if MERGE_PATCH in accepted else {}
+            raise AdminError(
+                "unsupported-media-type",
+                f"send {' or '.join(accepted)}, not {given or 'a body without Content-Type'}",
+                headers=headers,
+            )
+        body = load_json(await read_body(request, self.max_body))
+        if not isinstance(body, dict):
+            raise AdminError("malformed-request", "the body must be a JSON object")
+        return body
+
+
+def from_environment() -> Starlette:
+    """The admin API under ``/admin/`` for ``uvicorn --factory
+    plangate.admin:from_environment``: the config from ``PLANGATE_CONFIG`` (a path), the
+    store from ``PLANGATE_STORAGE`` or the config. The store is checked at start-up and its
+    connections closed at shutdown."""
+    path = os.environ.get("PLANGATE_CONFIG")
+    if not path:
+        raise RuntimeError("plangate.admin: set PLANGATE_CONFIG to the path of plangate.yaml")
+    api = AdminAPI.from_config(path)
+    if not api.enabled:
+        logger.warning("admin.token is not set: the admin API answers 404 to every request")
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        await api.gate.check_storage()
+        try:
+            yield
+        finally:
+            await api.gate.storage.aclose()
+
+    return Starlette(
+        routes=[Mount("/admin", app=api)],
+        exception_handlers={HTTPException: _http_error},
+        lifespan=lifespan,
+    )
+
+
+# requests, read -----------------------------------------------------------------------------
+
+
+def _customer(request: Request) -> str:
+    """The customer id of the path, percent-decoded: ``/customers/a%2Fb`` is ``a/b``, while
+    ``/customers/a/b`` (a slash as such) names no customer."""
+    customer: str = request.path_params["customer"]
+    raw = request.scope.get("raw_path")
+    if isinstance(raw, bytes):
+        segment = raw.partition(b"?")[0].rpartition(b"/")[2]
+        if unquote(segment.decode("latin-1")) != customer:
+            raise _not_found()
+    if not customer:
+        raise _not_found()
+    return customer
+
+
+def _if_match(request: Request) -> int | None:
+    """The version ``If-Match`` names: ``"3"`` as the ETag gives it, or ``3``."""
+    value = request.headers.get("if-match")
+    if value is None:
+        return None
+    text = value.strip()
+    if len(text) >= 2 and text[0] == text[-1] == '"':
+        text = text[1:-1]
+    if not (text.isascii() and text.isdigit()) or len(text) > 18:
+        raise AdminError(
+            "malformed-request",
+            f'If-Match: the version as the ETag gives it ("3"), not {value!r}',
+            {"parameter": "If-Match"},
+        )
+    return int(text)
+
+
+def _flag(request: Request, name: str) -> bool:
+    value = request.query_params.get(name)
+    if value is None or value.lower() in ("false", "0", ""):
+        return False
+    if value.lower() in ("true", "1"):
+        return True
+    raise AdminError(
+        "malformed-request", f"{name}: true or false, not {value!r}", {"parameter": name}
+    )
+
+
+def _limit(value: str | None) -> int:
+    if value is None:
+        return DEFAULT_LIMIT
+    if value.isascii() and value.isdigit() and len(value) <= 4 and 1 <= int(value) <= MAX_LIMIT:
+        return int(value)
+    raise AdminError(
+        "malformed-request",
+        f"limit: a whole number from 1 to {MAX_LIMIT}, not {value!r}",
+        {"parameter": "limit"},
+    )
+
+
+# answers ------------------------------------------------------------------------------------
+
+
+def _json(body: Mapping[str, Any], headers: Mapping[str, str] | None = None) -> Response:
+    return JSONResponse(body, headers={"cache-control": "no-store", **(headers or {})})
+
+
+def _record(body: Mapping[str, Any]) -> Response:
+    """A customer's record, with its version as the ETag (what If-Match names)."""
+    return _json(body, {"etag": f'"{body["version"]}"'})
+
+
+def _not_found() -> AdminError:
+    return AdminError("not-found", "no such admin resource")
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    if exc.status_code == 405:
+        return AdminError(
+            "method-not-allowed",
+            f"{request.method} is not a method of {request.url.path}",
+            headers=exc.headers,
+        ).response()
+    return _not_found().response()
+
+
+async def _admin_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, AdminError)
+    return exc.response()
+
+
+async def _bad_request(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, BadRequest)
+    name = "body-too-large" if exc.status == 413 else "malformed-request"
+    return AdminError(name, exc.detail).response()
+
+
+async def _invalid_record(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, InvalidRecord)
+    members = {"field": exc.field, "errors": list(iter_errors(exc))}
+    return AdminError("invalid-record", str(exc), members).response()
+
+
+async def _legacy_plan(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, LegacyPlanRefused)
+    return AdminError("legacy-plan", str(exc), {"plan": exc.plan}).response()
+
+
+async def _customer_not_found(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, CustomerNotFound)
+    return AdminError("customer-not-found", str(exc), {"customer": exc.customer}).response()
+
+
+async def _version_conflict(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, VersionConflict)
+    if "if-match" not in request.headers:  # the store retried, and lost every time
+        detail = "other writes to this customer kept coming first; retry"
+        return AdminError("write-contention", detail, headers={"retry-after": "1"}).response()
+    members = {"current_version": exc.current, "expected_version": exc.expected}
+    return AdminError("version-conflict", str(exc), members).response()
+
+
+async def _storage_error(request: Request, exc: Exception) -> Response:
+    logger.warning("admin: %s %s: the store failed: %s", request.method, request.url.path, exc)
+    detail = "the store of customer records cannot be reached; retry"
+    return AdminError("storage-unavailable", detail, headers={"retry-after": "5"}).response()
