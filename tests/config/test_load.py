@@ -515,11 +515,10 @@ def test_a_rule_shadowed_by_two_earlier_rules_names_both(tmp_path: Path) -> None
     )
 
 
-def test_admin_token_is_noted_as_unused(tmp_path: Path) -> None:
+def test_an_admin_token_loads_without_notes(tmp_path: Path) -> None:
     config = load_config(_write(tmp_path, "admin:\n  token: an-admin-token\n"), env={})
-    assert [(note.path, note.message) for note in config.notes] == [
-        ("admin", "the admin API is not served yet; admin.token is unused")
-    ]
+    assert config.model.admin.token == "an-admin-token"
+    assert config.notes == ()
 
 
 def test_redis_storage_loads_without_notes(tmp_path: Path) -> None:

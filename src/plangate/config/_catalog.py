@@ -191,8 +191,6 @@ class _Builder:
                 f"{m.default_plan!r} is a legacy plan: nothing new is assigned to it; "
                 "name a current plan",
             )
-        if m.admin.token:
-            self.note(("admin",), "the admin API is not served yet; admin.token is unused")
         self._public_key()
         self._shadowed(rules)
         router = Router([rule.template for rule in rules])

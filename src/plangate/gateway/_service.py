@@ -19,7 +19,7 @@ from urllib.parse import quote, unquote, urlsplit
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
+from starlette.routing import Mount, Route
 
 from .._exchange import ENTITLEMENTS_PATH, Exchange, is_preflight, problem_answer
 from .._gate import AsyncGate, Clock
@@ -76,6 +76,8 @@ class GatewayService:
         self._lock = asyncio.Lock()
         self.settled = 0  # reservations settled so far
         self._settling = asyncio.Condition()
+        from ..admin import AdminAPI  # not at the top: plangate.admin imports ._bodies
+
         self.app = Starlette(
             routes=[
                 Route("/check", self.check, methods=_ANY),
@@ -84,6 +86,7 @@ class GatewayService:
                 Route("/render", self.render, methods=_ANY),
                 Route("/entitlements", self.entitlements, methods=["GET", "HEAD"]),
                 Route("/healthz", self.healthz, methods=["GET", "HEAD"]),
+                Mount("/admin", app=AdminAPI(self.gate)),
             ]
         )
 
