@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import ast
 import importlib
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 BENCHMARKS = sorted((Path(__file__).parents[1] / "benchmarks").glob("*.py"))
+PROPAGATION = Path(__file__).parents[1] / "benchmarks" / "propagation.py"
 
 
 def _plangate_imports(path: Path) -> list[tuple[str, str]]:
@@ -30,3 +33,18 @@ def test_what_a_benchmark_imports_from_plangate_exists(path: Path) -> None:
         imported = importlib.import_module(module)
         if name:
             assert hasattr(imported, name), f"{path.name}: from {module} import {name}"
+
+
+@pytest.mark.redis
+def test_the_propagation_benchmark_runs_two_changes():
+    """Its own redis-server, two uvicorn processes and the gateway, two plan changes heard by
+    both processes; the figures are printed, never checked."""
+    run = subprocess.run(
+        [sys.executable, str(PROPAGATION), "--changes", "2", "--no-control"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "| both processes | 4 |" in run.stdout
+    assert "| a cached customer's request: no Redis command | 0 per request |" in run.stdout
