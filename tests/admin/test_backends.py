@@ -114,16 +114,7 @@ def test_a_bad_limit_or_cursor_is_400_naming_it(storage, query, parameter):
 # migration ---------------------------------------------------------------------------------
 
 
-def test_a_migration_dry_run_counts_then_moves_then_finds_nothing(storage, request):
-    if request.node.callspec.params["storage"] == "redis-cluster":
-        request.applymarker(
-            pytest.mark.xfail(
-                strict=True,
-                reason="RedisStorage.put_customers pipelines EVALSHA, which redis-py's cluster "
-                "pipeline refuses: a migration page of 2+ customers fails on Redis Cluster",
-            )
-        )
-
+def test_a_migration_dry_run_counts_then_moves_then_finds_nothing(storage):
     async def scenario(client):
         await provision(client, {"pro-2023": PRO, "free": FREE})
         body = {"from": "pro-2023", "to": "pro"}

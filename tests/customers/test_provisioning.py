@@ -399,3 +399,32 @@ def test_the_handler_sees_the_trial_end_and_each_features_source(gate: Gate, clo
     assert decision.source("export_reports") == "addon"
     other = gate.check("GET", "/v1/projects", token("globex", None))
     assert (other.source("max_projects"), other.source("export_reports")) == ("default", "default")
+
+
+def test_a_migration_page_is_written_together_on_every_redis_topology(redis_uri: str):
+    gate = Gate(catalog(), storage=open_storage(redis_uri))
+    gate.storage.inner.client.flushall()
+    try:
+        for i in range(30):
+            gate.customers.assign(f"c{i:02}", plan="pro-2023", allow_legacy=True)
+        assert gate.customers.migrate("pro-2023", "pro")["migrated"] == 30
+        plans = {c["plan"] for c in gate.customers.list(limit=1000)["customers"]}
+        assert plans == {"pro"}
+    finally:
+        gate.storage.close()
+
+
+def test_a_put_without_a_version_wins_over_a_write_that_came_between(gate: Gate):
+    gate.customers.assign("acme", plan="free")
+    storage = gate.storage
+    real = storage.put_customer
+    raced = []
+
+    def racing(record, *, expected_version=None):
+        if not raced:  # another writer gets in between the read and the write, once
+            raced.append(real(record.__class__("acme", plan="enterprise")))
+        return real(record, expected_version=expected_version)
+
+    storage.put_customer = racing  # type: ignore[method-assign]
+    shown = gate.customers.put("acme", {"plan": "pro"})
+    assert (shown["plan"], shown["version"]) == ("pro", 3)

@@ -21,7 +21,7 @@ from starlette.types import Receive, Scope, Send
 from .._gate import AsyncGate
 from ..config import Config
 from ..customers import CustomerNotFound, InvalidRecord, LegacyPlanRefused
-from ..customers._provisioning import PATCH_ATTEMPTS, UNSET, iter_errors
+from ..customers._provisioning import UNSET, iter_errors
 from ..engine._problems import bearer_challenge
 from ..errors import StorageError, VersionConflict
 from ..gateway._bodies import MAX_BODY, BadRequest, load_json, read_body
@@ -160,7 +160,9 @@ class AdminAPI:
         allow_legacy = _flag(request, "allow_legacy")
         if method == "PUT":
             body = await self._body(request, (JSON,))
-            answer = await self._put(customer, body, if_version, allow_legacy)
+            answer = await customers.put(
+                customer, body, if_version=if_version, allow_legacy=allow_legacy
+            )
         else:
             patch = await self._body(request, (MERGE_PATCH, JSON))
             answer = await customers.patch(
@@ -170,20 +172,6 @@ class AdminAPI:
             "admin: customer %r written (%s), version %d", customer, method, answer["version"]
         )
         return _record(answer)
-
-    async def _put(
-        self, customer: str, body: dict[str, Any], if_version: int | None, allow_legacy: bool
-    ) -> dict[str, Any]:
-        """Without If-Match the last write wins: a write that came between the store's read
-        and its write is overwritten by writing again."""
-        put = self.gate.customers.put
-        for _ in range(PATCH_ATTEMPTS - 1):
-            try:
-                return await put(customer, body, if_version=if_version, allow_legacy=allow_legacy)
-            except VersionConflict:
-                if if_version is not None:
-                    raise
-        return await put(customer, body, if_version=if_version, allow_legacy=allow_legacy)
 
     # /plans/migrate -----------------------------------------------------------------------
 

@@ -68,6 +68,18 @@ class LegacyPlanRefused(PlanGateError):
         )
 
 
+class WriteContention(VersionConflict):
+    """Every attempt of a write lost the race to another writer (the record is being
+    written continuously): retry later."""
+
+    def __init__(self, customer: str, attempts: int) -> None:
+        PlanGateError.__init__(
+            self, f"customer {customer!r} changed {attempts} times while being written: retry"
+        )
+        self.customer = customer
+        self.expected = self.current = -1
+
+
 class CustomerNotFound(PlanGateError):
     """No record for the customer."""
 
@@ -215,14 +227,15 @@ class Provisioning:
         if_version: int | None = None,
         allow_legacy: bool = False,
     ) -> Flow[dict[str, Any]]:
-        """Replace the whole record with ``body`` (what is missing is unset)."""
+        """Replace the whole record with ``body`` (what is missing is unset). Without
+        ``if_version`` the last write wins: one that came between is written over."""
         if not isinstance(body, Mapping):
             raise InvalidRecord([("", "the body must be a JSON object")])
-        current = yield ReadCustomer(customer)
-        record = self.record(customer, body, current, allow_legacy=allow_legacy)
-        expected = _expected(current, if_version)
-        version = yield WriteCustomer(record, expected)
-        return (yield from self.body(replace(record, version=version)))
+        return (
+            yield from self._change(
+                customer, lambda _: body, if_version=if_version, allow_legacy=allow_legacy
+            )
+        )
 
     def patch(
         self,
@@ -302,7 +315,7 @@ class Provisioning:
                     raise
                 continue
             return (yield from self.body(replace(record, version=version)))
-        raise VersionConflict(customer, -1, -1)  # pragma: no cover - 20 writers in a row
+        raise WriteContention(customer, PATCH_ATTEMPTS)
 
     def delete(self, customer: str, *, if_version: int | None = None) -> Flow[None]:
         """Remove the record; ``CustomerNotFound`` if there is none."""

@@ -69,6 +69,10 @@ from ._redis_codec import (
 from ._redis_uri import DEFAULTS, MAX_CONNECTIONS, RedisTarget, parse_redis_uri
 from ._registry import masked
 
+#: seconds a bulk admin call (a listing page, a migration's page of writes) may wait for Redis:
+#: it is nobody's request, and a page of 500 writes is not a 50 ms affair on a loaded server
+BULK_TIMEOUT = 5.0
+
 T = TypeVar("T")
 
 #: a deadline the event loop reaches this late was missed by the loop, not by Redis
@@ -376,6 +380,8 @@ class RedisStorage(Storage):
         self._tokens: queue.SimpleQueue[None] = queue.SimpleQueue()
         for _ in range(self.target.max_connections):
             self._tokens.put(None)
+        self._bulk: Any = None
+        self._bulk_loaded: set[str] = set()
         #: changes to customer records: published on every write, heard on a thread
         self.changes = ChangeFeed(self._subscriber_client, cluster=self.target.kind == "cluster")
 
@@ -581,22 +587,21 @@ class RedisStorage(Storage):
     def put_customers(
         self, writes: Sequence[tuple[CustomerRecord, int | None]]
     ) -> list[int | VersionConflict]:
-        """One pipeline of ``customer_put`` scripts, then one of their publications."""
+        """One pipeline of ``customer_put`` scripts, then one of their publications, on the
+        bulk client (a cluster pipeline splits itself by node)."""
         if len(writes) < 2:
             return super().put_customers(writes)
-        self._tokens.get()
+        sha = self._scripts_sha("customer_put")
         try:
-            script = self._sync()["customer_put"]
-            pipe = self._client.pipeline(transaction=False)
+            bulk = self._bulk_client()
+            pipe = bulk.pipeline(transaction=False)
             for record, expected in writes:
                 mark = "" if expected is None else str(expected)
                 key = customer_key(record.customer)
-                pipe.evalsha(script.sha, 1, key, mark, *customer_fields(record))
+                pipe.execute_command("EVALSHA", sha, 1, key, mark, *customer_fields(record))
             replies = pipe.execute(raise_on_error=False)
         except Exception as exc:
             raise _failure("customer write", exc) from exc
-        finally:
-            self._tokens.put(None)
         results: list[int | VersionConflict] = []
         for (record, expected), reply in zip(writes, replies, strict=True):
             if isinstance(reply, NoScriptError):  # flushed or restarted meanwhile
@@ -615,12 +620,31 @@ class RedisStorage(Storage):
             for (record, _), version in zip(writes, results, strict=True)
             if isinstance(version, int)
         ]
-        self._tokens.get()
-        try:
-            self.changes.publish_many(self._client, published)
-        finally:
-            self._tokens.put(None)
+        self.changes.publish_many(self._bulk_client(), published)
         return results
+
+    def _scripts_sha(self, name: str) -> str:
+        """The script's SHA, loaded on every node the bulk client writes to (a pipelined
+        EVALSHA cannot load it; a node that lost it meanwhile answers NOSCRIPT, handled)."""
+        self._sync()
+        if name not in self._bulk_loaded:
+            try:
+                self._bulk_client().script_load(self._texts[name])
+            except Exception as exc:
+                raise _failure("script load", exc) from exc
+            self._bulk_loaded.add(name)
+        return str(self._scripts[name].sha)
+
+    def _bulk_client(self) -> Any:
+        """A blocking client of its own for bulk admin work (listings, migrations): its
+        socket timeout is ``BULK_TIMEOUT``, not the request path's tight one, and its
+        connections never take one from the requests."""
+        if self._bulk is None:
+            options = dict(self.target.connection)
+            timeout = max(options.get("socket_timeout") or 0, BULK_TIMEOUT)
+            options.update(socket_timeout=timeout, max_connections=4)
+            self._bulk = _connect(replace(self.target, connection=options), asynchronous=False)
+        return self._bulk
 
     async def aput_customers(
         self, writes: Sequence[tuple[CustomerRecord, int | None]]
@@ -661,20 +685,17 @@ class RedisStorage(Storage):
         except (TypeError, ValueError):
             raise ValueError("not a cursor this store made") from None
         limit = max(1, limit)
-        self._tokens.get()
         try:
-            self._sync()
+            client = self._bulk_client()
             records: list[CustomerRecord] = []
-            nodes = self._scan_nodes()
+            nodes = self._scan_nodes(client)
             while node < len(nodes) and len(records) < limit:
-                position, keys = self._scan(nodes[node], position, limit)
-                records += self._records(keys, plan)
+                position, keys = self._scan(client, nodes[node], position, limit)
+                records += self._records(client, keys, plan)
                 if position == 0:
                     node += 1
         except Exception as exc:
             raise _failure("customer listing", exc) from exc
-        finally:
-            self._tokens.put(None)
         more = node < len(nodes)
         return CustomerPage(tuple(records), encode_cursor([node, position]) if more else None)
 
@@ -686,26 +707,26 @@ class RedisStorage(Storage):
             lambda: self.list_customers(plan=plan, limit=limit, cursor=cursor)
         )
 
-    def _scan_nodes(self) -> list[Any]:
+    def _scan_nodes(self, client: Any) -> list[Any]:
         if self.target.kind != "cluster":
             return [None]
-        return sorted(self._client.get_primaries(), key=lambda n: n.name)
+        return sorted(client.get_primaries(), key=lambda n: n.name)
 
-    def _scan(self, node: Any, position: int, count: int) -> tuple[int, list[Any]]:
+    def _scan(self, client: Any, node: Any, position: int, count: int) -> tuple[int, list[Any]]:
         match = customer_key("*")  # '*' is kept as it is: the pattern of every record
         if node is None:
-            cursor, keys = self._client.scan(position, match=match, count=count)
+            cursor, keys = client.scan(position, match=match, count=count)
             return int(cursor), keys
-        cursors, keys = self._client.scan(position, match=match, count=count, target_nodes=node)
+        cursors, keys = client.scan(position, match=match, count=count, target_nodes=node)
         return int(cursors[node.name]), keys
 
-    def _records(self, keys: list[Any], plan: str | None) -> list[CustomerRecord]:
+    def _records(self, client: Any, keys: list[Any], plan: str | None) -> list[CustomerRecord]:
         """The records under ``keys``, read in one pipeline, on ``plan`` if given."""
         named = [(key, customer_of_key(_text(key))) for key in keys]
         named = [(key, customer) for key, customer in named if customer is not None]
         if not named:
             return []
-        pipe = self._client.pipeline(transaction=False)
+        pipe = client.pipeline(transaction=False)
         for key, _ in named:
             pipe.hgetall(key)
         found = []
@@ -718,6 +739,12 @@ class RedisStorage(Storage):
 
     def close(self) -> None:
         self.changes.close()
+        if self._bulk is not None:
+            for sentinel in getattr(self._bulk, "plangate_sentinels", ()):
+                sentinel.close()
+            self._bulk.close()
+            self._bulk = None
+            self._bulk_loaded.clear()
         if self._client is not None:
             if self._direct is not None:
                 for conn in self._direct.give_back():
