@@ -422,40 +422,50 @@ def _gateway(args: argparse.Namespace) -> int:
     return 0
 
 
-def _demo(args: argparse.Namespace) -> int:
-    import uvicorn
-
-    from ._demo.app import create_app
-
-    config = load_config(DEMO_CONFIG)
-    base = f"http://{args.host}:{args.port}"
-    print("plangate demo — an example API on memory storage, config:", DEMO_CONFIG)
-    print()
+def demo_lines(base: str, config: Config | None = None) -> list[str]:
+    """What ``plangate demo`` prints for the API at ``base``: tokens, then curl lines."""
+    config = config or load_config(DEMO_CONFIG)
+    bearer = '-H "Authorization: Bearer $TOKEN_{}"'
+    export = f"curl -i -X POST {base}/v1/reports/42/export"
+    lines = [f"plangate demo — an example API on memory storage, config: {DEMO_CONFIG}", ""]
     for customer, plan in (
         ("acme-free", "free"),
         ("acme-pro", "pro"),
         ("acme-enterprise", "enterprise"),
     ):
         token = mint_token(config, customer, plan, ttl=86400)
-        print(f"# {plan}: customer {customer}")
-        print(f"export TOKEN_{plan.upper()}={token}")
-    print()
-    print("# try them:")
-    print(f"curl -i {base}/health")
-    print(
-        f'curl -i -X POST {base}/v1/reports/42/export -H "Authorization: Bearer $TOKEN_FREE"        # 402'
-    )
-    print(
-        f'curl -i -X POST {base}/v1/reports/42/export -H "Authorization: Bearer $TOKEN_PRO"         # 200'
-    )
-    print(
-        f'for i in 1 2 3 4 5 6; do curl -s -o /dev/null -w "%{{http_code}}\\n" {base}/v1/projects -H "Authorization: Bearer $TOKEN_PRO"; done   # 5/10s, then 429'
-    )
-    print(
-        f'curl -i -X POST {base}/v1/completions -H "Authorization: Bearer $TOKEN_ENTERPRISE" -d \'{{"prompt": "write a haiku"}}\''
-    )
-    print(f'curl -s {base}/.plangate/entitlements -H "Authorization: Bearer $TOKEN_PRO"')
-    print()
+        lines += [f"# {plan}: customer {customer}", f"export TOKEN_{plan.upper()}={token}"]
+    lines += [
+        "# the admin API (admin.token; PLANGATE_ADMIN_TOKEN sets another)",
+        f"export ADMIN_TOKEN={config.model.admin.token}",
+        "",
+        "# try them:",
+        f"curl -i {base}/health",
+        f"{export} {bearer.format('FREE')}        # 402",
+        f"{export} {bearer.format('PRO')}         # 200",
+        f'for i in 1 2 3 4 5 6; do curl -s -o /dev/null -w "%{{http_code}}\\n" '
+        f"{base}/v1/projects {bearer.format('PRO')}; done   # 5/10s, then 429",
+        f"curl -i -X POST {base}/v1/completions {bearer.format('ENTERPRISE')} "
+        """-d '{"prompt": "write a haiku"}'""",
+        f"curl -s {base}/.plangate/entitlements {bearer.format('PRO')}",
+        "",
+        "# upgrade the free customer to pro, live (the admin API), then export again:",
+        f"curl -s -X PATCH {base}/admin/customers/acme-free "
+        '-H "Authorization: Bearer $ADMIN_TOKEN" '
+        "-H 'Content-Type: application/merge-patch+json' "
+        """-d '{"plan": "pro"}'   # 200, the record on pro""",
+        f"{export} {bearer.format('FREE')}        # 200 now",
+        "",
+    ]
+    return lines
+
+
+def _demo(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from ._demo.app import create_app
+
+    print("\n".join(demo_lines(f"http://{args.host}:{args.port}")))
     sys.stdout.flush()
     uvicorn.run(create_app(DEMO_CONFIG), host=args.host, port=args.port, log_level="info")
     return 0

@@ -1,17 +1,21 @@
-"""The example API that ``plangate demo`` serves."""
+"""The example API that ``plangate demo`` serves, with the admin API under ``/admin``."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
-from starlette.routing import Route
+from starlette.routing import Mount, Route
 
+from .._gate import AsyncGate
+from ..admin import AdminAPI
 from ..asgi import PlanGateMiddleware
 
 CONFIG = Path(__file__).with_name("plangate.yaml")
@@ -57,7 +61,11 @@ def _number(value: Any) -> Any:
 
 
 def create_app(config: str | Path = CONFIG, storage: str | None = None) -> Starlette:
-    app = Starlette(
+    """The API behind plangate, and the admin API beside it (outside the middleware: its
+    requests are not metered) on the same gate, so the same store: a customer changed
+    through ``/admin`` is decided on by the API's next request."""
+    gate = AsyncGate(config, storage=storage)
+    api = Starlette(
         routes=[
             Route("/health", health),
             Route("/v1/reports/{report_id}/export", export_report, methods=["POST"]),
@@ -65,5 +73,21 @@ def create_app(config: str | Path = CONFIG, storage: str | None = None) -> Starl
             Route("/v1/projects", projects),
         ]
     )
-    app.add_middleware(PlanGateMiddleware, config=config, storage=storage)
-    return app
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        # what the middleware does when it is the outermost app: Starlette does not pass
+        # the lifespan on to mounted apps
+        await gate.check_storage()
+        try:
+            yield
+        finally:
+            await gate.storage.aclose()
+
+    return Starlette(
+        routes=[
+            Mount("/admin", app=AdminAPI(gate)),
+            Mount("", app=PlanGateMiddleware(api, gate.config, gate=gate)),
+        ],
+        lifespan=lifespan,
+    )
