@@ -9,9 +9,10 @@ policy decides what it means. ``LoadCustomer`` goes to the customer store when o
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, TypeVar
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, TypeVar
 
-from .engine import Backend, Flow, LoadCustomer
+from .engine import Backend, Flow, LoadCustomer, Op
 
 if TYPE_CHECKING:
     from .customers import AsyncCustomerStore, CustomerStore
@@ -19,7 +20,16 @@ if TYPE_CHECKING:
 R = TypeVar("R")
 
 
-def drive(flow: Flow[R], backend: Backend, customers: CustomerStore | None = None) -> R:
+#: told of each op a flow ran and its result (the customer store remembers its writes)
+Done = Callable[[Op[Any], Any], None]
+
+
+def drive(
+    flow: Flow[R],
+    backend: Backend,
+    customers: CustomerStore | None = None,
+    done: Done | None = None,
+) -> R:
     """Run a flow (a generator yielding ``Op``s) with blocking calls."""
     try:
         op = next(flow)
@@ -29,6 +39,8 @@ def drive(flow: Flow[R], backend: Backend, customers: CustomerStore | None = Non
                     result = customers.load(op.customer)
                 else:
                     result = op.run(backend)
+                    if done is not None:
+                        done(op, result)
             except Exception as exc:
                 op = flow.throw(exc)
             else:
@@ -37,7 +49,12 @@ def drive(flow: Flow[R], backend: Backend, customers: CustomerStore | None = Non
         return stop.value  # type: ignore[no-any-return]
 
 
-async def adrive(flow: Flow[R], backend: Backend, customers: AsyncCustomerStore | None = None) -> R:
+async def adrive(
+    flow: Flow[R],
+    backend: Backend,
+    customers: AsyncCustomerStore | None = None,
+    done: Done | None = None,
+) -> R:
     """Run the same flow with awaited calls."""
     try:
         op = next(flow)
@@ -47,6 +64,8 @@ async def adrive(flow: Flow[R], backend: Backend, customers: AsyncCustomerStore 
                     result = await customers.load(op.customer)
                 else:
                     result = await op.arun(backend)
+                    if done is not None:
+                        done(op, result)
             except Exception as exc:
                 op = flow.throw(exc)
             else:

@@ -107,7 +107,7 @@ def test_with_the_subscription_dead_a_change_shows_within_the_ttl(redis_server):
         writer.customers.assign("acme", plan="free")
         assert plan_of(reader) == "free"
         subscribed(reader)
-        feed(reader).close()  # the subscription is dead and stays dead
+        feed(reader).close(wait=True)  # the subscription is dead and stays dead
         with redis_server.client() as client:
             client.client_kill_filter(_type="pubsub")
         writer.customers.assign("acme", plan="enterprise")

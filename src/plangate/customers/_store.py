@@ -70,8 +70,13 @@ class _Cache:
         self._lock = threading.Condition(threading.Lock())
         #: the flows of provisioning; None without a config (a bare cache)
         self.provisioning = None if engine is None else Provisioning(engine, now)
-        if not self.direct:
-            storage.watch_customers(self)
+        #: told of changes by the store: from the first record cached (a command-line
+        #: process that only writes never subscribes)
+        self._watching = False
+
+    def _watch(self) -> None:
+        self._watching = True
+        self.storage.watch_customers(self)
 
     def _flows(self) -> Provisioning:
         if self.provisioning is None:
@@ -176,6 +181,8 @@ class CustomerStore(_Cache):
         if fresh:
             assert entry is not None
             return entry.record
+        if not self._watching:
+            self._watch()
         version = 0 if entry is None else entry.version
         try:
             record = self.storage.get_customer(customer)
@@ -201,18 +208,9 @@ class CustomerStore(_Cache):
     # provisioning ------------------------------------------------------------------------
 
     def _run(self, flow: Flow[R]) -> R:
-        try:
-            op = next(flow)
-            while True:
-                try:
-                    result = op.run(self.storage)
-                    self._written(op, result)
-                except Exception as exc:
-                    op = flow.throw(exc)
-                else:
-                    op = flow.send(result)
-        except StopIteration as stop:
-            return stop.value  # type: ignore[no-any-return]
+        from .._drivers import drive
+
+        return drive(flow, self.storage, done=self._written)
 
     def show(self, customer: str) -> dict[str, Any]:
         """The customer's record, version and resolved entitlements, as the admin API's
@@ -297,6 +295,8 @@ class AsyncCustomerStore(_Cache):
         if fresh:
             assert entry is not None
             return entry.record
+        if not self._watching:
+            self._watch()
         version = 0 if entry is None else entry.version
         try:
             record = await self.storage.aget_customer(customer)
@@ -319,18 +319,9 @@ class AsyncCustomerStore(_Cache):
     # provisioning: CustomerStore's, awaited ---------------------------------------------
 
     async def _run(self, flow: Flow[R]) -> R:
-        try:
-            op = next(flow)
-            while True:
-                try:
-                    result = await op.arun(self.storage)
-                    self._written(op, result)
-                except Exception as exc:
-                    op = flow.throw(exc)
-                else:
-                    op = flow.send(result)
-        except StopIteration as stop:
-            return stop.value  # type: ignore[no-any-return]
+        from .._drivers import adrive
+
+        return await adrive(flow, self.storage, done=self._written)
 
     async def show(self, customer: str) -> dict[str, Any]:
         return await self._run(self._flows().show(customer))

@@ -126,20 +126,24 @@ class ChangeFeed:
 
     def _start(self) -> None:
         with self._lock:
-            if self._thread is not None and self._thread.is_alive():
-                return
+            thread = self._thread
+            if thread is not None and thread.is_alive():
+                if not self._stop.is_set():
+                    return
+                thread.join(POLL + 1)  # closed and reopened: the old one is on its way out
             self._stop.clear()
             self._thread = threading.Thread(
                 target=self._run, name="plangate-customer-changes", daemon=True
             )
             self._thread.start()
 
-    def close(self) -> None:
+    def close(self, *, wait: bool = False) -> None:
+        """Stop listening. The thread (a daemon) ends at its next poll, within ``POLL``
+        seconds; nothing waits for it unless ``wait`` (a command-line process exits at once)."""
         self._stop.set()
         thread = self._thread
-        if thread is not None and thread is not threading.current_thread():
+        if wait and thread is not None and thread is not threading.current_thread():
             thread.join(POLL + 1)
-        self._thread = None
 
     def wait_subscribed(self, count: int = 1, timeout: float = 10.0) -> bool:
         """Wait until the subscription has been made ``count`` times in all (tests and
