@@ -246,6 +246,17 @@ class Admin:
     def put(self, plan: str) -> dict[str, Any]:
         return self.send("PUT", {"plan": plan}, "application/json")
 
+    def check(self, authorization: str) -> None:
+        """One forward-auth decision for the customer: the gateway caches it (and its gate
+        subscribes, as a gateway serving traffic has)."""
+        self.connection.request(
+            "GET", "/check/v1/reports", headers={"authorization": authorization}
+        )
+        response = self.connection.getresponse()
+        response.read()
+        if response.status not in (200, 402):
+            raise RuntimeError(f"GET /check/v1/reports: {response.status}")
+
     def patch(self, plan: str) -> dict[str, Any]:
         return self.send("PATCH", {"plan": plan}, "application/merge-patch+json")
 
@@ -288,6 +299,7 @@ def measure(port: int, workdir: Path, run: Run, *, count: bool) -> None:
     with servers(workdir, app_storage, gateway_storage) as running:
         admin = Admin(running.gateway, running.admin_token)
         admin.put(PLANS[0])
+        admin.check(authorization)
         pollers = [Poller(app, authorization) for app in running.apps]
         for poller in pollers:
             poller.start()

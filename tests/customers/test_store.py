@@ -153,3 +153,27 @@ def test_an_in_process_store_is_read_directly_and_changes_show_at_once():
     assert store.direct
     storage.put_customer(CustomerRecord("acme", plan="pro"))  # written behind the store's back
     assert store.load("acme") == CustomerRecord("acme", plan="pro", version=1)
+
+
+class Watched(Silent):
+    """Counts who asked to be told of changes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.watchers: list[object] = []
+
+    def watch_customers(self, listener) -> None:
+        self.watchers.append(listener)
+
+
+def test_a_cache_subscribes_with_its_first_cached_record_and_only_then():
+    storage = Watched()
+    gate = Gate(config(), storage=storage)
+    gate.customers.assign("acme", plan="pro")  # provisioning only: a command-line process
+    gate.customers.patch("acme", {"plan": "enterprise"})
+    assert gate.customers.show("acme")["plan"] == "enterprise"
+    assert storage.watchers == []
+    assert gate.check("GET", "/v1/projects", token("acme", "free")).plan == "enterprise"
+    assert storage.watchers == [gate.customers]
+    gate.check("GET", "/v1/projects", token("globex", "free"))
+    assert storage.watchers == [gate.customers]  # once

@@ -109,13 +109,15 @@ class _Cache:
     def _written(self, op: Op[Any], result: Any) -> None:
         """A provisioning write went through: this process sees it at once."""
         if type(op) is WriteCustomer:
-            self._remember(op.record.customer, replace(op.record, version=result), None)
+            record = replace(op.record, version=result)
+            self._remember(record.customer, record, None, create=False)
         elif type(op) is WriteCustomers:
             for (record, _), version in zip(op.writes, result, strict=True):
                 if isinstance(version, int):
-                    self._remember(record.customer, replace(record, version=version), None)
+                    written = replace(record, version=version)
+                    self._remember(record.customer, written, None, create=False)
         elif type(op) is RemoveCustomer:
-            self._remember(op.customer, None, None)
+            self._remember(op.customer, None, None, create=False)
 
     def version(self, customer: str) -> int:
         """How many changes to ``customer`` this process has made or heard of."""
@@ -147,13 +149,26 @@ class _Cache:
         entry = self._entries.get(customer)
         return entry, entry is not None and self.clock() < entry.expires
 
-    def _remember(self, customer: str, record: CustomerRecord | None, read_at: int | None) -> None:
+    def _remember(
+        self,
+        customer: str,
+        record: CustomerRecord | None,
+        read_at: int | None,
+        *,
+        create: bool = True,
+    ) -> None:
         """Keep what the store answered. ``read_at``: the version when the read started (a
-        read older than the current version is dropped); None for a change made here."""
+        read older than the current version is dropped); None for a change made here.
+        ``create=False``: only update a customer already cached (provisioning's writes: a
+        process that only writes caches nothing, and so never subscribes)."""
         expires = self.clock() + self.ttl
+        if not self._watching and create and not self.direct:
+            self._watch()  # the first record cached: hear of changes from now on
         with self._lock:
             entry = self._entries.get(customer)
             if entry is None:
+                if not create:
+                    return
                 if len(self._entries) >= self.size:
                     del self._entries[next(iter(self._entries))]
                 self._entries[customer] = _Entry(record, expires, 1 if read_at is None else read_at)
@@ -181,8 +196,6 @@ class CustomerStore(_Cache):
         if fresh:
             assert entry is not None
             return entry.record
-        if not self._watching:
-            self._watch()
         version = 0 if entry is None else entry.version
         try:
             record = self.storage.get_customer(customer)
@@ -295,8 +308,6 @@ class AsyncCustomerStore(_Cache):
         if fresh:
             assert entry is not None
             return entry.record
-        if not self._watching:
-            self._watch()
         version = 0 if entry is None else entry.version
         try:
             record = await self.storage.aget_customer(customer)
