@@ -177,3 +177,54 @@ def test_a_cache_subscribes_with_its_first_cached_record_and_only_then():
     assert storage.watchers == [gate.customers]
     gate.check("GET", "/v1/projects", token("globex", "free"))
     assert storage.watchers == [gate.customers]  # once
+
+
+def test_a_read_that_a_heard_change_overtook_is_not_cached():
+    storage = Flaky()
+    customers = CustomerStore(storage, ttl=60)
+    storage.put_customer(CustomerRecord("acme", plan="free"))  # version 1
+
+    def changed_elsewhere() -> None:  # while the read is on its way back
+        storage.put_customer(CustomerRecord("acme", plan="pro"))  # version 2
+        customers.heard("acme", 2)
+
+    storage.during_read = changed_elsewhere
+    assert customers.load("acme").plan == "free"  # what the read brought back...
+    assert customers.load("acme").plan == "pro"  # ...was not kept: read again
+
+
+def test_a_change_heard_during_the_read_of_a_cached_customer_is_not_lost():
+    storage, clock = Flaky(), Clock()
+    customers = CustomerStore(storage, ttl=5, clock=clock)
+    storage.put_customer(CustomerRecord("acme", plan="free"))
+    assert customers.load("acme").plan == "free"
+    clock.now = 6  # expired: the next load reads
+
+    def changed_elsewhere() -> None:
+        storage.put_customer(CustomerRecord("acme", plan="pro"))
+        customers.heard("acme", 2)
+
+    storage.during_read = changed_elsewhere
+    assert customers.load("acme").plan == "free"
+    assert customers.load("acme").plan == "pro"
+
+
+def test_an_older_write_finishing_last_does_not_replace_a_newer_one():
+    from plangate.customers._provisioning import WriteCustomer
+
+    storage = Silent()
+    customers = CustomerStore(storage, ttl=60)
+    storage.put_customer(CustomerRecord("acme", plan="free"))
+    assert customers.load("acme").version == 1
+    older, newer = CustomerRecord("acme", plan="pro"), CustomerRecord("acme", plan="enterprise")
+    customers._written(WriteCustomer(newer, 1), 3)  # two concurrent writes: 2 and 3
+    customers._written(WriteCustomer(older, 1), 2)  # ...the older one's answer came last
+    assert (customers.load("acme").plan, customers.load("acme").version) == ("enterprise", 3)
+
+
+def test_versions_never_repeat_after_a_delete():
+    storage = MemoryStorage()
+    assert storage.put_customer(CustomerRecord("acme", plan="pro")) == 1
+    assert storage.delete_customer("acme") == 2
+    assert storage.delete_customer("acme") == 0  # nothing left to delete
+    assert storage.put_customer(CustomerRecord("acme", plan="free"), expected_version=0) == 3

@@ -155,3 +155,18 @@ def test_an_empty_store_lists_nothing(storage: Storage):
     page = storage.list_customers(plan="pro")
     assert page.records == ()
     assert page.cursor is None
+
+
+def test_a_delete_leaves_a_version_that_a_new_record_continues_from(storage: Storage):
+    assert storage.put_customer(CustomerRecord("acme", plan="pro")) == 1
+    with pytest.raises(VersionConflict):
+        storage.delete_customer("acme", expected_version=7)
+    assert storage.get_customer("acme") is not None
+    assert storage.delete_customer("acme", expected_version=1) == 2
+    assert storage.get_customer("acme") is None
+    assert storage.delete_customer("acme") == 0
+    assert storage.list_customers().records == ()  # a tombstone is not a customer
+    with pytest.raises(VersionConflict):  # no record: only version 0 is expected
+        storage.put_customer(CustomerRecord("acme", plan="free"), expected_version=2)
+    assert storage.put_customer(CustomerRecord("acme", plan="free"), expected_version=0) == 3
+    assert storage.get_customer("acme") == CustomerRecord("acme", "free", version=3)

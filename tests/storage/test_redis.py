@@ -91,6 +91,14 @@ def _verbs(commands: list[str]) -> list[str]:
     return [command.split()[0] for command in commands]
 
 
+def _subscribed(storage) -> None:
+    """Wait until the store's customer-change subscription is made: it starts with the first
+    customer cached, on a connection and a thread of its own, and its commands (once per
+    process) must not fall into a tallied request."""
+    inner = getattr(storage, "inner", storage)
+    assert inner.changes.wait_subscribed(1, 10)
+
+
 def test_a_warm_asgi_request_is_one_redis_command(tally, redis_url):
     app = asgi.PlanGateMiddleware(asgi_app(), config(), storage=redis_url)
 
@@ -98,6 +106,7 @@ def test_a_warm_asgi_request_is_one_redis_command(tally, redis_url):
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
             assert (await client.get("/v1/projects", headers=bearer())).status_code == 200
+            await asyncio.to_thread(_subscribed, app.gate.storage)
             loop = asyncio.get_running_loop()
             done: list[int] = []
 
@@ -119,6 +128,7 @@ def test_a_warm_wsgi_request_is_one_redis_command(tally, redis_url):
     app = wsgi.PlanGateMiddleware(wsgi_app, config(), storage=redis_url)
     with httpx.Client(transport=httpx.WSGITransport(app=app), base_url="http://test") as client:
         assert client.get("/v1/projects", headers=bearer()).status_code == 200
+        _subscribed(app.gate.storage)
         commands = tally.during(lambda: client.get("/v1/projects", headers=bearer()))
     assert _verbs(commands) == ["EVALSHA"]
     app.gate.storage.close()
@@ -128,6 +138,7 @@ def test_a_commit_that_differs_from_the_estimate_is_one_more_command(tally, redi
     app = wsgi.PlanGateMiddleware(wsgi_app, config(), storage=redis_url)
     with httpx.Client(transport=httpx.WSGITransport(app=app), base_url="http://test") as client:
         client.get("/v1/projects", headers=bearer())  # warm: customer cached, scripts loaded
+        _subscribed(app.gate.storage)
         commands = tally.during(lambda: client.post("/v1/chat?tokens=2500", headers=bearer()))
         body = client.get("/.plangate/entitlements", headers=bearer()).json()
     assert _verbs(commands) == ["EVALSHA", "EVALSHA"]  # reserve, then settle
@@ -217,6 +228,7 @@ def test_customer_records_are_read_once_per_cache_ttl(tally, redis_url):
     customers = CustomerStore(store)
     anchor = datetime(2026, 1, 31, 9, 30, tzinfo=timezone.utc)
     customers.save(CustomerRecord("acme", plan="pro", billing_anchor=anchor))
+    _subscribed(store)
     assert tally.during(lambda: customers.load("acme")) == []  # what this process wrote
     customers.invalidate("acme")
     assert _verbs(tally.during(lambda: customers.load("acme"))) == ["HGETALL"]
@@ -405,6 +417,7 @@ def test_a_refused_customer_costs_no_redis_call_until_the_window_can_admit(tally
             assert client.get("/v1/projects", headers=bearer()).status_code == 200
         first = client.get("/v1/projects", headers=bearer())
         assert first.status_code == 429  # Redis said so
+        _subscribed(app.gate.storage)
         wait = float(first.headers["retry-after"])
 
         def refused_again() -> None:

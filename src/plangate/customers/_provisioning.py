@@ -129,14 +129,15 @@ class WriteCustomers(Op["list[int | VersionConflict]"]):
 
 
 @dataclass(frozen=True, slots=True)
-class RemoveCustomer(Op[None]):
+class RemoveCustomer(Op[int]):
     customer: str
+    expected: int | None
 
-    def run(self, backend: Backend) -> None:
-        backend.delete_customer(self.customer)
+    def run(self, backend: Backend) -> int:
+        return backend.delete_customer(self.customer, expected_version=self.expected)
 
-    async def arun(self, backend: Backend) -> None:
-        await backend.adelete_customer(self.customer)
+    async def arun(self, backend: Backend) -> int:
+        return await backend.adelete_customer(self.customer, expected_version=self.expected)
 
 
 @dataclass(frozen=True, slots=True)
@@ -322,9 +323,7 @@ class Provisioning:
         current = yield ReadCustomer(customer)
         if current is None:
             raise CustomerNotFound(customer)
-        if if_version is not None and if_version != current.version:
-            raise VersionConflict(customer, if_version, current.version)
-        yield RemoveCustomer(customer)
+        yield RemoveCustomer(customer, if_version)  # the store compares the version
 
     def migrate(
         self,

@@ -73,6 +73,8 @@ class _Cache:
         #: told of changes by the store: from the first record cached (a command-line
         #: process that only writes never subscribes)
         self._watching = False
+        #: the newest version heard of customers not cached (a read may be on its way)
+        self._heard: dict[str, int] = {}
 
     def _watch(self) -> None:
         self._watching = True
@@ -86,17 +88,24 @@ class _Cache:
     # what the store tells --------------------------------------------------------------
 
     def heard(self, customer: str, version: int) -> None:
-        """``customer`` changed (in any process) and is at ``version`` now (0: deleted)."""
-        entry = self._entries.get(customer)
-        if entry is not None and entry.seen:
-            held = 0 if entry.record is None else entry.record.version
-            if held == version and self.clock() < entry.expires:
-                return  # this process made the change, or has read it already
-        self.invalidate(customer)
+        """``customer`` changed (in any process): its record is at ``version`` now (a
+        deletion too: versions never repeat)."""
         with self._lock:
             entry = self._entries.get(customer)
-            if entry is not None:
-                entry.heard = max(entry.heard, version)
+            if entry is None:
+                # Nothing cached, but a read may be on its way: what it brings back is kept
+                # only if it is this version or newer (see _remember).
+                if len(self._heard) >= self.size:
+                    self._heard.clear()
+                self._heard[customer] = max(version, self._heard.get(customer, 0))
+                return
+            held = 0 if entry.record is None else entry.record.version
+            if entry.seen and held >= version and self.clock() < entry.expires:
+                return  # this process made the change, or has read it already
+            entry.heard = max(entry.heard, version)
+            entry.expires = -float("inf")
+            entry.version += 1
+            self._lock.notify_all()
 
     def heard_nothing_for_a_while(self) -> None:
         """Changes may have been missed: read every customer from the store again."""
@@ -110,14 +119,14 @@ class _Cache:
         """A provisioning write went through: this process sees it at once."""
         if type(op) is WriteCustomer:
             record = replace(op.record, version=result)
-            self._remember(record.customer, record, None, create=False)
+            self._remember(record.customer, record, None, create=False, written=result)
         elif type(op) is WriteCustomers:
             for (record, _), version in zip(op.writes, result, strict=True):
                 if isinstance(version, int):
                     written = replace(record, version=version)
-                    self._remember(record.customer, written, None, create=False)
+                    self._remember(record.customer, written, None, create=False, written=version)
         elif type(op) is RemoveCustomer:
-            self._remember(op.customer, None, None, create=False)
+            self._remember(op.customer, None, None, create=False, written=result)
 
     def version(self, customer: str) -> int:
         """How many changes to ``customer`` this process has made or heard of."""
@@ -156,30 +165,39 @@ class _Cache:
         read_at: int | None,
         *,
         create: bool = True,
+        written: int = 0,
     ) -> None:
-        """Keep what the store answered. ``read_at``: the version when the read started (a
-        read older than the current version is dropped); None for a change made here.
-        ``create=False``: only update a customer already cached (provisioning's writes: a
-        process that only writes caches nothing, and so never subscribes)."""
+        """Keep what the store answered.
+
+        ``read_at``: the version when the read started (a read older than a change made or
+        heard since is dropped, unless it brings that change). None for a change made here,
+        ``written`` being the store's version of it (a write older than what is held or
+        heard is dropped: two writes may finish in either order). ``create=False``: only
+        update a customer already cached (provisioning's writes: a process that only
+        writes caches nothing, and so never subscribes)."""
         expires = self.clock() + self.ttl
         if not self._watching and create and not self.direct:
             self._watch()  # the first record cached: hear of changes from now on
+        newest = 0 if record is None else record.version
         with self._lock:
             entry = self._entries.get(customer)
             if entry is None:
-                if not create:
-                    return
+                heard = self._heard.pop(customer, 0) if self._heard else 0
+                if not create or (read_at is not None and heard and newest < heard):
+                    return  # a change was heard while this was read: it is older
                 if len(self._entries) >= self.size:
                     del self._entries[next(iter(self._entries))]
-                self._entries[customer] = _Entry(record, expires, 1 if read_at is None else read_at)
+                entry = _Entry(record, expires, 1 if read_at is None else read_at)
+                self._entries[customer] = entry
                 return
             if read_at is None:
+                held = 0 if entry.record is None else entry.record.version
+                if written < max(held, entry.heard):
+                    return  # a newer write finished first
                 entry.version += 1
-            elif read_at != entry.version:
-                # a change came while reading: keep the answer only if it has that change
-                newest = record is not None and entry.heard and record.version >= entry.heard
-                if not newest:
-                    return
+                self._lock.notify_all()
+            elif read_at != entry.version and not (entry.heard and newest >= entry.heard):
+                return  # a change came while reading, and this answer does not have it
             entry.record = record
             entry.expires = expires
             entry.seen = True
@@ -210,13 +228,13 @@ class CustomerStore(_Cache):
         """Write ``record`` to the store as it is (replacing the customer's previous one,
         unchecked: ``assign`` and ``put`` check it against the config); its new version."""
         version = self.storage.put_customer(record, expected_version=expected_version)
-        self._remember(record.customer, replace(record, version=version), None)
+        self._remember(record.customer, replace(record, version=version), None, written=version)
         return version
 
     def delete(self, customer: str) -> None:
         """Remove the customer's record from the store."""
-        self.storage.delete_customer(customer)
-        self._remember(customer, None, None)
+        version = self.storage.delete_customer(customer)
+        self._remember(customer, None, None, written=version)
 
     # provisioning ------------------------------------------------------------------------
 
@@ -320,12 +338,12 @@ class AsyncCustomerStore(_Cache):
 
     async def save(self, record: CustomerRecord, *, expected_version: int | None = None) -> int:
         version = await self.storage.aput_customer(record, expected_version=expected_version)
-        self._remember(record.customer, replace(record, version=version), None)
+        self._remember(record.customer, replace(record, version=version), None, written=version)
         return version
 
     async def delete(self, customer: str) -> None:
-        await self.storage.adelete_customer(customer)
-        self._remember(customer, None, None)
+        version = await self.storage.adelete_customer(customer)
+        self._remember(customer, None, None, written=version)
 
     # provisioning: CustomerStore's, awaited ---------------------------------------------
 

@@ -174,8 +174,11 @@ class Storage(ABC):
         return results
 
     @abstractmethod
-    def delete_customer(self, customer: str) -> None:
-        """Remove the customer's record, and tell every process."""
+    def delete_customer(self, customer: str, *, expected_version: int | None = None) -> int:
+        """Remove the customer's record and tell every process; the version its removal
+        took (versions never repeat: a record made again continues from it), or 0 if there
+        was no record. ``expected_version``: only if the record is at that version, else
+        ``VersionConflict``."""
 
     @abstractmethod
     def list_customers(
@@ -214,8 +217,8 @@ class Storage(ABC):
     ) -> list[int | VersionConflict]:
         return self.put_customers(writes)
 
-    async def adelete_customer(self, customer: str) -> None:
-        self.delete_customer(customer)
+    async def adelete_customer(self, customer: str, *, expected_version: int | None = None) -> int:
+        return self.delete_customer(customer, expected_version=expected_version)
 
     async def alist_customers(
         self, *, plan: str | None = None, limit: int = 100, cursor: str | None = None

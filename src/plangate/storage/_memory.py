@@ -208,6 +208,8 @@ class MemoryStorage(Storage):
         self._lock = threading.Lock()
         self._counters: dict[str, _Log | _Sliding | _Fixed] = {}
         self._customers: dict[str, CustomerRecord] = {}
+        #: the version each deleted record took: a record made again continues from it
+        self._gone: dict[str, int] = {}
         self.listeners = Listeners()
         self._settled: OrderedDict[str, float] = OrderedDict()
         self._next_sweep = 0.0
@@ -355,19 +357,29 @@ class MemoryStorage(Storage):
         return self._customers.get(customer)
 
     def put_customer(self, record: CustomerRecord, *, expected_version: int | None = None) -> int:
+        customer = record.customer
         with self._lock:
-            stored = self._customers.get(record.customer)
+            stored = self._customers.get(customer)
             current = 0 if stored is None else stored.version
             if expected_version is not None and expected_version != current:
-                raise VersionConflict(record.customer, expected_version, current)
-            self._customers[record.customer] = replace(record, version=current + 1)
-        self.listeners.heard(record.customer, current + 1)
-        return current + 1
+                raise VersionConflict(customer, expected_version, current)
+            version = (current or self._gone.pop(customer, 0)) + 1
+            self._customers[customer] = replace(record, version=version)
+        self.listeners.heard(customer, version)
+        return version
 
-    def delete_customer(self, customer: str) -> None:
+    def delete_customer(self, customer: str, *, expected_version: int | None = None) -> int:
         with self._lock:
-            self._customers.pop(customer, None)
-        self.listeners.heard(customer, 0)
+            stored = self._customers.get(customer)
+            current = 0 if stored is None else stored.version
+            if expected_version is not None and expected_version != current:
+                raise VersionConflict(customer, expected_version, current)
+            if stored is None:
+                return 0
+            del self._customers[customer]
+            version = self._gone[customer] = current + 1
+        self.listeners.heard(customer, version)
+        return version
 
     def list_customers(
         self, *, plan: str | None = None, limit: int = 100, cursor: str | None = None

@@ -54,6 +54,8 @@ from ._breaker import StorageRejected
 from ._redis_changes import ChangeFeed
 from ._redis_codec import (
     SCRIPTS,
+    TOMBSTONE_TTL,
+    customer_delete_result,
     customer_fields,
     customer_put_result,
     customer_record,
@@ -652,13 +654,23 @@ class RedisStorage(Storage):
         # An admin call, not a request's: the blocking client, on a thread.
         return await asyncio.to_thread(self.put_customers, writes)
 
-    def delete_customer(self, customer: str) -> None:
-        self._command("delete", "DEL", customer_key(customer))
-        self._publish(customer, 0)
+    def delete_customer(self, customer: str, *, expected_version: int | None = None) -> int:
+        expected = "" if expected_version is None else str(expected_version)
+        keys, args = [customer_key(customer)], [expected, TOMBSTONE_TTL]
+        reply = self._run("customer_delete", keys, args)
+        version = customer_delete_result(customer, expected_version, reply)
+        if version:
+            self._publish(customer, version)
+        return version
 
-    async def adelete_customer(self, customer: str) -> None:
-        await self._acommand("delete", "DEL", customer_key(customer))
-        await asyncio.to_thread(self._publish, customer, 0)
+    async def adelete_customer(self, customer: str, *, expected_version: int | None = None) -> int:
+        expected = "" if expected_version is None else str(expected_version)
+        keys, args = [customer_key(customer)], [expected, TOMBSTONE_TTL]
+        reply = await self._arun("customer_delete", keys, args)
+        version = customer_delete_result(customer, expected_version, reply)
+        if version:
+            await asyncio.to_thread(self._publish, customer, version)
+        return version
 
     def _publish(self, customer: str, version: int) -> None:
         self._tokens.get()

@@ -27,13 +27,9 @@ from ._base import (
     Settle,
 )
 
-SCRIPTS = (
-    "reserve",
-    "settle",
-    "peek",
-    "record",
-    "customer_put",
-)  # lua/<name>.lua, after lua/window.lua
+SCRIPTS = ("reserve", "settle", "peek", "record", "customer_put", "customer_delete")
+#: seconds a deleted record's tombstone (its last version) is kept
+TOMBSTONE_TTL = 30 * 86400  # lua/<name>.lua, after lua/window.lua
 SETTLED_TTL = 600  # seconds a settled reservation id is remembered
 
 
@@ -127,6 +123,8 @@ def customer_record(customer: str, fields: Any) -> CustomerRecord | None:
         fields.items() if isinstance(fields, dict) else zip(fields[::2], fields[1::2], strict=True)
     )
     text = {_text(k): _text(v) for k, v in pairs}
+    if text.get("deleted"):  # a tombstone: the record was deleted
+        return None
     anchor = text.get("billing_anchor")
     trial = text.get("trial_ends_at")
     addons = text.get("addons")
@@ -149,6 +147,14 @@ def customer_put_result(customer: str, expected: int | None, reply: Sequence[int
     if not written:
         raise VersionConflict(customer, -1 if expected is None else expected, version)
     return version
+
+
+def customer_delete_result(customer: str, expected: int | None, reply: Sequence[int]) -> int:
+    """The tombstone's version (0: nothing was deleted) from ``customer_delete.lua``."""
+    status, version = int(reply[0]), int(reply[1])
+    if status == 0:
+        raise VersionConflict(customer, -1 if expected is None else expected, version)
+    return version if status == 1 else 0
 
 
 def customer_fields(record: CustomerRecord) -> list[str]:

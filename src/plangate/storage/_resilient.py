@@ -281,13 +281,15 @@ class ResilientStorage(Storage):
         self.refusals.clear()
         return results
 
-    def delete_customer(self, customer: str) -> None:
-        self.inner.delete_customer(customer)
+    def delete_customer(self, customer: str, *, expected_version: int | None = None) -> int:
+        version = self.inner.delete_customer(customer, expected_version=expected_version)
         self.refusals.clear()
+        return version
 
-    async def adelete_customer(self, customer: str) -> None:
-        await self.inner.adelete_customer(customer)
+    async def adelete_customer(self, customer: str, *, expected_version: int | None = None) -> int:
+        version = await self.inner.adelete_customer(customer, expected_version=expected_version)
         self.refusals.clear()
+        return version
 
     def list_customers(
         self, *, plan: str | None = None, limit: int = 100, cursor: str | None = None
