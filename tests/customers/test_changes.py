@@ -206,3 +206,52 @@ def test_a_forked_worker_subscribes_on_its_own(redis_server):
     finally:
         writer.storage.close()
         reader.storage.close()
+
+
+def test_a_sharded_subscription_follows_its_channel_to_another_node():
+    from tests.servers import RedisCluster
+
+    cluster = RedisCluster()  # its own: the channel's slot is moved
+    with running(cluster):
+        writer, reader = gate_on(cluster.url), gate_on(cluster.url)
+        try:
+            writer.customers.assign("acme", plan="free")
+            assert plan_of(reader) == "free"
+            subscribed(reader)
+            assert feed(reader).sharded is True
+            _move_slot_of(CHANNEL, cluster)  # Redis drops the shard channel's subscribers
+            subscribed(reader, 2)
+            seen = reader.customers.version("acme")
+            writer.customers.assign("acme", plan="enterprise")
+            heard(reader, seen + 1)
+            assert plan_of(reader) == "enterprise"
+        finally:
+            writer.storage.close()
+            reader.storage.close()
+
+
+def _move_slot_of(channel: str, cluster) -> None:
+    """Give the (keyless) slot of ``channel`` to another master, on every node."""
+    clients = [node.client() for node in cluster.nodes]
+    try:
+        slot = int(clients[0].execute_command("CLUSTER", "KEYSLOT", channel))
+        ids = [c.execute_command("CLUSTER", "MYID").decode() for c in clients]
+        owner = next(
+            i
+            for i, c in enumerate(clients)
+            if any(lo <= slot <= hi for lo, hi, *_ in c.execute_command("CLUSTER", "SLOTS"))
+            and _serves(c, slot, cluster.nodes[i].port)
+        )
+        target = (owner + 1) % len(clients)
+        for i in (target, owner, *(i for i in range(len(clients)) if i not in (owner, target))):
+            clients[i].execute_command("CLUSTER", "SETSLOT", slot, "NODE", ids[target])
+    finally:
+        for client in clients:
+            client.close()
+
+
+def _serves(client, slot: int, port: int) -> bool:
+    for lo, hi, primary, *_ in client.execute_command("CLUSTER", "SLOTS"):
+        if lo <= slot <= hi:
+            return int(primary[1]) == port
+    return False

@@ -75,6 +75,14 @@ from ._registry import masked
 #: it is nobody's request, and a page of 500 writes is not a 50 ms affair on a loaded server
 BULK_TIMEOUT = 5.0
 
+#: TCP keepalive of the subscription's connection: probed after 15 s idle, every 5 s, three
+#: unanswered probes and it is dead (Linux names; elsewhere the system's defaults)
+_KEEPALIVE = {
+    getattr(socket, name): value
+    for name, value in (("TCP_KEEPIDLE", 15), ("TCP_KEEPINTVL", 5), ("TCP_KEEPCNT", 3))
+    if hasattr(socket, name)
+}
+
 T = TypeVar("T")
 
 #: a deadline the event loop reaches this late was missed by the loop, not by Redis
@@ -390,7 +398,15 @@ class RedisStorage(Storage):
     def _subscriber_client(self) -> Any:
         """A blocking client of its own for the subscription, which waits on its socket for
         as long as it likes (the store's socket timeout is for commands)."""
-        options = {**self.target.connection, "socket_timeout": None, "max_connections": 2}
+        options = {
+            **self.target.connection,
+            "socket_timeout": None,
+            "max_connections": 2,
+            # A connection that a load balancer or NAT dropped without a word still fails,
+            # within about half a minute: TCP keepalive probes it while it is idle.
+            "socket_keepalive": True,
+            "socket_keepalive_options": _KEEPALIVE,
+        }
         return _connect(replace(self.target, connection=options), asynchronous=False)
 
     def __repr__(self) -> str:

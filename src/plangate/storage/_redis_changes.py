@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 import weakref
 from typing import Any
 
@@ -31,6 +32,10 @@ CHANNEL = "plangate:customers"
 RETRY_FIRST, RETRY_LAST = 0.05, 2.0
 #: seconds the subscriber waits for a message before it looks whether it should stop
 POLL = 1.0
+
+
+class LostSubscription(Exception):
+    """The subscription is gone without a connection error: subscribe again."""
 
 
 def message(customer: str, version: int) -> str:
@@ -67,6 +72,7 @@ class ChangeFeed:
         self.subscriptions = 0
         self.subscribed = threading.Event()
         self._changed = threading.Condition()
+        self._forked = False
         self._pid = os.getpid()
         _FEEDS.add(self)
 
@@ -161,19 +167,28 @@ class ChangeFeed:
                 pubsub = client.pubsub()
                 get = self._subscribe(pubsub)
                 while not self._stop.is_set():
-                    item = get(timeout=POLL)
+                    asked = time.monotonic()
+                    item = self._get(get)
                     if item is None:
+                        if time.monotonic() - asked < POLL / 10:
+                            # nothing to wait on (no subscription held): do not spin
+                            raise LostSubscription("no subscription is held")
                         continue
                     kind = item.get("type")
                     if isinstance(kind, bytes):
                         kind = kind.decode()
                     if kind in ("subscribe", "ssubscribe"):
+                        if kind == "ssubscribe":
+                            self.sharded = True
                         self._subscribed()
                         delay = RETRY_FIRST
                     elif kind in ("message", "smessage"):
                         parsed = parse_message(item.get("data"))
                         if parsed is not None:
                             self.listeners.heard(*parsed)
+                    elif kind in ("unsubscribe", "sunsubscribe"):
+                        # the server dropped it (the channel's slot moved to another node)
+                        raise LostSubscription(f"{kind} from the server")
             except Exception as exc:
                 if not self._stop.is_set():
                     # once per outage: a warning when it starts, then quiet retries
@@ -196,23 +211,30 @@ class ChangeFeed:
 
     def _subscribe(self, pubsub: Any) -> Any:
         if self.cluster and self.sharded is not False:
-            try:
-                pubsub.ssubscribe(CHANNEL)
-                self.sharded = True
-                return pubsub.get_sharded_message
-            except ResponseError as exc:
-                if "unknown command" not in str(exc).lower():
-                    raise
-                self.sharded = False
+            pubsub.ssubscribe(CHANNEL)
+            return pubsub.get_sharded_message
         pubsub.subscribe(CHANNEL)
         return pubsub.get_message
+
+    def _get(self, get: Any) -> Any:
+        """The next message, or None after ``POLL`` seconds. A cluster without sharded
+        channels (Redis before 7) answers SSUBSCRIBE with an error only now: plain ones."""
+        try:
+            return get(timeout=POLL)
+        except ResponseError as exc:
+            if self.cluster and self.sharded is None and "unknown command" in str(exc).lower():
+                self.sharded = False
+                raise LostSubscription("no sharded pub/sub on this cluster: plain") from exc
+            raise
 
     def _subscribed(self) -> None:
         """Resubscribed: what was published while it was down is lost, so the listeners
         forget everything. (Before the first subscription there was nothing to lose: what a
         cache read then is as old as any entry, and lives no longer than the TTL.)"""
-        if self.subscriptions:
-            logger.info("the customer-change subscription is back")
+        if self.subscriptions or self._forked:
+            if self.subscriptions:
+                logger.info("the customer-change subscription is back")
+            self._forked = False
             self.listeners.heard_nothing_for_a_while()
         with self._changed:
             self.subscriptions += 1
@@ -225,8 +247,11 @@ class ChangeFeed:
         self._thread = None
         self._lock = threading.Lock()
         self._changed = threading.Condition()
+        self._stop = threading.Event()
         self.subscribed = threading.Event()
         self.subscriptions = 0
+        #: what the parent cached may have changed before this child subscribes
+        self._forked = True
         self.listeners.after_fork()
         if self.listeners.any():
             self._start()
