@@ -428,3 +428,26 @@ def test_a_put_without_a_version_wins_over_a_write_that_came_between(gate: Gate)
     storage.put_customer = racing  # type: ignore[method-assign]
     shown = gate.customers.put("acme", {"plan": "pro"})
     assert (shown["plan"], shown["version"]) == ("pro", 3)
+
+
+def test_a_legacy_plan_cannot_be_slipped_in_as_a_trials_fallback(gate: Gate):
+    body = {"plan": "pro", "trial_ends_at": "2020-01-01T00:00:00Z", "previous_plan": "pro-2023"}
+    with pytest.raises(LegacyPlanRefused):
+        gate.customers.patch("acme", body)
+    gate.customers.assign("globex", plan="pro-2023", allow_legacy=True)
+    shown = gate.customers.assign("globex", plan="pro", trial=True)  # its own plan: kept
+    assert shown["previous_plan"] == "pro-2023"
+
+
+def test_a_migration_onto_the_same_plan_is_refused(gate: Gate):
+    with pytest.raises(InvalidRecord) as raised:
+        gate.customers.migrate("pro", "pro")
+    assert raised.value.field == "to"
+
+
+def test_a_cursor_nested_deep_is_refused_as_a_cursor(gate: Gate):
+    import base64
+
+    deep = base64.urlsafe_b64encode(b"[" * 5000).decode()
+    with pytest.raises(ValueError, match="cursor"):
+        gate.customers.list(cursor=deep)

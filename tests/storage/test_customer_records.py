@@ -170,3 +170,11 @@ def test_a_delete_leaves_a_version_that_a_new_record_continues_from(storage: Sto
         storage.put_customer(CustomerRecord("acme", plan="free"), expected_version=2)
     assert storage.put_customer(CustomerRecord("acme", plan="free"), expected_version=0) == 3
     assert storage.get_customer("acme") == CustomerRecord("acme", "free", version=3)
+
+
+def test_a_listing_refuses_a_cursor_out_of_range(storage: Storage):
+    import base64
+
+    for value in (b'["", -1]', b'["", 18446744073709551616]', b"[[[[[[[[", b"[" * 5000):
+        with pytest.raises(ValueError, match="cursor"):
+            storage.list_customers(cursor=base64.urlsafe_b64encode(value).decode())

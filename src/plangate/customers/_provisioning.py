@@ -343,6 +343,8 @@ class Provisioning:
             problems.append(("from", "the plan to move customers from (a name)"))
         if not isinstance(to_plan, str) or to_plan not in self.plans:
             problems.append(("to", f"unknown plan {to_plan!r}; {self._known(self.plans)}"))
+        elif to_plan == from_plan:
+            problems.append(("to", "the plan customers are moved from: nothing to migrate"))
         if problems:
             raise InvalidRecord(problems)
         if self.plans[to_plan].legacy and not allow_legacy:
@@ -418,10 +420,13 @@ class Provisioning:
                     previous = _plan_before(current, plan, start)
         if errors:
             raise InvalidRecord(errors)
-        # a legacy plan stays with whoever has it; nobody new is given it unless asked
-        kept = current is not None and current.plan == plan
-        if plan is not None and self.plans[plan].legacy and not allow_legacy and not kept:
-            raise LegacyPlanRefused(plan)
+        # a legacy plan stays with whoever has it; nobody new is given it unless asked (as
+        # the plan, or as the plan a trial falls back to)
+        held = () if current is None else (current.plan, current.previous_plan)
+        for name in (plan, previous):
+            legacy = name is not None and self.plans[name].legacy
+            if legacy and not allow_legacy and name not in held:
+                raise LegacyPlanRefused(str(name))
         return CustomerRecord(
             customer,
             plan=plan,

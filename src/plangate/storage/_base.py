@@ -124,8 +124,8 @@ def decode_cursor(cursor: str) -> Any:
     """The value ``encode_cursor`` was given; ``ValueError`` for anything else."""
     try:
         return json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
-    except (ValueError, TypeError) as exc:
-        raise ValueError(f"not a cursor this store made: {cursor[:40]!r}") from exc
+    except (ValueError, TypeError, RecursionError):  # RecursionError: [[[[...
+        raise ValueError(f"not a cursor this store made: {cursor[:40]!r}") from None
 
 
 class Storage(ABC):

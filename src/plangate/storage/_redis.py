@@ -74,6 +74,9 @@ from ._registry import masked
 #: seconds a bulk admin call (a listing page, a migration's page of writes) may wait for Redis:
 #: it is nobody's request, and a page of 500 writes is not a 50 ms affair on a loaded server
 BULK_TIMEOUT = 5.0
+#: SCAN calls one page of a listing makes at the most (so a filter that matches few
+#: customers answers in bounded time, with a cursor to go on)
+SCAN_CALLS = 16
 
 #: TCP keepalive of the subscription's connection: probed after 15 s idle, every 5 s, three
 #: unanswered probes and it is dead (Linux names; elsewhere the system's defaults)
@@ -416,6 +419,7 @@ class RedisStorage(Storage):
 
     def _sync(self) -> dict[str, Any]:
         if self._client is None:
+            self.changes.resume()  # a store closed and used again listens again
             self._client = _connect(self.target, asynchronous=False)
             self._scripts = {n: self._client.register_script(t) for n, t in self._texts.items()}
             if self.target.kind == "single":
@@ -431,6 +435,7 @@ class RedisStorage(Storage):
         if entry is not None:
             self._last = (weakref.ref(loop), entry)
         if entry is None:
+            self.changes.resume()  # a store closed and used again listens again
             client = _connect(self.target, asynchronous=True)
             scripts = {n: client.register_script(t) for n, t in self._texts.items()}
             entry = _AsyncClient(client, scripts, asyncio.Semaphore(self.target.max_connections))
@@ -621,12 +626,15 @@ class RedisStorage(Storage):
         except Exception as exc:
             raise _failure("customer write", exc) from exc
         results: list[int | VersionConflict] = []
+        failed: StorageError | None = None
         for (record, expected), reply in zip(writes, replies, strict=True):
             if isinstance(reply, NoScriptError):  # flushed or restarted meanwhile
                 results += super().put_customers([(record, expected)])
                 continue
-            if isinstance(reply, Exception):
-                raise _failure("customer write", reply) from reply
+            if isinstance(reply, Exception):  # not written: the others are, tell of them
+                failed = failed or _failure("customer write", reply)
+                results.append(VersionConflict(record.customer, -1, -1))
+                continue
             try:
                 version = customer_put_result(record.customer, expected, reply)
             except VersionConflict as conflict:
@@ -639,6 +647,8 @@ class RedisStorage(Storage):
             if isinstance(version, int)
         ]
         self.changes.publish_many(self._bulk_client(), published)
+        if failed is not None:
+            raise failed
         return results
 
     def _scripts_sha(self, name: str) -> str:
@@ -706,10 +716,15 @@ class RedisStorage(Storage):
         self, *, plan: str | None = None, limit: int = 100, cursor: str | None = None
     ) -> CustomerPage:
         """SCAN over the records' keys (never KEYS), node by node on a cluster; the cursor
-        holds the node and SCAN's own cursor. A page holds about ``limit`` records."""
+        holds the node (by name: a failover that renames nodes restarts the walk, which may
+        repeat records but skips none) and SCAN's own cursor. A page holds about ``limit``
+        records, fewer when a filter matches few (a page never examines more than
+        ``SCAN_CALLS`` batches of keys): follow the cursor until it is None."""
         try:
-            node, position = (0, 0) if cursor is None else decode_cursor(cursor)
-            node, position = int(node), int(position)
+            name, position = ("", 0) if cursor is None else decode_cursor(cursor)
+            if not isinstance(name, str) or not 0 <= int(position) < 2**64:
+                raise ValueError
+            position = int(position)
         except (TypeError, ValueError):
             raise ValueError("not a cursor this store made") from None
         limit = max(1, limit)
@@ -717,15 +732,23 @@ class RedisStorage(Storage):
             client = self._bulk_client()
             records: list[CustomerRecord] = []
             nodes = self._scan_nodes(client)
-            while node < len(nodes) and len(records) < limit:
+            names = [_node_name(n) for n in nodes]
+            node = names.index(name) if name in names else 0
+            if name not in names:
+                position = 0
+            for _ in range(SCAN_CALLS):
                 position, keys = self._scan(client, nodes[node], position, limit)
                 records += self._records(client, keys, plan)
                 if position == 0:
                     node += 1
+                if node == len(nodes) or len(records) >= limit:
+                    break
         except Exception as exc:
             raise _failure("customer listing", exc) from exc
         more = node < len(nodes)
-        return CustomerPage(tuple(records), encode_cursor([node, position]) if more else None)
+        return CustomerPage(
+            tuple(records), encode_cursor([names[node], position]) if more else None
+        )
 
     async def alist_customers(
         self, *, plan: str | None = None, limit: int = 100, cursor: str | None = None
@@ -767,6 +790,10 @@ class RedisStorage(Storage):
 
     def close(self) -> None:
         self.changes.close()
+        self._close_clients()
+
+    def _close_clients(self) -> None:
+        """The blocking and bulk clients closed (they reconnect if used again)."""
         if self._bulk is not None:
             for sentinel in getattr(self._bulk, "plangate_sentinels", ()):
                 sentinel.close()
@@ -792,7 +819,14 @@ class RedisStorage(Storage):
             for sentinel in getattr(entry.client, "plangate_sentinels", ()):
                 await sentinel.aclose()
             await entry.client.aclose()
-        self.close()
+        if self._aclients:  # other event loops are still served: they keep listening
+            self._close_clients()
+        else:
+            self.close()
+
+
+def _node_name(node: Any) -> str:
+    return "" if node is None else str(node.name)
 
 
 def _text(value: Any) -> str:

@@ -143,6 +143,11 @@ class ChangeFeed:
             )
             self._thread.start()
 
+    def resume(self) -> None:
+        """Listen again after ``close``, if anyone listens (a store closed, then used)."""
+        if self._stop.is_set() and self.listeners.any():
+            self._start()
+
     def close(self, *, wait: bool = False) -> None:
         """Stop listening. The thread (a daemon) ends at its next poll, within ``POLL``
         seconds; nothing waits for it unless ``wait`` (a command-line process exits at once)."""
