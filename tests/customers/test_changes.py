@@ -4,7 +4,9 @@ message is lost, and the subscriber comes back by itself."""
 
 from __future__ import annotations
 
+import contextlib
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -57,39 +59,42 @@ def test_memory_is_one_process_and_a_change_shows_at_once():
     assert plan_of(reader) == "enterprise"
 
 
-def test_a_change_reaches_another_gates_next_request(uri: str):
-    writer, reader = gate_on(uri), gate_on(uri)
-    try:
-        writer.storage.delete_customer("acme")  # left by another topology's run
-        assert plan_of(reader) == "free"  # cached for an hour
-        subscribed(reader)
-        seen = reader.customers.version("acme")
-        writer.customers.assign("acme", plan="enterprise")
-        heard(reader, seen + 1)
-        assert plan_of(reader) == "enterprise"
-        if "cluster" in uri:
-            assert feed(writer).sharded is True  # SPUBLISH/SSUBSCRIBE on Redis 7
-    finally:
-        writer.storage.close()
-        reader.storage.close()
-
-
-def test_a_killed_subscription_comes_back_and_hears_again(redis_server):
-    writer, reader = gate_on(redis_server.url), gate_on(redis_server.url)
+@contextlib.contextmanager
+def writer_and_reader(uri: str, reader_ttl: float = 3600) -> Iterator[tuple[Gate, Gate]]:
+    """Two gates with their own connections, as two processes have: the reader has cached
+    acme on free and subscribed."""
+    writer, reader = gate_on(uri), gate_on(uri, ttl=reader_ttl)
     try:
         writer.customers.assign("acme", plan="free")
         assert plan_of(reader) == "free"
         subscribed(reader)
-        with redis_server.client() as client:
-            assert client.client_kill_filter(_type="pubsub") >= 1
-        subscribed(reader, 2)
-        seen = reader.customers.version("acme")
-        writer.customers.assign("acme", plan="pro")
-        heard(reader, seen + 1)
-        assert plan_of(reader) == "pro"
+        yield writer, reader
     finally:
         writer.storage.close()
         reader.storage.close()
+
+
+def change_is_heard(writer: Gate, reader: Gate, plan: str) -> None:
+    """A change made by the writer decides the reader's next request."""
+    seen = reader.customers.version("acme")
+    writer.customers.assign("acme", plan=plan)
+    heard(reader, seen + 1)
+    assert plan_of(reader) == plan
+
+
+def test_a_change_reaches_another_gates_next_request(uri: str):
+    with writer_and_reader(uri) as (writer, reader):
+        change_is_heard(writer, reader, "enterprise")
+        if "cluster" in uri:
+            assert feed(writer).sharded is True  # SPUBLISH/SSUBSCRIBE on Redis 7
+
+
+def test_a_killed_subscription_comes_back_and_hears_again(redis_server):
+    with writer_and_reader(redis_server.url) as (writer, reader):
+        with redis_server.client() as client:
+            assert client.client_kill_filter(_type="pubsub") >= 1
+        subscribed(reader, 2)
+        change_is_heard(writer, reader, "pro")
 
 
 class Clock:
@@ -101,12 +106,9 @@ class Clock:
 
 
 def test_with_the_subscription_dead_a_change_shows_within_the_ttl(redis_server):
-    writer, reader = gate_on(redis_server.url), gate_on(redis_server.url, ttl=5)
-    clock = reader.customers.clock = Clock()  # the cache's TTL clock
-    try:
-        writer.customers.assign("acme", plan="free")
-        assert plan_of(reader) == "free"
-        subscribed(reader)
+    with writer_and_reader(redis_server.url, reader_ttl=5) as (writer, reader):
+        clock = reader.customers.clock = Clock()  # the cache's TTL clock, from now on
+        assert plan_of(reader) == "free"  # cached again, at 0 on that clock
         feed(reader).close(wait=True)  # the subscription is dead and stays dead
         with redis_server.client() as client:
             client.client_kill_filter(_type="pubsub")
@@ -115,28 +117,14 @@ def test_with_the_subscription_dead_a_change_shows_within_the_ttl(redis_server):
         assert plan_of(reader) == "free"
         clock.now = 5.0  # ...and never past it
         assert plan_of(reader) == "enterprise"
-    finally:
-        writer.storage.close()
-        reader.storage.close()
 
 
 def test_after_a_redis_restart_the_subscriber_is_back_by_itself():
     server = RedisServer()
-    with running(server):
-        writer, reader = gate_on(server.url), gate_on(server.url)
-        try:
-            writer.customers.assign("acme", plan="free")
-            assert plan_of(reader) == "free"
-            subscribed(reader)
-            server.restart()  # empty: the record is gone with it
-            subscribed(reader, 2)
-            seen = reader.customers.version("acme")
-            writer.customers.assign("acme", plan="enterprise")
-            heard(reader, seen + 1)
-            assert plan_of(reader) == "enterprise"
-        finally:
-            writer.storage.close()
-            reader.storage.close()
+    with running(server), writer_and_reader(server.url) as (writer, reader):
+        server.restart()  # empty: the record is gone with it
+        subscribed(reader, 2)
+        change_is_heard(writer, reader, "enterprise")
 
 
 def test_a_change_reaches_another_process(redis_server, tmp_path: Path):
@@ -185,11 +173,8 @@ def _forked_reader(gate: Gate, pipe) -> None:  # runs in the child
 def test_a_forked_worker_subscribes_on_its_own(redis_server):
     import multiprocessing
 
-    writer, reader = gate_on(redis_server.url), gate_on(redis_server.url)
-    try:
-        writer.customers.assign("acme", plan="free")
-        assert plan_of(reader) == "free"
-        subscribed(reader)  # the parent's subscriber: a thread the child does not inherit
+    # the reader's subscriber is the parent's: a thread the child does not inherit
+    with writer_and_reader(redis_server.url) as (writer, reader):
         context = multiprocessing.get_context("fork")
         mine, theirs = context.Pipe()
         child = context.Process(target=_forked_reader, args=(reader, theirs))
@@ -203,31 +188,17 @@ def test_a_forked_worker_subscribes_on_its_own(redis_server):
             assert mine.recv() == "enterprise"
         finally:
             child.join(WAIT)
-    finally:
-        writer.storage.close()
-        reader.storage.close()
 
 
 def test_a_sharded_subscription_follows_its_channel_to_another_node():
     from tests.servers import RedisCluster
 
     cluster = RedisCluster()  # its own: the channel's slot is moved
-    with running(cluster):
-        writer, reader = gate_on(cluster.url), gate_on(cluster.url)
-        try:
-            writer.customers.assign("acme", plan="free")
-            assert plan_of(reader) == "free"
-            subscribed(reader)
-            assert feed(reader).sharded is True
-            _move_slot_of(CHANNEL, cluster)  # Redis drops the shard channel's subscribers
-            subscribed(reader, 2)
-            seen = reader.customers.version("acme")
-            writer.customers.assign("acme", plan="enterprise")
-            heard(reader, seen + 1)
-            assert plan_of(reader) == "enterprise"
-        finally:
-            writer.storage.close()
-            reader.storage.close()
+    with running(cluster), writer_and_reader(cluster.url) as (writer, reader):
+        assert feed(reader).sharded is True
+        _move_slot_of(CHANNEL, cluster)  # Redis drops the shard channel's subscribers
+        subscribed(reader, 2)
+        change_is_heard(writer, reader, "enterprise")
 
 
 def _move_slot_of(channel: str, cluster) -> None:
