@@ -108,6 +108,7 @@ class Clock:
 def test_with_the_subscription_dead_a_change_shows_within_the_ttl(redis_server):
     with writer_and_reader(redis_server.url, reader_ttl=5) as (writer, reader):
         clock = reader.customers.clock = Clock()  # the cache's TTL clock, from now on
+        reader.customers.invalidate("acme")
         assert plan_of(reader) == "free"  # cached again, at 0 on that clock
         feed(reader).close(wait=True)  # the subscription is dead and stays dead
         with redis_server.client() as client:
