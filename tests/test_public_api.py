@@ -35,6 +35,7 @@ def test_public_names_are_pinned():
 @pytest.mark.parametrize(
     "module",
     [
+        "plangate.admin",
         "plangate.asgi",
         "plangate.config",
         "plangate.customers",
