@@ -65,6 +65,7 @@ def writer_and_reader(uri: str, reader_ttl: float = 3600) -> Iterator[tuple[Gate
     acme on free and subscribed."""
     writer, reader = gate_on(uri), gate_on(uri, ttl=reader_ttl)
     try:
+        writer.storage.delete_customer("acme")  # whatever another test left there
         writer.customers.assign("acme", plan="free")
         assert plan_of(reader) == "free"
         subscribed(reader)
