@@ -795,11 +795,16 @@ def main() -> int:
     text = report(samples, commands, http, memory_rows, batches, per_batch)
     print(text)
     if not args.quick:
-        doc = DOCS.read_text()
-        start, end = doc.index(START) + len(START), doc.index(END)
-        DOCS.write_text(doc[:start] + "\n" + text + "\n" + doc[end:])
-        print(f"\nwrote {DOCS}")
+        write_section(text, START, END)
     return 0
+
+
+def write_section(text: str, start: str, end: str) -> None:
+    """Replace what docs/benchmarks.md holds between the markers ``start`` and ``end``."""
+    doc = DOCS.read_text()
+    head, tail = doc.index(start) + len(start), doc.index(end)
+    DOCS.write_text(doc[:head] + "\n" + text + "\n" + doc[tail:])
+    print(f"\nwrote {DOCS}")
 
 
 if __name__ == "__main__":

@@ -60,7 +60,7 @@ from typing import Any
 
 import redis
 import yaml
-from compare import Monitor, _cpu, free_port, redis_server
+from compare import Monitor, _cpu, free_port, redis_server, write_section
 
 from plangate.cli import mint_token
 from plangate.config import load_config
@@ -515,10 +515,7 @@ def main() -> int:
     text = report(main_run, control)
     print(text)
     if args.write:
-        doc = DOCS.read_text()
-        start, end = doc.index(START) + len(START), doc.index(END)
-        DOCS.write_text(doc[:start] + "\n" + text + "\n" + doc[end:])
-        print(f"\nwrote {DOCS}")
+        write_section(text, START, END)
     return 0
 
 

@@ -91,6 +91,16 @@ BASE_CONFIG: dict[str, Any] = {
 }
 
 
+class Clock:
+    """A clock the test moves instead of waiting: ``clock.now`` is the time."""
+
+    def __init__(self, now: float = 0.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
 def config(**changes: Any) -> dict[str, Any]:
     """A deep copy of BASE_CONFIG with top-level keys replaced."""
     result = copy.deepcopy(BASE_CONFIG)

@@ -15,7 +15,7 @@ from starlette.testclient import TestClient
 from plangate import AsyncGate, MemoryStorage
 from plangate.admin import AdminAPI
 from plangate.storage import Storage
-from tests.support import config
+from tests.support import Clock, config
 
 TOKEN = "an-admin-token-from-the-environment"
 AUTH = {"authorization": f"Bearer {TOKEN}"}
@@ -58,16 +58,6 @@ def admin_config(**changes: Any) -> dict[str, Any]:
     return config(**{"plans": plans, "addons": addons, "admin": {"token": TOKEN}, **changes})
 
 
-class Clock:
-    """The gate's clock: the time is what the test sets."""
-
-    def __init__(self, now: float = START) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-
 def mounted(api: AdminAPI) -> Starlette:
     """The admin API as an application mounts it."""
     return Starlette(routes=[Mount("/admin", app=api)])
@@ -83,7 +73,7 @@ def admin(
 ) -> Iterator[TestClient]:
     """A client of the admin API on a gate of ``admin_config(**changes)``."""
     gate = AsyncGate(
-        admin_config(**changes), storage=storage or MemoryStorage(), clock=clock or Clock()
+        admin_config(**changes), storage=storage or MemoryStorage(), clock=clock or Clock(START)
     )
     with TestClient(mounted(AdminAPI(gate)), headers=AUTH if auth else None) as client:
         yield client
@@ -95,7 +85,7 @@ async def async_admin(
 ) -> AsyncIterator[httpx.AsyncClient]:
     """``admin`` for tests that run requests concurrently; the store's connections of this
     event loop are closed at the end."""
-    gate = AsyncGate(admin_config(**changes), storage=storage, clock=clock or Clock())
+    gate = AsyncGate(admin_config(**changes), storage=storage, clock=clock or Clock(START))
     transport = httpx.ASGITransport(app=mounted(AdminAPI(gate)))
     try:
         async with httpx.AsyncClient(

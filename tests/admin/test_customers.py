@@ -8,7 +8,8 @@ from datetime import datetime, timedelta, timezone
 import pytest
 
 from plangate.engine import PROBLEM_BASE
-from tests.admin.support import PROBLEM, START, Clock, admin
+from tests.admin.support import PROBLEM, START, admin
+from tests.support import Clock
 
 DAY = 86400.0
 
@@ -151,7 +152,7 @@ def test_overrides_of_each_kind_show_in_the_entitlements():
 
 
 def test_a_trial_starts_now_and_ends_after_the_plans_trial_days():
-    clock = Clock()
+    clock = Clock(START)
     with admin(clock=clock) as client:
         client.put("/admin/customers/acme", json={"plan": "free"})
         body = client.patch("/admin/customers/acme", json={"plan": "pro", "trial": True}).json()
@@ -163,7 +164,7 @@ def test_a_trial_starts_now_and_ends_after_the_plans_trial_days():
 
 
 def test_after_the_trial_the_entitlements_are_the_previous_plans():
-    clock = Clock()
+    clock = Clock(START)
     with admin(clock=clock) as client:
         client.put("/admin/customers/acme", json={"plan": "free"})
         client.patch("/admin/customers/acme", json={"plan": "pro", "trial": True})

@@ -18,7 +18,7 @@ from plangate.storage import open_storage
 from plangate.storage._redis_changes import CHANNEL
 from tests.servers import RedisServer, running
 from tests.storage.test_redis_service import uvicorn_process
-from tests.support import bearer, config, token
+from tests.support import Clock, bearer, config, token
 
 WAIT = 15.0  # seconds an awaited event may take before the test fails
 
@@ -96,14 +96,6 @@ def test_a_killed_subscription_comes_back_and_hears_again(redis_server):
             assert client.client_kill_filter(_type="pubsub") >= 1
         subscribed(reader, 2)
         change_is_heard(writer, reader, "pro")
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def test_with_the_subscription_dead_a_change_shows_within_the_ttl(redis_server):

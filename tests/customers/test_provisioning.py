@@ -20,17 +20,9 @@ from plangate.customers import (
     merge_patch,
 )
 from plangate.storage import open_storage
-from tests.support import BASE_CONFIG, config, token
+from tests.support import BASE_CONFIG, Clock, config, token
 
 START = datetime(2026, 12, 1, 12, 0, tzinfo=timezone.utc).timestamp()
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = START
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def catalog(**changes: Any) -> dict[str, Any]:
@@ -53,7 +45,7 @@ def catalog(**changes: Any) -> dict[str, Any]:
 
 @pytest.fixture
 def clock() -> Clock:
-    return Clock()
+    return Clock(START)
 
 
 @pytest.fixture

@@ -10,15 +10,7 @@ import pytest
 from plangate import CustomerRecord, Gate, MemoryStorage, StorageError
 from plangate.customers import AsyncCustomerStore, CustomerStore
 from plangate.storage import open_storage
-from tests.support import config, token
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
+from tests.support import Clock, config, token
 
 
 class Silent(MemoryStorage):

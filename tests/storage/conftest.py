@@ -17,19 +17,22 @@ BACKENDS = [
 ]
 
 
-@pytest.fixture(params=BACKENDS)
-def storage(request: pytest.FixtureRequest) -> Iterator[Storage]:
-    store: Storage
+def open_backend(request: pytest.FixtureRequest, options: str = "") -> Storage:
+    """The backend ``request.param`` names, emptied; ``options``: URI query options."""
     if request.param == "memory":
-        store = MemoryStorage()
-    elif request.param == "redis":
+        return MemoryStorage()
+    if request.param == "redis":
         server = request.getfixturevalue("redis_server")
         with server.client() as client:
             client.flushall()
-        store = open_storage(server.url)
     else:
-        cluster = request.getfixturevalue("redis_cluster")
-        cluster.flush()
-        store = open_storage(cluster.url)
+        server = request.getfixturevalue("redis_cluster")
+        server.flush()
+    return open_storage(f"{server.url}?{options}" if options else server.url)
+
+
+@pytest.fixture(params=BACKENDS)
+def storage(request: pytest.FixtureRequest) -> Iterator[Storage]:
+    store = open_backend(request)
     yield store
     store.close()
