@@ -23,17 +23,22 @@ The rules (SPEC §6, issue 13):
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
+
+from ._protocol import Burns, Counter, CreditCharge
 
 CATEGORIES = ("promotional", "paid")  # the order they burn in, at equal priority and expiry
 SOURCES = ("plan", "topup", "admin", "billing")
 MAX_PRIORITY = 255
 DEFAULT_PRIORITY = 100
-#: the most units one grant may hold (a double in Lua holds every whole number up to 2^53)
+#: the most sub-units a balance may hold (a double in Lua holds every whole number up to 2^53)
 MAX_UNITS = 2**53 - 1
-
-#: units taken from each grant by one charge: (grant id, units), in burn order
-Burns = tuple[tuple[str, int], ...]
+#: ledger entries kept per balance; older ones are summed into ``ledger_base``
+LEDGER_CAP = 1000
+#: a grant with nothing left is forgotten this long (µs) after its last change
+PRUNE_AFTER = 86_400_000_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,6 +53,7 @@ class Grant:
     source: str = "admin"
     created_at: int = 0
     idempotency_key: str | None = None
+    touched_at: int = 0  # the last change of ``remaining``
 
     def usable(self, now: int) -> bool:
         return (
@@ -80,6 +86,7 @@ class LedgerEntry:
     at: int
     grant: str | None = None
     ref: str = ""  # the reservation or idempotency key it belongs to
+    id: str = ""  # its place in the ledger (newer entries sort after older ones)
 
 
 @dataclass
@@ -89,6 +96,11 @@ class CreditAccount:
     grants: dict[str, Grant] = field(default_factory=dict)
     debt: int = 0
     ledger: list[LedgerEntry] = field(default_factory=list)
+    #: the sum of the entries dropped from the front of the ledger (it keeps ``LEDGER_CAP``)
+    ledger_base: int = 0
+    #: the start (µs) of the last period whose plan grant was issued
+    plan_at: int = -1
+    next_entry: int = 0
 
     # reading ---------------------------------------------------------------------------------
 
@@ -100,18 +112,53 @@ class CreditAccount:
         """The usable grants, in burn order."""
         return sorted((g for g in self.grants.values() if g.usable(now)), key=burn_key)
 
+    def ledger_sum(self) -> int:
+        """What the ledger adds up to: the grants' remaining units less the debt, once
+        ``expire`` has run (a property test holds it)."""
+        return self.ledger_base + sum(e.amount for e in self.ledger)
+
     # changing --------------------------------------------------------------------------------
+
+    def log(self, kind: str, amount: int, at: int, grant: str | None = None, ref: str = "") -> None:
+        self.next_entry += 1
+        self.ledger.append(LedgerEntry(kind, amount, at, grant, ref, f"{self.next_entry:016d}"))
+        if len(self.ledger) > LEDGER_CAP:
+            self.ledger_base += self.ledger.pop(0).amount
+
+    def issue_plan(self, amount: int, start: int, end: int, now: int) -> Grant | None:
+        """The plan's grant for the period ``[start, end)``, once per period (on its first use)."""
+        if self.plan_at >= start:
+            return None
+        self.plan_at = start
+        if amount <= 0:
+            return None
+        grant = Grant(
+            f"plan-{start // 1_000_000}",
+            amount,
+            amount,
+            category="paid",
+            effective_at=start,
+            expires_at=end,
+            source="plan",
+            created_at=start,
+            touched_at=now,
+        )
+        return self.add(grant, now)
+
+    def prune(self, now: int) -> None:
+        """Forget grants that hold nothing and have not changed for ``PRUNE_AFTER``."""
+        for grant in list(self.grants.values()):
+            if grant.remaining == 0 and grant.touched_at + PRUNE_AFTER <= now:
+                del self.grants[grant.id]
 
     def add(self, grant: Grant, now: int) -> Grant:
         """Add a grant; debt is paid from it first. Returns the grant as stored."""
         if grant.id in self.grants:
             raise ValueError(f"grant {grant.id!r} exists")
-        key = grant.idempotency_key or ""
-        self.ledger.append(LedgerEntry("grant", grant.amount, now, grant.id, key))
+        self.log("grant", grant.amount, now, grant.id, grant.idempotency_key or "")
         paid = min(self.debt, grant.remaining) if grant.usable(now) else 0
-        if paid:
-            self.debt -= paid
-            grant = replace(grant, remaining=grant.remaining - paid)
+        grant = replace(grant, remaining=grant.remaining - paid, touched_at=now)
+        self.debt -= paid
         self.grants[grant.id] = grant
         return grant
 
@@ -120,9 +167,9 @@ class CreditAccount:
         gone = 0
         for grant in list(self.grants.values()):
             if grant.expired(now) and grant.remaining:
-                self.ledger.append(LedgerEntry("expiry", -grant.remaining, now, grant.id))
+                self.log("expiry", -grant.remaining, now, grant.id)
                 gone += grant.remaining
-                self.grants[grant.id] = replace(grant, remaining=0)
+                self.grants[grant.id] = replace(grant, remaining=0, touched_at=now)
         return gone
 
     def take(self, cost: int, now: int, ref: str = "") -> Burns | None:
@@ -142,7 +189,7 @@ class CreditAccount:
         short = units - sum(n for _, n in burns)
         if short:
             self.debt += short
-            self.ledger.append(LedgerEntry("excess", -short, now, None, ref))
+            self.log("excess", -short, now, None, ref)
         return burns
 
     def _burn(self, units: int, now: int, ref: str, kind: str) -> Burns:
@@ -152,8 +199,8 @@ class CreditAccount:
             if not left:
                 break
             n = min(left, grant.remaining)
-            self.grants[grant.id] = replace(grant, remaining=grant.remaining - n)
-            self.ledger.append(LedgerEntry(kind, -n, now, grant.id, ref))
+            self.grants[grant.id] = replace(grant, remaining=grant.remaining - n, touched_at=now)
+            self.log(kind, -n, now, grant.id, ref)
             burns.append((grant.id, n))
             left -= n
         return tuple(burns)
@@ -174,8 +221,10 @@ class CreditAccount:
                 continue
             paid = min(self.debt, n)
             self.debt -= paid
-            self.grants[grant_id] = replace(grant, remaining=grant.remaining + n - paid)
-            self.ledger.append(LedgerEntry("refund", n, now, grant_id, ref))
+            self.grants[grant_id] = replace(
+                grant, remaining=grant.remaining + n - paid, touched_at=now
+            )
+            self.log("refund", n, now, grant_id, ref)
             returned += n
         return returned
 
@@ -184,6 +233,32 @@ class CreditAccount:
         grant = self.grants[grant_id]
         left = grant.remaining
         if left:
-            self.ledger.append(LedgerEntry("revoke", -left, now, grant_id))
-            self.grants[grant_id] = replace(grant, remaining=0)
+            self.log("revoke", -left, now, grant_id)
+            self.grants[grant_id] = replace(grant, remaining=0, touched_at=now)
         return left
+
+
+def micros(now: float) -> int:
+    """Seconds since the epoch as whole microseconds, rounded as the Redis scripts round."""
+    return math.floor(now * 1_000_000 + 0.5)
+
+
+def required_of(charge: CreditCharge, counters: Sequence[Counter], totals: Sequence[int]) -> int:
+    """The sub-units a reservation needs from ``charge``'s balance: its own cost, plus each
+    overage group's units over its limit (the most over any limit of the meter) times its
+    rate. ``totals``: each counter's units before this reservation."""
+    over: dict[int, tuple[int, int]] = {}
+    for index, rate, group in charge.overage:
+        counter = counters[index]
+        if counter.limit is None:
+            continue
+        units = min(counter.cost, totals[index] + counter.cost - counter.limit)
+        if units > over.get(group, (0, 0))[0]:
+            over[group] = (units, rate)
+    return charge.cost + sum(units * rate for units, rate in over.values())
+
+
+def checked(charge: CreditCharge, required: int) -> bool:
+    """Whether the balance must cover ``required``: a route that spends the credits itself
+    always asks (a balance in debt refuses it); overage asks only once a limit is passed."""
+    return charge.direct or required > 0

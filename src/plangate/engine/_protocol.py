@@ -11,8 +11,11 @@ from abc import ABC, abstractmethod
 from collections.abc import Generator, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Generic, NamedTuple, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, NamedTuple, Protocol, TypeVar
 from urllib.parse import quote, unquote
+
+if TYPE_CHECKING:
+    from ._credits import Grant, LedgerEntry
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -51,6 +54,16 @@ def customer_prefix(customer: str) -> str:
 def customer_key(customer: str) -> str:
     """Where a customer's record is kept."""
     return f"{customer_prefix(customer)}customer"
+
+
+def credits_key(customer: str, feature: str) -> str:
+    """Where a customer's balance of one credits feature is kept (its ledger: ``:ledger``)."""
+    return f"{customer_prefix(customer)}credits:{feature}"
+
+
+def idempotency_key_of(key: str) -> str:
+    """Where the idempotency keys of the grants of the customer of balance ``key`` are kept."""
+    return f"{key[: key.rindex('}:') + 2]}credits:idempotency"
 
 
 def customer_of_key(key: str) -> str | None:
@@ -98,6 +111,50 @@ class CounterState(NamedTuple):
     reset_after: float  # seconds until capacity next returns
 
 
+#: units taken from each grant by one charge: (grant id, units), in burn order
+Burns = tuple[tuple[str, int], ...]
+
+
+@dataclass(frozen=True, slots=True)
+class CreditCharge:
+    """One credits feature of one customer, and what a request takes from its balance.
+
+    Amounts are in the feature's sub-units (``scale`` of them make one credit: 1, or up to
+    10^6 where a fractional overage rate charges it), times in microseconds since the epoch.
+    ``cost``: taken outright (a route's ``meters: {ai_credits: 5}``). ``overage``: the units
+    of a counter over its limit are charged here (at a rate) instead of being refused. ``grant``: the plan's grant for the period
+    ``[period_start, period_end)``, issued on first use of the period (0: none).
+    """
+
+    key: str  # the balance's hash; its ledger is ``key + ":ledger"``
+    feature: str
+    cost: int = 0
+    #: the route spends this feature itself (``meters: {ai_credits: N}``): a balance in debt
+    #: refuses it even when ``cost`` is 0; overage alone asks only past a limit
+    direct: bool = False
+    #: (counter index, sub-units per unit over its limit, group): the most units over any
+    #: limit of one group (one meter) are charged
+    overage: tuple[tuple[int, int, int], ...] = ()
+    grant: int = 0
+    period_start: int = 0
+    period_end: int = 0
+    scale: int = 1
+    #: when the store cannot be reached: "deny" (503, the default for credits), "allow"
+    #: (admit, charged once the store is back), "local" (admit up to the balance last seen)
+    on_error: str = "deny"
+
+    @property
+    def ledger_key(self) -> str:
+        return f"{self.key}:ledger"
+
+
+class CreditState(NamedTuple):
+    balance: int  # sub-units usable after the reservation (before it, when refused)
+    charged: int  # sub-units this reservation took
+    burns: Burns = ()  # where they came from; handed back to ``Settle``
+    required: int = 0  # sub-units the reservation needed from this balance
+
+
 class ReserveResult(NamedTuple):
     admitted: bool
     states: tuple[CounterState, ...]
@@ -105,6 +162,8 @@ class ReserveResult(NamedTuple):
     violated: tuple[int, ...] = ()  # indices of the counters that refused
     retry_after: float = 0.0  # seconds until every violated counter could take its cost
     waits: tuple[float, ...] = ()  # refused: seconds until each counter could take its cost
+    credits: tuple[CreditState, ...] = ()  # one per credit charge of the reservation
+    short: tuple[int, ...] = ()  # indices of the credit charges the balance could not cover
 
 
 def _frozen(value: Any) -> Any:
@@ -187,6 +246,28 @@ class CustomerPage(NamedTuple):
     cursor: str | None
 
 
+class GrantResult(NamedTuple):
+    """What ``GrantCredits`` did: ``created`` a grant, or found the one its idempotency key
+    made before (``created=False``); ``grant`` is None when the key was used for another
+    body (``conflict``)."""
+
+    created: bool
+    grant: Grant | None
+    conflict: bool = False
+
+
+class CreditView(NamedTuple):
+    """A balance as the admin side reads it: sub-units, the grants, a page of the ledger
+    (newest first) and the cursor of the next page (None: no more)."""
+
+    balance: int
+    debt: int
+    grants: tuple[Grant, ...]
+    ledger: tuple[LedgerEntry, ...]
+    cursor: str | None
+    ledger_sum: int
+
+
 class Backend(Protocol):
     """What runs the operations: every ``plangate.storage.Storage`` is one."""
 
@@ -205,6 +286,12 @@ class Backend(Protocol):
     def list_customers(
         self, *, plan: str | None = None, limit: int = 100, cursor: str | None = None
     ) -> CustomerPage: ...
+    def grant_credits(self, op: GrantCredits, /) -> GrantResult: ...
+    def revoke_credits(self, op: RevokeCredits, /) -> int | None: ...
+    def read_credits(self, op: ReadCredits, /) -> CreditView: ...
+    async def agrant_credits(self, op: GrantCredits, /) -> GrantResult: ...
+    async def arevoke_credits(self, op: RevokeCredits, /) -> int | None: ...
+    async def aread_credits(self, op: ReadCredits, /) -> CreditView: ...
     async def areserve(self, op: Reserve, /) -> ReserveResult: ...
     async def asettle(self, op: Settle, /) -> bool: ...
     async def apeek(self, op: Peek, /) -> tuple[CounterState, ...]: ...
@@ -243,6 +330,8 @@ class Reserve(Op[ReserveResult]):
     enforce: bool = True
     #: names the reservation; the ``Settle`` that commits or refunds it carries the same id
     reservation_id: str = ""
+    #: credit balances taken from in the same atomic step (a route's credits and overage)
+    credits: tuple[CreditCharge, ...] = ()
 
     def run(self, backend: Backend) -> ReserveResult:
         return backend.reserve(self)
@@ -260,6 +349,11 @@ class Settle(Op[bool]):
     slots: tuple[int, ...]
     deltas: tuple[int, ...]
     now: float
+    #: per credit charge: sub-units to add (a charge past the balance becomes debt) or, when
+    #: negative, to refund to the grants ``burns`` took them from
+    credits: tuple[CreditCharge, ...] = ()
+    credit_deltas: tuple[int, ...] = ()
+    burns: tuple[Burns, ...] = ()
 
     def run(self, backend: Backend) -> bool:
         return backend.settle(self)
@@ -280,6 +374,9 @@ class Record(Op["tuple[int, ...] | None"]):
     counters: tuple[Counter, ...]
     costs: tuple[int, ...]
     now: float
+    #: credits used meanwhile, taken whole (what the grants cannot cover becomes debt)
+    credits: tuple[CreditCharge, ...] = ()
+    credit_costs: tuple[int, ...] = ()
 
     def run(self, backend: Backend) -> tuple[int, ...] | None:
         return backend.record(self)
@@ -312,3 +409,53 @@ class LoadCustomer(Op["CustomerRecord | None"]):
 
     async def arun(self, backend: Backend) -> CustomerRecord | None:
         return await backend.aget_customer(self.customer)
+
+
+@dataclass(frozen=True, slots=True)
+class GrantCredits(Op[GrantResult]):
+    """Add ``grant`` to the balance ``charge`` names (its debt paid first), once per
+    ``grant.idempotency_key``: the same key again finds the first grant when
+    ``fingerprint`` (what was asked) matches, and is a conflict when it does not."""
+
+    charge: CreditCharge
+    grant: Grant
+    fingerprint: str
+    now: int  # microseconds
+
+    def run(self, backend: Backend) -> GrantResult:
+        return backend.grant_credits(self)
+
+    async def arun(self, backend: Backend) -> GrantResult:
+        return await backend.agrant_credits(self)
+
+
+@dataclass(frozen=True, slots=True)
+class RevokeCredits(Op["int | None"]):
+    """Take away what a grant still holds; the sub-units revoked (None: no such grant)."""
+
+    charge: CreditCharge
+    grant_id: str
+    now: int
+
+    def run(self, backend: Backend) -> int | None:
+        return backend.revoke_credits(self)
+
+    async def arun(self, backend: Backend) -> int | None:
+        return await backend.arevoke_credits(self)
+
+
+@dataclass(frozen=True, slots=True)
+class ReadCredits(Op[CreditView]):
+    """A balance, its grants and a page of its ledger (the period's plan grant is issued
+    first if it was not: reading counts as a use). ``before``: the cursor of a page."""
+
+    charge: CreditCharge
+    now: int
+    limit: int = 50
+    before: str | None = None
+
+    def run(self, backend: Backend) -> CreditView:
+        return backend.read_credits(self)
+
+    async def arun(self, backend: Backend) -> CreditView:
+        return await backend.aread_credits(self)

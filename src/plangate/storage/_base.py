@@ -23,19 +23,28 @@ from ..engine import (
     SLIDING_BUCKETS,
     Counter,
     CounterState,
+    CreditCharge,
+    CreditState,
+    CreditView,
     CustomerPage,
     CustomerRecord,
     Flow,
+    GrantCredits,
+    GrantResult,
     LoadCustomer,
     Op,
     Peek,
+    ReadCredits,
     Record,
     Reserve,
     ReserveResult,
+    RevokeCredits,
     Settle,
+    credits_key,
     customer_key,
     customer_of_key,
     customer_prefix,
+    idempotency_key_of,
 )
 from ..errors import VersionConflict
 
@@ -44,22 +53,31 @@ __all__ = [
     "SLIDING_BUCKETS",
     "Counter",
     "CounterState",
+    "CreditCharge",
+    "CreditState",
+    "CreditView",
     "CustomerListener",
     "CustomerPage",
     "CustomerRecord",
     "Flow",
+    "GrantCredits",
+    "GrantResult",
     "Listeners",
     "LoadCustomer",
     "Op",
     "Peek",
+    "ReadCredits",
     "Record",
     "Reserve",
     "ReserveResult",
+    "RevokeCredits",
     "Settle",
     "Storage",
+    "credits_key",
     "customer_key",
     "customer_of_key",
     "customer_prefix",
+    "idempotency_key_of",
 ]
 
 
@@ -187,6 +205,27 @@ class Storage(ABC):
         """A page of customer records, on ``plan`` if given. A listing walks the store once
         (a record changed meanwhile may be seen twice or not at all); about ``limit``
         records a page."""
+
+    def grant_credits(self, op: GrantCredits) -> GrantResult:
+        """Add a grant to a balance, once per idempotency key (see ``GrantCredits``)."""
+        raise NotImplementedError(f"{type(self).__name__} keeps no credit balances")
+
+    def revoke_credits(self, op: RevokeCredits) -> int | None:
+        """Take away what a grant still holds; the sub-units revoked (None: no such grant)."""
+        raise NotImplementedError(f"{type(self).__name__} keeps no credit balances")
+
+    def read_credits(self, op: ReadCredits) -> CreditView:
+        """A balance, its grants and a page of its ledger, newest first."""
+        raise NotImplementedError(f"{type(self).__name__} keeps no credit balances")
+
+    async def agrant_credits(self, op: GrantCredits) -> GrantResult:
+        return self.grant_credits(op)
+
+    async def arevoke_credits(self, op: RevokeCredits) -> int | None:
+        return self.revoke_credits(op)
+
+    async def aread_credits(self, op: ReadCredits) -> CreditView:
+        return self.read_credits(op)
 
     def watch_customers(self, listener: CustomerListener) -> None:  # noqa: B027
         """Tell ``listener`` (held weakly) of every change to a customer record, made in

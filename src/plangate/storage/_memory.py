@@ -9,23 +9,32 @@ from bisect import bisect_left, bisect_right
 from collections import OrderedDict
 from dataclasses import dataclass, field, replace
 
+from ..engine._credits import CreditAccount, checked, micros, required_of
 from ..errors import VersionConflict
 from ._base import (
     SLIDING_BUCKETS,
     Counter,
     CounterState,
+    CreditCharge,
+    CreditState,
+    CreditView,
     CustomerListener,
     CustomerPage,
     CustomerRecord,
+    GrantCredits,
+    GrantResult,
     Listeners,
     Peek,
+    ReadCredits,
     Record,
     Reserve,
     ReserveResult,
+    RevokeCredits,
     Settle,
     Storage,
     decode_cursor,
     encode_cursor,
+    idempotency_key_of,
 )
 
 _SWEEP_EVERY = 60.0  # seconds between sweeps of expired counters
@@ -214,6 +223,10 @@ class MemoryStorage(Storage):
         self._settled: OrderedDict[str, float] = OrderedDict()
         self._next_sweep = 0.0
         self._now = 0.0
+        #: credit balances by key, and each customer's idempotency keys of grants:
+        #: key → (balance key, grant id, fingerprint)
+        self._credits: dict[str, CreditAccount] = {}
+        self._idempotency: dict[str, dict[str, tuple[str, str, str]]] = {}
 
     def _counter(
         self, counter: Counter, now: float, create: bool
@@ -257,17 +270,47 @@ class MemoryStorage(Storage):
             if now >= self._next_sweep:
                 self._sweep(now)
             states = [self._counter(c, now, create=True) for c in counters]
-            over = []
-            for i, c in enumerate(counters):
-                if c.limit is not None and states[i].total + c.cost > c.limit:  # type: ignore[union-attr]
-                    over.append(i)
-            violated = tuple(over)
-            if violated and op.enforce:
+            soft = {index for charge in op.credits for index, _, _ in charge.overage}
+            violated = tuple(
+                i
+                for i, c in enumerate(counters)
+                if c.limit is not None
+                and states[i].total + c.cost > c.limit  # type: ignore[union-attr]
+                and i not in soft
+            )
+            credits: tuple[CreditState, ...] = ()
+            short: tuple[int, ...] = ()
+            if op.credits:
+                totals = [s.total for s in states]  # type: ignore[union-attr]
+                now_us = micros(now)
+                accounts = [self._account(charge, now_us) for charge in op.credits]
+                needs = [required_of(charge, counters, totals) for charge in op.credits]
+                balances = [account.balance(now_us) for account in accounts]
+                short = tuple(
+                    i
+                    for i, charge in enumerate(op.credits)
+                    if checked(charge, needs[i]) and needs[i] > balances[i]
+                )
+                if (violated or short) or not op.enforce:
+                    credits = tuple(
+                        CreditState(b, 0, (), n) for b, n in zip(balances, needs, strict=True)
+                    )
+                else:
+                    taken = []
+                    for account, need, balance in zip(accounts, needs, balances, strict=True):
+                        burns = account.take(need, now_us, op.reservation_id) if need else ()
+                        assert burns is not None
+                        taken.append(CreditState(balance - need, need, burns, need))
+                    credits = tuple(taken)
+            if (violated or short) and op.enforce:
                 waits = [0.0] * len(counters)
                 for i in violated:
                     waits[i] = self._wait(counters[i], states[i], now)  # type: ignore[arg-type]
                 reported = tuple(self._state(s, now) for s in states)  # type: ignore[arg-type]
-                return ReserveResult(False, reported, (), violated, max(waits), tuple(waits))
+                return ReserveResult(
+                    False, reported, (), violated, max(waits, default=0.0), tuple(waits),
+                    credits, short,
+                )  # fmt: skip
             slots: list[int] = []
             after: list[CounterState] = []
             for c, s in zip(counters, states, strict=True):
@@ -282,7 +325,10 @@ class MemoryStorage(Storage):
                     s.total += c.cost
                     slots.append(0)
                     after.append(CounterState(s.total, s.resets_at - now))
-            return ReserveResult(not violated, tuple(after), tuple(slots), violated)
+            admitted = not violated and not short
+            return ReserveResult(
+                admitted, tuple(after), tuple(slots), violated, credits=credits, short=short
+            )
 
     @staticmethod
     def _wait(counter: Counter, state: _Log | _Sliding | _Fixed, now: float) -> float:
@@ -319,6 +365,12 @@ class MemoryStorage(Storage):
                     state.adjust(slot, delta, now, max(counter.limit or 0, 1))
                 elif isinstance(state, _Sliding) and not counter.exact:
                     state.adjust(slot, delta)  # a bucket already out of the window stays out
+            now_us = micros(now)
+            for charge, change, burns in zip(op.credits, op.credit_deltas, op.burns, strict=True):
+                if change > 0:
+                    self._account(charge, now_us).take_excess(change, now_us, op.reservation_id)
+                elif change < 0:
+                    self._account(charge, now_us).refund(burns, -change, now_us, op.reservation_id)
             return True
 
     def record(self, op: Record) -> tuple[int, ...] | None:
@@ -338,6 +390,10 @@ class MemoryStorage(Storage):
                     assert state is not None
                     state.total += cost
                     slots.append(0)
+            now_us = micros(now)
+            for charge, units in zip(op.credits, op.credit_costs, strict=True):
+                if units:
+                    self._account(charge, now_us).take_excess(units, now_us, op.record_id)
             return tuple(slots)
 
     def peek(self, op: Peek) -> tuple[CounterState, ...]:
@@ -352,6 +408,57 @@ class MemoryStorage(Storage):
                 else:
                     result.append(self._state(state, now))
             return tuple(result)
+
+    # credits -------------------------------------------------------------------------------
+
+    def _account(self, charge: CreditCharge, now: int) -> CreditAccount:
+        """The balance ``charge`` names as of ``now`` (µs): expired grants written off, the
+        period's plan grant issued if it was not (the caller holds the lock)."""
+        account = self._credits.get(charge.key)
+        if account is None:
+            account = self._credits[charge.key] = CreditAccount()
+        account.expire(now)
+        if charge.period_end:
+            account.issue_plan(charge.grant, charge.period_start, charge.period_end, now)
+        account.prune(now)
+        return account
+
+    def grant_credits(self, op: GrantCredits) -> GrantResult:
+        grant = op.grant
+        with self._lock:
+            keys = self._idempotency.setdefault(idempotency_key_of(op.charge.key), {})
+            if grant.idempotency_key is not None and grant.idempotency_key in keys:
+                where, grant_id, fingerprint = keys[grant.idempotency_key]
+                if (where, fingerprint) != (op.charge.key, op.fingerprint):
+                    return GrantResult(False, None, True)
+                found = self._credits[where].grants.get(grant_id)
+                return GrantResult(False, found or replace(grant, id=grant_id, remaining=0))
+            stored = self._account(op.charge, op.now).add(grant, op.now)
+            if grant.idempotency_key is not None:
+                keys[grant.idempotency_key] = (op.charge.key, grant.id, op.fingerprint)
+            return GrantResult(True, stored)
+
+    def revoke_credits(self, op: RevokeCredits) -> int | None:
+        with self._lock:
+            account = self._account(op.charge, op.now)
+            if op.grant_id not in account.grants:
+                return None
+            return account.revoke(op.grant_id, op.now)
+
+    def read_credits(self, op: ReadCredits) -> CreditView:
+        with self._lock:
+            account = self._account(op.charge, op.now)
+            entries = [e for e in reversed(account.ledger) if op.before is None or e.id < op.before]
+            page = tuple(entries[: max(1, op.limit)])
+            cursor = page[-1].id if len(entries) > len(page) else None
+            return CreditView(
+                account.balance(op.now),
+                account.debt,
+                tuple(account.grants.values()),
+                page,
+                cursor,
+                account.ledger_sum(),
+            )
 
     def get_customer(self, customer: str) -> CustomerRecord | None:
         return self._customers.get(customer)

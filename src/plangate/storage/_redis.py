@@ -36,13 +36,18 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from ..errors import ConfigError, ConfigIssue, StorageError, VersionConflict
 from ._base import (
     CounterState,
+    CreditView,
     CustomerListener,
     CustomerPage,
     CustomerRecord,
+    GrantCredits,
+    GrantResult,
     Peek,
+    ReadCredits,
     Record,
     Reserve,
     ReserveResult,
+    RevokeCredits,
     Settle,
     Storage,
     customer_key,
@@ -59,12 +64,17 @@ from ._redis_codec import (
     customer_fields,
     customer_put_result,
     customer_record,
+    grant_call,
+    grant_result,
     peek_call,
     peek_result,
+    read_call,
+    read_result,
     record_call,
     record_result,
     reserve_call,
     reserve_result,
+    revoke_call,
     script_source,
     settle_call,
 )
@@ -554,6 +564,28 @@ class RedisStorage(Storage):
 
     async def apeek(self, op: Peek) -> tuple[CounterState, ...]:
         return peek_result(await self._arun("peek", *peek_call(op)))
+
+    # credit balances: the admin side -------------------------------------------------
+
+    def grant_credits(self, op: GrantCredits) -> GrantResult:
+        return grant_result(self._run("credit_grant", *grant_call(op)), op)
+
+    async def agrant_credits(self, op: GrantCredits) -> GrantResult:
+        return grant_result(await self._arun("credit_grant", *grant_call(op)), op)
+
+    def revoke_credits(self, op: RevokeCredits) -> int | None:
+        units = int(self._run("credit_revoke", *revoke_call(op)))
+        return None if units < 0 else units
+
+    async def arevoke_credits(self, op: RevokeCredits) -> int | None:
+        units = int(await self._arun("credit_revoke", *revoke_call(op)))
+        return None if units < 0 else units
+
+    def read_credits(self, op: ReadCredits) -> CreditView:
+        return read_result(self._run("credit_read", *read_call(op)))
+
+    async def aread_credits(self, op: ReadCredits) -> CreditView:
+        return read_result(await self._arun("credit_read", *read_call(op)))
 
     # customers: raw reads and writes (the cache is plangate.customers) ----------------
 

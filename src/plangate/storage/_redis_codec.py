@@ -10,34 +10,62 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from dataclasses import replace
 from datetime import datetime
 from importlib import resources
 from typing import Any
 
+from ..engine._credits import LEDGER_CAP, PRUNE_AFTER, Grant, LedgerEntry
 from ..errors import VersionConflict
 from ._base import (
     SLIDING_BUCKETS,
     Counter,
     CounterState,
+    CreditCharge,
+    CreditState,
+    CreditView,
     CustomerRecord,
+    GrantCredits,
+    GrantResult,
     Peek,
+    ReadCredits,
     Record,
     Reserve,
     ReserveResult,
+    RevokeCredits,
     Settle,
+    idempotency_key_of,
 )
 
-SCRIPTS = ("reserve", "settle", "peek", "record", "customer_put", "customer_delete")
+SCRIPTS = (
+    "reserve",
+    "settle",
+    "peek",
+    "record",
+    "customer_put",
+    "customer_delete",
+    "credit_grant",
+    "credit_revoke",
+    "credit_read",
+)
 #: seconds a deleted record's tombstone (its last version) is kept
 TOMBSTONE_TTL = 30 * 86400  # lua/<name>.lua, after lua/window.lua
 SETTLED_TTL = 600  # seconds a settled reservation id is remembered
 
 
 def script_source(name: str) -> str:
-    """The Lua source of one of ``SCRIPTS``: the sliding windows' functions, then its own."""
+    """The Lua source of one of ``SCRIPTS``: the sliding windows' and the credit balances'
+    functions, then its own."""
     lua = resources.files(__package__) / "lua"
-    text = "\n".join((lua / f"{part}.lua").read_text(encoding="utf-8") for part in ("window", name))
-    return text.replace("__SLIDING_BUCKETS__", str(SLIDING_BUCKETS))
+    parts = ("window", "credits", name)
+    text = "\n".join((lua / f"{part}.lua").read_text(encoding="utf-8") for part in parts)
+    for name_, value in (
+        ("__SLIDING_BUCKETS__", SLIDING_BUCKETS),
+        ("__LEDGER_CAP__", LEDGER_CAP),
+        ("__PRUNE_AFTER__", PRUNE_AFTER),
+    ):
+        text = text.replace(name_, str(value))
+    return text
 
 
 def _bound(counter: Counter) -> int:
@@ -63,10 +91,31 @@ def reserve_call(op: Reserve) -> tuple[list[str], list[Any]]:
         if len(_CALLS) >= 50_000:
             _CALLS.clear()
         _CALLS[id(counters)] = cached
-    return cached[1], [repr(op.now), "1" if op.enforce else "0", *cached[2]]
+    if not op.credits:
+        return cached[1], [repr(op.now), "1" if op.enforce else "0", *cached[2]]
+    flag = f"{1 if op.enforce else 0} {len(op.credits)} {op.reservation_id or '-'}"
+    keys = [*cached[1], *_credit_keys(op.credits)]
+    specs = [_credit_spec(c) for c in op.credits]
+    return keys, [repr(op.now), flag, *cached[2], *specs]
 
 
-def reserve_result(reply: Sequence[int], op: Reserve) -> ReserveResult:
+def _credit_keys(charges: Sequence[CreditCharge]) -> list[str]:
+    return [key for c in charges for key in (c.key, c.ledger_key)]
+
+
+def _credit_spec(charge: CreditCharge) -> str:
+    head = (
+        f"{charge.cost} {1 if charge.direct else 0} {charge.grant} "
+        f"{charge.period_start} {charge.period_end}"
+    )
+    return head + "".join(f" {i} {rate} {group}" for i, rate, group in charge.overage)
+
+
+def _period(charge: CreditCharge) -> str:
+    return f"{charge.grant} {charge.period_start} {charge.period_end}"
+
+
+def reserve_result(reply: Sequence[Any], op: Reserve) -> ReserveResult:
     nviolated = reply[2]
     if nviolated == 0 and len(reply) == 6:  # the usual case: one counter, admitted
         return ReserveResult(True, (CounterState(reply[3], reply[4] / 1000),), (reply[5],))
@@ -74,28 +123,135 @@ def reserve_result(reply: Sequence[int], op: Reserve) -> ReserveResult:
     rest = reply[3 + nviolated :]
     count = len(op.counters)
     states = tuple(CounterState(rest[3 * i], rest[3 * i + 1] / 1000) for i in range(count))
-    if violated and op.enforce:
+    credits: tuple[CreditState, ...] = ()
+    short: tuple[int, ...] = ()
+    if op.credits:
+        credits, short = _credit_states(rest[3 * count :])
+    if (violated or short) and op.enforce:
         waits = tuple(rest[3 * i + 2] / 1000 for i in range(count))
-        return ReserveResult(False, states, (), violated, reply[1] / 1000, waits)
+        return ReserveResult(False, states, (), violated, reply[1] / 1000, waits, credits, short)
     slots = tuple(rest[3 * i + 2] for i in range(count))
-    return ReserveResult(not violated, states, slots, violated)
+    admitted = not violated and not short
+    return ReserveResult(admitted, states, slots, violated, credits=credits, short=short)
+
+
+def _credit_states(rest: Sequence[Any]) -> tuple[tuple[CreditState, ...], tuple[int, ...]]:
+    states: list[CreditState] = []
+    short: list[int] = []
+    at = 0
+    while at < len(rest):
+        is_short, balance, required, charged, nburns = rest[at : at + 5]
+        flat = rest[at + 5 : at + 5 + 2 * nburns]
+        burns = tuple((_text(flat[2 * k]), int(flat[2 * k + 1])) for k in range(nburns))
+        if is_short:
+            short.append(len(states))
+        states.append(CreditState(int(balance), int(charged), burns, int(required)))
+        at += 5 + 2 * nburns
+    return tuple(states), tuple(short)
+
+
+def _first_key(counters: Sequence[Counter], credits: Sequence[CreditCharge]) -> str:
+    """A key of the customer's, for the markers (one slot with the rest)."""
+    return counters[0].key if counters else credits[0].key
 
 
 def settle_call(op: Settle) -> tuple[list[str], list[Any]]:
-    marker = f"{op.counters[0].key}:settled:{op.reservation_id}"
+    marker = f"{_first_key(op.counters, op.credits)}:settled:{op.reservation_id}"
     keys = [c.key for c in op.counters] + [marker]
-    args: list[Any] = [repr(op.now), SETTLED_TTL]
+    ttl = f"{SETTLED_TTL} {len(op.credits)}" if op.credits else SETTLED_TTL
+    args: list[Any] = [repr(op.now), ttl]
     for c, slot, delta in zip(op.counters, op.slots, op.deltas, strict=True):
         args += [repr(c.window), repr(c.resets_at), slot, delta, _bound(c)]
-    return keys, args
+    for charge, delta, burns in zip(op.credits, op.credit_deltas, op.burns, strict=True):
+        spent = "".join(f" {grant} {units}" for grant, units in burns)
+        args.append(f"{delta} {_period(charge)}{spent}")
+    return keys + _credit_keys(op.credits), args
 
 
 def record_call(op: Record) -> tuple[list[str], list[Any]]:
-    marker = f"{op.counters[0].key}:recorded:{op.record_id}"
-    args: list[Any] = [repr(op.now), SETTLED_TTL, SLIDING_BUCKETS]
+    marker = f"{_first_key(op.counters, op.credits)}:recorded:{op.record_id}"
+    ttl = f"{SETTLED_TTL} {len(op.credits)}" if op.credits else SETTLED_TTL
+    args: list[Any] = [repr(op.now), ttl, SLIDING_BUCKETS]
     for c, cost in zip(op.counters, op.costs, strict=True):
         args += [repr(c.window), repr(c.resets_at), cost, _bound(c)]
-    return [c.key for c in op.counters] + [marker], args
+    for charge, units in zip(op.credits, op.credit_costs, strict=True):
+        args.append(f"{units} {_period(charge)}")
+    keys = [c.key for c in op.counters] + [marker] + _credit_keys(op.credits)
+    return keys, args
+
+
+# credit balances: the admin side ----------------------------------------------------------
+
+
+def pack_grant(grant: Grant) -> str:
+    """A grant as credits.lua keeps it (``g:<id>``)."""
+    expires = -1 if grant.expires_at is None else grant.expires_at
+    return (
+        f"{grant.amount} {grant.remaining} {grant.priority} {grant.category} "
+        f"{grant.effective_at} {expires} {grant.created_at} {grant.touched_at} {grant.source} "
+        f"{grant.idempotency_key or ''}"
+    )
+
+
+def unpack_grant(grant_id: str, packed: str) -> Grant:
+    parts = packed.split(" ", 9)
+    expires = int(parts[5])
+    return Grant(
+        grant_id,
+        amount=int(parts[0]),
+        remaining=int(parts[1]),
+        priority=int(parts[2]),
+        category=parts[3],
+        effective_at=int(parts[4]),
+        expires_at=None if expires < 0 else expires,
+        created_at=int(parts[6]),
+        touched_at=int(parts[7]),
+        source=parts[8],
+        idempotency_key=(parts[9] if len(parts) > 9 else "") or None,
+    )
+
+
+def grant_call(op: GrantCredits) -> tuple[list[str], list[Any]]:
+    charge, grant = op.charge, op.grant
+    keys = [charge.key, charge.ledger_key, idempotency_key_of(charge.key)]
+    args = [op.now, grant.id, pack_grant(grant), grant.idempotency_key or "", op.fingerprint]
+    return keys, args
+
+
+def grant_result(reply: Sequence[Any], op: GrantCredits) -> GrantResult:
+    status = int(reply[0])
+    if status == 0:
+        return GrantResult(False, None, True)
+    grant_id, packed = _text(reply[1]), _text(reply[2])
+    if not packed:  # made before, and forgotten since (it held nothing for a day)
+        return GrantResult(False, replace(op.grant, id=grant_id, remaining=0))
+    return GrantResult(status == 1, unpack_grant(grant_id, packed))
+
+
+def revoke_call(op: RevokeCredits) -> tuple[list[str], list[Any]]:
+    return [op.charge.key, op.charge.ledger_key], [op.now, op.grant_id]
+
+
+def read_call(op: ReadCredits) -> tuple[list[str], list[Any]]:
+    period = f"0 {_period(op.charge)}"
+    return [op.charge.key, op.charge.ledger_key], [op.now, period, op.limit, op.before or ""]
+
+
+def read_result(reply: Sequence[Any]) -> CreditView:
+    balance, debt, total, flat, entries, cursor = reply
+    grants = tuple(unpack_grant(_text(flat[k]), _text(flat[k + 1])) for k in range(0, len(flat), 2))
+    ledger = tuple(
+        LedgerEntry(
+            _text(e[1]),
+            int(e[2]),
+            int(e[5]),
+            _text(e[3]) or None,
+            _text(e[4]),
+            _text(e[0]),
+        )
+        for e in entries
+    )
+    return CreditView(int(balance), int(debt), grants, ledger, _text(cursor) or None, int(total))
 
 
 def record_result(reply: Sequence[int]) -> tuple[int, ...] | None:

@@ -26,16 +26,21 @@ from ..errors import StorageError, VersionConflict
 from ._base import (
     Counter,
     CounterState,
+    CreditView,
     CustomerListener,
     CustomerPage,
     CustomerRecord,
     Flow,
+    GrantCredits,
+    GrantResult,
     LoadCustomer,
     Op,
     Peek,
+    ReadCredits,
     Record,
     Reserve,
     ReserveResult,
+    RevokeCredits,
     Settle,
     Storage,
 )
@@ -300,6 +305,27 @@ class ResilientStorage(Storage):
         self, *, plan: str | None = None, limit: int = 100, cursor: str | None = None
     ) -> CustomerPage:
         return await self.inner.alist_customers(plan=plan, limit=limit, cursor=cursor)
+
+    # Credit grants, revocations and reads are the admin side's: straight to the backend
+    # (a failure is the caller's to see), never answered from this process.
+
+    def grant_credits(self, op: GrantCredits) -> GrantResult:
+        return self.inner.grant_credits(op)
+
+    async def agrant_credits(self, op: GrantCredits) -> GrantResult:
+        return await self.inner.agrant_credits(op)
+
+    def revoke_credits(self, op: RevokeCredits) -> int | None:
+        return self.inner.revoke_credits(op)
+
+    async def arevoke_credits(self, op: RevokeCredits) -> int | None:
+        return await self.inner.arevoke_credits(op)
+
+    def read_credits(self, op: ReadCredits) -> CreditView:
+        return self.inner.read_credits(op)
+
+    async def aread_credits(self, op: ReadCredits) -> CreditView:
+        return await self.inner.aread_credits(op)
 
     def watch_customers(self, listener: CustomerListener) -> None:
         self.inner.watch_customers(listener)

@@ -4,14 +4,18 @@
 -- KEYS[1..n]  counters (sliding windows, see window.lua, or calendar-period strings)
 -- KEYS[n+1]   the replay's marker: present means this usage was recorded before
 -- ARGV[1]     now, epoch seconds: when the usage happened
--- ARGV[2]     how long the marker is kept, seconds
+-- ARGV[2]     how long the marker is kept, seconds; with credits, " <number of balances>"
 -- ARGV[3]     buckets per sliding window
 -- then per counter, 4 values: window seconds (0: a period), period end (epoch seconds),
 --   units, and the log's bound (0: buckets)
+-- then per credit balance (KEYS after the marker: its hash and its ledger), "units grant
+--   start finish": units used meanwhile, taken whole (past the balance: debt)
 --
 -- Returns {1, slot per counter...}, or {0} if this usage was recorded before.
 
-local n = #KEYS - 1
+local ttl, ncredits = string.match(ARGV[2], "^(%d+) ?(%d*)$")
+ncredits = tonumber(ncredits) or 0
+local n = #KEYS - 1 - 2 * ncredits
 local now = tonumber(ARGV[1])
 if redis.call("EXISTS", KEYS[n + 1]) == 1 then
   return {0}
@@ -56,6 +60,19 @@ for i = 1, n do
   end
   reply[#reply + 1] = slot
 end
+if ncredits > 0 then
+  local now_us = math.floor(now * 1000000 + 0.5)
+  local ref = string.match(KEYS[n + 1], ":recorded:(.*)$")
+  for j = 1, ncredits do
+    local spec = ARGV[3 + 4 * n + j]
+    local units = tonumber(string.match(spec, "^(%S+)"))
+    if units > 0 then
+      local a = credit_open_for(KEYS[n + 1 + 2 * j - 1], KEYS[n + 1 + 2 * j], spec, now_us)
+      credit_take_excess(a, units, now_us, ref)
+      credit_save(a)
+    end
+  end
+end
 -- last: a script that failed half-way is not rolled back, but it can be retried
-redis.call("SET", KEYS[n + 1], "1", "EX", ARGV[2])
+redis.call("SET", KEYS[n + 1], "1", "EX", ttl)
 return reply

@@ -1,25 +1,34 @@
 -- Reserve the cost of one request on every counter of it, all or nothing (plangate).
 --
 -- KEYS[i]  counter i: a sliding window (a log or buckets, see window.lua), or a string for a
---   calendar period
+--   calendar period; then, per credit balance charged, its hash and its ledger (credits.lua)
 -- ARGV[1]  now, epoch seconds (the caller's clock; the time of a window never goes back)
--- ARGV[2]  "1": refuse when a limit would be exceeded; "0": count regardless (shadow mode)
+-- ARGV[2]  "1": refuse when a limit would be exceeded; "0": count regardless (shadow mode);
+--   with credits, followed by " <number of balances> <reservation id>"
 -- ARGV[2 + i]  counter i, as "limit cost window resets bound": limit (-1: unlimited), cost,
 --   window seconds (0: a period), period end (epoch seconds; 0 for a window), and for an
 --   exact log its bound on entries (0: buckets). One argument per counter: every argument
 --   costs the client time to encode.
+-- then per balance: "cost direct grant start finish" and, per overage, " index rate group":
+--   the units of counter index (0-based) over its limit are charged at rate sub-units each,
+--   the most over any limit of a group; a counter with overage never refuses by itself.
 --
 -- Returns {admitted, retry_after_ms, #violated, violated indices (1-based)...,
---          then per counter: used, reset_after_ms, slot (refused: the ms this counter refuses)}
--- "used" is after the reservation when admitted, else before it.
+--          then per counter: used, reset_after_ms, slot (refused: the ms this counter refuses),
+--          then per balance: short (1: cannot cover it), balance, required, charged,
+--          #burns, burns (grant id, units)...}
+-- "used" and "balance" are after the reservation when admitted, else before it.
 
 local now_arg = ARGV[1]
 local now = tonumber(now_arg)
-local enforce = ARGV[2] == "1"
+local flag, ncredits, reservation = string.match(ARGV[2], "^(%d) ?(%d*) ?(%S*)$")
+local enforce = flag == "1"
+ncredits = tonumber(ncredits) or 0
+local ncounters = #KEYS - 2 * ncredits
 local nbuckets = __SLIDING_BUCKETS__
 
 local counters = {}
-for i = 1, #KEYS do
+for i = 1, ncounters do
   local limit, cost, window, resets, bound =
     string.match(ARGV[2 + i], "(%S+) (%S+) (%S+) (%S+) (%S+)")
   local c = {
@@ -123,10 +132,24 @@ local function wait_for(c)
   return c.window
 end
 
+local credits = {}
+for j = 1, ncredits do
+  local spec = ARGV[2 + ncounters + j]
+  local cost, direct, grant, start, finish, rest =
+    string.match(spec, "^(%S+) (%S+) (%S+) (%S+) (%S+)(.*)$")
+  local ch = {cost = tonumber(cost), direct = direct == "1", over = {}}
+  for index, rate, group in string.gmatch(rest, "(%d+) (%d+) (%d+)") do
+    ch.over[#ch.over + 1] = {tonumber(index) + 1, tonumber(rate), group}
+    counters[tonumber(index) + 1].soft = true
+  end
+  ch.grant, ch.start, ch.finish = tonumber(grant), tonumber(start), tonumber(finish)
+  credits[j] = ch
+end
+
 local violated = {}
 local retry = 0
 for i, c in ipairs(counters) do
-  if c.limit >= 0 and c.total + c.cost > c.limit then
+  if c.limit >= 0 and c.total + c.cost > c.limit and not c.soft then
     violated[#violated + 1] = i
     c.wait = wait_for(c)
     retry = math.max(retry, c.wait)
@@ -137,8 +160,59 @@ local function ms(seconds)
   return math.max(0, math.ceil(seconds * 1000))
 end
 
+-- Each balance, as of now (its period's plan grant issued), and what it must cover.
+local short = 0
+if ncredits > 0 then
+  local now_us = math.floor(now * 1000000 + 0.5)
+  for j, ch in ipairs(credits) do
+    local a = credit_open(KEYS[ncounters + 2 * j - 1], KEYS[ncounters + 2 * j], now_us)
+    if ch.finish > 0 then
+      credit_issue_plan(a, ch.grant, ch.start, ch.finish, now_us)
+    end
+    credit_prune(a, now_us)
+    local need, over = ch.cost, {}
+    for _, o in ipairs(ch.over) do
+      local c = counters[o[1]]
+      if c.limit >= 0 then
+        local units = math.min(c.cost, c.total + c.cost - c.limit)
+        if units > 0 and (over[o[3]] == nil or units > over[o[3]][1]) then
+          over[o[3]] = {units, o[2]}
+        end
+      end
+    end
+    for _, g in pairs(over) do
+      need = need + g[1] * g[2]
+    end
+    ch.account, ch.need, ch.now = a, need, now_us
+    ch.balance = credit_balance(a, now_us)
+    ch.short = (ch.direct or need > 0) and need > ch.balance
+    if ch.short then
+      short = short + 1
+    end
+  end
+end
+
+-- The balances' part of the reply; taken: whether the reservation took what they needed.
+local function credits_reply(reply, taken)
+  for _, ch in ipairs(credits) do
+    local burns, charged = {}, 0
+    if taken and ch.need > 0 then
+      burns, charged = credit_burn(ch.account, ch.need, ch.now, reservation)
+    end
+    credit_save(ch.account)
+    reply[#reply + 1] = ch.short and 1 or 0
+    reply[#reply + 1] = ch.balance - charged
+    reply[#reply + 1] = ch.need
+    reply[#reply + 1] = charged
+    reply[#reply + 1] = #burns / 2
+    for _, b in ipairs(burns) do
+      reply[#reply + 1] = b
+    end
+  end
+end
+
 local reply = {}
-if #violated > 0 and enforce then
+if (#violated > 0 or short > 0) and enforce then
   reply = {0, ms(retry), #violated}
   for _, i in ipairs(violated) do
     reply[#reply + 1] = i
@@ -151,10 +225,11 @@ if #violated > 0 and enforce then
     reply[#reply + 1] = ms(reset_after(c))
     reply[#reply + 1] = ms(c.wait or 0) -- refused: no slot, but how long this counter refuses
   end
+  credits_reply(reply, false)
   return reply
 end
 
-reply = {#violated == 0 and 1 or 0, 0, #violated}
+reply = {(#violated == 0 and short == 0) and 1 or 0, 0, #violated}
 for _, i in ipairs(violated) do
   reply[#reply + 1] = i
 end
@@ -188,4 +263,5 @@ for _, c in ipairs(counters) do
   reply[#reply + 1] = ms(reset_after(c))
   reply[#reply + 1] = slot
 end
+credits_reply(reply, enforce)
 return reply

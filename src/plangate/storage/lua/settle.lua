@@ -3,15 +3,21 @@
 --
 -- KEYS[1..n]  the counters of the reservation
 -- KEYS[n+1]   the reservation's settled marker
+--   then per credit balance: its hash and its ledger
 -- ARGV[1]     now, epoch seconds
--- ARGV[2]     how long the marker is kept, seconds
+-- ARGV[2]     how long the marker is kept, seconds; with credits, " <number of balances>"
 -- then per counter, 5 values: window seconds (0: a period), period end (epoch seconds),
 --   slot (the log entry's seq, or the bucket), delta (may be negative), and the log's bound
 --   (0: buckets)
+-- then per balance: "delta grant start finish" and the reservation's burns of it
+--   (" id units..."): a delta above 0 is charged (past the balance: debt), below 0 refunded
+--   to the grants the burns took it from
 --
 -- Returns 1, or 0 if this reservation was settled before (then nothing changes).
 
-local n = #KEYS - 1
+local ttl, ncredits = string.match(ARGV[2], "^(%d+) ?(%d*)$")
+ncredits = tonumber(ncredits) or 0
+local n = #KEYS - 1 - 2 * ncredits
 local now = tonumber(ARGV[1])
 if redis.call("EXISTS", KEYS[n + 1]) == 1 then
   return 0
@@ -89,6 +95,29 @@ for i = 1, n do
     end
   end
 end
+if ncredits > 0 then
+  local now_us = math.floor(now * 1000000 + 0.5)
+  local ref = string.match(KEYS[n + 1], ":settled:(.*)$")
+  for j = 1, ncredits do
+    local spec = ARGV[2 + 5 * n + j]
+    local delta = tonumber(string.match(spec, "^(%S+)"))
+    if delta ~= 0 then
+      local key = KEYS[n + 1 + 2 * j - 1]
+      local a = credit_open_for(key, KEYS[n + 1 + 2 * j], spec, now_us)
+      if delta > 0 then
+        credit_take_excess(a, delta, now_us, ref)
+      else
+        local burns = {}
+        for id, units in string.gmatch(string.match(spec, "^%S+ %S+ %S+ %S+(.*)$"), "(%S+) (%d+)") do
+          burns[#burns + 1] = id
+          burns[#burns + 1] = tonumber(units)
+        end
+        credit_refund(a, burns, -delta, now_us, ref)
+      end
+      credit_save(a)
+    end
+  end
+end
 -- last: a script that failed half-way is not rolled back, but it can be retried
-redis.call("SET", KEYS[n + 1], "1", "EX", ARGV[2])
+redis.call("SET", KEYS[n + 1], "1", "EX", ttl)
 return 1

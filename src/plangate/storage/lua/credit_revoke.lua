@@ -1,0 +1,21 @@
+-- Take away what a grant still holds (plangate). See credits.lua.
+--
+-- KEYS[1]  the balance's hash     KEYS[2]  its ledger
+-- ARGV[1]  now, microseconds      ARGV[2]  the grant's id
+--
+-- Returns the sub-units revoked, or -1 if there is no such grant.
+
+local now = tonumber(ARGV[1])
+local a = credit_open(KEYS[1], KEYS[2], now)
+local g = a.grants[ARGV[2]]
+if g == nil then
+  credit_save(a)
+  return -1
+end
+local left = g.remaining
+if left > 0 then
+  credit_log(a, "revoke", -left, now, g.id, "")
+  credit_set(a, g, 0, now)
+end
+credit_save(a)
+return left

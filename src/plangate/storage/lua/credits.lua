@@ -1,0 +1,246 @@
+-- Credit balances (plangate): the rules of plangate/engine/_credits.py, kept in Redis.
+--
+-- A balance is one hash: "debt", "plan_at" (the start of the last period whose plan grant
+-- was issued), "ln" (entries in the ledger) and "base" (the sum of the entries trimmed from
+-- it), and a field "g:<id>" per grant: "amount remaining priority category effective
+-- expires created touched source idempotency-key" (times in microseconds; expires -1:
+-- never). Its ledger is a stream beside it (key .. ":ledger") of entries k(ind), a(mount),
+-- g(rant), r(ef), t(ime), at most __LEDGER_CAP__ of them: base + the entries' amounts is
+-- what the grants hold less the debt. Amounts are whole sub-units, exact in a double up
+-- to 2^53.
+
+local CATEGORY_RANK = {promotional = 0, paid = 1}
+
+local function credit_fmt(x)
+  return string.format("%d", x)
+end
+
+local function credit_pack(g)
+  return table.concat({
+    credit_fmt(g.amount), credit_fmt(g.remaining), credit_fmt(g.priority), g.category,
+    credit_fmt(g.effective), credit_fmt(g.expires), credit_fmt(g.created),
+    credit_fmt(g.touched), g.source, g.idem,
+  }, " ")
+end
+
+local function credit_unpack(id, text)
+  local amount, remaining, priority, category, effective, expires, created, touched, source, idem =
+    string.match(text, "^(%S+) (%S+) (%S+) (%S+) (%S+) (%S+) (%S+) (%S+) (%S+) ?(.*)$")
+  return {
+    id = id, amount = tonumber(amount), remaining = tonumber(remaining),
+    priority = tonumber(priority), category = category, effective = tonumber(effective),
+    expires = tonumber(expires), created = tonumber(created), touched = tonumber(touched),
+    source = source, idem = idem,
+  }
+end
+
+local function credit_usable(g, now)
+  return g.remaining > 0 and g.effective <= now and (g.expires < 0 or now < g.expires)
+end
+
+local function credit_log(a, kind, amount, now, grant, ref)
+  redis.call("XADD", a.ledger, "*", "k", kind, "a", credit_fmt(amount), "g", grant or "",
+    "r", ref or "", "t", credit_fmt(now))
+  a.ln = a.ln + 1
+  if a.ln > __LEDGER_CAP__ then
+    for _, entry in ipairs(redis.call("XRANGE", a.ledger, "-", "+", "COUNT", a.ln - __LEDGER_CAP__)) do
+      local fields = entry[2]
+      for j = 1, #fields, 2 do
+        if fields[j] == "a" then
+          a.base = a.base + tonumber(fields[j + 1])
+        end
+      end
+      redis.call("XDEL", a.ledger, entry[1])
+    end
+    a.ln = __LEDGER_CAP__
+  end
+end
+
+local function credit_set(a, g, remaining, now)
+  g.remaining = remaining
+  g.touched = now
+  a.changed[g.id] = g
+end
+
+-- The balance at key, as of now: expired grants written off (a ledger entry each).
+local function credit_open(key, ledger, now)
+  local a = {key = key, ledger = ledger, debt = 0, plan_at = -1, ln = 0, base = 0,
+    grants = {}, changed = {}, gone = {}}
+  local flat = redis.call("HGETALL", key)
+  for j = 1, #flat, 2 do
+    local f, v = flat[j], flat[j + 1]
+    if string.sub(f, 1, 2) == "g:" then
+      local g = credit_unpack(string.sub(f, 3), v)
+      a.grants[g.id] = g
+    elseif f == "debt" then
+      a.debt = tonumber(v)
+    elseif f == "plan_at" then
+      a.plan_at = tonumber(v)
+    elseif f == "ln" then
+      a.ln = tonumber(v)
+    elseif f == "base" then
+      a.base = tonumber(v)
+    end
+  end
+  local expired = {}
+  for _, g in pairs(a.grants) do
+    if g.expires >= 0 and now >= g.expires and g.remaining > 0 then
+      expired[#expired + 1] = g
+    end
+  end
+  table.sort(expired, function(x, y) return x.id < y.id end)
+  for _, g in ipairs(expired) do
+    credit_log(a, "expiry", -g.remaining, now, g.id, "")
+    credit_set(a, g, 0, now)
+  end
+  return a
+end
+
+local function credit_balance(a, now)
+  local total = 0
+  for _, g in pairs(a.grants) do
+    if credit_usable(g, now) then
+      total = total + g.remaining
+    end
+  end
+  return total - a.debt
+end
+
+local function credit_before(x, y)
+  if x.priority ~= y.priority then
+    return x.priority < y.priority
+  end
+  local xe = x.expires < 0 and math.huge or x.expires
+  local ye = y.expires < 0 and math.huge or y.expires
+  if xe ~= ye then
+    return xe < ye
+  end
+  local xc, yc = CATEGORY_RANK[x.category] or 1, CATEGORY_RANK[y.category] or 1
+  if xc ~= yc then
+    return xc < yc
+  end
+  if x.created ~= y.created then
+    return x.created < y.created
+  end
+  return x.id < y.id
+end
+
+-- Add a grant; the debt is paid from it first.
+local function credit_add(a, g, now)
+  credit_log(a, "grant", g.amount, now, g.id, g.idem)
+  local paid = 0
+  if credit_usable(g, now) then
+    paid = math.min(a.debt, g.remaining)
+  end
+  a.debt = a.debt - paid
+  a.grants[g.id] = g
+  credit_set(a, g, g.remaining - paid, now)
+  return g
+end
+
+-- The plan's grant for [start, finish), once per period.
+local function credit_issue_plan(a, amount, start, finish, now)
+  if a.plan_at >= start then
+    return
+  end
+  a.plan_at = start
+  if amount > 0 then
+    credit_add(a, {
+      id = "plan-" .. credit_fmt(math.floor(start / 1000000)), amount = amount,
+      remaining = amount, priority = 100, category = "paid", effective = start,
+      expires = finish, created = start, touched = now, source = "plan", idem = "",
+    }, now)
+  end
+end
+
+-- Forget grants that hold nothing and have not changed for a day.
+local function credit_prune(a, now)
+  for id, g in pairs(a.grants) do
+    if g.remaining == 0 and g.touched + __PRUNE_AFTER__ <= now then
+      a.grants[id] = nil
+      a.changed[id] = nil
+      a.gone[#a.gone + 1] = "g:" .. id
+    end
+  end
+end
+
+-- Take units in burn order (the caller checked the balance covers what it must); the
+-- burns, flat: id, units, id, units...
+local function credit_burn(a, units, now, ref)
+  local order = {}
+  for _, g in pairs(a.grants) do
+    if credit_usable(g, now) then
+      order[#order + 1] = g
+    end
+  end
+  table.sort(order, credit_before)
+  local burns, left = {}, units
+  for _, g in ipairs(order) do
+    if left <= 0 then
+      break
+    end
+    local n = math.min(left, g.remaining)
+    credit_set(a, g, g.remaining - n, now)
+    credit_log(a, "burn", -n, now, g.id, ref)
+    burns[#burns + 1] = g.id
+    burns[#burns + 1] = n
+    left = left - n
+  end
+  return burns, units - left
+end
+
+-- Take units already used: what the grants cannot cover becomes debt.
+local function credit_take_excess(a, units, now, ref)
+  local burns, taken = credit_burn(a, units, now, ref)
+  local short = units - taken
+  if short > 0 then
+    a.debt = a.debt + short
+    credit_log(a, "excess", -short, now, nil, ref)
+  end
+  return burns
+end
+
+-- Give back up to units of what burns (flat: id, units...) took, the last taken first,
+-- each to its grant unless that grant expired, went, or would hold more than it was given.
+local function credit_refund(a, burns, units, now, ref)
+  local left = units
+  for j = #burns - 1, 1, -2 do
+    if left <= 0 then
+      break
+    end
+    local n = math.min(left, burns[j + 1])
+    left = left - n
+    local g = a.grants[burns[j]]
+    if g ~= nil and not (g.expires >= 0 and now >= g.expires) and g.remaining + n <= g.amount then
+      local paid = math.min(a.debt, n)
+      a.debt = a.debt - paid
+      credit_set(a, g, g.remaining + n - paid, now)
+      credit_log(a, "refund", n, now, g.id, ref)
+    end
+  end
+end
+
+local function credit_save(a)
+  local fields = {"debt", credit_fmt(a.debt), "plan_at", credit_fmt(a.plan_at),
+    "ln", credit_fmt(a.ln), "base", credit_fmt(a.base)}
+  for id, g in pairs(a.changed) do
+    fields[#fields + 1] = "g:" .. id
+    fields[#fields + 1] = credit_pack(g)
+  end
+  redis.call("HSET", a.key, unpack(fields))
+  if #a.gone > 0 then
+    redis.call("HDEL", a.key, unpack(a.gone))
+  end
+end
+
+-- "delta grant start finish" and, for a settle, the burns "id units id units...": the
+-- account of a settle or record, opened with its period's plan grant issued.
+local function credit_open_for(key, ledger, spec, now)
+  local a = credit_open(key, ledger, now)
+  local grant, start, finish = string.match(spec, "^%S+ (%S+) (%S+) (%S+)")
+  if tonumber(finish) > 0 then
+    credit_issue_plan(a, tonumber(grant), tonumber(start), tonumber(finish), now)
+  end
+  credit_prune(a, now)
+  return a
+end
