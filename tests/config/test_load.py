@@ -474,10 +474,13 @@ def test_load_config_returns_a_loaded_config_unchanged(example: Config) -> None:
 
 def test_reference_example_notes_what_is_not_enforced(example: Config) -> None:
     assert [str(note).replace(str(EXAMPLE), "{file}") for note in example.notes] == [
-        "{file}:38: plans.pro.features.ai_tokens.overage: overage to credits is not enforced yet: requests over the limit are refused",
-        "{file}:39: plans.pro.features.ai_credits: credit balances are not enforced yet: the grant is validated only",
         "{file}:80: billing: billing webhooks are not served yet; this section is validated only",
     ]
+
+
+def test_credits_and_overage_are_enforced_so_not_noted(example: Config) -> None:
+    assert example.catalog.credit_scales == {"ai_credits": 1000}  # rate 0.001: in 1/1000s
+    assert not [note for note in example.notes if "credit" in note.message]
 
 
 def test_trials_and_addons_are_enforced_so_not_noted(tmp_path: Path) -> None:

@@ -25,6 +25,7 @@ from ._catalog import (
     build_catalog,
     compile_entitlement,
     declared_rule,
+    max_credits,
 )
 from ._durations import parse_duration
 from ._loader import Document, read_source, validate_model
@@ -44,6 +45,7 @@ __all__ = [
     "compile_entitlement",
     "declared_rule",
     "load_config",
+    "max_credits",
     "parse_duration",
 ]
 

@@ -7,6 +7,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import date
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -49,8 +50,8 @@ class MeterGrant:
     """A metered feature in a plan: every limit must hold; none at all means unlimited."""
 
     limits: tuple[Limit, ...]
-    overage: str | None = None
-    rate: float | None = None
+    overage: str | None = None  # the credits feature charged past the limits
+    rate: float | None = None  # credits per unit past them
 
     @property
     def unlimited(self) -> bool:
@@ -127,14 +128,34 @@ class AddonGrant:
     add: int | None = None
 
 
+#: the finest sub-unit a credits feature is kept in: a millionth of a credit
+MAX_RATE_DECIMALS = 6
+#: the most sub-units a balance holds exactly (a Redis script's numbers are doubles)
+MAX_SUBUNITS = 2**53 - 1
+
+
+def decimals(rate: float) -> int:
+    """The decimal places ``rate`` is written with (0.001 → 3; 2.0 → 0)."""
+    exponent = Decimal(str(rate)).normalize().as_tuple().exponent
+    return max(0, -exponent) if isinstance(exponent, int) else 0
+
+
+def max_credits(scale: int) -> int:
+    """The most whole credits one grant may hold in a feature kept in ``scale`` sub-units."""
+    return min(10**15, MAX_SUBUNITS // scale)
+
+
 @dataclass(frozen=True)
 class Catalog:
     plans: Mapping[str, Plan]
     rules: tuple[Rule, ...]
     router: Router
     default_plan: str | None
-    notes: tuple[ConfigIssue, ...] = field(default=())  # valid, but not enforced yet
+    notes: tuple[ConfigIssue, ...] = field(default=())  # valid, but has no effect
     addons: Mapping[str, tuple[AddonGrant, ...]] = field(default_factory=dict)
+    #: credits feature → sub-units per credit: 10 ** (the most decimals of an overage rate
+    #: that charges it), so that every charge is a whole number of sub-units
+    credit_scales: Mapping[str, int] = field(default_factory=dict)
 
 
 def compile_entitlement(model: ConfigModel, feature: str, value: Any) -> Any:
@@ -193,9 +214,32 @@ class _Builder:
             )
         self._public_key()
         self._shadowed(rules)
+        scales = self._credit_scales(plans)
         router = Router([rule.template for rule in rules])
         notes = tuple(sorted(self.notes, key=lambda issue: (issue.line or 0, issue.path)))
-        return Catalog(plans, tuple(rules), router, m.default_plan, notes, addons)
+        return Catalog(plans, tuple(rules), router, m.default_plan, notes, addons, scales)
+
+    def _credit_scales(self, plans: Mapping[str, Plan]) -> dict[str, int]:
+        places = {name: 0 for name, f in self.model.features.items() if f.kind == "credits"}
+        for plan in plans.values():
+            for grant in plan.meters.values():
+                if grant.overage in places and grant.rate is not None:
+                    places[grant.overage] = max(places[grant.overage], decimals(grant.rate))
+        scales = {name: 10**n for name, n in places.items()}
+        for name, plan in plans.items():
+            for feature, credit in plan.credits.items():
+                most = max_credits(scales[feature])
+                if credit.grant > most:
+                    self.fail(
+                        ("plans", name, "features", feature, "grant"),
+                        f"{credit.grant} credits is too many for one grant: at most {most}"
+                        + (
+                            f" (balances of {feature} are kept in 1/{scales[feature]} credits)"
+                            if scales[feature] > 1
+                            else ""
+                        ),
+                    )
+        return scales
 
     def _public_key(self) -> None:
         jwt_config = self.model.identity.jwt
@@ -319,7 +363,6 @@ class _Builder:
             grant = self.sub(CreditGrantSpec, value, loc) if isinstance(value, dict) else None
             if not isinstance(value, dict):
                 self.fail(loc, f"{feature} is a credits feature: use {{grant: N, period: month}}")
-            self.note(loc, "credit balances are not enforced yet: the grant is validated only")
             return CreditGrant(grant.grant, grant.period) if grant else None
         return self._meter_grant(feature, value, loc)
 
@@ -348,11 +391,11 @@ class _Builder:
                 target = self.model.features.get(spec.overage)
                 if target is None or target.kind != "credits":
                     self.fail((*item_loc, "overage"), f"{spec.overage!r} is not a credits feature")
-                else:
-                    self.note(
-                        (*item_loc, "overage"),
-                        "overage to credits is not enforced yet: "
-                        "requests over the limit are refused",
+                if spec.rate is not None and decimals(spec.rate) > MAX_RATE_DECIMALS:
+                    self.fail(
+                        (*item_loc, "rate"),
+                        f"{spec.rate} has more than {MAX_RATE_DECIMALS} decimals: credits are "
+                        "counted to a millionth",
                     )
             if spec.window is not None:
                 limit = Limit(
@@ -395,8 +438,8 @@ class _Builder:
             if spec is None:
                 self.fail(meter_loc, f"unknown feature {meter!r}{self._known(features)}")
                 continue
-            if spec.kind != "metered":
-                self.fail(meter_loc, f"{meter} is a {spec.kind} feature, not metered")
+            if spec.kind not in ("metered", "credits"):
+                self.fail(meter_loc, f"{meter} is a {spec.kind} feature, not metered or credits")
                 continue
             if isinstance(cost, bool) or not isinstance(cost, (int, dict)):
                 self.fail(

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from ..engine import CustomerRecord, Engine, Flow, Op
 from ..errors import StorageError
+from ._credits import Credits
 from ._provisioning import UNSET, Provisioning, RemoveCustomer, WriteCustomer, WriteCustomers
 
 if TYPE_CHECKING:
@@ -70,6 +71,8 @@ class _Cache:
         self._lock = threading.Condition(threading.Lock())
         #: the flows of provisioning; None without a config (a bare cache)
         self.provisioning = None if engine is None else Provisioning(engine, now)
+        #: the flows of credit balances; None without a config
+        self.credit_flows = None if engine is None else Credits(engine, now)
         #: told of changes by the store: from the first record cached (a command-line
         #: process that only writes never subscribes)
         self._watching = False
@@ -84,6 +87,11 @@ class _Cache:
         if self.provisioning is None:
             raise TypeError("this customer store has no config: build it with engine=")
         return self.provisioning
+
+    def _credits(self) -> Credits:
+        if self.credit_flows is None:
+            raise TypeError("this customer store has no config: build it with engine=")
+        return self.credit_flows
 
     # what the store tells --------------------------------------------------------------
 
@@ -315,6 +323,64 @@ class CustomerStore(_Cache):
         flow = self._flows().migrate(from_plan, to_plan, dry_run=dry_run, allow_legacy=allow_legacy)
         return self._run(flow)
 
+    # credits -----------------------------------------------------------------------------
+
+    def grant_credits(
+        self,
+        customer: str,
+        feature: str,
+        amount: int,
+        *,
+        expires_at: datetime | str | None = None,
+        priority: int | None = None,
+        category: str | None = None,
+        idempotency_key: str | None = None,
+        source: str = "admin",
+    ) -> dict[str, Any]:
+        """Add ``amount`` credits of ``feature`` to the customer's balance (its debt is paid
+        first); the grant. With ``idempotency_key``, a retry finds the first grant and adds
+        nothing (``IdempotencyConflict`` if the key was used for another grant)."""
+        body = _grant_body(feature, amount, expires_at, priority, category)
+        _, grant = self._run(
+            self._credits().grant(customer, body, idempotency_key=idempotency_key, source=source)
+        )
+        return grant
+
+    def revoke_credits(self, customer: str, grant_id: str) -> dict[str, Any]:
+        """Take away what a grant still holds: ``{"feature", "grant", "revoked"}``."""
+        return self._run(self._credits().revoke(customer, grant_id))
+
+    def balance(self, customer: str, feature: str) -> int | float:
+        """The customer's usable balance of ``feature`` in credits (negative in debt)."""
+        return self._run(self._credits().balance(customer, feature))
+
+    def credits(self, customer: str, *, feature: str | None = None) -> dict[str, Any]:
+        """Per credits feature: balance, debt, grants and the newest ledger entries."""
+        return self._run(self._credits().show(customer, feature=feature))
+
+    def ledger(
+        self, customer: str, feature: str, *, limit: int = 50, cursor: str | None = None
+    ) -> dict[str, Any]:
+        """A page of the ledger, newest first: ``{"entries": [...], "next_cursor": ...}``."""
+        shown = self._run(
+            self._credits().show(customer, feature=feature, limit=limit, cursor=cursor)
+        )
+        return {"entries": shown[feature]["ledger"], "next_cursor": shown[feature]["next_cursor"]}
+
+
+def _grant_body(
+    feature: str,
+    amount: int,
+    expires_at: datetime | str | None,
+    priority: int | None,
+    category: str | None,
+) -> dict[str, Any]:
+    body: dict[str, Any] = {"feature": feature, "amount": amount}
+    for name, value in (("expires_at", expires_at), ("priority", priority), ("category", category)):
+        if value is not None:
+            body[name] = value
+    return body
+
 
 class AsyncCustomerStore(_Cache):
     """The same as ``CustomerStore``, with awaited store calls (ASGI)."""
@@ -414,3 +480,38 @@ class AsyncCustomerStore(_Cache):
     ) -> dict[str, Any]:
         flow = self._flows().migrate(from_plan, to_plan, dry_run=dry_run, allow_legacy=allow_legacy)
         return await self._run(flow)
+
+    async def grant_credits(
+        self,
+        customer: str,
+        feature: str,
+        amount: int,
+        *,
+        expires_at: datetime | str | None = None,
+        priority: int | None = None,
+        category: str | None = None,
+        idempotency_key: str | None = None,
+        source: str = "admin",
+    ) -> dict[str, Any]:
+        body = _grant_body(feature, amount, expires_at, priority, category)
+        _, grant = await self._run(
+            self._credits().grant(customer, body, idempotency_key=idempotency_key, source=source)
+        )
+        return grant
+
+    async def revoke_credits(self, customer: str, grant_id: str) -> dict[str, Any]:
+        return await self._run(self._credits().revoke(customer, grant_id))
+
+    async def balance(self, customer: str, feature: str) -> int | float:
+        return await self._run(self._credits().balance(customer, feature))
+
+    async def credits(self, customer: str, *, feature: str | None = None) -> dict[str, Any]:
+        return await self._run(self._credits().show(customer, feature=feature))
+
+    async def ledger(
+        self, customer: str, feature: str, *, limit: int = 50, cursor: str | None = None
+    ) -> dict[str, Any]:
+        shown = await self._run(
+            self._credits().show(customer, feature=feature, limit=limit, cursor=cursor)
+        )
+        return {"entries": shown[feature]["ledger"], "next_cursor": shown[feature]["next_cursor"]}

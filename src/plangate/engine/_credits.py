@@ -26,6 +26,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
+from decimal import Decimal
 
 from ._protocol import Burns, Counter, CreditCharge
 
@@ -262,3 +263,10 @@ def checked(charge: CreditCharge, required: int) -> bool:
     """Whether the balance must cover ``required``: a route that spends the credits itself
     always asks (a balance in debt refuses it); overage asks only once a limit is passed."""
     return charge.direct or required > 0
+
+
+def as_credits(units: int, scale: int) -> int | float:
+    """Sub-units as the config counts credits: whole where they are whole (99.5, 100)."""
+    if scale == 1 or units % scale == 0:
+        return units // scale
+    return float(Decimal(units) / scale)

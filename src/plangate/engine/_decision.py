@@ -11,10 +11,23 @@ from typing import Any
 
 from ..config import Limit, Plan, Rule
 from ..identity import Identity
+from ._credits import as_credits
 from ._problems import Problem
-from ._protocol import Counter, CounterState
+from ._protocol import Counter, CounterState, CreditCharge, CreditState
 
 logger = logging.getLogger("plangate")
+
+
+@dataclass(frozen=True, slots=True)
+class CreditUse:
+    """How a rule spends one credits feature, for the settle: the whole credits its route
+    meters (None: it does not), and per metered meter charged past its limits, the meter,
+    its counters' indices and the sub-units each unit past them costs."""
+
+    feature: str
+    scale: int
+    direct: int | None
+    overage: tuple[tuple[str, tuple[int, ...], int], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,6 +40,8 @@ class Charge:
     windows: tuple[int, ...]  # each counter's window or period length, whole seconds
     policy: str  # the RateLimit-Policy header value ("" when nothing is limited)
     valid_until: float  # the end of the earliest calendar period among the counters
+    credits: tuple[CreditCharge, ...] = ()  # the credit balances the rule takes from
+    uses: tuple[CreditUse, ...] = ()  # how, one per balance
 
 
 class Decision:
@@ -34,13 +49,14 @@ class Decision:
 
     Handlers read it as ``request.state.plangate`` (ASGI) or ``environ["plangate"]`` (WSGI):
     ``customer``, ``plan``, ``has(feature)``, ``value(feature)``, ``source(feature)`` (which
-    layer granted it), ``trial_ends_at``, ``remaining(meter)`` and ``record(meter, amount)``
-    to set what this request actually used.
+    layer granted it), ``trial_ends_at``, ``remaining(meter)``, ``balance(credits)`` and
+    ``record(meter, amount)`` to set what this request actually used.
     """
 
     __slots__ = (
         "_kinds",
         "charge",
+        "credit_states",
         "headers",
         "identity",
         "params",
@@ -83,6 +99,8 @@ class Decision:
         self.charge: Charge | None = None
         self.states: tuple[CounterState, ...] = ()  # each counter after the reservation
         self.slots: tuple[int, ...] = ()  # where the storage placed each cost
+        #: each credit balance after the reservation, and where its credits came from
+        self.credit_states: tuple[CreditState, ...] = ()
         self.reservation_id = ""  # names the reservation, once units are reserved
         self.recorded: dict[str, int] = {}
         self.settled = False
@@ -98,7 +116,7 @@ class Decision:
     @property
     def reserved(self) -> bool:
         """Whether units were reserved that must be committed or refunded."""
-        return bool(self.slots) and not self.settled
+        return bool(self.slots or self.credit_states) and not self.settled
 
     @property
     def customer(self) -> str | None:
@@ -161,6 +179,22 @@ class Decision:
                 f"(it meters: {charged}); GET /.plangate/entitlements reports every meter"
             )
         return left
+
+    def balance(self, feature: str) -> int | float:
+        """The customer's balance of credits ``feature`` after this request's reservation,
+        in credits (debt makes it negative). Known for the balances this request's route
+        spends (directly or as overage); the entitlements endpoint reports every balance."""
+        charge = self.charge
+        if charge is not None and self.credit_states:
+            for use, state in zip(charge.uses, self.credit_states, strict=True):
+                if use.feature == feature:
+                    return as_credits(state.balance, use.scale)
+        spent = ", ".join(u.feature for u in charge.uses) if charge is not None else ""
+        raise LookupError(
+            f"balance({feature!r}): this request did not take credits from {feature} "
+            f"(it took from: {spent or 'none'}); GET /.plangate/entitlements reports every "
+            "balance"
+        )
 
     def record(self, meter: str, amount: int) -> None:
         """Set what this request actually used of ``meter``; charged once the response is sent."""

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Collection, Mapping
+from dataclasses import replace
 from datetime import datetime, timezone
+from decimal import Decimal
 from typing import Any
 
 from ..config import Config, Limit, Plan, Rule, compile_entitlement
 from ..errors import StorageError
 from ..identity import Identity, IdentityResult
-from ._decision import Charge, Decision
+from ._credits import as_credits, micros
+from ._decision import Charge, CreditUse, Decision
 from ._headers import QuotaState, ceil_seconds, named_policy, policy_header, quota_headers
 from ._periods import period_bounds
 from ._problems import Problem, identity_problem
@@ -18,12 +21,16 @@ from ._protocol import (
     SLIDING_BUCKETS,
     Counter,
     CounterState,
+    CreditCharge,
     CustomerRecord,
     Flow,
     LoadCustomer,
     Peek,
+    ReadCredits,
     Reserve,
+    ReserveResult,
     Settle,
+    credits_key,
     customer_prefix,
 )
 from ._resolve import resolve_plan
@@ -71,11 +78,15 @@ class Engine:
         self.deny_unmatched = model.unmatched == "deny"
         #: ``mode: shadow`` (or PLANGATE_MODE=shadow): every rule decides and logs, none blocks
         self.shadow_all = model.mode == "shadow"
-        #: what each meter does when the store cannot be reached (``on_storage_error``)
+        #: what each meter does when the store cannot be reached (``on_storage_error``);
+        #: credits are money: they refuse (``deny``) unless their feature says otherwise
         self.on_error = {
-            name: feature.on_storage_error or model.on_storage_error
+            name: feature.on_storage_error
+            or ("deny" if feature.kind == "credits" else model.on_storage_error)
             for name, feature in model.features.items()
         }
+        #: sub-units per credit of each credits feature
+        self.scales = self.catalog.credit_scales
         self._router = self.catalog.router
         self._rules = self.catalog.rules
         self._charges: dict[ChargeKey, Charge] = {}
@@ -197,6 +208,7 @@ class Engine:
                 now,
                 enforce=not (rule.shadow or self.shadow_all),
                 reservation_id=decision.reservation_id,
+                credits=charge.credits,
             )
         except StorageError as exc:  # a policy of "deny" (the others fall back in the store)
             decision.reservation_id = ""
@@ -204,10 +216,16 @@ class Engine:
             return decision
         decision.states = result.states
         decision.slots = result.slots
+        if result.admitted or result.slots:
+            decision.credit_states = result.credits
         if reasons is not None:
             reasons.append("meters: " + self._describe(charge, result.states))
         if result.violated and decision.problem is None:
             self._deny_quota(decision, plan, result.violated, result.retry_after)
+            if not decision.shadowed:
+                return decision
+        if result.short and decision.problem is None:
+            self._deny_credits(decision, charge, result)
             if not decision.shadowed:
                 return decision
         if charge.policy:
@@ -291,9 +309,10 @@ class Engine:
         if charge is None or now >= charge.valid_until:
             # Only a shadowed denial gets here with a meter the plan does not grant.
             costs = [(m.meter, m.cost) for m in rule.meters if m.meter in plan.meters]
-            if not costs:
+            spends = [(m.meter, m.cost) for m in rule.meters if m.meter in plan.credits]
+            if not costs and not spends:
                 return None
-            charge = self.build_charge(costs, customer, plan, anchor, now)
+            charge = self.build_charge(costs, customer, plan, anchor, now, spends)
             if len(self._charges) >= _CACHE_SIZE:
                 self._charges.clear()
             self._charges[key] = charge
@@ -306,8 +325,11 @@ class Engine:
         plan: Plan,
         anchor: datetime | None,
         now: float,
+        spends: list[tuple[str, int]] | None = None,
     ) -> Charge:
-        """One counter per limit of every meter charged; unlimited meters get a monthly one."""
+        """One counter per limit of every meter charged (unlimited meters get a monthly one),
+        and one credit charge per credits feature spent: by the route (``spends``, whole
+        credits) or by a meter past its limits (``overage``)."""
         counters: list[Counter] = []
         meters: list[str] = []
         limits: list[Limit | None] = []
@@ -354,9 +376,74 @@ class Engine:
         policy = policy_header(
             (lim.policy, lim.limit, w) for lim, w in zip(limits, windows, strict=True) if lim
         )
+        direct = dict(spends or ())
+        overage: dict[str, list[tuple[str, tuple[int, ...], int]]] = {}
+        for meter, _ in costs:
+            grant = plan.meters[meter]
+            if grant.overage is None or grant.rate is None or grant.overage not in self.scales:
+                continue
+            indices = tuple(
+                i for i, (m, lim) in enumerate(zip(meters, limits, strict=True)) if m == meter
+                and lim is not None
+            )  # fmt: skip
+            rate = math.ceil(Decimal(str(grant.rate)) * self.scales[grant.overage])
+            if indices:
+                overage.setdefault(grant.overage, []).append((meter, indices, rate))
+        credits: list[CreditCharge] = []
+        uses: list[CreditUse] = []
+        for feature in [*direct, *(f for f in overage if f not in direct)]:
+            account, until = self.credit_charge(customer, feature, plan, anchor, now)
+            valid_until = min(valid_until, until)
+            groups = overage.get(feature, [])
+            spent = direct.get(feature)
+            entries = tuple(
+                (index, rate, group)
+                for group, (_, indices, rate) in enumerate(groups)
+                for index in indices
+            )
+            credits.append(
+                replace(
+                    account,
+                    cost=(spent or 0) * account.scale,
+                    direct=spent is not None,
+                    overage=entries,
+                )
+            )
+            uses.append(CreditUse(feature, account.scale, spent, tuple(groups)))
         return Charge(
-            tuple(counters), tuple(meters), tuple(limits), tuple(windows), policy, valid_until
+            tuple(counters),
+            tuple(meters),
+            tuple(limits),
+            tuple(windows),
+            policy,
+            valid_until,
+            tuple(credits),
+            tuple(uses),
         )
+
+    def credit_charge(
+        self, customer: str, feature: str, plan: Plan | None, anchor: datetime | None, now: float
+    ) -> tuple[CreditCharge, float]:
+        """The balance of ``feature`` for a customer on ``plan`` (None: no plan), with the
+        plan's grant for the period containing ``now``; and when that period ends."""
+        scale = self.scales.get(feature, 1)
+        key = credits_key(customer, feature)
+        granted = plan.credits.get(feature) if plan is not None else None
+        if granted is None:
+            return CreditCharge(
+                key, feature, scale=scale, on_error=self.on_error[feature]
+            ), math.inf
+        start, end = period_bounds(granted.period, now, anchor)
+        charge = CreditCharge(
+            key,
+            feature,
+            grant=granted.grant * scale,
+            period_start=micros(start),
+            period_end=micros(end),
+            scale=scale,
+            on_error=self.on_error[feature],
+        )
+        return charge, end
 
     def _quota_headers(
         self,
@@ -416,6 +503,18 @@ class Engine:
         headers = [("retry-after", str(retry)), *quota]
         self._deny(decision, Problem("quota-exceeded", detail, members, tuple(headers)))
 
+    def _deny_credits(self, decision: Decision, charge: Charge, result: ReserveResult) -> None:
+        index = result.short[0]
+        use, state = charge.uses[index], result.credits[index]
+        balance = as_credits(state.balance, use.scale)
+        required = as_credits(state.required, use.scale)
+        if state.balance <= 0 < state.required or state.required == 0:
+            detail = f"the {use.feature} balance is {balance}: top up to continue"
+        else:
+            detail = f"this request needs {required} {use.feature}; the balance is {balance}"
+        members = self._upsell(feature=use.feature, balance=balance, required=required)
+        self._deny(decision, Problem("insufficient-credits", detail, members))
+
     def _upsell(self, **members: Any) -> dict[str, Any]:
         if self.upgrade_url:
             members["upgrade_url"] = self.upgrade_url
@@ -437,7 +536,7 @@ class Engine:
         ``reported`` holds amounts read from response headers; ``decision.record()`` wins over
         them. ``refund=True`` (the handler raised) gives everything back.
         """
-        if decision.settled or not decision.slots:
+        if decision.settled or not (decision.slots or decision.credit_states):
             return None
         decision.settled = True
         rule = decision.rule
@@ -449,13 +548,40 @@ class Engine:
             return None  # the reservation was the actual cost: nothing to change
         deltas = []
         recorded = decision.recorded
+
+        def actual(meter: str, reserved: int) -> int:
+            return recorded.get(meter, reported.get(meter, reserved)) if counts else 0
+
         for counter, meter in zip(charge.counters, charge.meters, strict=True):
-            actual = recorded.get(meter, reported.get(meter, counter.cost)) if counts else 0
-            deltas.append(actual - counter.cost)
-        if not any(deltas):
+            deltas.append(actual(meter, counter.cost) - counter.cost)
+        credit_deltas = []
+        taken = bool(decision.credit_states) and not (rule.shadow or self.shadow_all)
+        for use in charge.uses if taken else ():
+            delta = 0
+            if use.direct is not None:
+                delta += (actual(use.feature, use.direct) - use.direct) * use.scale
+            for meter, indices, rate in use.overage:
+                cost = charge.counters[indices[0]].cost
+                used = actual(meter, cost)
+                before = after = 0
+                for i in indices:
+                    limit, held = charge.counters[i].limit or 0, decision.states[i].used
+                    before = max(before, min(cost, held - limit))
+                    after = max(after, min(used, held - cost + used - limit))
+                delta += (after - before) * rate
+            credit_deltas.append(delta)
+        if not any(deltas) and not any(credit_deltas):
             return None
+        burns = tuple(state.burns for state in decision.credit_states) if credit_deltas else ()
         return Settle(
-            decision.reservation_id, charge.counters, decision.slots, tuple(deltas), clock()
+            decision.reservation_id,
+            charge.counters,
+            decision.slots,
+            tuple(deltas),
+            clock(),
+            credits=charge.credits if credit_deltas else (),
+            credit_deltas=tuple(credit_deltas),
+            burns=burns,
         )
 
     # the entitlements endpoint -----------------------------------------------------------
@@ -511,10 +637,25 @@ class Engine:
                 "source": meter_source,
             }
         trial_ends_at = record.trial_ends_at if record else None
-        credits = {
-            name: {"grant": g.grant, "period": g.period, "enforced": False}
-            for name, g in plan.credits.items()
-        }
+        credits: dict[str, Any] = {}
+        charged = {g.overage for g in plan.meters.values() if g.overage in self.scales}
+        for name in self.kinds:
+            if name not in plan.credits and name not in charged:
+                continue
+            account, _ = self.credit_charge(identity.customer, name, plan, anchor, now)
+            included = plan.credits.get(name)
+            try:
+                view = yield ReadCredits(account, micros(now), limit=0)
+                balance: int | float | None = as_credits(view.balance, account.scale)
+            except StorageError:
+                balance = None  # not known now; everything else still is
+            credits[name] = {
+                "unit": self.units.get(name),
+                "balance": balance,
+                "grant": included.grant if included else None,
+                "period": included.period if included else None,
+                "source": plan.sources.get(name, base) if included else "overage",
+            }
         return {
             "customer": identity.customer,
             "plan": plan.name,

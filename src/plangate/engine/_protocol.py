@@ -265,7 +265,7 @@ class CreditView(NamedTuple):
     grants: tuple[Grant, ...]
     ledger: tuple[LedgerEntry, ...]
     cursor: str | None
-    ledger_sum: int
+    ledger_sum: int | None  # what the whole ledger adds up to (None: not read, ``limit=0``)
 
 
 class Backend(Protocol):
@@ -447,7 +447,8 @@ class RevokeCredits(Op["int | None"]):
 @dataclass(frozen=True, slots=True)
 class ReadCredits(Op[CreditView]):
     """A balance, its grants and a page of its ledger (the period's plan grant is issued
-    first if it was not: reading counts as a use). ``before``: the cursor of a page."""
+    first if it was not: reading counts as a use). ``before``: the cursor of a page;
+    ``limit=0``: no ledger at all (the balance alone)."""
 
     charge: CreditCharge
     now: int

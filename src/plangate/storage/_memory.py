@@ -449,15 +449,15 @@ class MemoryStorage(Storage):
         with self._lock:
             account = self._account(op.charge, op.now)
             entries = [e for e in reversed(account.ledger) if op.before is None or e.id < op.before]
-            page = tuple(entries[: max(1, op.limit)])
-            cursor = page[-1].id if len(entries) > len(page) else None
+            page = tuple(entries[: max(0, op.limit)])
+            cursor = page[-1].id if page and len(entries) > len(page) else None
             return CreditView(
                 account.balance(op.now),
                 account.debt,
                 tuple(account.grants.values()),
                 page,
                 cursor,
-                account.ledger_sum(),
+                account.ledger_sum() if op.limit > 0 else None,
             )
 
     def get_customer(self, customer: str) -> CustomerRecord | None:

@@ -251,7 +251,8 @@ def read_result(reply: Sequence[Any]) -> CreditView:
         )
         for e in entries
     )
-    return CreditView(int(balance), int(debt), grants, ledger, _text(cursor) or None, int(total))
+    ledger_sum = None if total == b"" or total == "" else int(total)
+    return CreditView(int(balance), int(debt), grants, ledger, _text(cursor) or None, ledger_sum)
 
 
 def record_result(reply: Sequence[int]) -> tuple[int, ...] | None:

@@ -6,7 +6,8 @@
 -- ARGV[3]  entries a page         ARGV[4]  the page's cursor: the id the last page ended at
 --   ("": the newest)
 --
--- Returns {balance, debt, ledger sum, grants (id, packed)..., entries..., cursor}: grants
+-- Returns {balance, debt, ledger sum ("" when limit is 0: no ledger read), grants (id,
+-- packed)..., entries..., cursor}: grants
 -- and entries are flat lists of their own; an entry is {id, kind, amount, grant, ref, time}.
 
 local now = tonumber(ARGV[1])
@@ -18,6 +19,9 @@ for id, g in pairs(a.grants) do
   grants[#grants + 1] = credit_pack(g)
 end
 local limit = tonumber(ARGV[3])
+if limit == 0 then
+  return {credit_balance(a, now), a.debt, "", grants, {}, ""}
+end
 local top = ARGV[4] == "" and "+" or "(" .. ARGV[4]
 local found = redis.call("XREVRANGE", KEYS[2], top, "-", "COUNT", limit + 1)
 local entries = {}
