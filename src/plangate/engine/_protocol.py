@@ -377,6 +377,9 @@ class Record(Op["tuple[int, ...] | None"]):
     #: credits used meanwhile, taken whole (what the grants cannot cover becomes debt)
     credits: tuple[CreditCharge, ...] = ()
     credit_costs: tuple[int, ...] = ()
+    #: the one reservation this usage is, if so: a reservation that timed out here may
+    #: have been made there all the same, and then this record changes nothing
+    reservation_id: str = ""
 
     def run(self, backend: Backend) -> tuple[int, ...] | None:
         return backend.record(self)

@@ -9,7 +9,7 @@ from bisect import bisect_left, bisect_right
 from collections import OrderedDict
 from dataclasses import dataclass, field, replace
 
-from ..engine._credits import CreditAccount, checked, micros, required_of
+from ..engine._credits import MAX_UNITS, CreditAccount, Grant, checked, micros, required_of
 from ..errors import VersionConflict
 from ._base import (
     SLIDING_BUCKETS,
@@ -422,6 +422,22 @@ class MemoryStorage(Storage):
             account.issue_plan(charge.grant, charge.period_start, charge.period_end, now)
         account.prune(now)
         return account
+
+    def seed_credits(self, key: str, balance: int | None) -> None:
+        """Start the balance at ``key`` afresh from ``balance`` (None: without a bound), for
+        a store that answers for another during an outage (``ResilientStorage``)."""
+        with self._lock:
+            if balance is None and key in self._credits:
+                return  # unbounded already
+            account = self._credits[key] = CreditAccount()
+            units = MAX_UNITS if balance is None else balance
+            if units > 0:
+                account.add(Grant("seen", units, units, source="admin"), 0)
+            account.debt = max(0, -units)
+
+    def has_credits(self, key: str) -> bool:
+        with self._lock:
+            return key in self._credits
 
     def grant_credits(self, op: GrantCredits) -> GrantResult:
         grant = op.grant

@@ -9,6 +9,7 @@ usage is dropped and counted.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import os
@@ -19,7 +20,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from itertools import islice
 
-from ._base import SLIDING_BUCKETS, Counter, Record, Reserve, Settle
+from ._base import SLIDING_BUCKETS, Counter, CreditCharge, Record, Reserve, Settle
 
 logger = logging.getLogger("plangate.storage")
 
@@ -38,9 +39,23 @@ class Usage:
     replaying: bool = False
     slots: tuple[int, ...] | None = None  # where the backend put it, once replayed
     reservations: list[str] = field(default_factory=list)  # the reservations merged in
+    #: credits spent meanwhile (``allow``/``local`` balances), taken whole on replay; such
+    #: usage is one reservation's, never merged (``reservation``: its id)
+    credits: tuple[CreditCharge, ...] = ()
+    credit_costs: list[int] = field(default_factory=list)
+    reservation: str = ""
+    spent: tuple[int, ...] = ()  # what the reservation took of each balance, here
 
     def op(self) -> Record:
-        return Record(self.record_id, self.counters, tuple(self.costs), self.now)
+        return Record(
+            self.record_id,
+            self.counters,
+            tuple(self.costs),
+            self.now,
+            self.credits,
+            tuple(self.credit_costs),
+            self.reservation,
+        )
 
 
 @dataclass(eq=False)
@@ -61,6 +76,7 @@ class _OutageReservation:
     expires: float  # monotonic: after it, a settle is not expected any more
     settled: bool = False
     deltas: list[int] = field(default_factory=list)  # settled after the usage was replayed
+    credit_deltas: tuple[int, ...] = ()
 
 
 def _bucket_key(counters: tuple[Counter, ...], now: float) -> tuple[object, ...]:
@@ -72,8 +88,11 @@ def _bucket_key(counters: tuple[Counter, ...], now: float) -> tuple[object, ...]
 
 
 def _keys_of(entry: Entry) -> Iterator[str]:
-    counters = entry.counters if isinstance(entry, Usage) else entry.settle.counters
-    return (c.key for c in counters)
+    if isinstance(entry, Usage):
+        counters, credits = entry.counters, entry.credits
+    else:
+        counters, credits = entry.settle.counters, entry.settle.credits
+    return itertools.chain((c.key for c in counters), (c.key for c in credits))
 
 
 class Outbox:
@@ -94,20 +113,34 @@ class Outbox:
 
     # waiting -------------------------------------------------------------------------------
 
-    def count(self, op: Reserve) -> None:
-        """Keep ``op``'s usage for the backend, merged with more in the same buckets."""
-        key = _bucket_key(op.counters, op.now)
+    def count(self, op: Reserve, spent: tuple[int, ...] = ()) -> None:
+        """Keep ``op``'s usage for the backend, merged with more in the same buckets;
+        ``spent``: the sub-units taken from each of ``op.credits`` meanwhile."""
+        credits = op.credits if any(spent) else ()
+        # Money is not merged: each reservation that spent credits replays on its own, so
+        # that one made in Redis despite a timeout here is not charged twice.
+        key = _bucket_key(op.counters, op.now) if not credits else None
         with self._lock:
-            usage = self._merging.get(key)
+            usage = self._merging.get(key) if key is not None else None
             if usage is None:
                 usage = Usage(
-                    f"outage:{os.urandom(16).hex()}", op.counters, [0] * len(op.counters), op.now
+                    f"outage:{os.urandom(16).hex()}",
+                    op.counters,
+                    [0] * len(op.counters),
+                    op.now,
+                    credits=credits,
+                    credit_costs=[0] * len(credits),
+                    reservation=op.reservation_id if credits else "",
+                    spent=spent if credits else (),
                 )
                 if not self._add(usage):
                     return
-                self._merging[key] = usage
+                if key is not None:
+                    self._merging[key] = usage
             for i, counter in enumerate(op.counters):
                 usage.costs[i] += counter.cost
+            for j in range(len(credits)):
+                usage.credit_costs[j] += spent[j]
             if op.reservation_id:
                 expires = time.monotonic() + OUTAGE_TTL
                 self._outage[op.reservation_id] = _OutageReservation(usage, expires)
@@ -140,11 +173,15 @@ class Outbox:
                 # not replayed yet: the record will carry the actual usage
                 for i, delta in enumerate(op.deltas):
                     usage.costs[i] = max(0, usage.costs[i] + delta)
+                for j, delta in enumerate(op.credit_deltas[: len(usage.credits)]):
+                    usage.credit_costs[j] = max(0, usage.credit_costs[j] + delta)
                 return True, None
-            if usage.slots is None:
-                reservation.deltas = list(op.deltas)  # on its way: settled once it lands
+            credit_deltas = tuple(op.credit_deltas[: len(usage.credits)])
+            if usage.slots is None:  # on its way: settled once it lands
+                reservation.deltas = list(op.deltas)
+                reservation.credit_deltas = credit_deltas
                 return True, None
-            return True, replace(op, counters=usage.counters, slots=usage.slots)
+            return True, _after_replay(op, usage, credit_deltas)
 
     def _add(self, entry: Entry) -> bool:
         """Put ``entry`` in the outbox (caller holds the lock); False if it is full."""
@@ -193,7 +230,8 @@ class Outbox:
                 return None
             entry.replaying = True
             if isinstance(entry, Usage):
-                self._merging.pop(_bucket_key(entry.counters, entry.now), None)
+                if not entry.credits:
+                    self._merging.pop(_bucket_key(entry.counters, entry.now), None)
                 return entry.op()
             return entry.settle
 
@@ -201,7 +239,7 @@ class Outbox:
         """The replay of ``entry`` failed: it waits again."""
         with self._lock:
             entry.replaying = False
-            if isinstance(entry, Usage):  # still waiting: more usage may join it
+            if isinstance(entry, Usage) and not entry.credits:  # more usage may join it
                 self._merging.setdefault(_bucket_key(entry.counters, entry.now), entry)
 
     def discard(self, entry: Entry) -> None:
@@ -219,6 +257,27 @@ class Outbox:
             if not isinstance(entry, Usage):
                 return []
             entry.slots = result if isinstance(result, tuple) else None
+            if entry.slots is None and entry.reservation:
+                # Made in the store after all (its reserve timed out here, not there): what
+                # was settled here since is settled there, against what it took there.
+                deltas = tuple(
+                    now - before
+                    for now, before in zip(entry.credit_costs, entry.spent, strict=True)
+                )
+                if not any(deltas):
+                    return []
+                return [
+                    Settle(
+                        entry.reservation,
+                        (),
+                        (),
+                        (),
+                        entry.now,
+                        credits=entry.credits,
+                        credit_deltas=deltas,
+                        burns=((),) * len(deltas),
+                    )
+                ]
             return self._followups(entry)
 
     def _forget(self, entry: Entry) -> None:
@@ -239,14 +298,30 @@ class Outbox:
                 continue
             if reservation.settled:
                 deltas, reservation.deltas = reservation.deltas, []
-                if any(deltas) and usage.slots is not None:
+                credit_deltas, reservation.credit_deltas = reservation.credit_deltas, ()
+                if (any(deltas) or any(credit_deltas)) and usage.slots is not None:
+                    settle = Settle(reservation_id, (), (), (), usage.now)
                     settles.append(
-                        Settle(
-                            reservation_id,
-                            usage.counters,
-                            usage.slots,
-                            tuple(deltas),
-                            usage.now,
-                        )
+                        _after_replay(replace(settle, deltas=tuple(deltas)), usage, credit_deltas)
                     )
         return settles
+
+
+def _after_replay(op: Settle, usage: Usage, credit_deltas: tuple[int, ...]) -> Settle:
+    """``op`` for the backend, once ``usage`` was replayed there: its counters and slots,
+    and its credits. What the grants took on replay is not known here, so credits given
+    back go to none of them (logged): a charge past the reservation is still made."""
+    if any(d < 0 for d in credit_deltas):
+        logger.warning(
+            "credits given back after the outage's usage was replayed are not returned: %s",
+            ", ".join(c.key for c in usage.credits),
+        )
+    return replace(
+        op,
+        counters=usage.counters,
+        slots=usage.slots or (),
+        deltas=op.deltas or (0,) * len(usage.counters),
+        credits=usage.credits if any(credit_deltas) else (),
+        credit_deltas=tuple(max(0, d) for d in credit_deltas) if any(credit_deltas) else (),
+        burns=((),) * len(usage.credits) if any(credit_deltas) else (),
+    )

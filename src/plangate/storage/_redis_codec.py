@@ -63,6 +63,7 @@ def script_source(name: str) -> str:
         ("__SLIDING_BUCKETS__", SLIDING_BUCKETS),
         ("__LEDGER_CAP__", LEDGER_CAP),
         ("__PRUNE_AFTER__", PRUNE_AFTER),
+        ("__SETTLED_TTL__", SETTLED_TTL),
     ):
         text = text.replace(name_, str(value))
     return text
@@ -94,7 +95,7 @@ def reserve_call(op: Reserve) -> tuple[list[str], list[Any]]:
     if not op.credits:
         return cached[1], [repr(op.now), "1" if op.enforce else "0", *cached[2]]
     flag = f"{1 if op.enforce else 0} {len(op.credits)} {op.reservation_id or '-'}"
-    keys = [*cached[1], *_credit_keys(op.credits)]
+    keys = [*cached[1], *_credit_keys(op.credits), _made(op.credits, op.reservation_id)]
     specs = [_credit_spec(c) for c in op.credits]
     return keys, [repr(op.now), flag, *cached[2], *specs]
 
@@ -150,6 +151,11 @@ def _credit_states(rest: Sequence[Any]) -> tuple[tuple[CreditState, ...], tuple[
     return tuple(states), tuple(short)
 
 
+def _made(credits: Sequence[CreditCharge], reservation_id: str) -> str:
+    """The marker a reservation that took credits leaves, with where it took them from."""
+    return f"{credits[0].key}:reserved:{reservation_id}"
+
+
 def _first_key(counters: Sequence[Counter], credits: Sequence[CreditCharge]) -> str:
     """A key of the customer's, for the markers (one slot with the rest)."""
     return counters[0].key if counters else credits[0].key
@@ -165,18 +171,25 @@ def settle_call(op: Settle) -> tuple[list[str], list[Any]]:
     for charge, delta, burns in zip(op.credits, op.credit_deltas, op.burns, strict=True):
         spent = "".join(f" {grant} {units}" for grant, units in burns)
         args.append(f"{delta} {_period(charge)}{spent}")
-    return keys + _credit_keys(op.credits), args
+    if op.credits:
+        return [*keys, *_credit_keys(op.credits), _made(op.credits, op.reservation_id)], args
+    return keys, args
 
 
 def record_call(op: Record) -> tuple[list[str], list[Any]]:
-    marker = f"{_first_key(op.counters, op.credits)}:recorded:{op.record_id}"
-    ttl = f"{SETTLED_TTL} {len(op.credits)}" if op.credits else SETTLED_TTL
+    first = _first_key(op.counters, op.credits)
+    marker = f"{first}:recorded:{op.record_id}"
+    ttl: Any = SETTLED_TTL
+    if op.credits:
+        ttl = f"{SETTLED_TTL} {len(op.credits)} {1 if op.reservation_id else 0}"
     args: list[Any] = [repr(op.now), ttl, SLIDING_BUCKETS]
     for c, cost in zip(op.counters, op.costs, strict=True):
         args += [repr(c.window), repr(c.resets_at), cost, _bound(c)]
     for charge, units in zip(op.credits, op.credit_costs, strict=True):
         args.append(f"{units} {_period(charge)}")
     keys = [c.key for c in op.counters] + [marker] + _credit_keys(op.credits)
+    if op.credits and op.reservation_id:
+        keys.append(_made(op.credits, op.reservation_id))
     return keys, args
 
 

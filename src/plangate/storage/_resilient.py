@@ -26,6 +26,7 @@ from ..errors import StorageError, VersionConflict
 from ._base import (
     Counter,
     CounterState,
+    CreditCharge,
     CreditView,
     CustomerListener,
     CustomerPage,
@@ -47,7 +48,7 @@ from ._base import (
 from ._breaker import CircuitBreaker, StorageRejected, StorageUnavailable
 from ._memory import MemoryStorage
 from ._outbox import OUTBOX_LIMIT, Entry, Outbox, Usage
-from ._remembered import REFUSAL_TTL, Refusals, ReportedUsage
+from ._remembered import REFUSAL_TTL, REPORTED, Refusals, ReportedUsage
 
 logger = logging.getLogger("plangate.storage")
 
@@ -76,6 +77,9 @@ class ResilientStorage(Storage):
         self.replay_batch = replay_batch
         self.refusals = Refusals(refusal_ttl)
         self.reported = ReportedUsage()
+        #: the balance the backend last reported for each credit balance with a ``local``
+        #: policy: an outage's local balance starts from it
+        self.balances: dict[str, int] = {}
         self.backend_calls = 0  # calls the breaker let through to the backend
 
     def __repr__(self) -> str:
@@ -172,26 +176,55 @@ class ResilientStorage(Storage):
         except StorageError as exc:
             return self._reserve_locally(op, exc)
         self.reported.note(op.counters, result.states, op.now)
+        if op.credits:
+            self._note_balances(op, result)
         if not result.admitted and op.enforce and result.waits:
             self.refusals.remember(op, result)
         return result
 
     def _reserve_locally(self, op: Reserve, cause: StorageError) -> ReserveResult:
-        if any(c.on_error == "deny" for c in op.counters):
+        unknown = [c.key for c in op.credits if c.on_error != "deny" and not self._seen(c)]
+        denied = any(c.on_error == "deny" for c in op.counters) or any(
+            c.on_error == "deny" for c in op.credits
+        )
+        if denied or unknown:
+            why = "usage cannot be counted" if not unknown else "no balance known here"
             raise StorageUnavailable(
-                f"usage cannot be counted: {cause}", max(1.0, self.breaker.retry_after)
+                f"{why}: {cause}", max(1.0, self.breaker.retry_after)
             ) from cause
         if self.reported:
             self.reported.catch_up(self.local, op.counters, op.now)
         counters = tuple(
             replace(c, limit=None) if c.on_error == "allow" else c for c in op.counters
         )
-        result = self.local.reserve(replace(op, counters=counters))
+        # The period's plan grant is the backend's to issue (on replay), not this process's.
+        credits = tuple(replace(c, grant=0, period_start=0, period_end=0) for c in op.credits)
+        result = self.local.reserve(replace(op, counters=counters, credits=credits))
         # Admitted, or counted in shadow mode: the usage is real, and waits for the backend;
         # unless the backend refused it, as it would refuse its replay.
-        if result.slots and not isinstance(cause, StorageRejected):
-            self.outbox.count(op)
+        if (result.slots or result.admitted) and not isinstance(cause, StorageRejected):
+            self.outbox.count(op, tuple(state.charged for state in result.credits))
         return result
+
+    def _seen(self, charge: CreditCharge) -> bool:
+        """Whether this process can answer for ``charge`` during an outage: ``allow``, or a
+        balance the backend reported (the local balance starts from it, once per report)."""
+        if charge.on_error == "allow":
+            self.local.seed_credits(charge.key, None)
+            return True
+        balance = self.balances.pop(charge.key, None)
+        if balance is not None:
+            self.local.seed_credits(charge.key, balance)
+            return True
+        return self.local.has_credits(charge.key)
+
+    def _note_balances(self, op: Reserve, result: ReserveResult) -> None:
+        for charge, state in zip(op.credits, result.credits, strict=True):
+            if charge.on_error == "local":
+                self.balances.pop(charge.key, None)
+                self.balances[charge.key] = state.balance
+        while len(self.balances) > REPORTED:
+            self.balances.pop(next(iter(self.balances)))
 
     def _settle(self, op: Settle) -> Flow[bool]:
         if self.refusals and any(d < 0 for d in op.deltas):

@@ -9,15 +9,20 @@
 -- then per counter, 4 values: window seconds (0: a period), period end (epoch seconds),
 --   units, and the log's bound (0: buckets)
 -- then per credit balance (KEYS after the marker: its hash and its ledger), "units grant
---   start finish": units used meanwhile, taken whole (past the balance: debt)
+--   start finish": units used meanwhile, taken whole (past the balance: debt); ARGV[2] ending
+--   in " 1": the last key is the marker of the one reservation this usage is (see reserve.lua)
 --
 -- Returns {1, slot per counter...}, or {0} if this usage was recorded before.
 
-local ttl, ncredits = string.match(ARGV[2], "^(%d+) ?(%d*)$")
+local ttl, ncredits, made = string.match(ARGV[2], "^(%d+) ?(%d*) ?(%d*)$")
 ncredits = tonumber(ncredits) or 0
-local n = #KEYS - 1 - 2 * ncredits
+local n = #KEYS - 1 - 2 * ncredits - (made == "1" and 1 or 0)
 local now = tonumber(ARGV[1])
 if redis.call("EXISTS", KEYS[n + 1]) == 1 then
+  return {0}
+end
+-- the usage of one reservation whose reserve timed out here but was made there: counted
+if made == "1" and redis.call("EXISTS", KEYS[#KEYS]) == 1 then
   return {0}
 end
 local nbuckets = tonumber(ARGV[3])

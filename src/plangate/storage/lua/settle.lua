@@ -17,7 +17,9 @@
 
 local ttl, ncredits = string.match(ARGV[2], "^(%d+) ?(%d*)$")
 ncredits = tonumber(ncredits) or 0
-local n = #KEYS - 1 - 2 * ncredits
+-- with credits, the last key is the reservation's marker (reserve.lua): where its burns are
+-- read when the settle does not carry them (it was made while this process timed out)
+local n = #KEYS - 1 - 2 * ncredits - (ncredits > 0 and 1 or 0)
 local now = tonumber(ARGV[1])
 if redis.call("EXISTS", KEYS[n + 1]) == 1 then
   return 0
@@ -111,6 +113,15 @@ if ncredits > 0 then
         for id, units in string.gmatch(string.match(spec, "^%S+ %S+ %S+ %S+(.*)$"), "(%S+) (%d+)") do
           burns[#burns + 1] = id
           burns[#burns + 1] = tonumber(units)
+        end
+        if #burns == 0 then
+          local marker = redis.call("GET", KEYS[#KEYS]) or ""
+          for index, id, units in string.gmatch(marker, "(%d+) (%S+) (%d+)") do
+            if tonumber(index) == j then
+              burns[#burns + 1] = id
+              burns[#burns + 1] = tonumber(units)
+            end
+          end
         end
         credit_refund(a, burns, -delta, now_us, ref)
       end

@@ -1,0 +1,164 @@
+"""Credit balances while Redis is out: each balance follows its ``on_storage_error`` —
+``deny`` (the default for credits: they are money) refuses with a 503, ``allow`` admits and
+charges on replay, ``local`` admits up to the balance Redis last reported to this process."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+from collections.abc import Iterator
+
+import httpx
+import pytest
+
+from plangate import wsgi
+from plangate.engine import CreditCharge, GrantCredits, ReadCredits, Reserve, Settle, credits_key
+from plangate.engine._credits import Grant, micros
+from plangate.storage import CircuitBreaker, ResilientStorage
+from plangate.storage._breaker import StorageUnavailable
+from plangate.storage._redis import RedisStorage
+from tests.middleware.apps import wsgi_app
+from tests.servers import RedisServer
+from tests.support import bearer, config
+
+pytestmark = pytest.mark.redis
+
+T0 = 1_800_000_000.0
+
+
+@pytest.fixture
+def server() -> Iterator[RedisServer]:
+    redis = RedisServer().start()
+    try:
+        yield redis
+    finally:
+        if redis.proc is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(redis.proc.pid, signal.SIGCONT)
+        redis.cleanup()
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _store(server: RedisServer, clock: Clock) -> ResilientStorage:
+    return ResilientStorage(RedisStorage(server.url), breaker=CircuitBreaker(1, 1.0, clock=clock))
+
+
+def _charge(policy: str, cost: int = 5) -> CreditCharge:
+    key = credits_key("acme", "ai_credits")
+    return CreditCharge(key, "ai_credits", cost=cost, direct=True, on_error=policy)
+
+
+def _give(store: ResilientStorage, amount: int) -> None:
+    grant = Grant(os.urandom(4).hex(), amount, amount)
+    store.grant_credits(GrantCredits(_charge("deny"), grant, "x", micros(T0)))
+
+
+def _spend(store: ResilientStorage, charge: CreditCharge, rid: str):
+    return store.reserve(Reserve((), T0, reservation_id=rid, credits=(charge,)))
+
+
+def _balance(server: RedisServer) -> int:
+    backend = RedisStorage(server.url)
+    try:
+        return backend.read_credits(ReadCredits(_charge("deny"), micros(T0))).balance
+    finally:
+        backend.close()
+
+
+def _pause(server: RedisServer) -> None:
+    assert server.proc is not None
+    os.kill(server.proc.pid, signal.SIGSTOP)
+
+
+def _resume(server: RedisServer) -> None:
+    assert server.proc is not None
+    os.kill(server.proc.pid, signal.SIGCONT)
+
+
+def test_credits_refuse_with_503_by_default_when_redis_is_out(server):
+    store = _store(server, Clock())
+    _give(store, 100)
+    server.kill()
+    with pytest.raises(StorageUnavailable):
+        _spend(store, _charge("deny"), "r1")
+
+
+def test_a_credits_route_answers_a_503_problem_when_redis_is_out(server):
+    features = {**config()["features"], "ai_credits": {"kind": "credits"}}
+    plans = {"free": {"features": {"ai_credits": {"grant": 10, "period": "month"}}}}
+    routes = [{"match": "GET /v1/headers", "meters": {"ai_credits": 1}}]
+    changes = {"features": features, "plans": plans, "default_plan": "free", "routes": routes}
+    app = wsgi.PlanGateMiddleware(wsgi_app, config(**changes), storage=_store(server, Clock()))
+    with httpx.Client(transport=httpx.WSGITransport(app=app), base_url="http://t") as client:
+        assert client.get("/v1/headers", headers=bearer()).status_code == 200
+        server.kill()
+        response = client.get("/v1/headers", headers=bearer())
+    assert response.status_code == 503
+    assert response.json()["type"].endswith("entitlements-unavailable")
+
+
+def test_allow_admits_during_the_outage_and_charges_on_replay(server):
+    clock = Clock()
+    store = _store(server, clock)
+    _give(store, 12)
+    _pause(server)
+    for i in range(3):  # 15 credits: more than the balance, admitted all the same
+        assert _spend(store, _charge("allow"), f"r{i}").admitted
+    assert store.pending == 3  # money is not merged: one record a reservation
+    _resume(server)
+    clock.now += 2  # the breaker lets a probe through, which replays the record
+    _spend(store, _charge("allow", cost=0), "probe")
+    assert store.pending == 0
+    assert _balance(server) == -3  # charged in full on replay: what the grants lacked is debt
+
+
+def test_local_admits_up_to_the_balance_redis_last_reported(server):
+    clock = Clock()
+    store = _store(server, clock)
+    _give(store, 10)
+    assert _spend(store, _charge("local", cost=2), "before").admitted  # Redis says 8 left
+    _pause(server)
+    assert _spend(store, _charge("local"), "r1").admitted  # 3 left here
+    refused = _spend(store, _charge("local"), "r2")
+    assert not refused.admitted and refused.short == (0,)
+    _resume(server)
+    clock.now += 2
+    _spend(store, _charge("local", cost=0), "probe")
+    assert store.pending == 0
+    assert _balance(server) == 3  # 10 - 2 - 5: charged once, not twice
+
+
+def test_local_without_a_balance_seen_here_refuses_with_503(server):
+    store = _store(server, Clock())
+    _give(store, 10)
+    server.kill()
+    with pytest.raises(StorageUnavailable):
+        _spend(store, _charge("local"), "r1")
+
+
+def test_a_refund_during_the_outage_lowers_what_is_replayed(server):
+    clock = Clock()
+    store = _store(server, clock)
+    _give(store, 10)
+    assert _spend(store, _charge("local", cost=1), "before").admitted  # 9 reported
+    _pause(server)
+    result = _spend(store, _charge("local", cost=6), "r1")
+    assert result.admitted
+    burns = result.credits[0].burns
+    refund = Settle(
+        "r1", (), (), (), T0, credits=(_charge("local"),), credit_deltas=(-4,), burns=(burns,)
+    )
+    assert store.settle(refund)
+    _resume(server)
+    clock.now += 2
+    _spend(store, _charge("local", cost=0), "probe")
+    assert store.pending == 0
+    assert _balance(server) == 7  # 10 - 1 - (6 - 4)
