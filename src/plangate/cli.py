@@ -1,4 +1,5 @@
-"""The ``plangate`` command: check, token, explain, customer, plans, gateway, demo (SPEC §9)."""
+"""The ``plangate`` command: check, token, explain, customer, plans, credits, usage, gateway,
+demo (SPEC §9)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,9 @@ import argparse
 import json
 import os
 import sys
+import uuid
 from collections.abc import Iterator, Sequence
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -14,11 +17,19 @@ from . import identity
 from .__about__ import __version__
 from ._gate import Gate
 from .config import Config, load_config, parse_duration
-from .customers import CustomerNotFound, CustomerStore, InvalidRecord, LegacyPlanRefused
+from .customers import (
+    CustomerNotFound,
+    CustomerStore,
+    IdempotencyConflict,
+    InvalidRecord,
+    LegacyPlanRefused,
+)
+from .engine import Problem
 from .errors import ConfigError, StorageError, VersionConflict
 
 DEMO_CONFIG = Path(__file__).parent / "_demo" / "plangate.yaml"
 LIST_PAGE = 500  # records asked of the store at a time by ``customer list``
+LEDGER_SHOWN = 10  # ledger entries ``credits show`` prints per feature (--json: all it read)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -45,6 +56,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             "have it; pass --allow-legacy to assign it",
             file=sys.stderr,
         )
+        return 1
+    except IdempotencyConflict as exc:
+        print(f"plangate: idempotency_key: {exc}", file=sys.stderr)
         return 1
     except (CustomerNotFound, VersionConflict, StorageError) as exc:
         print(f"plangate: {exc}", file=sys.stderr)
@@ -85,6 +99,7 @@ def _parser() -> argparse.ArgumentParser:
     explain.set_defaults(run=_explain)
 
     _customer_parsers(commands)
+    _credits_parsers(commands)
 
     gateway = commands.add_parser(
         "gateway", help="run the forward-auth service for API gateways (nginx, Envoy, …)"
@@ -187,6 +202,65 @@ def _customer_parsers(commands: Any) -> None:
     migrate.set_defaults(run=_plans_migrate)
 
 
+def _credits_parsers(commands: Any) -> None:
+    config_help = "the config (default: ./plangate.yaml, else the demo's)"
+    credits = commands.add_parser("credits", help="grant credits and show balances")
+    credits.set_defaults(run=lambda args: _usage(credits))
+    actions = credits.add_subparsers(title="commands", metavar="COMMAND")
+
+    grant = actions.add_parser(
+        "grant",
+        help="add credits to a customer's balance (its debt is paid first)",
+        description="Add AMOUNT credits of FEATURE (a kind: credits feature) to the balance of "
+        "customer ID and print the grant. A debt is paid first. Without --idempotency-key the "
+        "command makes up a key of its own, so one call is one grant; the key is in the "
+        "printed grant.",
+    )
+    grant.add_argument("customer", metavar="ID", help="the customer id")
+    grant.add_argument("feature", metavar="FEATURE", help="a credits feature, such as ai_credits")
+    grant.add_argument("amount", metavar="AMOUNT", type=_whole, help="whole credits, 1 at least")
+    grant.add_argument("--config", metavar="FILE", help=config_help)
+    grant.add_argument(
+        "--expires",
+        metavar="WHEN",
+        type=_expiry,
+        help="a duration from now (30d, 12h, 2w) or an ISO 8601 time "
+        "(2027-01-31T00:00:00Z; UTC unless it says) (default: never)",
+    )
+    grant.add_argument(
+        "--priority", metavar="N", type=_whole, help="0 to 255, lower burns first (default 100)"
+    )
+    grant.add_argument(
+        "--category", metavar="paid|promotional", help="the kind of credits (default paid)"
+    )
+    grant.add_argument(
+        "--idempotency-key",
+        metavar="K",
+        help="a retry with the same key finds the first grant and adds nothing (default: a new "
+        "key each call, so one call is one grant)",
+    )
+    grant.set_defaults(run=_credits_grant)
+
+    show = actions.add_parser(
+        "show", help="print a customer's balances, grants and newest ledger entries"
+    )
+    show.add_argument("customer", metavar="ID", help="the customer id")
+    show.add_argument("--config", metavar="FILE", help=config_help)
+    show.add_argument("--feature", metavar="F", help="this credits feature only (default: all)")
+    show.add_argument("--json", action="store_true", help="print the balances as JSON")
+    show.set_defaults(run=_credits_show)
+
+    usage = commands.add_parser(
+        "usage", help="show a customer's meters and credit balances, consuming nothing"
+    )
+    usage.add_argument("customer", metavar="ID", help="the customer id")
+    usage.add_argument("--config", metavar="FILE", help=config_help)
+    usage.add_argument(
+        "--json", action="store_true", help="print the entitlements endpoint's answer as JSON"
+    )
+    usage.set_defaults(run=_usage_show)
+
+
 def _usage(parser: argparse.ArgumentParser) -> int:
     parser.print_help()
     return 2
@@ -225,6 +299,31 @@ def _positive(text: str) -> int:
     if number < 1:
         raise argparse.ArgumentTypeError(f"a whole number of at least 1, not {text!r}")
     return number
+
+
+def _whole(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a whole number, not {text!r}") from None
+
+
+def _expiry(text: str) -> timedelta | datetime:
+    """A duration from now (``30d``) or an ISO 8601 time, UTC when it names no offset."""
+    try:
+        return timedelta(seconds=parse_duration(text))
+    except ValueError:
+        pass
+    iso = text.strip()
+    if iso[-1:] in ("Z", "z"):  # what datetime.fromisoformat takes from Python 3.11 only
+        iso = iso[:-1] + "+00:00"
+    try:
+        moment = datetime.fromisoformat(iso)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"a duration such as 30d or an ISO 8601 time such as 2027-01-31T00:00:00Z, not {text!r}"
+        ) from None
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=timezone.utc)
 
 
 def _print_json(value: Any, indent: int | None = 2) -> None:
@@ -316,6 +415,183 @@ def _plans_migrate(args: argparse.Namespace) -> int:
         )
     _print_json(result)
     return 0
+
+
+def _credits_grant(args: argparse.Namespace) -> int:
+    store = _Store(args.config)
+    with store as customers:
+        expires = args.expires
+        if isinstance(expires, timedelta):
+            expires = datetime.fromtimestamp(store.gate.clock(), timezone.utc) + expires
+        key = args.idempotency_key
+        if key is None:  # one call stays one grant, should the write be sent twice
+            key = f"cli-{uuid.uuid4().hex}"
+        try:
+            grant = customers.grant_credits(
+                args.customer,
+                args.feature,
+                args.amount,
+                expires_at=expires,
+                priority=args.priority,
+                category=args.category,
+                idempotency_key=key,
+            )
+        except InvalidRecord as exc:  # the admin API's header is this command's option
+            raise InvalidRecord(
+                [
+                    ("idempotency_key" if field == "Idempotency-Key" else field, message)
+                    for field, message in exc.errors
+                ]
+            ) from None
+        except IdempotencyConflict as exc:
+            if not isinstance(args.expires, timedelta):
+                raise
+            # the expiry is part of the grant a key stands for, and a duration moves with it
+            print(
+                f"plangate: idempotency_key: {exc}; an --expires duration counts from each "
+                "call: to retry a grant, give --expires its expires_at",
+                file=sys.stderr,
+            )
+            return 1
+    _print_json(grant)
+    return 0
+
+
+def _credits_show(args: argparse.Namespace) -> int:
+    with _Store(args.config) as customers:
+        shown = customers.credits(args.customer, feature=args.feature)
+    if args.json:
+        _print_json(shown)
+        return 0
+    if not shown:
+        print("the config has no credits feature")
+        return 0
+    blocks = [_credits_lines(name, view) for name, view in shown.items()]
+    print("\n\n".join("\n".join(lines) for lines in blocks))
+    return 0
+
+
+def _credits_lines(feature: str, view: dict[str, Any]) -> list[str]:
+    """One feature of ``credits show``: its balance, grants and newest ledger entries."""
+    balance = f"{feature}: balance {view['balance']}"
+    if view["debt"]:
+        balance += f" (in debt: {view['debt']})"
+    lines = [balance]
+    grants = [
+        (
+            g["id"],
+            g["source"],
+            g["category"],
+            g["priority"],
+            f"{g['remaining']}/{g['amount']}",
+            _moment_text(g["expires_at"]),
+        )
+        for g in view["grants"]
+    ]
+    if grants:
+        header = ("grant", "source", "category", "priority", "remaining/amount", "expires")
+        lines += _table(header, grants)
+    else:
+        lines.append("no grants")
+    entries = view["ledger"]
+    if entries:
+        shown = entries[:LEDGER_SHOWN]
+        more = " (--json has more)" if len(entries) > len(shown) or view["next_cursor"] else ""
+        lines += ["", f"newest ledger entries{more}:"]
+        lines += _table(
+            ("at", "kind", "amount", "grant", "ref"),
+            [
+                (_moment_text(e["at"]), e["kind"], e["amount"], e["grant"] or "-", e["ref"] or "-")
+                for e in shown
+            ],
+        )
+    return lines
+
+
+def _usage_show(args: argparse.Namespace) -> int:
+    from ._drivers import drive
+    from .identity import Identity
+
+    store = _Store(args.config)
+    with store as customers:
+        gate = store.gate
+        flow = gate.engine.entitlements(Identity(args.customer, None, {}), gate.clock())
+        answer = drive(flow, gate.storage, customers)
+    if isinstance(answer, Problem):
+        print(f"plangate: {answer.detail}", file=sys.stderr)
+        return 1
+    if args.json:
+        _print_json(answer)
+        return 0
+    print("\n".join(_usage_lines(answer)))
+    return 0
+
+
+def _usage_lines(answer: dict[str, Any]) -> list[str]:
+    """``usage``: the customer's plan, then a table of its meters and one of its credits."""
+    head = f"customer {answer['customer']}, plan {answer['plan']}"
+    if answer["trial_ends_at"]:
+        head += f" (trial until {_moment_text(answer['trial_ends_at'])})"
+    lines = [head, ""]
+    meters = [
+        (
+            name,
+            limit["policy"],
+            f"{limit['used']}/{limit['limit']}",
+            limit["remaining"],
+            _reset_text(limit["reset"]),
+        )
+        for name, meter in answer["meters"].items()
+        for limit in meter["limits"]
+    ]
+    if meters:
+        lines += _table(("meter", "policy", "used/limit", "remaining", "reset"), meters)
+    else:
+        lines.append("no meters")
+    credits = [
+        (
+            name,
+            "unknown" if view["balance"] is None else view["balance"],
+            f"{view['grant']} a {view['period']}" if view["grant"] is not None else "-",
+        )
+        for name, view in answer["credits"].items()
+    ]
+    lines.append("")
+    if credits:
+        lines += _table(("credits", "balance", "plan grant"), credits)
+    else:
+        lines.append("no credits")
+    return lines
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> list[str]:
+    """Left-aligned columns, two spaces apart."""
+    cells = [list(header), *([str(cell) for cell in row] for row in rows)]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+    return [
+        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+        for row in cells
+    ]
+
+
+def _moment_text(iso: str | None) -> str:
+    """An ISO time of the store, to the second, in UTC; ``never`` for none."""
+    if iso is None:
+        return "never"
+    moment = datetime.fromisoformat(iso).astimezone(timezone.utc)
+    return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _reset_text(seconds: int) -> str:
+    """``in 3d 4h``: the two largest units of the time to a reset; ``-`` for nothing used."""
+    if seconds <= 0:
+        return "-"
+    parts = []
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60), ("s", 1)):
+        if seconds >= size:
+            count, seconds = divmod(seconds, size)
+            parts.append(f"{count}{unit}")
+    return "in " + " ".join(parts[:2])
 
 
 def _check(args: argparse.Namespace) -> int:
