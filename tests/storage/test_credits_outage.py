@@ -128,7 +128,8 @@ def test_local_admits_up_to_the_balance_redis_last_reported(server):
     _pause(server)
     assert _spend(store, _charge("local"), "r1").admitted  # 3 left here
     refused = _spend(store, _charge("local"), "r2")
-    assert not refused.admitted and refused.short == (0,)
+    assert not refused.admitted
+    assert refused.short == (0,)
     _resume(server)
     clock.now += 2
     _spend(store, _charge("local", cost=0), "probe")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import queue
 import socket
+import threading
 import weakref
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field, replace
@@ -390,6 +391,7 @@ class RedisStorage(Storage):
         self.uri = uri
         self._texts = {name: script_source(name) for name in SCRIPTS}
         self._client: Any = None
+        self._sync_lock = threading.Lock()
         self._direct: _Connections | None = None
         self._scripts: dict[str, Any] = {}
         self._aclients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _AsyncClient]
@@ -429,11 +431,16 @@ class RedisStorage(Storage):
 
     def _sync(self) -> dict[str, Any]:
         if self._client is None:
-            self.changes.resume()  # a store closed and used again listens again
-            self._client = _connect(self.target, asynchronous=False)
-            self._scripts = {n: self._client.register_script(t) for n, t in self._texts.items()}
-            if self.target.kind == "single":
-                self._direct = _Connections(self._client.connection_pool)
+            # Threads making their first calls at once (a threaded WSGI server starting up)
+            # build one client; each reads it only once it is whole.
+            with self._sync_lock:
+                if self._client is None:
+                    self.changes.resume()  # a store closed and used again listens again
+                    client = _connect(self.target, asynchronous=False)
+                    self._scripts = {n: client.register_script(t) for n, t in self._texts.items()}
+                    if self.target.kind == "single":
+                        self._direct = _Connections(client.connection_pool)
+                    self._client = client
         return self._scripts
 
     def _async(self) -> _AsyncClient:
