@@ -33,9 +33,7 @@ def _credits(**routes: Any) -> dict[str, Any]:
         {"match": "GET /v1/raise", "meters": {"ai_credits": 3}},
         {"match": "/v1/{rest:path}", "meters": {"api_calls": 1}},
     ]
-    return config(
-        features=features, plans=plans, routes=rules, responses={"upgrade_url": UPGRADE}
-    )
+    return config(features=features, plans=plans, routes=rules, responses={"upgrade_url": UPGRADE})
 
 
 def _gate(storage, settings) -> Gate:

@@ -26,7 +26,8 @@ def _config(tmp_path: Path) -> tuple[Path, dict]:
     features = {**config()["features"], "ai_credits": {"kind": "credits", "unit": "credit"}}
     plans = {"free": {"features": {"ai_credits": {"grant": 0, "period": "month"}}}}
     routes = [
-        {"match": f"GET /v1/status/20{cost}", "meters": {"ai_credits": cost}} for cost in range(1, 8)
+        {"match": f"GET /v1/status/20{cost}", "meters": {"ai_credits": cost}}
+        for cost in range(1, 8)
     ]
     data = config(features=features, plans=plans, routes=routes, default_plan="free")
     path = tmp_path / "plangate.yaml"
@@ -54,7 +55,10 @@ def _spend(storage_url: str, tmp_path: Path, customer: str, costs: list[int]) ->
     try:
         gate.customers.grant_credits(customer, "ai_credits", BALANCE, idempotency_key=customer)
         log: list[str] = []
-        with uvicorn_process(storage_url, path, log) as a, uvicorn_process(storage_url, path, log) as b:
+        with (
+            uvicorn_process(storage_url, path, log) as a,
+            uvicorn_process(storage_url, path, log) as b,
+        ):
             seen = asyncio.run(_burst([a, b], customer, costs))
         statuses = Tally(status for _, status in seen)
         assert set(statuses) <= {200 + c for c in range(1, 8)} | {402}, (statuses, "".join(log))
