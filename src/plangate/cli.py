@@ -725,6 +725,16 @@ def demo_lines(base: str, config: Config | None = None) -> list[str]:
         """-d '{"prompt": "write a haiku"}'""",
         f"curl -s {base}/.plangate/entitlements {bearer.format('PRO')}",
         "",
+        "# AI images on credits: pro includes 30 a month and an image costs 10;",
+        "# then a top-up of 100 through the admin API, and the image is served again:",
+        f'for i in 1 2 3 4; do curl -s -o /dev/null -w "%{{http_code}}\n" -X POST '
+        f"{base}/v1/images {bearer.format('PRO')}; done   # 3 images, then 402",
+        f"curl -s -X POST {base}/admin/customers/acme-pro/credits "
+        '-H "Authorization: Bearer $ADMIN_TOKEN" -H "Idempotency-Key: demo-top-up" '
+        "-H 'Content-Type: application/json' "
+        """-d '{"feature": "ai_credits", "amount": 100}'   # 201, the grant""",
+        f"curl -i -X POST {base}/v1/images {bearer.format('PRO')}   # 200 now",
+        "",
         "# upgrade the free customer to pro, live (the admin API), then export again:",
         f"curl -s -X PATCH {base}/admin/customers/acme-free "
         '-H "Authorization: Bearer $ADMIN_TOKEN" '

@@ -43,6 +43,14 @@ async def completions(request: Request) -> JSONResponse:
     )
 
 
+async def images(request: Request) -> JSONResponse:
+    """An AI image, paid in credits: what it cost and what is left."""
+    gate = request.state.plangate
+    return JSONResponse(
+        {"image": "/downloads/image.png", "credits_left": gate.balance("ai_credits")}
+    )
+
+
 async def projects(request: Request) -> JSONResponse:
     gate = request.state.plangate
     return JSONResponse(
@@ -70,6 +78,7 @@ def create_app(config: str | Path = CONFIG, storage: str | None = None) -> Starl
             Route("/health", health),
             Route("/v1/reports/{report_id}/export", export_report, methods=["POST"]),
             Route("/v1/completions", completions, methods=["POST"]),
+            Route("/v1/images", images, methods=["POST"]),
             Route("/v1/projects", projects),
         ]
     )
