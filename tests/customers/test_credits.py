@@ -218,3 +218,47 @@ def test_an_expiry_given_as_a_datetime_without_a_zone_is_utc(gate: Gate):
     moment = datetime.fromtimestamp(START, timezone.utc).replace(tzinfo=None) + timedelta(days=1)
     grant = gate.customers.grant_credits("acme", "ai_credits", 1, expires_at=moment)
     assert grant["expires_at"] == moment.replace(tzinfo=timezone.utc).isoformat()
+
+
+# On Redis, Cluster and Sentinel alike ------------------------------------------------------
+
+
+@pytest.fixture(params=["redis_server", "redis_cluster", "redis_sentinel"])
+def redis_uri(request: pytest.FixtureRequest) -> str:
+    return str(request.getfixturevalue(request.param).url)
+
+
+def test_credits_on_every_redis_topology(redis_uri: str, clock: Clock):
+    gate = Gate(catalog(), storage=open_storage(redis_uri), clock=clock)
+    gate.storage.inner.client.flushall()
+    try:
+        gate.customers.assign("acme", plan="pro")
+        gate.customers.grant_credits("acme", "ai_credits", 5, idempotency_key="t1")
+        spent = gate.check("POST", "/v1/generate", token("acme"))
+        assert spent.allowed
+        assert spent.balance("ai_credits") == 104
+        completion = gate.check("POST", "/v1/completions", token("acme"))
+        # the estimate (100, 90 past the limit) is taken first, the rest when settled: 2 credits
+        gate.settle(completion, 200, {"ai_tokens": 2010})
+        assert gate.customers.balance("acme", "ai_credits") == 102
+        entries = gate.customers.ledger("acme", "ai_credits", limit=10)["entries"]
+        assert [(e["kind"], e["amount"]) for e in entries] == [
+            ("burn", -1.91),
+            ("burn", -0.09),
+            ("burn", -1),
+            ("grant", 5),
+            ("grant", 100),
+        ]
+    finally:
+        gate.storage.close()
+
+
+def test_a_commit_equal_to_the_reservation_makes_no_call(gate: Gate):
+    gate.customers.assign("acme", plan="pro")
+    decision = gate.check("POST", "/v1/generate", token("acme"))
+    assert decision.allowed
+    assert gate.engine.settle(decision, 200, {}, gate.clock) is None  # nothing to change
+    refunded = gate.check("POST", "/v1/generate", token("acme"))
+    op = gate.engine.settle(refunded, 500, {}, gate.clock)  # not counted: given back
+    assert op is not None
+    assert op.credit_deltas == (-1000,)

@@ -232,3 +232,22 @@ def test_random_traffic_keeps_the_ledger_equal_to_the_balance(storage: Storage, 
         )
         assert view.ledger_sum == held - view.debt
         assert view.balance == held - view.debt
+
+
+def test_a_capped_ledger_still_sums_to_the_balance(storage: Storage):
+    from plangate.engine._credits import LEDGER_CAP
+
+    give(storage, LEDGER_CAP + 100, "a")
+    for i in range(LEDGER_CAP + 5):
+        assert spend(storage, 1, rid=f"r{i}").admitted
+    view = storage.read_credits(ReadCredits(charge(), US, limit=500))
+    assert view.balance == 95
+    assert view.ledger_sum == 95  # the entries trimmed are summed into the base
+    pages, cursor = 0, None
+    while True:
+        page = storage.read_credits(ReadCredits(charge(), US, limit=500, before=cursor))
+        pages += len(page.ledger)
+        cursor = page.cursor
+        if cursor is None:
+            break
+    assert pages == LEDGER_CAP

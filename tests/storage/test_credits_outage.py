@@ -162,4 +162,7 @@ def test_a_refund_during_the_outage_lowers_what_is_replayed(server):
     clock.now += 2
     _spend(store, _charge("local", cost=0), "probe")
     assert store.pending == 0
-    assert _balance(server) == 7  # 10 - 1 - (6 - 4)
+    backend = RedisStorage(server.url)
+    view = backend.read_credits(ReadCredits(_charge("deny"), micros(T0), limit=20))
+    backend.close()
+    assert view.balance == 7, view.ledger  # 10 - 1 - (6 - 4)

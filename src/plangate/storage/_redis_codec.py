@@ -228,7 +228,7 @@ def grant_call(op: GrantCredits) -> tuple[list[str], list[Any]]:
     charge, grant = op.charge, op.grant
     keys = [charge.key, charge.ledger_key, idempotency_key_of(charge.key)]
     args = [op.now, grant.id, pack_grant(grant), grant.idempotency_key or "", op.fingerprint]
-    return keys, args
+    return keys, [*args, f"0 {_period(charge)}"]
 
 
 def grant_result(reply: Sequence[Any], op: GrantCredits) -> GrantResult:
@@ -242,7 +242,7 @@ def grant_result(reply: Sequence[Any], op: GrantCredits) -> GrantResult:
 
 
 def revoke_call(op: RevokeCredits) -> tuple[list[str], list[Any]]:
-    return [op.charge.key, op.charge.ledger_key], [op.now, op.grant_id]
+    return [op.charge.key, op.charge.ledger_key], [op.now, op.grant_id, f"0 {_period(op.charge)}"]
 
 
 def read_call(op: ReadCredits) -> tuple[list[str], list[Any]]:

@@ -5,6 +5,7 @@
 -- ARGV[1]  now, microseconds
 -- ARGV[2]  the grant's id         ARGV[3]  the grant, packed as credits.lua keeps it
 -- ARGV[4]  its idempotency key ("": none)   ARGV[5]  the fingerprint of what was asked
+-- ARGV[6]  "0 grant start finish": the period's plan grant, issued first if it was not
 --
 -- Returns {1, id, packed} for a new grant, {2, id, packed} for the one the key made before
 -- ({2, id, ""} if that grant has since been forgotten), {0} for a key used for another body.
@@ -21,7 +22,7 @@ if idem ~= "" then
     return {2, id, redis.call("HGET", KEYS[1], "g:" .. id) or ""}
   end
 end
-local a = credit_open(KEYS[1], KEYS[2], now)
+local a = credit_open_for(KEYS[1], KEYS[2], ARGV[6], now)
 local g = credit_add(a, credit_unpack(ARGV[2], ARGV[3]), now)
 credit_save(a)
 if idem ~= "" then

@@ -2,11 +2,12 @@
 --
 -- KEYS[1]  the balance's hash     KEYS[2]  its ledger
 -- ARGV[1]  now, microseconds      ARGV[2]  the grant's id
+-- ARGV[3]  "0 grant start finish": the period's plan grant, issued first if it was not
 --
 -- Returns the sub-units revoked, or -1 if there is no such grant.
 
 local now = tonumber(ARGV[1])
-local a = credit_open(KEYS[1], KEYS[2], now)
+local a = credit_open_for(KEYS[1], KEYS[2], ARGV[3], now)
 local g = a.grants[ARGV[2]]
 if g == nil then
   credit_save(a)

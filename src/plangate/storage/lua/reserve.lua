@@ -272,6 +272,6 @@ for _, c in ipairs(counters) do
 end
 credits_reply(reply, enforce)
 if ncredits > 0 and enforce then
-  redis.call("SET", KEYS[#KEYS], "1 " .. table.concat(made, " "), "EX", __SETTLED_TTL__)
+  redis.call("SET", KEYS[#KEYS], table.concat(made, " "), "EX", __SETTLED_TTL__)
 end
 return reply
