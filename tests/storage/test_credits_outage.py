@@ -166,3 +166,22 @@ def test_a_refund_during_the_outage_lowers_what_is_replayed(server):
     view = backend.read_credits(ReadCredits(_charge("deny"), micros(T0), limit=20))
     backend.close()
     assert view.balance == 7, view.ledger  # 10 - 1 - (6 - 4)
+
+
+def test_a_meter_with_overage_keeps_its_quota_during_an_outage_under_deny(server):
+    from plangate.engine import Counter
+
+    clock = Clock()
+    store = _store(server, clock)
+    _give(store, 100)
+    counter = Counter("plangate:{acme}:ai_tokens-month:0", 2, 1, resets_at=T0 + 3600)
+    overage = CreditCharge(credits_key("acme", "ai_credits"), "ai_credits", overage=((0, 5, 0),))
+    server.kill()
+    results = [
+        store.reserve(Reserve((counter,), T0, reservation_id=f"r{i}", credits=(overage,)))
+        for i in range(3)
+    ]
+    # below the limit: admitted (not a 503); past it: refused on the quota (a 429), since
+    # the balance that overage would charge cannot be read
+    assert [r.admitted for r in results] == [True, True, False]
+    assert results[2].violated == (0,)

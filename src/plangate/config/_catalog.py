@@ -224,7 +224,8 @@ class _Builder:
         for plan in plans.values():
             for grant in plan.meters.values():
                 if grant.overage in places and grant.rate is not None:
-                    places[grant.overage] = max(places[grant.overage], decimals(grant.rate))
+                    finest = min(decimals(grant.rate), MAX_RATE_DECIMALS)  # finer: an error
+                    places[grant.overage] = max(places[grant.overage], finest)
         scales = {name: 10**n for name, n in places.items()}
         for name, plan in plans.items():
             for feature, credit in plan.credits.items():

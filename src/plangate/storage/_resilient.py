@@ -183,14 +183,21 @@ class ResilientStorage(Storage):
         return result
 
     def _reserve_locally(self, op: Reserve, cause: StorageError) -> ReserveResult:
-        unknown = [c.key for c in op.credits if c.on_error != "deny" and not self._seen(c)]
-        denied = any(c.on_error == "deny" for c in op.counters) or any(
-            c.on_error == "deny" for c in op.credits
-        )
-        if denied or unknown:
-            why = "usage cannot be counted" if not unknown else "no balance known here"
+        # A balance the route spends itself must be answered for here (``allow``, or a
+        # ``local`` balance seen), else the request is refused (503). A balance that only a
+        # meter's overage would charge is dropped instead: the meter is held to its quota
+        # alone (a 429 past the limit), never refused below it.
+        kept: list[CreditCharge] = []
+        unanswered = False
+        for charge in op.credits:
+            answered = charge.on_error != "deny" and self._seen(charge)
+            if answered:
+                kept.append(charge)
+            elif charge.direct:
+                unanswered = True
+        if unanswered or any(c.on_error == "deny" for c in op.counters):
             raise StorageUnavailable(
-                f"{why}: {cause}", max(1.0, self.breaker.retry_after)
+                f"usage cannot be counted: {cause}", max(1.0, self.breaker.retry_after)
             ) from cause
         if self.reported:
             self.reported.catch_up(self.local, op.counters, op.now)
@@ -198,12 +205,13 @@ class ResilientStorage(Storage):
             replace(c, limit=None) if c.on_error == "allow" else c for c in op.counters
         )
         # The period's plan grant is the backend's to issue (on replay), not this process's.
-        credits = tuple(replace(c, grant=0, period_start=0, period_end=0) for c in op.credits)
-        result = self.local.reserve(replace(op, counters=counters, credits=credits))
+        local = tuple(replace(c, grant=0, period_start=0, period_end=0) for c in kept)
+        result = self.local.reserve(replace(op, counters=counters, credits=local))
         # Admitted, or counted in shadow mode: the usage is real, and waits for the backend;
         # unless the backend refused it, as it would refuse its replay.
         if (result.slots or result.admitted) and not isinstance(cause, StorageRejected):
-            self.outbox.count(op, tuple(state.charged for state in result.credits))
+            spent = tuple(state.charged for state in result.credits)
+            self.outbox.count(replace(op, credits=tuple(kept)), spent)
         return result
 
     def _seen(self, charge: CreditCharge) -> bool:
