@@ -6,6 +6,7 @@ import contextlib
 import hmac
 import logging
 import os
+import re
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
 from urllib.parse import unquote
@@ -20,7 +21,14 @@ from starlette.types import Receive, Scope, Send
 
 from .._gate import AsyncGate
 from ..config import Config
-from ..customers import CustomerNotFound, InvalidRecord, LegacyPlanRefused
+from ..customers import (
+    CustomerNotFound,
+    GrantNotFound,
+    IdempotencyConflict,
+    InvalidRecord,
+    LegacyPlanRefused,
+)
+from ..customers._credits import MAX_KEY, MAX_PAGE
 from ..customers._provisioning import UNSET, iter_errors
 from ..engine._problems import bearer_challenge
 from ..errors import StorageError, VersionConflict
@@ -33,6 +41,14 @@ logger = logging.getLogger("plangate.admin")
 REALM = "plangate-admin"
 MAX_LIMIT = 1000
 DEFAULT_LIMIT = 100
+#: ledger entries a page of ``GET /customers/{id}/credits`` holds by default, and at most
+DEFAULT_LEDGER = 50
+MAX_LEDGER = MAX_PAGE
+#: a ledger cursor as the stores make them: an entry's id (memory: 16 digits; Redis: a
+#: stream id, ms-seq). Checked here, as Redis refuses a malformed one with an error.
+LEDGER_CURSOR = re.compile(r"[0-9]{1,19}(-[0-9]{1,19})?")
+#: the methods of a customer's record (``/customers/{id}``)
+RECORD_METHODS = ("GET", "HEAD", "PUT", "PATCH", "DELETE")
 JSON = "application/json"
 MERGE_PATCH = "application/merge-patch+json"
 #: the members of a migration's body
@@ -40,10 +56,12 @@ MIGRATION = ("from", "to", "dry_run", "allow_legacy")
 
 
 class AdminAPI:
-    """The admin API as an ASGI app: customer records and plan migrations over HTTP.
+    """The admin API as an ASGI app: customer records, credit balances and plan migrations
+    over HTTP.
 
     Its routes are relative to where it is mounted (``Mount("/admin", app=AdminAPI(gate))``):
-    ``/customers``, ``/customers/{id}``, ``/plans/migrate``. Every request needs
+    ``/customers``, ``/customers/{id}``, ``/customers/{id}/credits``,
+    ``/customers/{id}/credits/{grant}``, ``/plans/migrate``. Every request needs
     ``Authorization: Bearer <token>``; ``token`` defaults to the config's ``admin.token``,
     and without one the API answers 404 to everything. See docs/admin.md.
     """
@@ -60,6 +78,19 @@ class AdminAPI:
         self.app = Starlette(
             routes=[
                 Route("/customers", self.list_customers, methods=["GET"]),
+                # Before the record's route, whose {customer:path} would take them: the path
+                # is matched percent-decoded, so /customers/x%2Fcredits comes here too, and
+                # _record_named sends it back to the record of customer "x/credits".
+                Route(
+                    "/customers/{customer:path}/credits/{grant_id}",
+                    self.credit_grant,
+                    methods=["DELETE"],
+                ),
+                Route(
+                    "/customers/{customer:path}/credits",
+                    self.credits,
+                    methods=["GET", "POST"],
+                ),
                 Route(
                     "/customers/{customer:path}",
                     self.customer,
@@ -74,6 +105,8 @@ class AdminAPI:
                 InvalidRecord: _invalid_record,
                 LegacyPlanRefused: _legacy_plan,
                 CustomerNotFound: _customer_not_found,
+                IdempotencyConflict: _idempotency_conflict,
+                GrantNotFound: _grant_not_found,
                 VersionConflict: _version_conflict,
                 StorageError: _storage_error,
             },
@@ -147,9 +180,14 @@ class AdminAPI:
     # /customers/{id} ----------------------------------------------------------------------
 
     async def customer(self, request: Request) -> Response:
-        customer = _customer(request)
+        return await self._record_route(request, _customer(request))
+
+    async def _record_route(self, request: Request, customer: str) -> Response:
+        """``GET``, ``PUT``, ``PATCH`` or ``DELETE`` of the record of ``customer``."""
         customers = self.gate.customers
         method = request.method
+        if method not in RECORD_METHODS:
+            raise HTTPException(405, headers={"allow": ", ".join(RECORD_METHODS)})
         if method in ("GET", "HEAD"):
             return _record(await customers.show(customer))
         if_version = _if_match(request)
@@ -172,6 +210,65 @@ class AdminAPI:
             "admin: customer %r written (%s), version %d", customer, method, answer["version"]
         )
         return _record(answer)
+
+    # /customers/{id}/credits --------------------------------------------------------------
+
+    async def credits(self, request: Request) -> Response:
+        """``GET``: the customer's credit balances (``?feature=&limit=&cursor=``); ``POST``:
+        a grant, made once per ``Idempotency-Key``."""
+        whole = _record_named(request, "credits")
+        if whole is not None:
+            return await self._record_route(request, whole)
+        customer = _customer(request, "credits")
+        customers = self.gate.customers
+        if request.method == "POST":
+            key = _idempotency_key(request)
+            body = await self._body(request, (JSON,))
+            created, grant = await customers._run(
+                customers._credits().grant(customer, body, idempotency_key=key, source="admin")
+            )
+            if created:
+                logger.info(
+                    "admin: customer %r granted %s %s (grant %s)",
+                    customer,
+                    grant["amount"],
+                    grant["feature"],
+                    grant["id"],
+                )
+            return _json(grant, status=201 if created else 200)
+        query = request.query_params
+        limit = _limit(query.get("limit"), default=DEFAULT_LEDGER, most=MAX_LEDGER)
+        cursor = query.get("cursor") or None
+        if cursor is not None and not LEDGER_CURSOR.fullmatch(cursor):
+            raise AdminError(
+                "malformed-request",
+                "cursor: not a cursor this API made; pass the next_cursor of the page before",
+                {"parameter": "cursor"},
+            )
+        shown = await customers._run(
+            customers._credits().show(
+                customer, feature=query.get("feature"), limit=limit, cursor=cursor
+            )
+        )
+        return _json({"customer": customer, "credits": shown})
+
+    async def credit_grant(self, request: Request) -> Response:
+        """``DELETE``: what the grant still holds is taken away (its ledger keeps it)."""
+        grant_id: str = request.path_params["grant_id"]
+        whole = _record_named(request, "credits", grant_id)
+        if whole is not None:
+            return await self._record_route(request, whole)
+        customer = _customer(request, "credits", grant_id)
+        customers = self.gate.customers
+        revoked = await customers._run(customers._credits().revoke(customer, grant_id))
+        logger.info(
+            "admin: customer %r: grant %s of %s revoked (%s)",
+            customer,
+            grant_id,
+            revoked["feature"],
+            revoked["revoked"],
+        )
+        return _json(revoked)
 
     # /plans/migrate -----------------------------------------------------------------------
 
@@ -253,18 +350,56 @@ def from_environment() -> Starlette:
 # requests, read -----------------------------------------------------------------------------
 
 
-def _customer(request: Request) -> str:
-    """The customer id of the path, percent-decoded: ``/customers/a%2Fb`` is ``a/b``, while
-    ``/customers/a/b`` (a slash as such) names no customer."""
-    customer: str = request.path_params["customer"]
+def _raw_segments(request: Request, count: int) -> list[str] | None:
+    """The last ``count`` segments of the path as the client sent it, each percent-decoded
+    (None when the server does not give the raw path)."""
     raw = request.scope.get("raw_path")
-    if isinstance(raw, bytes):
-        segment = raw.partition(b"?")[0].rpartition(b"/")[2]
-        if unquote(segment.decode("latin-1")) != customer:
-            raise _not_found()
+    if not isinstance(raw, bytes):
+        return None
+    segments = raw.partition(b"?")[0].split(b"/")[-count:]
+    return [unquote(segment.decode("latin-1")) for segment in segments]
+
+
+def _customer(request: Request, *rest: str) -> str:
+    """The customer id of the path, percent-decoded: ``/customers/a%2Fb`` is ``a/b``, while
+    ``/customers/a/b`` (a slash as such) names no customer. ``rest``: the segments the route
+    has after the id (``credits``, a grant's id)."""
+    customer: str = request.path_params["customer"]
+    segments = _raw_segments(request, 1 + len(rest))
+    if segments is not None and segments != [customer, *rest]:
+        raise _not_found()
     if not customer:
         raise _not_found()
     return customer
+
+
+def _record_named(request: Request, *rest: str) -> str | None:
+    """The customer whose record the path names when a credits route matched it only once
+    decoded: ``/customers/x%2Fcredits`` is the record of ``x/credits``, not the credits of
+    ``x``. None for a path of the credits route. (Without the raw path, which every ASGI
+    server in use gives, the decoded path is all there is: it is the credits route's.)"""
+    whole = "/".join([request.path_params["customer"], *rest])
+    segments = _raw_segments(request, 1)
+    return whole if segments == [whole] else None
+
+
+def _idempotency_key(request: Request) -> str:
+    """The ``Idempotency-Key`` header a grant needs: one, of 1 to 255 printable characters."""
+    given = request.headers.getlist("idempotency-key")
+    key = given[0].strip() if len(given) == 1 else ""
+    if not key or len(key) > MAX_KEY or not key.isprintable():
+        if not given:
+            detail = "a grant needs an Idempotency-Key header (a new unique value per grant)"
+        elif len(given) > 1:
+            detail = "one Idempotency-Key header, not several"
+        else:
+            detail = f"1 to {MAX_KEY} printable characters, not {given[0][:40]!r}"
+        raise AdminError(
+            "malformed-request",
+            f"Idempotency-Key: {detail}",
+            {"parameter": "Idempotency-Key"},
+        )
+    return key
 
 
 def _if_match(request: Request) -> int | None:
@@ -295,14 +430,14 @@ def _flag(request: Request, name: str) -> bool:
     )
 
 
-def _limit(value: str | None) -> int:
+def _limit(value: str | None, *, default: int = DEFAULT_LIMIT, most: int = MAX_LIMIT) -> int:
     if value is None:
-        return DEFAULT_LIMIT
-    if value.isascii() and value.isdigit() and len(value) <= 4 and 1 <= int(value) <= MAX_LIMIT:
+        return default
+    if value.isascii() and value.isdigit() and len(value) <= 4 and 1 <= int(value) <= most:
         return int(value)
     raise AdminError(
         "malformed-request",
-        f"limit: a whole number from 1 to {MAX_LIMIT}, not {value!r}",
+        f"limit: a whole number from 1 to {most}, not {value!r}",
         {"parameter": "limit"},
     )
 
@@ -310,8 +445,10 @@ def _limit(value: str | None) -> int:
 # answers ------------------------------------------------------------------------------------
 
 
-def _json(body: Mapping[str, Any], headers: Mapping[str, str] | None = None) -> Response:
-    return JSONResponse(body, headers={"cache-control": "no-store", **(headers or {})})
+def _json(
+    body: Mapping[str, Any], headers: Mapping[str, str] | None = None, *, status: int = 200
+) -> Response:
+    return JSONResponse(body, status, headers={"cache-control": "no-store", **(headers or {})})
 
 
 def _record(body: Mapping[str, Any]) -> Response:
@@ -359,6 +496,18 @@ async def _legacy_plan(request: Request, exc: Exception) -> Response:
 async def _customer_not_found(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, CustomerNotFound)
     return AdminError("customer-not-found", str(exc), {"customer": exc.customer}).response()
+
+
+async def _idempotency_conflict(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, IdempotencyConflict)
+    members = {"parameter": "Idempotency-Key", "idempotency_key": exc.key}
+    return AdminError("idempotency-conflict", str(exc), members).response()
+
+
+async def _grant_not_found(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, GrantNotFound)
+    members = {"customer": exc.customer, "grant": exc.grant_id}
+    return AdminError("grant-not-found", str(exc), members).response()
 
 
 async def _version_conflict(request: Request, exc: Exception) -> Response:

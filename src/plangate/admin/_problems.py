@@ -16,6 +16,7 @@ TITLES = {
     "admin-token-required": (401, "Admin token required"),
     "not-found": (404, "Not found"),
     "customer-not-found": (404, "Customer not found"),
+    "grant-not-found": (404, "Grant not found"),
     "method-not-allowed": (405, "Method not allowed"),
     "legacy-plan": (409, "Legacy plan"),
     "write-contention": (409, "Write contention"),
@@ -23,6 +24,7 @@ TITLES = {
     "body-too-large": (413, "Body too large"),
     "unsupported-media-type": (415, "Unsupported media type"),
     "invalid-record": (422, "Invalid record"),
+    "idempotency-conflict": (422, "Idempotency conflict"),
     "storage-unavailable": (503, "Storage unavailable"),
 }
 
