@@ -4,10 +4,8 @@ charges on replay, ``local`` admits up to the balance Redis last reported to thi
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
-from collections.abc import Iterator
 
 import httpx
 import pytest
@@ -20,31 +18,13 @@ from plangate.storage._breaker import StorageUnavailable
 from plangate.storage._redis import RedisStorage
 from tests.middleware.apps import wsgi_app
 from tests.servers import RedisServer
+from tests.storage.test_outage import Clock
+from tests.storage.test_outage import server as server  # the fixture (one Redis per test)
 from tests.support import bearer, config
 
 pytestmark = pytest.mark.redis
 
 T0 = 1_800_000_000.0
-
-
-@pytest.fixture
-def server() -> Iterator[RedisServer]:
-    redis = RedisServer().start()
-    try:
-        yield redis
-    finally:
-        if redis.proc is not None:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(redis.proc.pid, signal.SIGCONT)
-        redis.cleanup()
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def _store(server: RedisServer, clock: Clock) -> ResilientStorage:
@@ -78,9 +58,13 @@ def _pause(server: RedisServer) -> None:
     os.kill(server.proc.pid, signal.SIGSTOP)
 
 
-def _resume(server: RedisServer) -> None:
+def _back(server: RedisServer, store: ResilientStorage, clock: Clock) -> None:
+    """Redis answers again; the breaker's probe replays what waited for it."""
     assert server.proc is not None
     os.kill(server.proc.pid, signal.SIGCONT)
+    clock.now += 2
+    _spend(store, _charge("allow", cost=0), "probe")
+    assert store.pending == 0
 
 
 def test_credits_refuse_with_503_by_default_when_redis_is_out(server):
@@ -113,10 +97,7 @@ def test_allow_admits_during_the_outage_and_charges_on_replay(server):
     for i in range(3):  # 15 credits: more than the balance, admitted all the same
         assert _spend(store, _charge("allow"), f"r{i}").admitted
     assert store.pending == 3  # money is not merged: one record a reservation
-    _resume(server)
-    clock.now += 2  # the breaker lets a probe through, which replays the record
-    _spend(store, _charge("allow", cost=0), "probe")
-    assert store.pending == 0
+    _back(server, store, clock)
     assert _balance(server) == -3  # charged in full on replay: what the grants lacked is debt
 
 
@@ -130,10 +111,7 @@ def test_local_admits_up_to_the_balance_redis_last_reported(server):
     refused = _spend(store, _charge("local"), "r2")
     assert not refused.admitted
     assert refused.short == (0,)
-    _resume(server)
-    clock.now += 2
-    _spend(store, _charge("local", cost=0), "probe")
-    assert store.pending == 0
+    _back(server, store, clock)
     assert _balance(server) == 3  # 10 - 2 - 5: charged once, not twice
 
 
@@ -158,10 +136,7 @@ def test_a_refund_during_the_outage_lowers_what_is_replayed(server):
         "r1", (), (), (), T0, credits=(_charge("local"),), credit_deltas=(-4,), burns=(burns,)
     )
     assert store.settle(refund)
-    _resume(server)
-    clock.now += 2
-    _spend(store, _charge("local", cost=0), "probe")
-    assert store.pending == 0
+    _back(server, store, clock)
     backend = RedisStorage(server.url)
     view = backend.read_credits(ReadCredits(_charge("deny"), micros(T0), limit=20))
     backend.close()
