@@ -1,4 +1,5 @@
-"""The admin HTTP API: customer records and plan migrations, behind a bearer token.
+"""The admin HTTP API: customer records, credit grants and plan migrations, behind a bearer
+token.
 
 ``AdminAPI(gate)`` is an ASGI app to mount (``Mount("/admin", app=AdminAPI(gate))``);
 ``plangate gateway`` serves it under ``/admin/``; ``from_environment`` builds it for
