@@ -2,6 +2,10 @@
 
     python benchmarks/compare.py            # the full run (a few minutes); writes docs/benchmarks.md
     python benchmarks/compare.py --quick    # a short run that prints and writes nothing
+    python benchmarks/compare.py --credits [--quick] [--write]   # only the credits rows (6.)
+
+``--write`` writes docs/benchmarks.md after a ``--quick`` run too; ``--smoke`` is the tests'
+tiny run (prints only).
 
 Needs `pip install -e ".[bench]"` (slowapi, flask-limiter) and `redis-server` and `wrk` on
 the PATH (Debian: `apt-get install redis-server wrk`). It starts its own Redis on a free
@@ -19,6 +23,11 @@ In one process run, on the same machine and the same Redis:
 4. The floor: one EVALSHA round trip to the same Redis, with redis-py's asyncio and blocking
    clients.
 5. Redis commands per request, per scenario, counted with MONITOR outside the timed runs.
+6. Credits (issue 13), ASGI on memory and on Redis: the plain metered route beside a route that
+   spends credits and an overage route (a metered route past its limit, charged in credits),
+   as ratios within each round; their Redis commands; the reserve script's cost for each inside
+   Redis (INFO commandstats); Redis memory per customer with 10 grants. Needs neither slowapi,
+   flask-limiter nor wrk.
 
 Every case is checked first (status, headers). Timings are reported, never asserted.
 """
@@ -630,6 +639,464 @@ def redis_bytes_per_customer(port: int, customers: int = 5_000) -> dict[str, flo
     return results
 
 
+# Credits (issue 13) ------------------------------------------------------------------------------
+
+CREDITS_START, CREDITS_END = "<!-- credits -->", "<!-- /credits -->"
+#: the overage route reports OVERAGE_COST tokens a request against a limit of OVERAGE_LIMIT a
+#: day (over 1 000, so kept in buckets like the plain metered route's counter): two requests
+#: use it up, and every later one is charged OVERAGE_COST * OVERAGE_RATE = 1 credit
+OVERAGE_LIMIT, OVERAGE_COST, OVERAGE_RATE = 2_000, 1_000, 0.001
+BALANCE = 10**12  # credits granted to each timed customer: no run comes near spending them
+GRANTS = 10  # the grants of the "10 grants" customer and of each customer whose memory is measured
+RESERVATIONS = 3  # credits-route requests of each customer whose memory is measured
+CREDIT_ROUTES = {
+    "metered": "/v1/projects",  # the plain metered route of the comparison above
+    "credits route": "/v1/generate",
+    "overage route": "/v1/completions",
+}
+
+
+def credits_config() -> dict[str, Any]:
+    """The compared config plus a credits feature, a route that spends it and a metered
+    feature charged to it past its limit."""
+    config = plangate_config()
+    config["features"]["ai_tokens"] = {"kind": "metered", "unit": "token"}
+    config["features"]["ai_credits"] = {"kind": "credits", "unit": "credit"}
+    config["plans"]["bench"]["features"].update(
+        {
+            "ai_tokens": {
+                "limit": OVERAGE_LIMIT,
+                "window": "1d",
+                "overage": "ai_credits",
+                "rate": OVERAGE_RATE,
+            },
+            # listed so that the plan's routes may spend it; balances come from admin grants
+            "ai_credits": {"grant": 0, "period": "month"},
+        }
+    )
+    config["routes"] += [
+        {"match": f"GET {CREDIT_ROUTES['credits route']}", "meters": {"ai_credits": 1}},
+        {"match": f"GET {CREDIT_ROUTES['overage route']}", "meters": {"ai_tokens": OVERAGE_COST}},
+    ]
+    return config
+
+
+def credits_apps(redis_url: str) -> dict[str, Any]:
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import JSONResponse
+    from starlette.routing import Route
+
+    from plangate.asgi import PlanGateMiddleware
+    from plangate.config import load_config
+
+    async def endpoint(request: Request) -> JSONResponse:
+        return JSONResponse(PAYLOAD)
+
+    def bare() -> Starlette:
+        return Starlette(routes=[Route(p, endpoint) for p in CREDIT_ROUTES.values()])
+
+    config = load_config(credits_config())
+    return {
+        "bare": bare(),
+        "memory": PlanGateMiddleware(bare(), config, storage="memory://"),
+        "Redis": PlanGateMiddleware(bare(), config, storage=redis_url),
+    }
+
+
+async def grant_several(customers: Any, customer: str, amount: int) -> None:
+    """GRANTS grants of ``amount`` each, of every shape: priorities, categories, half of them
+    expiring in 30 days (the burn order sorts them all on every charge)."""
+    expires = dt.datetime.now(dt.timezone.utc) + dt.timedelta(days=30)
+    for i in range(GRANTS):
+        await customers.grant_credits(
+            customer,
+            "ai_credits",
+            amount,
+            expires_at=expires if i % 2 else None,
+            priority=95 + i,
+            category=("paid", "promotional")[i % 2],
+        )
+
+
+def credits_cases(apps: dict[str, Any]) -> list[Case]:
+    one, several = f"Bearer {token('org_credits')}", f"Bearer {token('org_credits_10')}"
+    cases = [Case("asgi", "bare Starlette", apps["bare"], CREDIT_ROUTES["metered"], one)]
+    for store in ("memory", "Redis"):
+        for route, path in CREDIT_ROUTES.items():
+            cases.append(Case("asgi", f"plangate, {store}, {route}", apps[store], path, one))
+        cases.append(
+            Case(
+                "asgi",
+                f"plangate, {store}, credits route, {GRANTS} grants",
+                apps[store],
+                CREDIT_ROUTES["credits route"],
+                several,
+            )
+        )
+    return cases
+
+
+def prepare_credits(apps: dict[str, Any], cases: list[Case]) -> None:
+    """Balances granted, the overage route's limit used up and every ledger full (its steady
+    state: each new entry drops the oldest); then each route is checked to charge what it
+    should: nothing, 1 credit, 1 credit."""
+    from plangate.engine._credits import LEDGER_CAP
+
+    loop = LOOP
+    for store in ("memory", "Redis"):
+        customers = apps[store].gate.customers
+        loop.run_until_complete(customers.grant_credits("org_credits", "ai_credits", BALANCE))
+        loop.run_until_complete(grant_several(customers, "org_credits_10", BALANCE // GRANTS))
+    timed = [case for case in cases if case.app is not apps["bare"]]
+    for case in timed:
+        loop.run_until_complete(asgi_batch(case.app, case.request(), LEDGER_CAP + 10))
+    for case in timed:
+        customer = "org_credits_10" if "grants" in case.name else "org_credits"
+        balance = case.app.gate.customers.balance
+        before = loop.run_until_complete(balance(customer, "ai_credits"))
+        loop.run_until_complete(asgi_batch(case.app, case.request(), 10))
+        spent = before - loop.run_until_complete(balance(customer, "ai_credits"))
+        assert spent == (0 if case.name.endswith("metered") else 10), (case.name, spent)
+
+
+def count_round_trips(monitor: Monitor, cases: list[Case], requests: int = 50) -> dict[str, str]:
+    """Per case: the commands clients sent Redis per request, e.g. ``1 (EVALSHA)``."""
+    loop = LOOP
+    counts = {}
+    for case in cases:
+        request = case.request()
+
+        def run(case: Case = case, request: Any = request) -> None:
+            for _ in range(requests):
+                loop.run_until_complete(asgi_call(case.app, request))
+
+        seen = [command.split(" ", 1)[0].upper() for command in monitor.count(run)]
+        names = ", ".join(sorted(set(seen)))
+        counts[case.name] = f"{len(seen) / requests:g}" + (f" ({names})" if names else "")
+    return counts
+
+
+#: one EVALSHA of the reserve script: a fresh argument list (a new reservation id) per call
+ScriptCall = Callable[[], list[Any]]
+
+
+def credits_script_calls(apps: dict[str, Any], port: int) -> dict[str, ScriptCall]:
+    """Per route, the EVALSHA of plangate's reserve script with that route's real keys and
+    arguments (a customer of its own, its balance granted and its ledger full), each call
+    with a reservation id of its own as plangate's are."""
+    from dataclasses import replace
+
+    from plangate._gate import new_reservation_id
+    from plangate.engine._credits import LEDGER_CAP
+    from plangate.storage import Reserve
+    from plangate.storage._redis_codec import reserve_call, script_source
+
+    gate = apps["Redis"].gate
+    plan = gate.engine.catalog.plans["bench"]
+    sync = redis.Redis(port=port)
+    sha = sync.script_load(script_source("reserve"))
+    charges: dict[str, tuple[list[tuple[str, int]], list[tuple[str, int]] | None]] = {
+        "metered": ([("api_calls", 1)], None),
+        "credits route": ([], [("ai_credits", 1)]),
+        "overage route": ([("ai_tokens", OVERAGE_COST)], None),
+    }
+    calls: dict[str, ScriptCall] = {}
+    for route, (costs, spends) in charges.items():
+        customer = f"org_floor_{route.split()[0]}"
+        LOOP.run_until_complete(gate.customers.grant_credits(customer, "ai_credits", BALANCE))
+        now = time.time()  # after the grant: it is usable from the moment it was made
+        charge = gate.engine.build_charge(costs, customer, plan, None, now, spends)
+        op = Reserve(charge.counters, now, credits=charge.credits)
+
+        def call(op: Reserve = op) -> list[Any]:
+            keys, args = reserve_call(replace(op, reservation_id=new_reservation_id()))
+            return [sha, len(keys), *keys, *args]
+
+        calls[route] = call
+        for _ in range(LEDGER_CAP + 10):
+            reply = sync.evalsha(*call())
+        assert reply[0] == 1, (route, reply)
+    sync.close()
+    return calls
+
+
+def credits_floors(port: int, calls: dict[str, ScriptCall]) -> dict[str, Callable[[int], float]]:
+    aclient = redis.asyncio.Redis(port=port)
+
+    def timed(call: ScriptCall) -> Callable[[int], float]:
+        async def batch(count: int) -> float:
+            arguments = [call() for _ in range(count)]  # built before the clock starts
+            started = time.perf_counter()
+            for each in arguments:
+                await aclient.evalsha(*each)
+            return (time.perf_counter() - started) / count
+
+        return lambda count: LOOP.run_until_complete(batch(count))
+
+    return {f"reserve script, {route}": timed(call) for route, call in calls.items()}
+
+
+def script_cost(
+    port: int, calls: dict[str, ScriptCall], count: int
+) -> dict[str, tuple[float, str]]:
+    """Per route: µs the reserve script runs inside Redis (INFO commandstats' usec_per_call of
+    EVALSHA, the commands the script calls included) and the commands it calls per run."""
+    client = redis.Redis(port=port)
+    costs = {}
+    for route, call in calls.items():
+        arguments = [call() for _ in range(count)]
+        client.config_resetstat()
+        for each in arguments:
+            client.evalsha(*each)
+        stats = {
+            name.removeprefix("cmdstat_"): value
+            for name, value in client.info("commandstats").items()
+        }
+        inner = {
+            name.upper(): (value["calls"] / count, value["usec"] / count)
+            for name, value in sorted(stats.items())
+            if name != "evalsha" and not name.startswith(("config", "info"))
+        }
+        costs[route] = (stats["evalsha"]["usec"] / count, inner)
+    client.close()
+    return costs
+
+
+def credits_bytes_per_customer(app: Any, port: int, customers: int) -> dict[str, Any]:
+    """Redis memory of customers with GRANTS grants and RESERVATIONS credits-route requests
+    each: MEMORY USAGE of every key they left, by kind (the part of the key after the
+    customer's tag, ids written ``<id>``), and INFO used_memory's growth."""
+    from plangate.engine import credits_key
+    from plangate.engine._credits import LEDGER_CAP
+
+    client = redis.Redis(port=port)
+    # First the timed customer, whose one grant has been charged ever since its ledger filled
+    timed = credits_key("org_credits", "ai_credits")
+    assert client.xlen(f"{timed}:ledger") == LEDGER_CAP
+    full = (
+        client.memory_usage(timed, samples=0) or 0,
+        client.memory_usage(f"{timed}:ledger", samples=0) or 0,
+    )
+    client.flushall()
+    names = [f"cust-{i:06d}" for i in range(customers)]
+
+    async def fill() -> None:
+        for name in names:
+            await grant_several(app.gate.customers, name, 1_000)
+            scope = asgi_scope(CREDIT_ROUTES["credits route"], f"Bearer {token(name)}")
+            for _ in range(RESERVATIONS):
+                status, _ = await asgi_call(app, scope)
+                assert status == 200, status
+
+    before = client.info("memory")["used_memory"]
+    LOOP.run_until_complete(fill())
+    after = client.info("memory")["used_memory"]
+    kinds: dict[str, list[int]] = {}  # kind of key → [keys, bytes, the longest TTL seen (s)]
+    for key in client.scan_iter(count=1_000):
+        kind = re.sub(r"[0-9a-f]{16,}", "<id>", key.decode().split("}:", 1)[1])
+        entry = kinds.setdefault(kind, [0, 0, -1])
+        entry[0] += 1
+        entry[1] += client.memory_usage(key, samples=0) or 0
+        entry[2] = max(entry[2], client.ttl(key))
+    balance = credits_key(names[0], "ai_credits")
+    fields = client.hgetall(balance)
+    assert sum(f.startswith(b"g:") for f in fields) == GRANTS, fields
+    assert client.xlen(f"{balance}:ledger") == GRANTS + RESERVATIONS
+    result = {
+        "kinds": {
+            kind: (n / customers, size / customers, ttl) for kind, (n, size, ttl) in kinds.items()
+        },
+        "used_memory": (after - before) / customers,
+        "encoding": client.object("encoding", balance).decode(),
+        "grant_field": max(len(v) for f, v in fields.items() if f.startswith(b"g:")),
+        "customers": customers,
+        "full": full,
+    }
+    client.close()
+    return result
+
+
+def credits_report(
+    samples: dict[str, list[float]],
+    commands: dict[str, str],
+    script: dict[str, tuple[float, dict[str, tuple[float, float]]]],
+    memory: dict[str, Any],
+    batches: int,
+    per_batch: int,
+    mode: str,
+) -> str:
+    rounds = {name.split(":", 1)[1]: values for name, values in samples.items()}
+    med = {name: median_us(values) for name, values in rounds.items()}
+    spread = {name: (min(v) * 1e6, max(v) * 1e6) for name, v in rounds.items()}
+    bare = med["bare Starlette"]
+
+    def plain(case: str) -> str:
+        return f"plangate, {case.split(', ')[1]}, metered"
+
+    def ratios(case: str) -> tuple[float, float]:
+        """(the whole request, plangate's added cost) against the plain metered route's:
+        taken within each round (every case timed once, back to back), then the median of
+        the rounds' ratios, which a slow stretch of a shared machine moves less."""
+        whole, added = [], []
+        for this, base, floor in zip(
+            rounds[case], rounds[plain(case)], rounds["bare Starlette"], strict=True
+        ):
+            whole.append(this / base)
+            added.append((this - floor) / (base - floor))
+        return statistics.median(whole), statistics.median(added)
+
+    def verdict(ok: bool) -> str:
+        return "**met**" if ok else "**not met**"
+
+    targets = ["| target | measured | |", "| --- | --- | --- |"]
+    for store in ("memory", "Redis"):
+        for route in ("credits route", "overage route"):
+            case = f"plangate, {store}, {route}"
+            whole, added = ratios(case)
+            targets.append(
+                f"| {store}: the {route}'s added cost ≤ 1.2× the plain metered route's | "
+                f"**{added:.2f}×** (+{med[case] - bare:.1f} µs vs +{med[plain(case)] - bare:.1f}"
+                f" µs); the whole request {whole:.2f}× | {verdict(added <= 1.2)} |"
+            )
+    trips = [commands[f"plangate, Redis, {route}"] for route in ("credits route", "overage route")]
+    targets.append(
+        "| Redis: one round trip per request on the credits and the overage route | "
+        f"{trips[0]}; {trips[1]} | {verdict(all(t.split()[0] == '1' for t in trips))} |"
+    )
+    rows = []
+    for case in med:
+        if case.startswith("reserve script"):
+            continue
+        if case == "bare Starlette":
+            rows.append(
+                f"| {case} | {med[case]:.1f} | {spread[case][0]:.1f} - {spread[case][1]:.1f} "
+                f"| — | — | — | {commands[case]} |"
+            )
+            continue
+        whole, added = ratios(case)
+        rows.append(
+            f"| {case} | {med[case]:.1f} | {spread[case][0]:.1f} - {spread[case][1]:.1f} | "
+            f"+{med[case] - bare:.1f} | {whole:.2f}× | {added:.2f}× | {commands[case]} |"
+        )
+    base_script = med["reserve script, metered"]
+    script_rows = []
+    for route, (inside, inner) in script.items():
+        called = sum(us for _, us in inner.values())
+        script_rows.append(
+            f"| {route} | {med[f'reserve script, {route}']:.1f} | "
+            f"{med[f'reserve script, {route}'] / base_script:.2f}× | {inside:.1f} | "
+            f"{inside - called:.1f} | "
+            + ", ".join(f"{name} ×{n:g}: {us:.1f}" for name, (n, us) in inner.items())
+            + " |"
+        )
+    described = {
+        "credits:ai_credits": f"the balance hash ({GRANTS} grants; {memory['encoding']} "
+        f"encoding, the longest grant field {memory['grant_field']} bytes)",
+        "credits:ai_credits:ledger": f"its ledger stream ({GRANTS + RESERVATIONS} entries)",
+    }
+    memory_rows = []
+    for kind, (n, size, ttl) in sorted(memory["kinds"].items()):
+        what = described.get(kind, "a reservation's marker" if ":reserved:" in kind else "a key")
+        if ttl > 0:
+            what += f", expiring {ttl:,} s after it was written"
+        memory_rows.append(f"| `{kind}`: {what} | {n:g} | {size:,.0f} |")
+    total = sum(size for _, size, _ in memory["kinds"].values())
+    redis_version = subprocess.run(
+        ["redis-server", "--version"], capture_output=True, text=True
+    ).stdout.split()[2]
+    packages = ", ".join(
+        f"{pkg} {metadata.version(pkg)}"
+        for pkg in ("plangate", "starlette", "redis", "hiredis", "PyJWT")
+        if _installed(pkg)
+    )
+    load = " / ".join(f"{x:.2f}" for x in os.getloadavg())
+    now = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    how = {
+        "full": "",
+        "quick": " with `--quick`",
+        "smoke": " with `--smoke` (a smoke test's run: too short to read anything into)",
+    }[mode]
+    return "\n".join(
+        [
+            f"Run {now}{how}: ASGI in process, {batches} rounds, each timing a batch of "
+            f"{per_batch:,} sequential requests of every case back to back; µs are the median "
+            "of the batches' mean time per request, ratios the median of the rounds' ratios. "
+            "Every balance's ledger was full (its steady state) before the first round. The "
+            "absolute µs belong to this run's machine (below) and its load at the time; compare "
+            "the ratios.",
+            "",
+            "### Targets",
+            "",
+            *targets,
+            "",
+            "### Per request",
+            "",
+            "Ratios against the plain metered route of the same store: of the whole request, "
+            "and of what plangate adds to the bare app.",
+            "",
+            "| case | median µs / request | batches min - max | added vs bare µs "
+            "| vs metered, whole request | vs metered, added cost | Redis commands / request |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | --- |",
+            *rows,
+            "",
+            "### The reserve script alone (EVALSHA, asyncio client, the routes' real arguments)",
+            "",
+            "| route | round trip µs | vs metered | inside Redis µs | of which Lua itself µs "
+            "| commands the script calls per run: µs |",
+            "| --- | ---: | ---: | ---: | ---: | --- |",
+            *script_rows,
+            "",
+            f"### Redis memory per customer: {GRANTS} grants, {RESERVATIONS} credits-route "
+            f"requests ({memory['customers']:,} customers)",
+            "",
+            "| key (after `plangate:{<customer>}:`) | keys per customer | bytes per customer |",
+            "| --- | ---: | ---: |",
+            *memory_rows,
+            f"| all of them (`MEMORY USAGE … SAMPLES 0`) | | {total:,.0f} |",
+            f"| INFO `used_memory` growth / customers | | {memory['used_memory']:,.0f} |",
+            "",
+            "A customer whose ledger is full (the timed customer above: one grant, 1 000 "
+            f"ledger entries): the balance hash {memory['full'][0]:,} bytes, the ledger "
+            f"{memory['full'][1]:,} bytes.",
+            "",
+            "| machine | |",
+            "| --- | --- |",
+            f"| CPU | {_cpu()}, {os.cpu_count()} logical cores |",
+            f"| load average at the end | {load} (1 / 5 / 15 min) |",
+            f"| Python | {platform.python_implementation()} {platform.python_version()} |",
+            f"| Redis | {redis_version}, on 127.0.0.1 |",
+            f"| packages | {packages} |",
+        ]
+    )
+
+
+def _installed(package: str) -> bool:
+    try:
+        metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return False
+    return True
+
+
+def run_credits(port: int, batches: int, per_batch: int, customers: int, mode: str) -> str:
+    """The credits rows: prepared and checked, round trips counted (MONITOR), timed, the
+    script's own cost read, memory measured; the section's text."""
+    apps = credits_apps(f"redis://127.0.0.1:{port}/0")
+    cases = credits_cases(apps)
+    prepare_credits(apps, cases)
+    check(cases)
+    monitor = Monitor(port)
+    commands = count_round_trips(monitor, cases)
+    monitor.close()
+    calls = credits_script_calls(apps, port)
+    samples = measure(cases, credits_floors(port, calls), batches, per_batch)
+    script = script_cost(port, calls, max(per_batch, 200))
+    memory = credits_bytes_per_customer(apps["Redis"], port, customers)
+    LOOP.run_until_complete(apps["Redis"].gate.storage.aclose())
+    return credits_report(samples, commands, script, memory, batches, per_batch, mode)
+
+
 # The report --------------------------------------------------------------------------------------
 
 
@@ -761,42 +1228,69 @@ def _cpu() -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="a short run; print only")
+    parser.add_argument(
+        "--credits",
+        action="store_true",
+        help="only the credits rows (needs neither slowapi, flask-limiter nor wrk)",
+    )
+    parser.add_argument(
+        "--write", action="store_true", help="write docs/benchmarks.md, even with --quick"
+    )
+    parser.add_argument("--smoke", action="store_true", help="a tiny run for the tests; print only")
     args = parser.parse_args()
-    batches, per_batch, http_seconds = (3, 300, 2) if args.quick else (9, 2_000, 8)
+    mode = "smoke" if args.smoke else "quick" if args.quick else "full"
+    batches, per_batch, http_seconds, customers = {
+        "smoke": (1, 20, 1, 5),
+        "quick": (3, 300, 2, 1_000),
+        "full": (9, 2_000, 8, 5_000),
+    }[mode]
+    # the credits rows compare close figures: more, shorter rounds for their ratios
+    credit_batches, credit_per_batch = {"smoke": (1, 20), "quick": (5, 300), "full": (25, 800)}[
+        mode
+    ]
+    text = ""
     with redis_server() as port:
-        redis_url = f"redis://127.0.0.1:{port}/0"
-        asgi, flask = starlette_apps(redis_url), flask_apps(redis_url)
-        bearer = f"Bearer {token('org_bench')}"
-        refused = f"Bearer {token('org_tiny', 'tiny')}"
-        cases = [
-            Case("asgi", "bare Starlette", asgi["bare"], "/v1/projects", bearer),
-            Case("asgi", "plangate, memory, metered", asgi["memory"], "/v1/projects", bearer),
-            Case("asgi", "plangate, Redis, metered", asgi["redis"], "/v1/projects", bearer),
-            Case("asgi", "plangate, Redis, boolean feature", asgi["redis"], "/v1/reports", bearer),
-            Case(
-                "asgi", "plangate, Redis, refused customer", asgi["redis"], "/v1/projects", refused
-            ),
-            Case("asgi", "slowapi, Redis", asgi["slowapi"], "/v1/projects", bearer),
-            Case("wsgi", "bare Flask", flask["bare"], "/v1/projects", bearer),
-            Case("wsgi", "plangate, memory, metered", flask["memory"], "/v1/projects", bearer),
-            Case("wsgi", "plangate, Redis, metered", flask["redis"], "/v1/projects", bearer),
-            Case("wsgi", "flask-limiter, Redis", flask["flask-limiter"], "/v1/projects", bearer),
-        ]
-        # The tiny plan allows one call a day: the first is admitted, every later one refused.
-        LOOP.run_until_complete(asgi_call(asgi["redis"], asgi_scope("/v1/projects", refused)))
-        check(cases)
-        monitor = Monitor(port)
-        commands = count_commands(monitor, cases)
-        monitor.close()
-        floors = floor_cases(port)
-        samples = measure(cases, floors, batches, per_batch)
-        http = over_http(redis_url, http_seconds)
-        memory_rows = redis_bytes_per_customer(port, 1_000 if args.quick else 5_000)
-    text = report(samples, commands, http, memory_rows, batches, per_batch)
-    print(text)
-    if not args.quick:
-        write_section(text, START, END)
+        if not args.credits:
+            text = compare(port, batches, per_batch, http_seconds, customers)
+            print(text)
+        credits_text = run_credits(port, credit_batches, credit_per_batch, customers, mode)
+        print(f"\n## Credits\n\n{credits_text}")
+    if mode == "full" or (args.write and mode == "quick"):
+        if text:
+            write_section(text, START, END)
+        write_section(credits_text, CREDITS_START, CREDITS_END)
     return 0
+
+
+def compare(port: int, batches: int, per_batch: int, http_seconds: int, customers: int) -> str:
+    """plangate against the bare apps, its peers and Redis's floor: the results' text."""
+    redis_url = f"redis://127.0.0.1:{port}/0"
+    asgi, flask = starlette_apps(redis_url), flask_apps(redis_url)
+    bearer = f"Bearer {token('org_bench')}"
+    refused = f"Bearer {token('org_tiny', 'tiny')}"
+    cases = [
+        Case("asgi", "bare Starlette", asgi["bare"], "/v1/projects", bearer),
+        Case("asgi", "plangate, memory, metered", asgi["memory"], "/v1/projects", bearer),
+        Case("asgi", "plangate, Redis, metered", asgi["redis"], "/v1/projects", bearer),
+        Case("asgi", "plangate, Redis, boolean feature", asgi["redis"], "/v1/reports", bearer),
+        Case("asgi", "plangate, Redis, refused customer", asgi["redis"], "/v1/projects", refused),
+        Case("asgi", "slowapi, Redis", asgi["slowapi"], "/v1/projects", bearer),
+        Case("wsgi", "bare Flask", flask["bare"], "/v1/projects", bearer),
+        Case("wsgi", "plangate, memory, metered", flask["memory"], "/v1/projects", bearer),
+        Case("wsgi", "plangate, Redis, metered", flask["redis"], "/v1/projects", bearer),
+        Case("wsgi", "flask-limiter, Redis", flask["flask-limiter"], "/v1/projects", bearer),
+    ]
+    # The tiny plan allows one call a day: the first is admitted, every later one refused.
+    LOOP.run_until_complete(asgi_call(asgi["redis"], asgi_scope("/v1/projects", refused)))
+    check(cases)
+    monitor = Monitor(port)
+    commands = count_commands(monitor, cases)
+    monitor.close()
+    floors = floor_cases(port)
+    samples = measure(cases, floors, batches, per_batch)
+    http = over_http(redis_url, http_seconds)
+    memory_rows = redis_bytes_per_customer(port, customers)
+    return report(samples, commands, http, memory_rows, batches, per_batch)
 
 
 def write_section(text: str, start: str, end: str) -> None:

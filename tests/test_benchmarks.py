@@ -12,6 +12,7 @@ import pytest
 
 BENCHMARKS = sorted((Path(__file__).parents[1] / "benchmarks").glob("*.py"))
 PROPAGATION = Path(__file__).parents[1] / "benchmarks" / "propagation.py"
+COMPARE = Path(__file__).parents[1] / "benchmarks" / "compare.py"
 
 
 def _plangate_imports(path: Path) -> list[tuple[str, str]]:
@@ -48,3 +49,32 @@ def test_the_propagation_benchmark_runs_two_changes():
     assert run.returncode == 0, run.stdout + run.stderr
     assert "| both processes | 4 |" in run.stdout
     assert "| a cached customer's request: no Redis command | 0 per request |" in run.stdout
+
+
+@pytest.mark.redis
+def test_the_credits_rows_run_in_a_tiny_mode():
+    """compare.py --credits --smoke: its own redis-server; the credits and overage routes on
+    memory and Redis beside the plain metered one, each checked to charge what it should, then
+    timed briefly, the reserve script's cost read and the memory of 5 customers with 10 grants
+    measured; the timings are printed, never checked, and nothing is written."""
+    run = subprocess.run(
+        [sys.executable, str(COMPARE), "--credits", "--smoke"],
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "wrote" not in run.stdout
+    for store in ("memory", "Redis"):
+        for route in ("metered", "credits route", "overage route", "credits route, 10 grants"):
+            assert f"| plangate, {store}, {route} |" in run.stdout, (store, route)
+    for route in ("credits route", "overage route"):
+        # one EVALSHA a request (and, should the customer's cached record expire meanwhile,
+        # one read of it among the 50 requests counted)
+        row = next(
+            r for r in run.stdout.splitlines() if r.startswith(f"| plangate, Redis, {route} |")
+        )
+        trips = row.rstrip(" |").rsplit("| ", 1)[1]
+        assert "EVALSHA" in trips, row
+        assert float(trips.split()[0]) < 1.1, row
+    assert "`credits:ai_credits:ledger`" in run.stdout
