@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import signal
+from collections.abc import Iterator
 
 import httpx
 import pytest
@@ -27,8 +28,18 @@ pytestmark = pytest.mark.redis
 T0 = 1_800_000_000.0
 
 
-def _store(server: RedisServer, clock: Clock) -> ResilientStorage:
-    return ResilientStorage(RedisStorage(server.url), breaker=CircuitBreaker(1, 1.0, clock=clock))
+@pytest.fixture
+def stores() -> Iterator[list[ResilientStorage]]:
+    made: list[ResilientStorage] = []
+    yield made
+    for store in made:
+        store.close()
+
+
+def _store(server: RedisServer, clock: Clock, made: list[ResilientStorage]) -> ResilientStorage:
+    store = ResilientStorage(RedisStorage(server.url), breaker=CircuitBreaker(1, 1.0, clock=clock))
+    made.append(store)
+    return store
 
 
 def _charge(policy: str, cost: int = 5) -> CreditCharge:
@@ -67,20 +78,22 @@ def _back(server: RedisServer, store: ResilientStorage, clock: Clock) -> None:
     assert store.pending == 0
 
 
-def test_credits_refuse_with_503_by_default_when_redis_is_out(server):
-    store = _store(server, Clock())
+def test_credits_refuse_with_503_by_default_when_redis_is_out(server, stores):
+    store = _store(server, Clock(), stores)
     _give(store, 100)
     server.kill()
     with pytest.raises(StorageUnavailable):
         _spend(store, _charge("deny"), "r1")
 
 
-def test_a_credits_route_answers_a_503_problem_when_redis_is_out(server):
+def test_a_credits_route_answers_a_503_problem_when_redis_is_out(server, stores):
     features = {**config()["features"], "ai_credits": {"kind": "credits"}}
     plans = {"free": {"features": {"ai_credits": {"grant": 10, "period": "month"}}}}
     routes = [{"match": "GET /v1/headers", "meters": {"ai_credits": 1}}]
     changes = {"features": features, "plans": plans, "default_plan": "free", "routes": routes}
-    app = wsgi.PlanGateMiddleware(wsgi_app, config(**changes), storage=_store(server, Clock()))
+    app = wsgi.PlanGateMiddleware(
+        wsgi_app, config(**changes), storage=_store(server, Clock(), stores)
+    )
     with httpx.Client(transport=httpx.WSGITransport(app=app), base_url="http://t") as client:
         assert client.get("/v1/headers", headers=bearer()).status_code == 200
         server.kill()
@@ -89,9 +102,9 @@ def test_a_credits_route_answers_a_503_problem_when_redis_is_out(server):
     assert response.json()["type"].endswith("entitlements-unavailable")
 
 
-def test_allow_admits_during_the_outage_and_charges_on_replay(server):
+def test_allow_admits_during_the_outage_and_charges_on_replay(server, stores):
     clock = Clock()
-    store = _store(server, clock)
+    store = _store(server, clock, stores)
     _give(store, 12)
     _pause(server)
     for i in range(3):  # 15 credits: more than the balance, admitted all the same
@@ -101,9 +114,9 @@ def test_allow_admits_during_the_outage_and_charges_on_replay(server):
     assert _balance(server) == -3  # charged in full on replay: what the grants lacked is debt
 
 
-def test_local_admits_up_to_the_balance_redis_last_reported(server):
+def test_local_admits_up_to_the_balance_redis_last_reported(server, stores):
     clock = Clock()
-    store = _store(server, clock)
+    store = _store(server, clock, stores)
     _give(store, 10)
     assert _spend(store, _charge("local", cost=2), "before").admitted  # Redis says 8 left
     _pause(server)
@@ -115,17 +128,17 @@ def test_local_admits_up_to_the_balance_redis_last_reported(server):
     assert _balance(server) == 3  # 10 - 2 - 5: charged once, not twice
 
 
-def test_local_without_a_balance_seen_here_refuses_with_503(server):
-    store = _store(server, Clock())
+def test_local_without_a_balance_seen_here_refuses_with_503(server, stores):
+    store = _store(server, Clock(), stores)
     _give(store, 10)
     server.kill()
     with pytest.raises(StorageUnavailable):
         _spend(store, _charge("local"), "r1")
 
 
-def test_a_refund_during_the_outage_lowers_what_is_replayed(server):
+def test_a_refund_during_the_outage_lowers_what_is_replayed(server, stores):
     clock = Clock()
-    store = _store(server, clock)
+    store = _store(server, clock, stores)
     _give(store, 10)
     assert _spend(store, _charge("local", cost=1), "before").admitted  # 9 reported
     _pause(server)
@@ -143,11 +156,11 @@ def test_a_refund_during_the_outage_lowers_what_is_replayed(server):
     assert view.balance == 7, view.ledger  # 10 - 1 - (6 - 4)
 
 
-def test_a_meter_with_overage_keeps_its_quota_during_an_outage_under_deny(server):
+def test_a_meter_with_overage_keeps_its_quota_during_an_outage_under_deny(server, stores):
     from plangate.engine import Counter
 
     clock = Clock()
-    store = _store(server, clock)
+    store = _store(server, clock, stores)
     _give(store, 100)
     counter = Counter("plangate:{acme}:ai_tokens-month:0", 2, 1, resets_at=T0 + 3600)
     overage = CreditCharge(credits_key("acme", "ai_credits"), "ai_credits", overage=((0, 5, 0),))

@@ -27,6 +27,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from decimal import Decimal
+from typing import NamedTuple
 
 from ._protocol import Burns, Counter, CreditCharge
 
@@ -36,14 +37,19 @@ MAX_PRIORITY = 255
 DEFAULT_PRIORITY = 100
 #: the most sub-units a balance may hold (a double in Lua holds every whole number up to 2^53)
 MAX_UNITS = 2**53 - 1
-#: ledger entries kept per balance; older ones are summed into ``ledger_base``
+#: ledger entries kept per balance, and how many more it may hold before the oldest are
+#: summed into ``ledger_base`` and dropped in one go
 LEDGER_CAP = 1000
+LEDGER_SLACK = 100
 #: a grant with nothing left is forgotten this long (µs) after its last change
 PRUNE_AFTER = 86_400_000_000
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Grant:
+    """One grant. A ``CreditAccount`` changes ``remaining`` and ``touched_at`` in place (a
+    charge is on the request path); what leaves a store is a copy."""
+
     id: str
     amount: int
     remaining: int
@@ -71,15 +77,14 @@ def burn_key(grant: Grant) -> tuple[int, float, int, int, str]:
     """Where a grant stands in the burn order (smallest first)."""
     return (
         grant.priority,
-        float("inf") if grant.expires_at is None else grant.expires_at,
-        CATEGORIES.index(grant.category),
+        math.inf if grant.expires_at is None else grant.expires_at,
+        0 if grant.category == "promotional" else 1,
         grant.created_at,
         grant.id,
     )
 
 
-@dataclass(frozen=True, slots=True)
-class LedgerEntry:
+class LedgerEntry(NamedTuple):
     """One change of a balance. ``amount`` is signed: what the balance moved by."""
 
     kind: str  # grant, burn, refund, excess, expiry, revoke
@@ -88,6 +93,9 @@ class LedgerEntry:
     grant: str | None = None
     ref: str = ""  # the reservation or idempotency key it belongs to
     id: str = ""  # its place in the ledger (newer entries sort after older ones)
+
+
+_NEVER = math.inf
 
 
 @dataclass
@@ -102,6 +110,8 @@ class CreditAccount:
     #: the start (µs) of the last period whose plan grant was issued
     plan_at: int = -1
     next_entry: int = 0
+    #: the first moment a grant may expire or be forgotten: ``tidy`` has nothing to do before
+    due: float = _NEVER
 
     # reading ---------------------------------------------------------------------------------
 
@@ -123,8 +133,31 @@ class CreditAccount:
     def log(self, kind: str, amount: int, at: int, grant: str | None = None, ref: str = "") -> None:
         self.next_entry += 1
         self.ledger.append(LedgerEntry(kind, amount, at, grant, ref, f"{self.next_entry:016d}"))
-        if len(self.ledger) > LEDGER_CAP:
-            self.ledger_base += self.ledger.pop(0).amount
+        if len(self.ledger) > LEDGER_CAP + LEDGER_SLACK:
+            gone = len(self.ledger) - LEDGER_CAP
+            self.ledger_base += sum(entry.amount for entry in self.ledger[:gone])
+            del self.ledger[:gone]
+
+    def _set(self, grant: Grant, remaining: int, now: int) -> None:
+        grant.remaining = remaining
+        grant.touched_at = now
+        if remaining == 0:
+            self.due = min(self.due, now + PRUNE_AFTER)
+
+    def tidy(self, now: int) -> None:
+        """Write off what expired grants hold and forget grants that have held nothing for
+        ``PRUNE_AFTER`` (``expire`` then ``prune``), when one may be due."""
+        if now < self.due:
+            return
+        self.expire(now)
+        self.prune(now)
+        due = _NEVER
+        for grant in self.grants.values():
+            if grant.remaining == 0:
+                due = min(due, grant.touched_at + PRUNE_AFTER)
+            elif grant.expires_at is not None:
+                due = min(due, grant.expires_at)
+        self.due = due
 
     def issue_plan(self, amount: int, start: int, end: int, now: int) -> Grant | None:
         """The plan's grant for the period ``[start, end)``, once per period (on its first use)."""
@@ -153,24 +186,27 @@ class CreditAccount:
                 del self.grants[grant.id]
 
     def add(self, grant: Grant, now: int) -> Grant:
-        """Add a grant; debt is paid from it first. Returns the grant as stored."""
+        """Add a grant (kept as a copy); debt is paid from it first. Returns it as stored."""
         if grant.id in self.grants:
             raise ValueError(f"grant {grant.id!r} exists")
         self.log("grant", grant.amount, now, grant.id, grant.idempotency_key or "")
         paid = min(self.debt, grant.remaining) if grant.usable(now) else 0
-        grant = replace(grant, remaining=grant.remaining - paid, touched_at=now)
+        grant = replace(grant)
+        self._set(grant, grant.remaining - paid, now)
         self.debt -= paid
         self.grants[grant.id] = grant
+        if grant.expires_at is not None:
+            self.due = min(self.due, grant.expires_at)
         return grant
 
     def expire(self, now: int) -> int:
         """Write off what expired grants still held; the units written off."""
         gone = 0
-        for grant in list(self.grants.values()):
+        for grant in self.grants.values():
             if grant.expired(now) and grant.remaining:
                 self.log("expiry", -grant.remaining, now, grant.id)
                 gone += grant.remaining
-                self.grants[grant.id] = replace(grant, remaining=0, touched_at=now)
+                self._set(grant, 0, now)
         return gone
 
     def take(self, cost: int, now: int, ref: str = "") -> Burns | None:
@@ -178,30 +214,34 @@ class CreditAccount:
         taken, if it does not."""
         if cost < 0:
             raise ValueError("a cost is not negative")
-        self.expire(now)
-        if self.balance(now) < cost:
+        self.tidy(now)
+        usable = [g for g in self.grants.values() if g.usable(now)]
+        if sum(g.remaining for g in usable) - self.debt < cost:
             return None
-        return self._burn(cost, now, ref, "burn")
+        return self._burn(usable, cost, now, ref)
 
     def take_excess(self, units: int, now: int, ref: str = "") -> Burns:
         """Take units already used: what the grants cannot cover becomes debt."""
-        self.expire(now)
-        burns = self._burn(units, now, ref, "burn")
+        self.tidy(now)
+        usable = [g for g in self.grants.values() if g.usable(now)]
+        burns = self._burn(usable, units, now, ref)
         short = units - sum(n for _, n in burns)
         if short:
             self.debt += short
             self.log("excess", -short, now, None, ref)
         return burns
 
-    def _burn(self, units: int, now: int, ref: str, kind: str) -> Burns:
+    def _burn(self, usable: list[Grant], units: int, now: int, ref: str) -> Burns:
+        if len(usable) > 1:
+            usable.sort(key=burn_key)
         burns: list[tuple[str, int]] = []
         left = units
-        for grant in self.order(now):
+        for grant in usable:
             if not left:
                 break
             n = min(left, grant.remaining)
-            self.grants[grant.id] = replace(grant, remaining=grant.remaining - n, touched_at=now)
-            self.log(kind, -n, now, grant.id, ref)
+            self._set(grant, grant.remaining - n, now)
+            self.log("burn", -n, now, grant.id, ref)
             burns.append((grant.id, n))
             left -= n
         return tuple(burns)
@@ -222,9 +262,7 @@ class CreditAccount:
                 continue
             paid = min(self.debt, n)
             self.debt -= paid
-            self.grants[grant_id] = replace(
-                grant, remaining=grant.remaining + n - paid, touched_at=now
-            )
+            self._set(grant, grant.remaining + n - paid, now)
             self.log("refund", n, now, grant_id, ref)
             returned += n
         return returned
@@ -235,7 +273,7 @@ class CreditAccount:
         left = grant.remaining
         if left:
             self.log("revoke", -left, now, grant_id)
-            self.grants[grant_id] = replace(grant, remaining=0, touched_at=now)
+            self._set(grant, 0, now)
         return left
 
 

@@ -417,10 +417,9 @@ class MemoryStorage(Storage):
         account = self._credits.get(charge.key)
         if account is None:
             account = self._credits[charge.key] = CreditAccount()
-        account.expire(now)
-        if charge.period_end:
+        account.tidy(now)
+        if charge.period_end and account.plan_at < charge.period_start:
             account.issue_plan(charge.grant, charge.period_start, charge.period_end, now)
-        account.prune(now)
         return account
 
     def seed_credits(self, key: str, balance: int | None) -> None:
@@ -448,11 +447,13 @@ class MemoryStorage(Storage):
                 if (where, fingerprint) != (op.charge.key, op.fingerprint):
                     return GrantResult(False, None, True)
                 found = self._credits[where].grants.get(grant_id)
-                return GrantResult(False, found or replace(grant, id=grant_id, remaining=0))
+                if found is not None:
+                    return GrantResult(False, replace(found))
+                return GrantResult(False, replace(grant, id=grant_id, remaining=0))
             stored = self._account(op.charge, op.now).add(grant, op.now)
             if grant.idempotency_key is not None:
                 keys[grant.idempotency_key] = (op.charge.key, grant.id, op.fingerprint)
-            return GrantResult(True, stored)
+            return GrantResult(True, replace(stored))
 
     def revoke_credits(self, op: RevokeCredits) -> int | None:
         with self._lock:
@@ -470,7 +471,7 @@ class MemoryStorage(Storage):
             return CreditView(
                 account.balance(op.now),
                 account.debt,
-                tuple(account.grants.values()),
+                tuple(replace(g) for g in account.grants.values()),
                 page,
                 cursor,
                 account.ledger_sum() if op.limit > 0 else None,

@@ -15,7 +15,7 @@ from datetime import datetime
 from importlib import resources
 from typing import Any
 
-from ..engine._credits import LEDGER_CAP, PRUNE_AFTER, Grant, LedgerEntry
+from ..engine._credits import LEDGER_CAP, LEDGER_SLACK, PRUNE_AFTER, Grant, LedgerEntry
 from ..errors import VersionConflict
 from ._base import (
     SLIDING_BUCKETS,
@@ -62,6 +62,7 @@ def script_source(name: str) -> str:
     for name_, value in (
         ("__SLIDING_BUCKETS__", SLIDING_BUCKETS),
         ("__LEDGER_CAP__", LEDGER_CAP),
+        ("__LEDGER_SLACK__", LEDGER_SLACK),
         ("__PRUNE_AFTER__", PRUNE_AFTER),
         ("__SETTLED_TTL__", SETTLED_TTL),
     ):
@@ -95,7 +96,7 @@ def reserve_call(op: Reserve) -> tuple[list[str], list[Any]]:
     if not op.credits:
         return cached[1], [repr(op.now), "1" if op.enforce else "0", *cached[2]]
     flag = f"{1 if op.enforce else 0} {len(op.credits)} {op.reservation_id or '-'}"
-    keys = [*cached[1], *_credit_keys(op.credits), _made(op.credits, op.reservation_id)]
+    keys = [*cached[1], *_credit_keys(op.credits)]
     specs = [_credit_spec(c) for c in op.credits]
     return keys, [repr(op.now), flag, *cached[2], *specs]
 
@@ -151,11 +152,6 @@ def _credit_states(rest: Sequence[Any]) -> tuple[tuple[CreditState, ...], tuple[
     return tuple(states), tuple(short)
 
 
-def _made(credits: Sequence[CreditCharge], reservation_id: str) -> str:
-    """The marker a reservation that took credits leaves, with where it took them from."""
-    return f"{credits[0].key}:reserved:{reservation_id}"
-
-
 def _first_key(counters: Sequence[Counter], credits: Sequence[CreditCharge]) -> str:
     """A key of the customer's, for the markers (one slot with the rest)."""
     return counters[0].key if counters else credits[0].key
@@ -171,9 +167,7 @@ def settle_call(op: Settle) -> tuple[list[str], list[Any]]:
     for charge, delta, burns in zip(op.credits, op.credit_deltas, op.burns, strict=True):
         spent = "".join(f" {grant} {units}" for grant, units in burns)
         args.append(f"{delta} {_period(charge)}{spent}")
-    if op.credits:
-        return [*keys, *_credit_keys(op.credits), _made(op.credits, op.reservation_id)], args
-    return keys, args
+    return [*keys, *_credit_keys(op.credits)], args
 
 
 def record_call(op: Record) -> tuple[list[str], list[Any]]:
@@ -181,16 +175,13 @@ def record_call(op: Record) -> tuple[list[str], list[Any]]:
     marker = f"{first}:recorded:{op.record_id}"
     ttl: Any = SETTLED_TTL
     if op.credits:
-        ttl = f"{SETTLED_TTL} {len(op.credits)} {1 if op.reservation_id else 0}"
+        ttl = f"{SETTLED_TTL} {len(op.credits)} {op.reservation_id}".rstrip()
     args: list[Any] = [repr(op.now), ttl, SLIDING_BUCKETS]
     for c, cost in zip(op.counters, op.costs, strict=True):
         args += [repr(c.window), repr(c.resets_at), cost, _bound(c)]
     for charge, units in zip(op.credits, op.credit_costs, strict=True):
         args.append(f"{units} {_period(charge)}")
-    keys = [c.key for c in op.counters] + [marker] + _credit_keys(op.credits)
-    if op.credits and op.reservation_id:
-        keys.append(_made(op.credits, op.reservation_id))
-    return keys, args
+    return [c.key for c in op.counters] + [marker] + _credit_keys(op.credits), args
 
 
 # credit balances: the admin side ----------------------------------------------------------

@@ -38,11 +38,14 @@ local function credit_usable(g, now)
   return g.remaining > 0 and g.effective <= now and (g.expires < 0 or now < g.expires)
 end
 
+-- The ledger keeps __LEDGER_CAP__ entries and up to __LEDGER_SLACK__ more: past that, the oldest
+-- are summed into base and trimmed in one go (trimming one entry per charge cost more than
+-- the rest of a charge).
 local function credit_log(a, kind, amount, now, grant, ref)
   redis.call("XADD", a.ledger, "*", "k", kind, "a", credit_fmt(amount), "g", grant or "",
     "r", ref or "", "t", credit_fmt(now))
   a.ln = a.ln + 1
-  if a.ln > __LEDGER_CAP__ then
+  if a.ln > __LEDGER_CAP__ + __LEDGER_SLACK__ then
     for _, entry in ipairs(redis.call("XRANGE", a.ledger, "-", "+", "COUNT", a.ln - __LEDGER_CAP__)) do
       local fields = entry[2]
       for j = 1, #fields, 2 do
@@ -50,9 +53,10 @@ local function credit_log(a, kind, amount, now, grant, ref)
           a.base = a.base + tonumber(fields[j + 1])
         end
       end
-      redis.call("XDEL", a.ledger, entry[1])
     end
+    redis.call("XTRIM", a.ledger, "MAXLEN", __LEDGER_CAP__)
     a.ln = __LEDGER_CAP__
+    a.trimmed = true
   end
 end
 
@@ -82,6 +86,7 @@ local function credit_open(key, ledger, now)
       a.base = tonumber(v)
     end
   end
+  a.debt0, a.plan_at0 = a.debt, a.plan_at
   local expired = {}
   for _, g in pairs(a.grants) do
     if g.expires >= 0 and now >= g.expires and g.remaining > 0 then
@@ -221,8 +226,19 @@ local function credit_refund(a, burns, units, now, ref)
 end
 
 local function credit_save(a)
-  local fields = {"debt", credit_fmt(a.debt), "plan_at", credit_fmt(a.plan_at),
-    "ln", credit_fmt(a.ln), "base", credit_fmt(a.base)}
+  local fields = {"ln", credit_fmt(a.ln)}
+  if a.debt ~= a.debt0 then
+    fields[#fields + 1] = "debt"
+    fields[#fields + 1] = credit_fmt(a.debt)
+  end
+  if a.plan_at ~= a.plan_at0 then
+    fields[#fields + 1] = "plan_at"
+    fields[#fields + 1] = credit_fmt(a.plan_at)
+  end
+  if a.trimmed then
+    fields[#fields + 1] = "base"
+    fields[#fields + 1] = credit_fmt(a.base)
+  end
   for id, g in pairs(a.changed) do
     fields[#fields + 1] = "g:" .. id
     fields[#fields + 1] = credit_pack(g)
@@ -243,4 +259,25 @@ local function credit_open_for(key, ledger, spec, now)
   end
   credit_prune(a, now)
   return a
+end
+
+-- What reservation ref burned from the balance whose ledger is given, read back from its
+-- newest entries (flat: id, units...); nil if it burned nothing there. For the rare paths
+-- after an outage: a reservation whose reply timed out may have been made all the same.
+local function credit_burned(ledger, ref)
+  local found = nil
+  for _, entry in ipairs(redis.call("XREVRANGE", ledger, "+", "-", "COUNT",
+      __LEDGER_CAP__ + __LEDGER_SLACK__)) do
+    local by = {}
+    local fields = entry[2]
+    for k = 1, #fields, 2 do
+      by[fields[k]] = fields[k + 1]
+    end
+    if by.r == ref and by.k == "burn" then
+      found = found or {}
+      table.insert(found, 1, tonumber(by.a) * -1)
+      table.insert(found, 1, by.g)
+    end
+  end
+  return found
 end

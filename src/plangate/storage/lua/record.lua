@@ -10,20 +10,25 @@
 --   units, and the log's bound (0: buckets)
 -- then per credit balance (KEYS after the marker: its hash and its ledger), "units grant
 --   start finish": units used meanwhile, taken whole (past the balance: debt); ARGV[2] ending
---   in " 1": the last key is the marker of the one reservation this usage is (see reserve.lua)
+--   in " <reservation id>": the one reservation this usage is, recorded already if its burns
+--   are in a ledger (its reserve timed out here but was made there)
 --
 -- Returns {1, slot per counter...}, or {0} if this usage was recorded before.
 
-local ttl, ncredits, made = string.match(ARGV[2], "^(%d+) ?(%d*) ?(%d*)$")
+local ttl, ncredits, reservation = string.match(ARGV[2], "^(%d+) ?(%d*) ?(%S*)$")
 ncredits = tonumber(ncredits) or 0
-local n = #KEYS - 1 - 2 * ncredits - (made == "1" and 1 or 0)
+local n = #KEYS - 1 - 2 * ncredits
 local now = tonumber(ARGV[1])
 if redis.call("EXISTS", KEYS[n + 1]) == 1 then
   return {0}
 end
 -- the usage of one reservation whose reserve timed out here but was made there: counted
-if made == "1" and redis.call("EXISTS", KEYS[#KEYS]) == 1 then
-  return {0}
+if reservation ~= nil and reservation ~= "" then
+  for j = 1, ncredits do
+    if credit_burned(KEYS[n + 1 + 2 * j], reservation) then
+      return {0}
+    end
+  end
 end
 local nbuckets = tonumber(ARGV[3])
 local reply = {1}

@@ -1,8 +1,8 @@
 -- Reserve the cost of one request on every counter of it, all or nothing (plangate).
 --
 -- KEYS[i]  counter i: a sliding window (a log or buckets, see window.lua), or a string for a
---   calendar period; then, per credit balance charged, its hash and its ledger (credits.lua),
---   and with credits, the reservation's marker (set when admitted)
+--   calendar period; then, per credit balance charged, its hash and its ledger (credits.lua;
+--   its burn entries name this reservation, which is how a replay after a timeout knows it)
 -- ARGV[1]  now, epoch seconds (the caller's clock; the time of a window never goes back)
 -- ARGV[2]  "1": refuse when a limit would be exceeded; "0": count regardless (shadow mode);
 --   with credits, followed by " <number of balances> <reservation id>"
@@ -25,9 +25,7 @@ local now = tonumber(now_arg)
 local flag, ncredits, reservation = string.match(ARGV[2], "^(%d) ?(%d*) ?(%S*)$")
 local enforce = flag == "1"
 ncredits = tonumber(ncredits) or 0
--- with credits, the last key marks the reservation as made (a replay of it after a timeout
--- that hid its success must not charge again)
-local ncounters = #KEYS - 2 * ncredits - (ncredits > 0 and 1 or 0)
+local ncounters = #KEYS - 2 * ncredits
 local nbuckets = __SLIDING_BUCKETS__
 
 local counters = {}
@@ -196,15 +194,11 @@ if ncredits > 0 then
 end
 
 -- The balances' part of the reply; taken: whether the reservation took what they needed.
-local made = {} -- "index id units" of every burn: the marker's value
 local function credits_reply(reply, taken)
-  for j, ch in ipairs(credits) do
+  for _, ch in ipairs(credits) do
     local burns, charged = {}, 0
     if taken and ch.need > 0 then
       burns, charged = credit_burn(ch.account, ch.need, ch.now, reservation)
-    end
-    for k = 1, #burns, 2 do
-      made[#made + 1] = j .. " " .. burns[k] .. " " .. credit_fmt(burns[k + 1])
     end
     credit_save(ch.account)
     reply[#reply + 1] = ch.short and 1 or 0
@@ -271,7 +265,4 @@ for _, c in ipairs(counters) do
   reply[#reply + 1] = slot
 end
 credits_reply(reply, enforce)
-if ncredits > 0 and enforce then
-  redis.call("SET", KEYS[#KEYS], table.concat(made, " "), "EX", __SETTLED_TTL__)
-end
 return reply

@@ -17,9 +17,7 @@
 
 local ttl, ncredits = string.match(ARGV[2], "^(%d+) ?(%d*)$")
 ncredits = tonumber(ncredits) or 0
--- with credits, the last key is the reservation's marker (reserve.lua): where its burns are
--- read when the settle does not carry them (it was made while this process timed out)
-local n = #KEYS - 1 - 2 * ncredits - (ncredits > 0 and 1 or 0)
+local n = #KEYS - 1 - 2 * ncredits
 local now = tonumber(ARGV[1])
 if redis.call("EXISTS", KEYS[n + 1]) == 1 then
   return 0
@@ -114,14 +112,8 @@ if ncredits > 0 then
           burns[#burns + 1] = id
           burns[#burns + 1] = tonumber(units)
         end
-        if #burns == 0 then
-          local marker = redis.call("GET", KEYS[#KEYS]) or ""
-          for index, id, units in string.gmatch(marker, "(%d+) (%S+) (%d+)") do
-            if tonumber(index) == j then
-              burns[#burns + 1] = id
-              burns[#burns + 1] = tonumber(units)
-            end
-          end
+        if #burns == 0 then -- made while this process timed out: its burns are in the ledger
+          burns = credit_burned(KEYS[n + 1 + 2 * j], ref) or {}
         end
         credit_refund(a, burns, -delta, now_us, ref)
       end
