@@ -96,6 +96,7 @@ class LedgerEntry(NamedTuple):
 
 
 _NEVER = math.inf
+_LEDGER_MAX = LEDGER_CAP + LEDGER_SLACK
 
 
 @dataclass
@@ -119,6 +120,16 @@ class CreditAccount:
         """Usable units less debt (negative while there is debt and nothing to pay it)."""
         return sum(g.remaining for g in self.grants.values() if g.usable(now)) - self.debt
 
+    def usable(self, now: int) -> list[Grant]:
+        """The grants usable at ``now``, in no order."""
+        return [
+            g
+            for g in self.grants.values()
+            if g.remaining > 0
+            and g.effective_at <= now
+            and (g.expires_at is None or now < g.expires_at)
+        ]
+
     def order(self, now: int) -> list[Grant]:
         """The usable grants, in burn order."""
         return sorted((g for g in self.grants.values() if g.usable(now)), key=burn_key)
@@ -132,8 +143,9 @@ class CreditAccount:
 
     def log(self, kind: str, amount: int, at: int, grant: str | None = None, ref: str = "") -> None:
         self.next_entry += 1
-        self.ledger.append(LedgerEntry(kind, amount, at, grant, ref, f"{self.next_entry:016d}"))
-        if len(self.ledger) > LEDGER_CAP + LEDGER_SLACK:
+        ledger = self.ledger
+        ledger.append(LedgerEntry(kind, amount, at, grant, ref, f"{self.next_entry:016d}"))
+        if len(ledger) > _LEDGER_MAX:
             gone = len(self.ledger) - LEDGER_CAP
             self.ledger_base += sum(entry.amount for entry in self.ledger[:gone])
             del self.ledger[:gone]
@@ -215,23 +227,24 @@ class CreditAccount:
         if cost < 0:
             raise ValueError("a cost is not negative")
         self.tidy(now)
-        usable = [g for g in self.grants.values() if g.usable(now)]
+        usable = self.usable(now)
         if sum(g.remaining for g in usable) - self.debt < cost:
             return None
-        return self._burn(usable, cost, now, ref)
+        return self.burn(usable, cost, now, ref)
 
     def take_excess(self, units: int, now: int, ref: str = "") -> Burns:
         """Take units already used: what the grants cannot cover becomes debt."""
         self.tidy(now)
-        usable = [g for g in self.grants.values() if g.usable(now)]
-        burns = self._burn(usable, units, now, ref)
+        burns = self.burn(self.usable(now), units, now, ref)
         short = units - sum(n for _, n in burns)
         if short:
             self.debt += short
             self.log("excess", -short, now, None, ref)
         return burns
 
-    def _burn(self, usable: list[Grant], units: int, now: int, ref: str) -> Burns:
+    def burn(self, usable: list[Grant], units: int, now: int, ref: str) -> Burns:
+        """Take ``units`` from ``usable`` (this account's usable grants, as ``usable``
+        answered) in burn order, as far as they go; the caller checked the balance."""
         if len(usable) > 1:
             usable.sort(key=burn_key)
         burns: list[tuple[str, int]] = []
@@ -286,21 +299,25 @@ def required_of(charge: CreditCharge, counters: Sequence[Counter], totals: Seque
     """The sub-units a reservation needs from ``charge``'s balance: its own cost, plus each
     overage group's units over its limit (the most over any limit of the meter) times its
     rate. ``totals``: each counter's units before this reservation."""
+    if len(charge.overage) == 1:  # one meter with one limit: the usual overage
+        index, rate, _ = charge.overage[0]
+        counter = counters[index]
+        if counter.limit is None:
+            return charge.cost
+        units = min(counter.cost, totals[index] + counter.cost - counter.limit)
+        return charge.cost + units * rate if units > 0 else charge.cost
     over: dict[int, tuple[int, int]] = {}
     for index, rate, group in charge.overage:
         counter = counters[index]
         if counter.limit is None:
             continue
         units = min(counter.cost, totals[index] + counter.cost - counter.limit)
-        if units > over.get(group, (0, 0))[0]:
+        if units > 0 and units > over.get(group, (0, 0))[0]:
             over[group] = (units, rate)
-    return charge.cost + sum(units * rate for units, rate in over.values())
-
-
-def checked(charge: CreditCharge, required: int) -> bool:
-    """Whether the balance must cover ``required``: a route that spends the credits itself
-    always asks (a balance in debt refuses it); overage asks only once a limit is passed."""
-    return charge.direct or required > 0
+    need = charge.cost
+    for units, rate in over.values():
+        need += units * rate
+    return need
 
 
 def as_credits(units: int, scale: int) -> int | float:

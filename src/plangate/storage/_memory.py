@@ -9,7 +9,7 @@ from bisect import bisect_left, bisect_right
 from collections import OrderedDict
 from dataclasses import dataclass, field, replace
 
-from ..engine._credits import MAX_UNITS, CreditAccount, Grant, checked, micros, required_of
+from ..engine._credits import MAX_UNITS, CreditAccount, Grant, micros, required_of
 from ..errors import VersionConflict
 from ._base import (
     SLIDING_BUCKETS,
@@ -281,27 +281,7 @@ class MemoryStorage(Storage):
             credits: tuple[CreditState, ...] = ()
             short: tuple[int, ...] = ()
             if op.credits:
-                totals = [s.total for s in states]  # type: ignore[union-attr]
-                now_us = micros(now)
-                accounts = [self._account(charge, now_us) for charge in op.credits]
-                needs = [required_of(charge, counters, totals) for charge in op.credits]
-                balances = [account.balance(now_us) for account in accounts]
-                short = tuple(
-                    i
-                    for i, charge in enumerate(op.credits)
-                    if checked(charge, needs[i]) and needs[i] > balances[i]
-                )
-                if (violated or short) or not op.enforce:
-                    credits = tuple(
-                        CreditState(b, 0, (), n) for b, n in zip(balances, needs, strict=True)
-                    )
-                else:
-                    taken = []
-                    for account, need, balance in zip(accounts, needs, balances, strict=True):
-                        burns = account.take(need, now_us, op.reservation_id) if need else ()
-                        assert burns is not None
-                        taken.append(CreditState(balance - need, need, burns, need))
-                    credits = tuple(taken)
+                credits, short = self._charge_credits(op, states, bool(violated), now)  # type: ignore[arg-type]
             if (violated or short) and op.enforce:
                 waits = [0.0] * len(counters)
                 for i in violated:
@@ -329,6 +309,34 @@ class MemoryStorage(Storage):
             return ReserveResult(
                 admitted, tuple(after), tuple(slots), violated, credits=credits, short=short
             )
+
+    def _charge_credits(
+        self, op: Reserve, states: list[_Log | _Sliding | _Fixed], violated: bool, now: float
+    ) -> tuple[tuple[CreditState, ...], tuple[int, ...]]:
+        """Each balance's part of a reservation: what it must cover and, when the whole
+        reservation is admitted, what it gave (the caller holds the lock)."""
+        now_us = micros(now)
+        looked: list[tuple[CreditAccount, list[Grant], int, int]] = []
+        short: list[int] = []
+        for j, charge in enumerate(op.credits):
+            account = self._account(charge, now_us)
+            need = charge.cost
+            if charge.overage:
+                need = required_of(charge, op.counters, [s.total for s in states])
+            usable = account.usable(now_us)
+            balance = sum(g.remaining for g in usable) - account.debt
+            if need > balance and (charge.direct or need > 0):  # a balance in debt refuses it
+                short.append(j)
+            looked.append((account, usable, need, balance))
+        states_: list[CreditState] = []
+        if violated or short or not op.enforce:
+            for _, _, need, balance in looked:
+                states_.append(CreditState(balance, 0, (), need))
+            return tuple(states_), tuple(short)
+        for account, usable, need, balance in looked:
+            burns = account.burn(usable, need, now_us, op.reservation_id) if need else ()
+            states_.append(CreditState(balance - need, need, burns, need))
+        return tuple(states_), ()
 
     @staticmethod
     def _wait(counter: Counter, state: _Log | _Sliding | _Fixed, now: float) -> float:

@@ -140,15 +140,12 @@ def reserve_result(reply: Sequence[Any], op: Reserve) -> ReserveResult:
 def _credit_states(rest: Sequence[Any]) -> tuple[tuple[CreditState, ...], tuple[int, ...]]:
     states: list[CreditState] = []
     short: list[int] = []
-    at = 0
-    while at < len(rest):
-        is_short, balance, required, charged, nburns = rest[at : at + 5]
-        flat = rest[at + 5 : at + 5 + 2 * nburns]
-        burns = tuple((_text(flat[2 * k]), int(flat[2 * k + 1])) for k in range(nburns))
-        if is_short:
-            short.append(len(states))
+    for j, text in enumerate(rest):
+        is_short, balance, required, charged, *flat = _text(text).split(" ")
+        burns = tuple((flat[k], int(flat[k + 1])) for k in range(0, len(flat), 2))
+        if is_short == "1":
+            short.append(j)
         states.append(CreditState(int(balance), int(charged), burns, int(required)))
-        at += 5 + 2 * nburns
     return tuple(states), tuple(short)
 
 

@@ -16,8 +16,8 @@
 --
 -- Returns {admitted, retry_after_ms, #violated, violated indices (1-based)...,
 --          then per counter: used, reset_after_ms, slot (refused: the ms this counter refuses),
---          then per balance: short (1: cannot cover it), balance, required, charged,
---          #burns, burns (grant id, units)...}
+--          then per balance, one string: "short balance required charged" (short 1: it
+--          cannot cover it) and its burns, " grant units" each}
 -- "used" and "balance" are after the reservation when admitted, else before it.
 
 local now_arg = ARGV[1]
@@ -201,14 +201,14 @@ local function credits_reply(reply, taken)
       burns, charged = credit_burn(ch.account, ch.need, ch.now, reservation)
     end
     credit_save(ch.account)
-    reply[#reply + 1] = ch.short and 1 or 0
-    reply[#reply + 1] = ch.balance - charged
-    reply[#reply + 1] = ch.need
-    reply[#reply + 1] = charged
-    reply[#reply + 1] = #burns / 2
-    for _, b in ipairs(burns) do
-      reply[#reply + 1] = b
+    -- one string a balance: fewer reply elements cost the client less to read
+    local parts = {ch.short and "1" or "0", credit_fmt(ch.balance - charged), credit_fmt(ch.need),
+      credit_fmt(charged)}
+    for k = 1, #burns, 2 do
+      parts[#parts + 1] = burns[k]
+      parts[#parts + 1] = credit_fmt(burns[k + 1])
     end
+    reply[#reply + 1] = table.concat(parts, " ")
   end
 end
 
