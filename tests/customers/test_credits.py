@@ -262,3 +262,36 @@ def test_a_commit_equal_to_the_reservation_makes_no_call(gate: Gate):
     op = gate.engine.settle(refunded, 500, {}, gate.clock)  # not counted: given back
     assert op is not None
     assert op.credit_deltas == (-1000,)
+
+
+def test_reading_a_balance_first_does_not_keep_the_tokens_plan_from_its_grant(gate: Gate):
+    # no record: the plan comes from the token, which only a request carries
+    assert gate.customers.balance("tokened", "ai_credits") == 0
+    decision = gate.check("POST", "/v1/generate", token("tokened", "pro"))
+    assert decision.allowed
+    assert decision.balance("ai_credits") == 99
+
+
+def test_an_expiry_past_the_year_9999_is_refused(gate: Gate):
+    with pytest.raises(InvalidRecord) as caught:
+        gate.customers.grant_credits(
+            "acme", "ai_credits", 1, expires_at="9999-12-31T23:59:59-01:00"
+        )
+    assert caught.value.field == "expires_at"
+
+
+def test_shadow_mode_shows_the_balance_and_takes_nothing(clock: Clock):
+    gate = Gate(catalog() | {"mode": "shadow"}, storage=MemoryStorage(), clock=clock)
+    gate.customers.assign("acme", plan="pro")
+    decision = gate.check("POST", "/v1/generate", token("acme"))
+    assert decision.allowed
+    assert decision.balance("ai_credits") == 100
+    gate.settle(decision, 200)
+    assert gate.customers.balance("acme", "ai_credits") == 100
+
+
+def test_a_balance_the_route_does_not_take_from_is_a_lookup_error(gate: Gate):
+    gate.customers.assign("acme", plan="pro")
+    decision = gate.check("POST", "/v1/generate", token("acme"))
+    with pytest.raises(LookupError, match="does not take credits from pay_as_you_go"):
+        decision.balance("pay_as_you_go")

@@ -252,3 +252,66 @@ def test_a_capped_ledger_still_sums_to_the_balance(storage: Storage):
         if cursor is None:
             break
     assert LEDGER_CAP <= kept <= LEDGER_CAP + LEDGER_SLACK
+
+
+# What a review found ------------------------------------------------------------------------
+
+
+def test_a_reservation_sent_again_takes_nothing_twice(storage: Storage):
+    # a client that lost the reply sends the same reservation again
+    give(storage, 10, "a")
+    first = spend(storage, 4, rid="again")
+    second = spend(storage, 4, rid="again")
+    assert first.admitted
+    assert second.admitted
+    assert second.credits[0].burns == first.credits[0].burns == (("a", 4),)
+    assert balance(storage) == 6
+
+
+def test_a_refund_does_not_return_to_a_revoked_grant(storage: Storage):
+    give(storage, 10, "a")
+    burns = spend(storage, 4).credits[0].burns
+    assert storage.revoke_credits(RevokeCredits(charge(), "a", US)) == 6
+    refund = Settle("r1", (), (), (), NOW, credits=(charge(),), credit_deltas=(-4,), burns=(burns,))
+    assert storage.settle(refund)
+    assert balance(storage) == 0
+
+
+def test_a_charge_past_what_a_balance_holds_is_debt_no_larger_than_it_holds(storage: Storage):
+    from plangate.engine._credits import MAX_UNITS
+
+    give(storage, 10, "a")
+    burns = spend(storage, 1).credits[0].burns
+    huge = Settle(
+        "r1", (), (), (), NOW, credits=(charge(),), credit_deltas=(MAX_UNITS,), burns=(burns,)
+    )
+    assert storage.settle(huge)
+    again = Settle(
+        "r2", (), (), (), NOW, credits=(charge(),), credit_deltas=(MAX_UNITS,), burns=((),)
+    )
+    assert storage.settle(again)
+    view = storage.read_credits(ReadCredits(charge(), US))
+    assert view.debt == MAX_UNITS
+    assert view.balance == -MAX_UNITS
+    assert not spend(storage, 1, rid="r3").admitted
+
+
+def test_a_settle_giving_back_to_an_empty_bucket_is_taken(storage: Storage):
+    counter = Counter("plangate:{acme}:api_calls-1d", 5000, 0, window=86400.0)
+    result = storage.reserve(Reserve((counter,), NOW, reservation_id="z"))
+    settle = Settle("z", (counter,), result.slots, (-1,), NOW)
+    assert storage.settle(settle)  # nothing to give back: not an error
+
+
+def test_a_cursor_at_the_first_entry_pages_nothing(storage: Storage):
+    give(storage, 10, "a")
+    assert storage.read_credits(ReadCredits(charge(), US, before="0-0")).ledger == ()
+
+
+def test_reading_or_revoking_for_a_customer_with_no_balance_writes_nothing(storage: Storage):
+    nobody = CreditCharge(credits_key("nobody", "ai_credits"), "ai_credits")
+    assert storage.read_credits(ReadCredits(nobody, US)).balance == 0
+    assert storage.revoke_credits(RevokeCredits(nobody, "no-such-grant", US)) is None
+    inner = getattr(storage, "inner", None)
+    if inner is not None:  # Redis: not a key was made
+        assert inner.client.keys("plangate:{nobody}*") in ([], {})

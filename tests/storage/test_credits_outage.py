@@ -173,3 +173,74 @@ def test_a_meter_with_overage_keeps_its_quota_during_an_outage_under_deny(server
     # the balance that overage would charge cannot be read
     assert [r.admitted for r in results] == [True, True, False]
     assert results[2].violated == (0,)
+
+
+def test_a_settle_past_what_an_outage_reservation_took_is_charged_on_replay(server, stores):
+    from plangate.engine import Counter
+
+    clock = Clock()
+    store = _store(server, clock, stores)
+    _give(store, 100)
+    assert _spend(store, _charge("local", cost=1), "before").admitted  # a balance seen: 99
+    counter = Counter("plangate:{acme}:ai_tokens-month:0", 10, 5, resets_at=T0 + 3600)
+    overage = CreditCharge(
+        credits_key("acme", "ai_credits"), "ai_credits", overage=((0, 1, 0),), on_error="local"
+    )
+    _pause(server)
+    result = store.reserve(Reserve((counter,), T0, reservation_id="r1", credits=(overage,)))
+    assert result.admitted
+    assert result.credits[0].charged == 0
+    # the response says 50 were used: 40 past the limit, at 1 credit each
+    settle = Settle(
+        "r1", (counter,), result.slots, (45,), T0, credits=(overage,), credit_deltas=(40,),
+        burns=((),),
+    )  # fmt: skip
+    assert store.settle(settle)
+    _back(server, store, clock)
+    assert _balance(server) == 59  # 100 - 1 - 40
+
+
+def test_a_route_with_two_balances_keeps_each_in_its_place_during_an_outage(server, stores):
+    from plangate.engine import Counter
+
+    store = _store(server, Clock(), stores)
+    _give(store, 100)
+    gpu = CreditCharge(credits_key("acme", "gpu"), "gpu", overage=((0, 1, 0),))  # deny
+    direct = _charge("allow", cost=3)
+    counter = Counter("plangate:{acme}:ai_tokens-month:0", 10, 1, resets_at=T0 + 3600)
+    server.kill()
+    result = store.reserve(Reserve((counter,), T0, reservation_id="r1", credits=(gpu, direct)))
+    assert result.admitted
+    assert [state.charged for state in result.credits] == [0, 3]  # one state a balance, in order
+    settle = Settle(
+        "r1", (counter,), result.slots, (0,), T0, credits=(gpu, direct), credit_deltas=(0, -3),
+        burns=tuple(state.burns for state in result.credits),
+    )  # fmt: skip
+    assert store.settle(settle)
+
+
+def test_a_replay_answered_recorded_before_asks_nothing_more():
+    from plangate.engine import MADE_THERE
+    from plangate.storage._outbox import Outbox
+
+    outbox = Outbox()
+    op = Reserve((), T0, reservation_id="r1", credits=(_charge("allow"),))
+    outbox.count(op, (5,))
+    (entry,) = outbox.batch(10)
+    outbox.take(entry)
+    # a retry of a record whose first reply was lost: recorded before, nothing to follow
+    assert outbox.replayed(entry, None) == []
+    outbox.count(replace_rid(op, "r2"), (5,))
+    (again,) = outbox.batch(10)
+    outbox.take(again)
+    outbox.settle(
+        Settle("r2", (), (), (), T0, credits=op.credits, credit_deltas=(-2,), burns=((),))
+    )
+    (follow,) = outbox.replayed(again, MADE_THERE)  # made in Redis: settled there
+    assert follow.credit_deltas == (-2,)
+
+
+def replace_rid(op: Reserve, rid: str) -> Reserve:
+    from dataclasses import replace
+
+    return replace(op, reservation_id=rid)

@@ -50,6 +50,8 @@ from ._provisioning import InvalidRecord, _moment
 MAX_PAGE = 500
 #: the longest idempotency key kept
 MAX_KEY = 255
+#: the first moment past the year 9999 (UTC): an expiry is before it
+_LAST = datetime(9999, 12, 31, 23, 59, 59, tzinfo=timezone.utc).timestamp() + 1
 
 
 class IdempotencyConflict(PlanGateError):
@@ -92,10 +94,14 @@ class Credits:
     def _charge(self, customer: str, feature: str, now: float) -> Flow[CreditCharge]:
         """The balance, with the plan's grant of the period if the customer's plan lists it."""
         record = yield LoadCustomer(customer)
+        if record is None or not record.plan:
+            # The plan comes from the customer's token (or default_plan): only a request
+            # knows it, and issues its grant; here, nothing is issued.
+            charge, _ = self.engine.credit_charge(customer, feature, None, None, now)
+            return charge
         probe = Decision(None, {}, self.engine.kinds)
         plan = self.engine._plan(probe, Identity(customer, None, {}), record, now)
-        anchor = record.billing_anchor if record is not None else None
-        charge, _ = self.engine.credit_charge(customer, feature, plan, anchor, now)
+        charge, _ = self.engine.credit_charge(customer, feature, plan, record.billing_anchor, now)
         return charge
 
     def _feature(self, value: Any, errors: list[tuple[str, str]]) -> str | None:
@@ -169,6 +175,8 @@ class Credits:
         expires = _moment("expires_at", body.get("expires_at"), errors)
         if expires is not None and expires.timestamp() <= now:
             errors.append(("expires_at", f"{expires.isoformat()} is in the past"))
+        elif expires is not None and expires.timestamp() >= _LAST:
+            errors.append(("expires_at", f"{expires.isoformat()} is past the year 9999"))
         priority = body.get("priority", DEFAULT_PRIORITY)
         if isinstance(priority, bool) or not isinstance(priority, int):
             errors.append(

@@ -9,6 +9,7 @@ from ._periods import period_bounds
 from ._problems import PROBLEM_BASE, Problem, identity_problem
 from ._protocol import (
     EXACT_WINDOW_LIMIT,
+    MADE_THERE,
     SLIDING_BUCKETS,
     Backend,
     Burns,
@@ -40,6 +41,7 @@ from ._protocol import (
 
 __all__ = [
     "EXACT_WINDOW_LIMIT",
+    "MADE_THERE",
     "PROBLEM_BASE",
     "SLIDING_BUCKETS",
     "Backend",

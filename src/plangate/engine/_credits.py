@@ -16,7 +16,8 @@ The rules (SPEC §6, issue 13):
   what the grants cannot cover becomes **debt**, which the next grant pays first; while the
   balance is not positive, new charges are refused.
 - A refund returns units to the grants they were taken from, the last taken first; a unit
-  whose grant has expired meanwhile is not returned (the ledger says so).
+  whose grant has expired or been revoked meanwhile is not returned (a revoked grant
+  expires when it is revoked).
 - Every change is a ledger entry; the sum of the entries' amounts is what the grants hold
   less the debt (the balance, once grants not yet effective are counted).
 """
@@ -113,6 +114,9 @@ class CreditAccount:
     next_entry: int = 0
     #: the first moment a grant may expire or be forgotten: ``tidy`` has nothing to do before
     due: float = _NEVER
+    #: the last reservation that took from this balance, and what it took: sent again (its
+    #: reply lost), it is answered from here and takes nothing twice
+    last: tuple[str, Burns] = ("", ())
 
     # reading ---------------------------------------------------------------------------------
 
@@ -236,8 +240,8 @@ class CreditAccount:
         """Take units already used: what the grants cannot cover becomes debt."""
         self.tidy(now)
         burns = self.burn(self.usable(now), units, now, ref)
-        short = units - sum(n for _, n in burns)
-        if short:
+        short = min(units - sum(n for _, n in burns), MAX_UNITS - self.debt)
+        if short > 0:
             self.debt += short
             self.log("excess", -short, now, None, ref)
         return burns
@@ -286,7 +290,10 @@ class CreditAccount:
         left = grant.remaining
         if left:
             self.log("revoke", -left, now, grant_id)
-            self._set(grant, 0, now)
+        self._set(grant, 0, now)
+        # revoked: it expires now, so a refund of an earlier charge does not come back to it
+        if grant.expires_at is None or grant.expires_at > now:
+            grant.expires_at = now
         return left
 
 

@@ -190,10 +190,12 @@ class Decision:
                 if use.feature == feature:
                     return as_credits(state.balance, use.scale)
         spent = ", ".join(u.feature for u in charge.uses) if charge is not None else ""
+        if feature in spent.split(", "):  # a denial came before the balances were asked
+            raise LookupError(f"balance({feature!r}): not known: this request was refused first")
         raise LookupError(
-            f"balance({feature!r}): this request did not take credits from {feature} "
-            f"(it took from: {spent or 'none'}); GET /.plangate/entitlements reports every "
-            "balance"
+            f"balance({feature!r}): the route of this request does not take credits from "
+            f"{feature} (it takes from: {spent or 'none'}); GET /.plangate/entitlements "
+            "reports every balance"
         )
 
     def record(self, meter: str, amount: int) -> None:

@@ -12,7 +12,7 @@ from typing import Any
 from ..config import Config, Limit, Plan, Rule, compile_entitlement
 from ..errors import StorageError
 from ..identity import Identity, IdentityResult
-from ._credits import as_credits, micros
+from ._credits import MAX_UNITS, as_credits, micros
 from ._decision import Charge, CreditUse, Decision
 from ._headers import QuotaState, ceil_seconds, named_policy, policy_header, quota_headers
 from ._periods import period_bounds
@@ -202,11 +202,12 @@ class Engine:
             return decision
 
         decision.reservation_id = self.new_id()
+        enforce = not (rule.shadow or self.shadow_all)
         try:
             result = yield Reserve(
                 charge.counters,
                 now,
-                enforce=not (rule.shadow or self.shadow_all),
+                enforce=enforce,
                 reservation_id=decision.reservation_id,
                 credits=charge.credits,
             )
@@ -216,7 +217,7 @@ class Engine:
             return decision
         decision.states = result.states
         decision.slots = result.slots
-        if result.admitted or result.slots:
+        if result.admitted or result.slots or not enforce:  # shadow mode: seen, not taken
             decision.credit_states = result.credits
         if reasons is not None:
             reasons.append("meters: " + self._describe(charge, result.states))
@@ -569,7 +570,9 @@ class Engine:
                     before = max(before, min(cost, held - limit))
                     after = max(after, min(used, held - cost + used - limit))
                 delta += (after - before) * rate
-            credit_deltas.append(delta)
+            # a reported amount is at most 10^15 units; times a scale and a rate it may pass
+            # what a balance holds exactly: no charge is larger than that
+            credit_deltas.append(max(-MAX_UNITS, min(MAX_UNITS, delta)))
         if not any(deltas) and not any(credit_deltas):
             return None
         burns = tuple(state.burns for state in decision.credit_states) if credit_deltas else ()

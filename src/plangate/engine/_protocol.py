@@ -362,12 +362,17 @@ class Settle(Op[bool]):
         return await backend.asettle(self)
 
 
+#: what ``Record`` answers for the usage of one reservation that the store had made after
+#: all (its reply was lost on the way): nothing was added again
+MADE_THERE: tuple[int, ...] = (-1,)
+
+
 @dataclass(frozen=True, slots=True)
 class Record(Op["tuple[int, ...] | None"]):
     """Add usage admitted elsewhere (replayed after an outage), no limit checked; once per id.
 
-    Answers where each cost was placed (slots, as ``Reserve`` does), or None if this id was
-    recorded before.
+    Answers where each cost was placed (slots, as ``Reserve`` does), None if this id was
+    recorded before, or ``MADE_THERE`` (see ``reservation_id``).
     """
 
     record_id: str

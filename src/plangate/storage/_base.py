@@ -20,6 +20,7 @@ from typing import Any, Protocol
 
 from ..engine import (
     EXACT_WINDOW_LIMIT,
+    MADE_THERE,
     SLIDING_BUCKETS,
     Counter,
     CounterState,
@@ -50,6 +51,7 @@ from ..errors import VersionConflict
 
 __all__ = [
     "EXACT_WINDOW_LIMIT",
+    "MADE_THERE",
     "SLIDING_BUCKETS",
     "Counter",
     "CounterState",

@@ -318,6 +318,7 @@ class MemoryStorage(Storage):
         now_us = micros(now)
         looked: list[tuple[CreditAccount, list[Grant], int, int]] = []
         short: list[int] = []
+        ref = op.reservation_id
         for j, charge in enumerate(op.credits):
             account = self._account(charge, now_us)
             need = charge.cost
@@ -325,16 +326,25 @@ class MemoryStorage(Storage):
                 need = required_of(charge, op.counters, [s.total for s in states])
             usable = account.usable(now_us)
             balance = sum(g.remaining for g in usable) - account.debt
-            if need > balance and (charge.direct or need > 0):  # a balance in debt refuses it
+            if ref and account.last[0] == ref:  # made before: what it took stands
+                need = -1
+            elif need > balance and (charge.direct or need > 0):  # a balance in debt refuses it
                 short.append(j)
             looked.append((account, usable, need, balance))
         states_: list[CreditState] = []
         if violated or short or not op.enforce:
             for _, _, need, balance in looked:
-                states_.append(CreditState(balance, 0, (), need))
+                states_.append(CreditState(balance, 0, (), max(need, 0)))
             return tuple(states_), tuple(short)
         for account, usable, need, balance in looked:
-            burns = account.burn(usable, need, now_us, op.reservation_id) if need else ()
+            if need < 0:
+                burns = account.last[1]
+                taken = sum(units for _, units in burns)
+                states_.append(CreditState(balance, taken, burns, taken))
+                continue
+            burns = account.burn(usable, need, now_us, ref) if need else ()
+            if need:
+                account.last = (ref, burns)
             states_.append(CreditState(balance - need, need, burns, need))
         return tuple(states_), ()
 

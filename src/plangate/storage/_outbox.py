@@ -20,7 +20,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from itertools import islice
 
-from ._base import SLIDING_BUCKETS, Counter, CreditCharge, Record, Reserve, Settle
+from ._base import MADE_THERE, SLIDING_BUCKETS, Counter, CreditCharge, Record, Reserve, Settle
 
 logger = logging.getLogger("plangate.storage")
 
@@ -116,9 +116,10 @@ class Outbox:
     def count(self, op: Reserve, spent: tuple[int, ...] = ()) -> None:
         """Keep ``op``'s usage for the backend, merged with more in the same buckets;
         ``spent``: the sub-units taken from each of ``op.credits`` meanwhile."""
-        credits = op.credits if any(spent) else ()
-        # Money is not merged: each reservation that spent credits replays on its own, so
-        # that one made in Redis despite a timeout here is not charged twice.
+        credits = op.credits
+        # Money is not merged: each reservation with credits replays on its own, so that one
+        # made in Redis despite a timeout here is not charged twice, and a settle that charges
+        # more than it reserved is charged on replay.
         key = _bucket_key(op.counters, op.now) if not credits else None
         with self._lock:
             usage = self._merging.get(key) if key is not None else None
@@ -256,14 +257,20 @@ class Outbox:
             self._forget(entry)
             if not isinstance(entry, Usage):
                 return []
-            entry.slots = result if isinstance(result, tuple) else None
-            if entry.slots is None and entry.reservation:
+            made_there = result == MADE_THERE
+            entry.slots = result if isinstance(result, tuple) and not made_there else None
+            if made_there and entry.reservation:
                 # Made in the store after all (its reserve timed out here, not there): what
                 # was settled here since is settled there, against what it took there.
-                deltas = tuple(
+                deltas = [
                     now - before
                     for now, before in zip(entry.credit_costs, entry.spent, strict=True)
-                )
+                ]
+                reservation = self._outage.get(entry.reservation)
+                if reservation is not None:  # settled while the record was on its way
+                    for j, delta in enumerate(reservation.credit_deltas[: len(deltas)]):
+                        deltas[j] += delta
+                    reservation.credit_deltas = ()
                 if not any(deltas):
                     return []
                 return [
@@ -274,7 +281,7 @@ class Outbox:
                         (),
                         entry.now,
                         credits=entry.credits,
-                        credit_deltas=deltas,
+                        credit_deltas=tuple(deltas),
                         burns=((),) * len(deltas),
                     )
                 ]

@@ -15,7 +15,8 @@ from datetime import datetime
 from importlib import resources
 from typing import Any
 
-from ..engine._credits import LEDGER_CAP, LEDGER_SLACK, PRUNE_AFTER, Grant, LedgerEntry
+from ..engine import MADE_THERE
+from ..engine._credits import LEDGER_CAP, LEDGER_SLACK, MAX_UNITS, PRUNE_AFTER, Grant, LedgerEntry
 from ..errors import VersionConflict
 from ._base import (
     SLIDING_BUCKETS,
@@ -64,7 +65,7 @@ def script_source(name: str) -> str:
         ("__LEDGER_CAP__", LEDGER_CAP),
         ("__LEDGER_SLACK__", LEDGER_SLACK),
         ("__PRUNE_AFTER__", PRUNE_AFTER),
-        ("__SETTLED_TTL__", SETTLED_TTL),
+        ("__MAX_UNITS__", MAX_UNITS),
     ):
         text = text.replace(name_, str(value))
     return text
@@ -257,6 +258,8 @@ def read_result(reply: Sequence[Any]) -> CreditView:
 
 
 def record_result(reply: Sequence[int]) -> tuple[int, ...] | None:
+    if reply[0] == 2:
+        return MADE_THERE
     return tuple(reply[1:]) if reply[0] else None
 
 

@@ -187,14 +187,17 @@ class ResilientStorage(Storage):
         # ``local`` balance seen), else the request is refused (503). A balance that only a
         # meter's overage would charge is dropped instead: the meter is held to its quota
         # alone (a 429 past the limit), never refused below it.
-        kept: list[CreditCharge] = []
+        local: list[CreditCharge] = []  # one per charge of op, as its result is
         unanswered = False
         for charge in op.credits:
-            answered = charge.on_error != "deny" and self._seen(charge)
-            if answered:
-                kept.append(charge)
+            # The period's plan grant is the backend's to issue (on replay), not this one's.
+            charge = replace(charge, grant=0, period_start=0, period_end=0)
+            if charge.on_error != "deny" and self._seen(charge):
+                local.append(charge)
             elif charge.direct:
                 unanswered = True
+            else:  # the meter keeps its quota: this balance is asked for nothing
+                local.append(replace(charge, overage=(), cost=0))
         if unanswered or any(c.on_error == "deny" for c in op.counters):
             raise StorageUnavailable(
                 f"usage cannot be counted: {cause}", max(1.0, self.breaker.retry_after)
@@ -204,14 +207,11 @@ class ResilientStorage(Storage):
         counters = tuple(
             replace(c, limit=None) if c.on_error == "allow" else c for c in op.counters
         )
-        # The period's plan grant is the backend's to issue (on replay), not this process's.
-        local = tuple(replace(c, grant=0, period_start=0, period_end=0) for c in kept)
-        result = self.local.reserve(replace(op, counters=counters, credits=local))
+        result = self.local.reserve(replace(op, counters=counters, credits=tuple(local)))
         # Admitted, or counted in shadow mode: the usage is real, and waits for the backend;
         # unless the backend refused it, as it would refuse its replay.
         if (result.slots or result.admitted) and not isinstance(cause, StorageRejected):
-            spent = tuple(state.charged for state in result.credits)
-            self.outbox.count(replace(op, credits=tuple(kept)), spent)
+            self.outbox.count(op, tuple(state.charged for state in result.credits))
         return result
 
     def _seen(self, charge: CreditCharge) -> bool:

@@ -23,7 +23,10 @@ if limit == 0 then
   return {credit_balance(a, now), a.debt, "", grants, {}, ""}
 end
 local top = ARGV[4] == "" and "+" or "(" .. ARGV[4]
-local found = redis.call("XREVRANGE", KEYS[2], top, "-", "COUNT", limit + 1)
+local found = {}
+if ARGV[4] ~= "0-0" and ARGV[4] ~= "0" then -- nothing is older than the first id
+  found = redis.call("XREVRANGE", KEYS[2], top, "-", "COUNT", limit + 1)
+end
 local entries = {}
 for j = 1, math.min(limit, #found) do
   local e = {found[j][1]}

@@ -10,13 +10,17 @@ local now = tonumber(ARGV[1])
 local a = credit_open_for(KEYS[1], KEYS[2], ARGV[3], now)
 local g = a.grants[ARGV[2]]
 if g == nil then
-  credit_save(a)
+  credit_save(a) -- what expired meanwhile; nothing for a customer with no balance
   return -1
 end
 local left = g.remaining
 if left > 0 then
   credit_log(a, "revoke", -left, now, g.id, "")
-  credit_set(a, g, 0, now)
+end
+-- revoked: it expires now, so a refund of an earlier charge does not come back to it
+credit_set(a, g, 0, now)
+if g.expires < 0 or g.expires > now then
+  g.expires = now
 end
 credit_save(a)
 return left

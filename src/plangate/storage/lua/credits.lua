@@ -84,9 +84,11 @@ local function credit_open(key, ledger, now)
       a.ln = tonumber(v)
     elseif f == "base" then
       a.base = tonumber(v)
+    elseif f == "last" then
+      a.last = v
     end
   end
-  a.debt0, a.plan_at0 = a.debt, a.plan_at
+  a.debt0, a.plan_at0, a.ln0 = a.debt, a.plan_at, a.ln
   local expired = {}
   for _, g in pairs(a.grants) do
     if g.expires >= 0 and now >= g.expires and g.remaining > 0 then
@@ -199,6 +201,8 @@ local function credit_take_excess(a, units, now, ref)
   local burns, taken = credit_burn(a, units, now, ref)
   local short = units - taken
   if short > 0 then
+    -- debt stays a whole number a double holds exactly (what is past it is not owed twice)
+    short = math.min(short, __MAX_UNITS__ - a.debt)
     a.debt = a.debt + short
     credit_log(a, "excess", -short, now, nil, ref)
   end
@@ -226,6 +230,10 @@ local function credit_refund(a, burns, units, now, ref)
 end
 
 local function credit_save(a)
+  if a.ln == a.ln0 and a.debt == a.debt0 and a.plan_at == a.plan_at0 and next(a.changed) == nil
+      and #a.gone == 0 and not a.last_changed then
+    return -- nothing changed: nothing written (a read of a customer with no balance leaves none)
+  end
   local fields = {"ln", credit_fmt(a.ln)}
   if a.debt ~= a.debt0 then
     fields[#fields + 1] = "debt"
@@ -238,6 +246,10 @@ local function credit_save(a)
   if a.trimmed then
     fields[#fields + 1] = "base"
     fields[#fields + 1] = credit_fmt(a.base)
+  end
+  if a.last_changed then
+    fields[#fields + 1] = "last"
+    fields[#fields + 1] = a.last
   end
   for id, g in pairs(a.changed) do
     fields[#fields + 1] = "g:" .. id

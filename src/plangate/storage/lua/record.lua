@@ -13,7 +13,8 @@
 --   in " <reservation id>": the one reservation this usage is, recorded already if its burns
 --   are in a ledger (its reserve timed out here but was made there)
 --
--- Returns {1, slot per counter...}, or {0} if this usage was recorded before.
+-- Returns {1, slot per counter...}, {0} if this usage was recorded before, or {2} if it is
+-- one reservation that was made here after all (its reply timed out): nothing changes.
 
 local ttl, ncredits, reservation = string.match(ARGV[2], "^(%d+) ?(%d*) ?(%S*)$")
 ncredits = tonumber(ncredits) or 0
@@ -26,7 +27,7 @@ end
 if reservation ~= nil and reservation ~= "" then
   for j = 1, ncredits do
     if credit_burned(KEYS[n + 1 + 2 * j], reservation) then
-      return {0}
+      return {2}
     end
   end
 end

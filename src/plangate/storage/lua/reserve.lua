@@ -186,7 +186,15 @@ if ncredits > 0 then
     end
     ch.account, ch.need, ch.now = a, need, now_us
     ch.balance = credit_balance(a, now_us)
-    ch.short = (ch.direct or need > 0) and need > ch.balance
+    local last = a.last
+    if last ~= nil and reservation ~= "-" and string.sub(last, 1, #reservation + 1) == reservation .. " " then
+      -- this reservation was made before (a client sent it again after losing the reply):
+      -- what it took stands, and nothing is taken twice
+      ch.made = string.sub(last, #reservation + 2)
+      ch.short = false
+    else
+      ch.short = (ch.direct or need > 0) and need > ch.balance
+    end
     if ch.short then
       short = short + 1
     end
@@ -196,13 +204,25 @@ end
 -- The balances' part of the reply; taken: whether the reservation took what they needed.
 local function credits_reply(reply, taken)
   for _, ch in ipairs(credits) do
-    local burns, charged = {}, 0
-    if taken and ch.need > 0 then
+    local burns, charged, balance = {}, 0, ch.balance
+    if ch.made ~= nil then
+      for id, units in string.gmatch(ch.made, "(%S+) (%d+)") do
+        burns[#burns + 1] = id
+        burns[#burns + 1] = tonumber(units)
+        charged = charged + tonumber(units)
+      end
+    elseif taken and ch.need > 0 then
       burns, charged = credit_burn(ch.account, ch.need, ch.now, reservation)
+      balance = ch.balance - charged
+      local made = {reservation}
+      for k = 1, #burns, 2 do
+        made[#made + 1] = burns[k] .. " " .. credit_fmt(burns[k + 1])
+      end
+      ch.account.last, ch.account.last_changed = table.concat(made, " "), true
     end
     credit_save(ch.account)
     -- one string a balance: fewer reply elements cost the client less to read
-    local parts = {ch.short and "1" or "0", credit_fmt(ch.balance - charged), credit_fmt(ch.need),
+    local parts = {ch.short and "1" or "0", credit_fmt(balance), credit_fmt(ch.need),
       credit_fmt(charged)}
     for k = 1, #burns, 2 do
       parts[#parts + 1] = burns[k]

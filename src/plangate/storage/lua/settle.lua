@@ -84,7 +84,10 @@ for i = 1, n do
       -- takes more than the bucket holds.
       local held = redis.pcall("HGET", key, slot) -- an error: a log now (a plan changed)
       if type(held) == "string" then
-        redis.call("HINCRBY", key, slot, math.max(delta, -tonumber(held)))
+        local change = math.max(delta, -tonumber(held))
+        if change ~= 0 then -- never "-0", which HINCRBY refuses
+          redis.call("HINCRBY", key, slot, string.format("%d", change))
+        end
       end
     elseif resets > now then
       local held = tonumber(redis.call("GET", key) or "0")
