@@ -741,7 +741,7 @@ def prepare_credits(apps: dict[str, Any], cases: list[Case]) -> None:
     """Balances granted, the overage route's limit used up and every ledger full (its steady
     state: each new entry drops the oldest); then each route is checked to charge what it
     should: nothing, 1 credit, 1 credit."""
-    from plangate.engine._credits import LEDGER_CAP, LEDGER_SLACK
+    from plangate.engine._credits import LEDGER_CAP
 
     loop = LOOP
     for store in ("memory", "Redis"):
@@ -788,7 +788,7 @@ def credits_script_calls(apps: dict[str, Any], port: int) -> dict[str, ScriptCal
     from dataclasses import replace
 
     from plangate._gate import new_reservation_id
-    from plangate.engine._credits import LEDGER_CAP, LEDGER_SLACK
+    from plangate.engine._credits import LEDGER_CAP
     from plangate.storage import Reserve
     from plangate.storage._redis_codec import reserve_call, script_source
 
@@ -873,7 +873,7 @@ def credits_bytes_per_customer(app: Any, port: int, customers: int) -> dict[str,
     client = redis.Redis(port=port)
     # First the timed customer, whose one grant has been charged ever since its ledger filled
     timed = credits_key("org_credits", "ai_credits")
-    assert LEDGER_CAP <= client.xlen(f"{timed}:ledger") <= LEDGER_CAP + LEDGER_SLACK
+    assert LEDGER_CAP <= client.llen(f"{timed}:ledger") <= LEDGER_CAP + LEDGER_SLACK
     full = (
         client.memory_usage(timed, samples=0) or 0,
         client.memory_usage(f"{timed}:ledger", samples=0) or 0,
@@ -902,7 +902,7 @@ def credits_bytes_per_customer(app: Any, port: int, customers: int) -> dict[str,
     balance = credits_key(names[0], "ai_credits")
     fields = client.hgetall(balance)
     assert sum(f.startswith(b"g:") for f in fields) == GRANTS, fields
-    assert client.xlen(f"{balance}:ledger") == GRANTS + RESERVATIONS
+    assert client.llen(f"{balance}:ledger") == GRANTS + RESERVATIONS
     result = {
         "kinds": {
             kind: (n / customers, size / customers, ttl) for kind, (n, size, ttl) in kinds.items()
@@ -993,7 +993,7 @@ def credits_report(
     described = {
         "credits:ai_credits": f"the balance hash ({GRANTS} grants; {memory['encoding']} "
         f"encoding, the longest grant field {memory['grant_field']} bytes)",
-        "credits:ai_credits:ledger": f"its ledger stream ({GRANTS + RESERVATIONS} entries)",
+        "credits:ai_credits:ledger": f"its ledger list ({GRANTS + RESERVATIONS} entries)",
     }
     memory_rows = []
     for kind, (n, size, ttl) in sorted(memory["kinds"].items()):

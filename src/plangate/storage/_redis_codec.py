@@ -79,6 +79,7 @@ def _bound(counter: Counter) -> int:
 #: counters tuple (by identity) → its keys and specs; the engine reuses one tuple per rule and
 #: customer for as long as its charge is valid, so each is formatted once
 _CALLS: dict[int, tuple[tuple[Counter, ...], list[str], list[str]]] = {}
+_CREDIT_CALLS: dict[int, tuple[tuple[CreditCharge, ...], list[str], list[str]]] = {}
 
 
 def reserve_call(op: Reserve) -> tuple[list[str], list[Any]]:
@@ -94,12 +95,18 @@ def reserve_call(op: Reserve) -> tuple[list[str], list[Any]]:
         if len(_CALLS) >= 50_000:
             _CALLS.clear()
         _CALLS[id(counters)] = cached
-    if not op.credits:
+    credits = op.credits
+    if not credits:
         return cached[1], [repr(op.now), "1" if op.enforce else "0", *cached[2]]
-    flag = f"{1 if op.enforce else 0} {len(op.credits)} {op.reservation_id or '-'}"
-    keys = [*cached[1], *_credit_keys(op.credits)]
-    specs = [_credit_spec(c) for c in op.credits]
-    return keys, [repr(op.now), flag, *cached[2], *specs]
+    # the engine reuses its charges' credits tuple as it does the counters: formatted once
+    spent = _CREDIT_CALLS.get(id(credits))
+    if spent is None or spent[0] is not credits:
+        spent = (credits, _credit_keys(credits), [_credit_spec(c) for c in credits])
+        if len(_CREDIT_CALLS) >= 50_000:
+            _CREDIT_CALLS.clear()
+        _CREDIT_CALLS[id(credits)] = spent
+    flag = f"{1 if op.enforce else 0} {len(credits)} {op.reservation_id or '-'}"
+    return [*cached[1], *spent[1]], [repr(op.now), flag, *cached[2], *spent[2]]
 
 
 def _credit_keys(charges: Sequence[CreditCharge]) -> list[str]:

@@ -3,8 +3,8 @@
 --
 -- KEYS[1]  the balance's hash     KEYS[2]  its ledger
 -- ARGV[1]  now, microseconds      ARGV[2]  "0 grant start finish" (finish 0: no plan grant)
--- ARGV[3]  entries a page         ARGV[4]  the page's cursor: the id the last page ended at
---   ("": the newest)
+-- ARGV[3]  entries a page         ARGV[4]  the page's cursor: the number of the entry the
+--   last page ended at ("": the newest)
 --
 -- Returns {balance, debt, ledger sum ("" when limit is 0: no ledger read), grants (id,
 -- packed)..., entries..., cursor}: grants
@@ -22,33 +22,24 @@ local limit = tonumber(ARGV[3])
 if limit == 0 then
   return {credit_balance(a, now), a.debt, "", grants, {}, ""}
 end
-local top = ARGV[4] == "" and "+" or "(" .. ARGV[4]
-local found = {}
-if ARGV[4] ~= "0-0" and ARGV[4] ~= "0" then -- nothing is older than the first id
-  found = redis.call("XREVRANGE", KEYS[2], top, "-", "COUNT", limit + 1)
-end
-local entries = {}
-for j = 1, math.min(limit, #found) do
-  local e = {found[j][1]}
-  local fields = found[j][2]
-  local by = {}
-  for k = 1, #fields, 2 do
-    by[fields[k]] = fields[k + 1]
+-- the page: entries numbered below the cursor (all of them without one), newest first
+local below = ARGV[4] == "" and a.seq + 1 or (tonumber(ARGV[4]) or 0)
+local newest = math.min(below, a.seq + 1) - a.first - 1 -- its index in the list
+local entries, cursor = {}, ""
+if newest >= 0 then
+  local oldest = math.max(0, newest - limit + 1)
+  local found = redis.call("LRANGE", KEYS[2], oldest, newest)
+  for j = #found, 1, -1 do
+    local seq, kind, amount, grant, at, ref =
+      string.match(found[j], "^(%S+) (%S+) (%S+) (%S+) (%S+) ?(.*)$")
+    entries[#entries + 1] = {seq, kind, amount, grant == "-" and "" or grant, ref, at}
   end
-  e[2], e[3], e[4], e[5], e[6] = by.k, by.a, by.g, by.r, by.t
-  entries[#entries + 1] = e
-end
-local cursor = ""
-if #found > limit then
-  cursor = found[limit][1]
+  if oldest > 0 then
+    cursor = entries[#entries][1]
+  end
 end
 local sum = a.base
-for _, entry in ipairs(redis.call("XRANGE", KEYS[2], "-", "+")) do
-  local fields = entry[2]
-  for k = 1, #fields, 2 do
-    if fields[k] == "a" then
-      sum = sum + tonumber(fields[k + 1])
-    end
-  end
+for _, text in ipairs(redis.call("LRANGE", KEYS[2], 0, -1)) do
+  sum = sum + tonumber(string.match(text, "^%S+ %S+ (%S+)"))
 end
 return {credit_balance(a, now), a.debt, sum, grants, entries, cursor}

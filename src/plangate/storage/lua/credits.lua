@@ -1,13 +1,14 @@
 -- Credit balances (plangate): the rules of plangate/engine/_credits.py, kept in Redis.
 --
 -- A balance is one hash: "debt", "plan_at" (the start of the last period whose plan grant
--- was issued), "ln" (entries in the ledger) and "base" (the sum of the entries trimmed from
--- it), and a field "g:<id>" per grant: "amount remaining priority category effective
--- expires created touched source idempotency-key" (times in microseconds; expires -1:
--- never). Its ledger is a stream beside it (key .. ":ledger") of entries k(ind), a(mount),
--- g(rant), r(ef), t(ime), at most __LEDGER_CAP__ of them: base + the entries' amounts is
--- what the grants hold less the debt. Amounts are whole sub-units, exact in a double up
--- to 2^53.
+-- was issued), "seq" (the number of the newest ledger entry), "first" (of the oldest kept),
+-- "base" (the sum of the entries trimmed from the ledger), "last" (the last reservation that
+-- took from it and what it took), and a field "g:<id>" per grant: "amount remaining priority
+-- category effective expires created touched source idempotency-key" (times in
+-- microseconds; expires -1: never). Its ledger is a list beside it (key .. ":ledger") of
+-- entries "seq kind amount grant time ref" (grant "-": none), __LEDGER_CAP__ of them and up to
+-- __LEDGER_SLACK__ more: base + the entries' amounts is what the grants hold less the debt.
+-- Amounts are whole sub-units, exact in a double up to 2^53.
 
 local CATEGORY_RANK = {promotional = 0, paid = 1}
 
@@ -38,24 +39,20 @@ local function credit_usable(g, now)
   return g.remaining > 0 and g.effective <= now and (g.expires < 0 or now < g.expires)
 end
 
--- The ledger keeps __LEDGER_CAP__ entries and up to __LEDGER_SLACK__ more: past that, the oldest
--- are summed into base and trimmed in one go (trimming one entry per charge cost more than
--- the rest of a charge).
+-- Past __LEDGER_CAP__ + __LEDGER_SLACK__ entries, the oldest are summed into base and trimmed in
+-- one go (trimming one entry per charge cost more than the rest of a charge).
 local function credit_log(a, kind, amount, now, grant, ref)
-  redis.call("XADD", a.ledger, "*", "k", kind, "a", credit_fmt(amount), "g", grant or "",
-    "r", ref or "", "t", credit_fmt(now))
-  a.ln = a.ln + 1
-  if a.ln > __LEDGER_CAP__ + __LEDGER_SLACK__ then
-    for _, entry in ipairs(redis.call("XRANGE", a.ledger, "-", "+", "COUNT", a.ln - __LEDGER_CAP__)) do
-      local fields = entry[2]
-      for j = 1, #fields, 2 do
-        if fields[j] == "a" then
-          a.base = a.base + tonumber(fields[j + 1])
-        end
-      end
+  a.seq = a.seq + 1
+  redis.call("RPUSH", a.ledger, credit_fmt(a.seq) .. " " .. kind .. " " .. credit_fmt(amount)
+    .. " " .. (grant or "-") .. " " .. credit_fmt(now) .. " " .. (ref or ""))
+  local kept = a.seq - a.first + 1
+  if kept > __LEDGER_CAP__ + __LEDGER_SLACK__ then
+    local drop = kept - __LEDGER_CAP__
+    for _, text in ipairs(redis.call("LRANGE", a.ledger, 0, drop - 1)) do
+      a.base = a.base + tonumber(string.match(text, "^%S+ %S+ (%S+)"))
     end
-    redis.call("XTRIM", a.ledger, "MAXLEN", __LEDGER_CAP__)
-    a.ln = __LEDGER_CAP__
+    redis.call("LTRIM", a.ledger, drop, -1)
+    a.first = a.first + drop
     a.trimmed = true
   end
 end
@@ -68,7 +65,7 @@ end
 
 -- The balance at key, as of now: expired grants written off (a ledger entry each).
 local function credit_open(key, ledger, now)
-  local a = {key = key, ledger = ledger, debt = 0, plan_at = -1, ln = 0, base = 0,
+  local a = {key = key, ledger = ledger, debt = 0, plan_at = -1, seq = 0, first = 1, base = 0,
     grants = {}, changed = {}, gone = {}}
   local flat = redis.call("HGETALL", key)
   for j = 1, #flat, 2 do
@@ -80,15 +77,17 @@ local function credit_open(key, ledger, now)
       a.debt = tonumber(v)
     elseif f == "plan_at" then
       a.plan_at = tonumber(v)
-    elseif f == "ln" then
-      a.ln = tonumber(v)
+    elseif f == "seq" then
+      a.seq = tonumber(v)
+    elseif f == "first" then
+      a.first = tonumber(v)
     elseif f == "base" then
       a.base = tonumber(v)
     elseif f == "last" then
       a.last = v
     end
   end
-  a.debt0, a.plan_at0, a.ln0 = a.debt, a.plan_at, a.ln
+  a.debt0, a.plan_at0, a.seq0 = a.debt, a.plan_at, a.seq
   local expired = {}
   for _, g in pairs(a.grants) do
     if g.expires >= 0 and now >= g.expires and g.remaining > 0 then
@@ -230,11 +229,11 @@ local function credit_refund(a, burns, units, now, ref)
 end
 
 local function credit_save(a)
-  if a.ln == a.ln0 and a.debt == a.debt0 and a.plan_at == a.plan_at0 and next(a.changed) == nil
+  if a.seq == a.seq0 and a.debt == a.debt0 and a.plan_at == a.plan_at0 and next(a.changed) == nil
       and #a.gone == 0 and not a.last_changed then
     return -- nothing changed: nothing written (a read of a customer with no balance leaves none)
   end
-  local fields = {"ln", credit_fmt(a.ln)}
+  local fields = {"seq", credit_fmt(a.seq)}
   if a.debt ~= a.debt0 then
     fields[#fields + 1] = "debt"
     fields[#fields + 1] = credit_fmt(a.debt)
@@ -246,6 +245,8 @@ local function credit_save(a)
   if a.trimmed then
     fields[#fields + 1] = "base"
     fields[#fields + 1] = credit_fmt(a.base)
+    fields[#fields + 1] = "first"
+    fields[#fields + 1] = credit_fmt(a.first)
   end
   if a.last_changed then
     fields[#fields + 1] = "last"
@@ -278,17 +279,12 @@ end
 -- after an outage: a reservation whose reply timed out may have been made all the same.
 local function credit_burned(ledger, ref)
   local found = nil
-  for _, entry in ipairs(redis.call("XREVRANGE", ledger, "+", "-", "COUNT",
-      __LEDGER_CAP__ + __LEDGER_SLACK__)) do
-    local by = {}
-    local fields = entry[2]
-    for k = 1, #fields, 2 do
-      by[fields[k]] = fields[k + 1]
-    end
-    if by.r == ref and by.k == "burn" then
+  for _, text in ipairs(redis.call("LRANGE", ledger, 0, -1)) do
+    local kind, amount, grant, entry_ref = string.match(text, "^%S+ (%S+) (%S+) (%S+) %S+ (.*)$")
+    if kind == "burn" and entry_ref == ref then
       found = found or {}
-      table.insert(found, 1, tonumber(by.a) * -1)
-      table.insert(found, 1, by.g)
+      found[#found + 1] = grant
+      found[#found + 1] = -tonumber(amount)
     end
   end
   return found
