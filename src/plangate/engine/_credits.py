@@ -106,7 +106,9 @@ class CreditAccount:
 
     grants: dict[str, Grant] = field(default_factory=dict)
     debt: int = 0
-    ledger: list[LedgerEntry] = field(default_factory=list)
+    #: the ledger as plain tuples (kind, amount, at, grant, ref, number): a charge appends
+    #: one on the request path; ``ledger`` reads them as ``LedgerEntry``s
+    entries: list[tuple[str, int, int, str | None, str, int]] = field(default_factory=list)
     #: the sum of the entries dropped from the front of the ledger (it keeps ``LEDGER_CAP``)
     ledger_base: int = 0
     #: the start (µs) of the last period whose plan grant was issued
@@ -126,33 +128,46 @@ class CreditAccount:
 
     def usable(self, now: int) -> list[Grant]:
         """The grants usable at ``now``, in no order."""
-        return [
-            g
-            for g in self.grants.values()
-            if g.remaining > 0
-            and g.effective_at <= now
-            and (g.expires_at is None or now < g.expires_at)
-        ]
+        return self.held(now)[0]
+
+    def held(self, now: int) -> tuple[list[Grant], int]:
+        """The grants usable at ``now`` (in no order) and what they hold, in one pass."""
+        usable: list[Grant] = []
+        total = 0
+        for g in self.grants.values():
+            if (
+                g.remaining > 0
+                and g.effective_at <= now
+                and (g.expires_at is None or now < g.expires_at)
+            ):
+                usable.append(g)
+                total += g.remaining
+        return usable, total
 
     def order(self, now: int) -> list[Grant]:
         """The usable grants, in burn order."""
         return sorted((g for g in self.grants.values() if g.usable(now)), key=burn_key)
 
+    @property
+    def ledger(self) -> list[LedgerEntry]:
+        """The entries kept, oldest first."""
+        return [LedgerEntry(k, a, at, g, r, f"{n:016d}") for k, a, at, g, r, n in self.entries]
+
     def ledger_sum(self) -> int:
         """What the ledger adds up to: the grants' remaining units less the debt, once
         ``expire`` has run (a property test holds it)."""
-        return self.ledger_base + sum(e.amount for e in self.ledger)
+        return self.ledger_base + sum(entry[1] for entry in self.entries)
 
     # changing --------------------------------------------------------------------------------
 
     def log(self, kind: str, amount: int, at: int, grant: str | None = None, ref: str = "") -> None:
         self.next_entry += 1
-        ledger = self.ledger
-        ledger.append(LedgerEntry(kind, amount, at, grant, ref, f"{self.next_entry:016d}"))
-        if len(ledger) > _LEDGER_MAX:
-            gone = len(self.ledger) - LEDGER_CAP
-            self.ledger_base += sum(entry.amount for entry in self.ledger[:gone])
-            del self.ledger[:gone]
+        entries = self.entries
+        entries.append((kind, amount, at, grant, ref, self.next_entry))
+        if len(entries) > _LEDGER_MAX:
+            gone = len(entries) - LEDGER_CAP
+            self.ledger_base += sum(entry[1] for entry in entries[:gone])
+            del entries[:gone]
 
     def _set(self, grant: Grant, remaining: int, now: int) -> None:
         grant.remaining = remaining
@@ -257,7 +272,10 @@ class CreditAccount:
             if not left:
                 break
             n = min(left, grant.remaining)
-            self._set(grant, grant.remaining - n, now)
+            grant.remaining -= n
+            grant.touched_at = now
+            if not grant.remaining:
+                self.due = min(self.due, now + PRUNE_AFTER)
             self.log("burn", -n, now, grant.id, ref)
             burns.append((grant.id, n))
             left -= n

@@ -316,16 +316,35 @@ class MemoryStorage(Storage):
         """Each balance's part of a reservation: what it must cover and, when the whole
         reservation is admitted, what it gave (the caller holds the lock)."""
         now_us = micros(now)
+        ref = op.reservation_id
+        if len(op.credits) == 1 and op.enforce and not violated:  # the usual case, shorter
+            charge = op.credits[0]
+            account = self._account(charge, now_us)
+            need = charge.cost
+            if charge.overage:
+                need = required_of(charge, op.counters, [s.total for s in states])
+            usable, total = account.held(now_us)
+            balance = total - account.debt
+            if ref and account.last[0] == ref:  # made before: what it took stands
+                made = account.last[1]
+                spent = sum(units for _, units in made)
+                return (CreditState(balance, spent, made, spent),), ()
+            if need > balance and (charge.direct or need > 0):
+                return (CreditState(balance, 0, (), need),), (0,)
+            if not need:
+                return (CreditState(balance, 0, (), 0),), ()
+            burns = account.burn(usable, need, now_us, ref)
+            account.last = (ref, burns)
+            return (CreditState(balance - need, need, burns, need),), ()
         looked: list[tuple[CreditAccount, list[Grant], int, int]] = []
         short: list[int] = []
-        ref = op.reservation_id
         for j, charge in enumerate(op.credits):
             account = self._account(charge, now_us)
             need = charge.cost
             if charge.overage:
                 need = required_of(charge, op.counters, [s.total for s in states])
-            usable = account.usable(now_us)
-            balance = sum(g.remaining for g in usable) - account.debt
+            usable, total = account.held(now_us)
+            balance = total - account.debt
             if ref and account.last[0] == ref:  # made before: what it took stands
                 need = -1
             elif need > balance and (charge.direct or need > 0):  # a balance in debt refuses it

@@ -88,16 +88,22 @@ local function credit_open(key, ledger, now)
     end
   end
   a.debt0, a.plan_at0, a.seq0 = a.debt, a.plan_at, a.seq
-  local expired = {}
+  local expired = nil
   for _, g in pairs(a.grants) do
     if g.expires >= 0 and now >= g.expires and g.remaining > 0 then
+      expired = expired or {}
       expired[#expired + 1] = g
+    elseif g.remaining == 0 then
+      a.empty = true -- one to forget, perhaps (credit_prune)
     end
   end
-  table.sort(expired, function(x, y) return x.id < y.id end)
-  for _, g in ipairs(expired) do
-    credit_log(a, "expiry", -g.remaining, now, g.id, "")
-    credit_set(a, g, 0, now)
+  if expired ~= nil then
+    table.sort(expired, function(x, y) return x.id < y.id end)
+    for _, g in ipairs(expired) do
+      credit_log(a, "expiry", -g.remaining, now, g.id, "")
+      credit_set(a, g, 0, now)
+    end
+    a.empty = true
   end
   return a
 end
@@ -161,6 +167,9 @@ end
 
 -- Forget grants that hold nothing and have not changed for a day.
 local function credit_prune(a, now)
+  if not a.empty then
+    return
+  end
   for id, g in pairs(a.grants) do
     if g.remaining == 0 and g.touched + __PRUNE_AFTER__ <= now then
       a.grants[id] = nil
@@ -179,7 +188,9 @@ local function credit_burn(a, units, now, ref)
       order[#order + 1] = g
     end
   end
-  table.sort(order, credit_before)
+  if #order > 1 then
+    table.sort(order, credit_before)
+  end
   local burns, left = {}, units
   for _, g in ipairs(order) do
     if left <= 0 then
