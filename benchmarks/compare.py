@@ -416,7 +416,7 @@ def floor_cases(port: int) -> dict[str, Callable[[int], float]]:
 
     counter = Counter(customer_prefix("org_floor") + "api_calls-1d", QUOTA, 1, window=86400.0)
     keys, args = reserve_call(Reserve((counter,), time.time(), reservation_id="floor"))
-    reserve_sha = sync.script_load(script_source("reserve"))
+    reserve_sha = sync.script_load(script_source("reserve_plain"))  # what a metered route runs
 
     async def areserve(count: int) -> float:
         started = time.perf_counter()
@@ -797,12 +797,11 @@ def credits_script_calls(apps: dict[str, Any], port: int) -> dict[str, ScriptCal
     from plangate._gate import new_reservation_id
     from plangate.engine._credits import LEDGER_CAP
     from plangate.storage import Reserve
-    from plangate.storage._redis_codec import reserve_call, script_source
+    from plangate.storage._redis_codec import reserve_call, reserve_script, script_source
 
     gate = apps["Redis"].gate
     plan = gate.engine.catalog.plans["bench"]
     sync = redis.Redis(port=port)
-    sha = sync.script_load(script_source("reserve"))
     charges: dict[str, tuple[list[tuple[str, int]], list[tuple[str, int]] | None]] = {
         "metered": ([("api_calls", 1)], None),
         "credits route": ([], [("ai_credits", 1)]),
@@ -815,8 +814,9 @@ def credits_script_calls(apps: dict[str, Any], port: int) -> dict[str, ScriptCal
         now = time.time()  # after the grant: it is usable from the moment it was made
         charge = gate.engine.build_charge(costs, customer, plan, None, now, spends)
         op = Reserve(charge.counters, now, credits=charge.credits)
+        sha = sync.script_load(script_source(reserve_script(op)))  # the script plangate runs
 
-        def call(op: Reserve = op) -> list[Any]:
+        def call(op: Reserve = op, sha: str = sha) -> list[Any]:
             keys, args = reserve_call(replace(op, reservation_id=new_reservation_id()))
             return [sha, len(keys), *keys, *args]
 
@@ -936,6 +936,7 @@ def credits_report(
     rounds = {name.split(":", 1)[1]: values for name, values in samples.items()}
     med = {name: median_us(values) for name, values in rounds.items()}
     spread = {name: (min(v) * 1e6, max(v) * 1e6) for name, v in rounds.items()}
+
     def plain(case: str) -> str:
         return f"plangate, {case.split(', ')[1]}, metered"
 

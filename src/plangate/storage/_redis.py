@@ -75,6 +75,7 @@ from ._redis_codec import (
     record_result,
     reserve_call,
     reserve_result,
+    reserve_script,
     revoke_call,
     script_source,
     settle_call,
@@ -549,10 +550,10 @@ class RedisStorage(Storage):
     # operations ------------------------------------------------------------------------
 
     def reserve(self, op: Reserve) -> ReserveResult:
-        return reserve_result(self._run("reserve", *reserve_call(op)), op)
+        return reserve_result(self._run(reserve_script(op), *reserve_call(op)), op)
 
     async def areserve(self, op: Reserve) -> ReserveResult:
-        return reserve_result(await self._arun("reserve", *reserve_call(op)), op)
+        return reserve_result(await self._arun(reserve_script(op), *reserve_call(op)), op)
 
     def settle(self, op: Settle) -> bool:
         return bool(self._run("settle", *settle_call(op)))

@@ -40,6 +40,7 @@ from ._base import (
 
 SCRIPTS = (
     "reserve",
+    "reserve_plain",
     "settle",
     "peek",
     "record",
@@ -56,9 +57,11 @@ SETTLED_TTL = 600  # seconds a settled reservation id is remembered
 
 def script_source(name: str) -> str:
     """The Lua source of one of ``SCRIPTS``: the sliding windows' and the credit balances'
-    functions, then its own."""
+    functions, then its own. ``reserve_plain`` is ``reserve`` without the credit balances'
+    functions, for a reservation that takes no credits: defining them costs every call
+    about 5 µs inside Redis."""
     lua = resources.files(__package__) / "lua"
-    parts = ("window", "credits", name)
+    parts = ("window", "reserve") if name == "reserve_plain" else ("window", "credits", name)
     text = "\n".join((lua / f"{part}.lua").read_text(encoding="utf-8") for part in parts)
     for name_, value in (
         ("__SLIDING_BUCKETS__", SLIDING_BUCKETS),
@@ -80,6 +83,11 @@ def _bound(counter: Counter) -> int:
 #: customer for as long as its charge is valid, so each is formatted once
 _CALLS: dict[int, tuple[tuple[Counter, ...], list[str], list[str]]] = {}
 _CREDIT_CALLS: dict[int, tuple[tuple[CreditCharge, ...], list[str], list[str]]] = {}
+
+
+def reserve_script(op: Reserve) -> str:
+    """Which of ``SCRIPTS`` reserves ``op``."""
+    return "reserve" if op.credits else "reserve_plain"
 
 
 def reserve_call(op: Reserve) -> tuple[list[str], list[Any]]:
