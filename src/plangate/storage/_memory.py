@@ -270,7 +270,8 @@ class MemoryStorage(Storage):
             if now >= self._next_sweep:
                 self._sweep(now)
             states = [self._counter(c, now, create=True) for c in counters]
-            soft = {index for charge in op.credits for index, _, _ in charge.overage}
+            # a counter whose excess is charged as overage never refuses by itself
+            soft = {i for charge in op.credits for i, _, _ in charge.overage} if op.credits else ()
             violated = tuple(
                 i
                 for i, c in enumerate(counters)
@@ -305,10 +306,11 @@ class MemoryStorage(Storage):
                     s.total += c.cost
                     slots.append(0)
                     after.append(CounterState(s.total, s.resets_at - now))
-            admitted = not violated and not short
+            # positional: a named tuple built with keywords costs twice as much
             return ReserveResult(
-                admitted, tuple(after), tuple(slots), violated, credits=credits, short=short
-            )
+                not violated and not short, tuple(after), tuple(slots), violated, 0.0, (),
+                credits, short,
+            )  # fmt: skip
 
     def _charge_credits(
         self, op: Reserve, states: list[_Log | _Sliding | _Fixed], violated: bool, now: float
@@ -321,7 +323,15 @@ class MemoryStorage(Storage):
             charge = op.credits[0]
             account = self._account(charge, now_us)
             need = charge.cost
-            if charge.overage:
+            if len(charge.overage) == 1:  # one meter with one limit: inlined required_of
+                index, rate, _ = charge.overage[0]
+                counter = op.counters[index]
+                if counter.limit is not None:
+                    over = states[index].total + counter.cost - counter.limit
+                    need += (
+                        (counter.cost if over > counter.cost else over) * rate if over > 0 else 0
+                    )
+            elif charge.overage:
                 need = required_of(charge, op.counters, [s.total for s in states])
             usable, total = account.held(now_us)
             balance = total - account.debt
@@ -341,7 +351,15 @@ class MemoryStorage(Storage):
         for j, charge in enumerate(op.credits):
             account = self._account(charge, now_us)
             need = charge.cost
-            if charge.overage:
+            if len(charge.overage) == 1:  # one meter with one limit: inlined required_of
+                index, rate, _ = charge.overage[0]
+                counter = op.counters[index]
+                if counter.limit is not None:
+                    over = states[index].total + counter.cost - counter.limit
+                    need += (
+                        (counter.cost if over > counter.cost else over) * rate if over > 0 else 0
+                    )
+            elif charge.overage:
                 need = required_of(charge, op.counters, [s.total for s in states])
             usable, total = account.held(now_us)
             balance = total - account.debt
