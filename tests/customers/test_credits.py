@@ -13,6 +13,7 @@ import pytest
 from plangate import AsyncGate, Gate, MemoryStorage
 from plangate.customers import GrantNotFound, IdempotencyConflict, InvalidRecord
 from plangate.storage import open_storage
+from tests.customers.test_provisioning import redis_uri as redis_uri  # Redis, Cluster, Sentinel
 from tests.support import BASE_CONFIG, Clock, config, token
 
 START = datetime(2026, 12, 1, 12, 0, tzinfo=timezone.utc).timestamp()
@@ -221,11 +222,6 @@ def test_an_expiry_given_as_a_datetime_without_a_zone_is_utc(gate: Gate):
 
 
 # On Redis, Cluster and Sentinel alike ------------------------------------------------------
-
-
-@pytest.fixture(params=["redis_server", "redis_cluster", "redis_sentinel"])
-def redis_uri(request: pytest.FixtureRequest) -> str:
-    return str(request.getfixturevalue(request.param).url)
 
 
 def test_credits_on_every_redis_topology(redis_uri: str, clock: Clock):

@@ -312,6 +312,28 @@ class MemoryStorage(Storage):
                 credits, short,
             )  # fmt: skip
 
+    def _look(
+        self,
+        charge: CreditCharge,
+        counters: tuple[Counter, ...],
+        states: list[_Log | _Sliding | _Fixed],
+        now: int,
+    ) -> tuple[CreditAccount, list[Grant], int, int]:
+        """A balance (``now`` in µs), its usable grants, what a reservation needs of it and
+        what it holds (the caller holds the lock)."""
+        account = self._account(charge, now)
+        need = charge.cost
+        if len(charge.overage) == 1:  # one meter with one limit: required_of, inlined
+            index, rate, _ = charge.overage[0]
+            counter = counters[index]
+            if counter.limit is not None:
+                over = states[index].total + counter.cost - counter.limit
+                need += (counter.cost if over > counter.cost else over) * rate if over > 0 else 0
+        elif charge.overage:
+            need = required_of(charge, counters, [s.total for s in states])
+        usable, total = account.held(now)
+        return account, usable, need, total - account.debt
+
     def _charge_credits(
         self, op: Reserve, states: list[_Log | _Sliding | _Fixed], violated: bool, now: float
     ) -> tuple[tuple[CreditState, ...], tuple[int, ...]]:
@@ -321,20 +343,7 @@ class MemoryStorage(Storage):
         ref = op.reservation_id
         if len(op.credits) == 1 and op.enforce and not violated:  # the usual case, shorter
             charge = op.credits[0]
-            account = self._account(charge, now_us)
-            need = charge.cost
-            if len(charge.overage) == 1:  # one meter with one limit: inlined required_of
-                index, rate, _ = charge.overage[0]
-                counter = op.counters[index]
-                if counter.limit is not None:
-                    over = states[index].total + counter.cost - counter.limit
-                    need += (
-                        (counter.cost if over > counter.cost else over) * rate if over > 0 else 0
-                    )
-            elif charge.overage:
-                need = required_of(charge, op.counters, [s.total for s in states])
-            usable, total = account.held(now_us)
-            balance = total - account.debt
+            account, usable, need, balance = self._look(charge, op.counters, states, now_us)
             if ref and account.last[0] == ref:  # made before: what it took stands
                 made = account.last[1]
                 spent = sum(units for _, units in made)
@@ -349,20 +358,7 @@ class MemoryStorage(Storage):
         looked: list[tuple[CreditAccount, list[Grant], int, int]] = []
         short: list[int] = []
         for j, charge in enumerate(op.credits):
-            account = self._account(charge, now_us)
-            need = charge.cost
-            if len(charge.overage) == 1:  # one meter with one limit: inlined required_of
-                index, rate, _ = charge.overage[0]
-                counter = op.counters[index]
-                if counter.limit is not None:
-                    over = states[index].total + counter.cost - counter.limit
-                    need += (
-                        (counter.cost if over > counter.cost else over) * rate if over > 0 else 0
-                    )
-            elif charge.overage:
-                need = required_of(charge, op.counters, [s.total for s in states])
-            usable, total = account.held(now_us)
-            balance = total - account.debt
+            account, usable, need, balance = self._look(charge, op.counters, states, now_us)
             if ref and account.last[0] == ref:  # made before: what it took stands
                 need = -1
             elif need > balance and (charge.direct or need > 0):  # a balance in debt refuses it
