@@ -478,21 +478,26 @@ def check(cases: list[Case]) -> None:
             )
 
 
-def count_commands(monitor: Monitor, cases: list[Case], requests: int = 50) -> dict[str, float]:
+def commands_sent(monitor: Monitor, case: Case, requests: int) -> list[str]:
+    """The commands clients sent Redis while ``case`` served ``requests`` requests."""
     loop = LOOP
-    counts = {}
-    for case in cases:
-        request = case.request()
+    request = case.request()
 
-        def run(case: Case = case, request: Any = request) -> None:
-            for _ in range(requests):
-                if case.group == "asgi":
-                    loop.run_until_complete(asgi_call(case.app, request))
-                else:
-                    wsgi_call(case.app, request)
+    def run() -> None:
+        for _ in range(requests):
+            if case.group == "asgi":
+                loop.run_until_complete(asgi_call(case.app, request))
+            else:
+                wsgi_call(case.app, request)
 
-        counts[f"{case.group}:{case.name}"] = len(monitor.count(run)) / requests
-    return counts
+    return monitor.count(run)
+
+
+def count_commands(monitor: Monitor, cases: list[Case], requests: int = 50) -> dict[str, float]:
+    return {
+        f"{case.group}:{case.name}": len(commands_sent(monitor, case, requests)) / requests
+        for case in cases
+    }
 
 
 # Over HTTP ---------------------------------------------------------------------------------------
@@ -783,16 +788,9 @@ def prepare_credits(apps: dict[str, Any], cases: list[Case]) -> None:
 
 def count_round_trips(monitor: Monitor, cases: list[Case], requests: int = 50) -> dict[str, str]:
     """Per case: the commands clients sent Redis per request, e.g. ``1 (EVALSHA)``."""
-    loop = LOOP
     counts = {}
     for case in cases:
-        request = case.request()
-
-        def run(case: Case = case, request: Any = request) -> None:
-            for _ in range(requests):
-                loop.run_until_complete(asgi_call(case.app, request))
-
-        seen = [command.split(" ", 1)[0].upper() for command in monitor.count(run)]
+        seen = [c.split(" ", 1)[0].upper() for c in commands_sent(monitor, case, requests)]
         names = ", ".join(sorted(set(seen)))
         counts[case.name] = f"{len(seen) / requests:g}" + (f" ({names})" if names else "")
     return counts

@@ -246,8 +246,8 @@ class CreditAccount:
         if cost < 0:
             raise ValueError("a cost is not negative")
         self.tidy(now)
-        usable = self.usable(now)
-        if sum(g.remaining for g in usable) - self.debt < cost:
+        usable, held = self.held(now)
+        if held - self.debt < cost:
             return None
         return self.burn(usable, cost, now, ref)
 

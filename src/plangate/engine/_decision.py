@@ -189,8 +189,9 @@ class Decision:
             for use, state in zip(charge.uses, self.credit_states, strict=True):
                 if use.feature == feature:
                     return as_credits(state.balance, use.scale)
-        spent = ", ".join(u.feature for u in charge.uses) if charge is not None else ""
-        if feature in spent.split(", "):  # a denial came before the balances were asked
+        features = [use.feature for use in charge.uses] if charge is not None else []
+        spent = ", ".join(features)
+        if feature in features:  # a denial came before the balances were asked
             raise LookupError(f"balance({feature!r}): not known: this request was refused first")
         raise LookupError(
             f"balance({feature!r}): the route of this request does not take credits from "
