@@ -270,15 +270,15 @@ class MemoryStorage(Storage):
             if now >= self._next_sweep:
                 self._sweep(now)
             states = [self._counter(c, now, create=True) for c in counters]
-            # a counter whose excess is charged as overage never refuses by itself
-            soft = {i for charge in op.credits for i, _, _ in charge.overage} if op.credits else ()
             violated = tuple(
                 i
                 for i, c in enumerate(counters)
-                if c.limit is not None
-                and states[i].total + c.cost > c.limit  # type: ignore[union-attr]
-                and i not in soft
+                if c.limit is not None and states[i].total + c.cost > c.limit  # type: ignore[union-attr]
             )
+            if violated and op.credits:
+                # a counter whose excess is charged as overage never refuses by itself
+                soft = {i for charge in op.credits for i, _, _ in charge.overage}
+                violated = tuple(i for i in violated if i not in soft)
             credits: tuple[CreditState, ...] = ()
             short: tuple[int, ...] = ()
             if op.credits:
@@ -321,7 +321,13 @@ class MemoryStorage(Storage):
     ) -> tuple[CreditAccount, list[Grant], int, int]:
         """A balance (``now`` in µs), its usable grants, what a reservation needs of it and
         what it holds (the caller holds the lock)."""
-        account = self._account(charge, now)
+        account = self._credits.get(charge.key)
+        if (
+            account is None
+            or now >= account.due
+            or (charge.period_end and account.plan_at < charge.period_start)
+        ):  # something to tidy or issue first; else it is as it was
+            account = self._account(charge, now)
         need = charge.cost
         if len(charge.overage) == 1:  # one meter with one limit: required_of, inlined
             index, rate, _ = charge.overage[0]

@@ -133,32 +133,44 @@ def _period(charge: CreditCharge) -> str:
     return f"{charge.grant} {charge.period_start} {charge.period_end}"
 
 
-def reserve_result(reply: Sequence[Any], op: Reserve) -> ReserveResult:
-    nviolated = reply[2]
-    if nviolated == 0 and len(reply) == 6:  # the usual case: one counter, admitted
-        return ReserveResult(True, (CounterState(reply[3], reply[4] / 1000),), (reply[5],))
-    violated = tuple(i - 1 for i in reply[3 : 3 + nviolated])
-    rest = reply[3 + nviolated :]
+def reserve_result(reply: Any, op: Reserve) -> ReserveResult:
+    """The reserve script's one string (see lua/reserve.lua)."""
+    head, *balances = _text(reply).split(";")
+    parts = head.split(" ")
+    nviolated = int(parts[2])
+    if nviolated == 0 and len(parts) == 6 and parts[0] == "1" and not balances:
+        # the usual case: one counter, admitted
+        return ReserveResult(
+            True, (CounterState(int(parts[3]), int(parts[4]) / 1000),), (int(parts[5]),)
+        )
+    numbers = [int(p) for p in parts]
+    violated = tuple(i - 1 for i in numbers[3 : 3 + nviolated])
+    rest = numbers[3 + nviolated :]
     count = len(op.counters)
     states = tuple(CounterState(rest[3 * i], rest[3 * i + 1] / 1000) for i in range(count))
     credits: tuple[CreditState, ...] = ()
     short: tuple[int, ...] = ()
-    if op.credits:
-        credits, short = _credit_states(rest[3 * count :])
+    if balances:
+        credits, short = _credit_states(balances)
     if (violated or short) and op.enforce:
         waits = tuple(rest[3 * i + 2] / 1000 for i in range(count))
-        return ReserveResult(False, states, (), violated, reply[1] / 1000, waits, credits, short)
+        return ReserveResult(False, states, (), violated, numbers[1] / 1000, waits, credits, short)
     slots = tuple(rest[3 * i + 2] for i in range(count))
     admitted = not violated and not short
     return ReserveResult(admitted, states, slots, violated, credits=credits, short=short)
 
 
-def _credit_states(rest: Sequence[Any]) -> tuple[tuple[CreditState, ...], tuple[int, ...]]:
+def _credit_states(balances: Sequence[str]) -> tuple[tuple[CreditState, ...], tuple[int, ...]]:
     states: list[CreditState] = []
     short: list[int] = []
-    for j, text in enumerate(rest):
-        is_short, balance, required, charged, *flat = _text(text).split(" ")
-        burns = tuple((flat[k], int(flat[k + 1])) for k in range(0, len(flat), 2))
+    for j, text in enumerate(balances):
+        is_short, balance, required, charged, *flat = text.split(" ")
+        if not flat:
+            burns: tuple[tuple[str, int], ...] = ()
+        elif len(flat) == 2:  # one grant: the usual burn
+            burns = ((flat[0], int(flat[1])),)
+        else:
+            burns = tuple((flat[k], int(flat[k + 1])) for k in range(0, len(flat), 2))
         if is_short == "1":
             short.append(j)
         states.append(CreditState(int(balance), int(charged), burns, int(required)))
@@ -201,28 +213,28 @@ def record_call(op: Record) -> tuple[list[str], list[Any]]:
 
 
 def pack_grant(grant: Grant) -> str:
-    """A grant as credits.lua keeps it (``g:<id>``)."""
+    """A grant as credits.lua keeps it (``g:<id>``): what a charge changes first."""
     expires = -1 if grant.expires_at is None else grant.expires_at
     return (
-        f"{grant.amount} {grant.remaining} {grant.priority} {grant.category} "
-        f"{grant.effective_at} {expires} {grant.created_at} {grant.touched_at} {grant.source} "
+        f"{grant.remaining} {grant.touched_at} {grant.effective_at} {expires} {grant.amount} "
+        f"{grant.priority} {grant.category} {grant.created_at} {grant.source} "
         f"{grant.idempotency_key or ''}"
     )
 
 
 def unpack_grant(grant_id: str, packed: str) -> Grant:
     parts = packed.split(" ", 9)
-    expires = int(parts[5])
+    expires = int(parts[3])
     return Grant(
         grant_id,
-        amount=int(parts[0]),
-        remaining=int(parts[1]),
-        priority=int(parts[2]),
-        category=parts[3],
-        effective_at=int(parts[4]),
+        amount=int(parts[4]),
+        remaining=int(parts[0]),
+        priority=int(parts[5]),
+        category=parts[6],
+        effective_at=int(parts[2]),
         expires_at=None if expires < 0 else expires,
-        created_at=int(parts[6]),
-        touched_at=int(parts[7]),
+        created_at=int(parts[7]),
+        touched_at=int(parts[1]),
         source=parts[8],
         idempotency_key=(parts[9] if len(parts) > 9 else "") or None,
     )

@@ -20,7 +20,8 @@ end
 -- revoked: it expires now, so a refund of an earlier charge does not come back to it
 credit_set(a, g, 0, now)
 if g.expires < 0 or g.expires > now then
-  g.expires = now
+  credit_full(g) -- its tail is written afresh
+  g.expires, g.tail = now, nil
 end
 credit_save(a)
 return left

@@ -3,12 +3,13 @@
 -- A balance is one hash: "debt", "plan_at" (the start of the last period whose plan grant
 -- was issued), "seq" (the number of the newest ledger entry), "first" (of the oldest kept),
 -- "base" (the sum of the entries trimmed from the ledger), "last" (the last reservation that
--- took from it and what it took), and a field "g:<id>" per grant: "amount remaining priority
--- category effective expires created touched source idempotency-key" (times in
--- microseconds; expires -1: never). Its ledger is a list beside it (key .. ":ledger") of
--- entries "seq kind amount grant time ref" (grant "-": none), __LEDGER_CAP__ of them and up to
--- __LEDGER_SLACK__ more: base + the entries' amounts is what the grants hold less the debt.
--- Amounts are whole sub-units, exact in a double up to 2^53.
+-- took from it and what it took), and a field "g:<id>" per grant: "remaining touched
+-- effective expires amount priority category created source idempotency-key" (times in
+-- microseconds; expires -1: never). A charge reads the first four and rewrites the first two:
+-- the rest stays text unless the burn order or a refund needs it. Its ledger is a list beside
+-- it (key .. ":ledger") of entries "seq kind amount grant time ref" (grant "-": none),
+-- __LEDGER_CAP__ of them and up to __LEDGER_SLACK__ more: base + the entries' amounts is what
+-- the grants hold less the debt. Amounts are whole sub-units, exact in a double up to 2^53.
 
 local CATEGORY_RANK = {promotional = 0, paid = 1}
 
@@ -16,23 +17,37 @@ local function credit_fmt(x)
   return string.format("%d", x)
 end
 
+-- A grant as kept: what a charge changes first, then its tail as it was read (unless the
+-- grant is new or its expiry moved: then the tail is written afresh).
 local function credit_pack(g)
-  return table.concat({
-    credit_fmt(g.amount), credit_fmt(g.remaining), credit_fmt(g.priority), g.category,
-    credit_fmt(g.effective), credit_fmt(g.expires), credit_fmt(g.created),
-    credit_fmt(g.touched), g.source, g.idem,
-  }, " ")
+  local tail = g.tail
+  if tail == nil then
+    tail = table.concat({
+      credit_fmt(g.effective), credit_fmt(g.expires), credit_fmt(g.amount),
+      credit_fmt(g.priority), g.category, credit_fmt(g.created), g.source, g.idem,
+    }, " ")
+  end
+  return credit_fmt(g.remaining) .. " " .. credit_fmt(g.touched) .. " " .. tail
 end
 
+-- A grant as a charge needs it: the fields it reads on every charge; credit_full adds the rest.
 local function credit_unpack(id, text)
-  local amount, remaining, priority, category, effective, expires, created, touched, source, idem =
-    string.match(text, "^(%S+) (%S+) (%S+) (%S+) (%S+) (%S+) (%S+) (%S+) (%S+) ?(.*)$")
+  local remaining, touched, tail, effective, expires =
+    string.match(text, "^(%S+) (%S+) ((%S+) (%S+) .*)$")
   return {
-    id = id, amount = tonumber(amount), remaining = tonumber(remaining),
-    priority = tonumber(priority), category = category, effective = tonumber(effective),
-    expires = tonumber(expires), created = tonumber(created), touched = tonumber(touched),
-    source = source, idem = idem,
+    id = id, remaining = tonumber(remaining), touched = tonumber(touched),
+    effective = tonumber(effective), expires = tonumber(expires), tail = tail,
   }
+end
+
+local function credit_full(g)
+  if g.amount == nil then
+    local amount, priority, category, created, source, idem =
+      string.match(g.tail, "^%S+ %S+ (%S+) (%S+) (%S+) (%S+) (%S+) ?(.*)$")
+    g.amount, g.priority, g.category = tonumber(amount), tonumber(priority), category
+    g.created, g.source, g.idem = tonumber(created), source, idem
+  end
+  return g
 end
 
 local function credit_usable(g, now)
@@ -64,36 +79,43 @@ local function credit_set(a, g, remaining, now)
 end
 
 -- The balance at key, as of now: expired grants written off (a ledger entry each).
+local G, COLON = string.byte("g:", 1, 2)
+
+-- The balance at key, as of now: expired grants written off (a ledger entry each).
 local function credit_open(key, ledger, now)
   local a = {key = key, ledger = ledger, debt = 0, plan_at = -1, seq = 0, first = 1, base = 0,
-    grants = {}, changed = {}, gone = {}}
+    grants = {}, changed = {}}
   local flat = redis.call("HGETALL", key)
+  local grants = a.grants
   for j = 1, #flat, 2 do
-    local f, v = flat[j], flat[j + 1]
-    if string.sub(f, 1, 2) == "g:" then
-      local g = credit_unpack(string.sub(f, 3), v)
-      a.grants[g.id] = g
-    elseif f == "debt" then
-      a.debt = tonumber(v)
-    elseif f == "plan_at" then
-      a.plan_at = tonumber(v)
+    local f = flat[j]
+    local b1, b2 = string.byte(f, 1, 2)
+    if b1 == G and b2 == COLON then
+      local id = string.sub(f, 3)
+      grants[id] = credit_unpack(id, flat[j + 1])
     elseif f == "seq" then
-      a.seq = tonumber(v)
-    elseif f == "first" then
-      a.first = tonumber(v)
-    elseif f == "base" then
-      a.base = tonumber(v)
+      a.seq = tonumber(flat[j + 1])
     elseif f == "last" then
-      a.last = v
+      a.last = flat[j + 1]
+    elseif f == "plan_at" then
+      a.plan_at = tonumber(flat[j + 1])
+    elseif f == "debt" then
+      a.debt = tonumber(flat[j + 1])
+    elseif f == "first" then
+      a.first = tonumber(flat[j + 1])
+    elseif f == "base" then
+      a.base = tonumber(flat[j + 1])
     end
   end
   a.debt0, a.plan_at0, a.seq0 = a.debt, a.plan_at, a.seq
   local expired = nil
-  for _, g in pairs(a.grants) do
-    if g.expires >= 0 and now >= g.expires and g.remaining > 0 then
-      expired = expired or {}
-      expired[#expired + 1] = g
-    elseif g.remaining == 0 then
+  for _, g in pairs(grants) do
+    if g.remaining > 0 then
+      if g.expires >= 0 and now >= g.expires then
+        expired = expired or {}
+        expired[#expired + 1] = g
+      end
+    else
       a.empty = true -- one to forget, perhaps (credit_prune)
     end
   end
@@ -139,6 +161,7 @@ end
 
 -- Add a grant; the debt is paid from it first.
 local function credit_add(a, g, now)
+  credit_full(g)
   credit_log(a, "grant", g.amount, now, g.id, g.idem)
   local paid = 0
   if credit_usable(g, now) then
@@ -174,6 +197,7 @@ local function credit_prune(a, now)
     if g.remaining == 0 and g.touched + __PRUNE_AFTER__ <= now then
       a.grants[id] = nil
       a.changed[id] = nil
+      a.gone = a.gone or {}
       a.gone[#a.gone + 1] = "g:" .. id
     end
   end
@@ -189,6 +213,9 @@ local function credit_burn(a, units, now, ref)
     end
   end
   if #order > 1 then
+    for _, g in ipairs(order) do
+      credit_full(g)
+    end
     table.sort(order, credit_before)
   end
   local burns, left = {}, units
@@ -230,6 +257,9 @@ local function credit_refund(a, burns, units, now, ref)
     local n = math.min(left, burns[j + 1])
     left = left - n
     local g = a.grants[burns[j]]
+    if g ~= nil then
+      credit_full(g)
+    end
     if g ~= nil and not (g.expires >= 0 and now >= g.expires) and g.remaining + n <= g.amount then
       local paid = math.min(a.debt, n)
       a.debt = a.debt - paid
@@ -240,8 +270,9 @@ local function credit_refund(a, burns, units, now, ref)
 end
 
 local function credit_save(a)
+  local gone = a.gone
   if a.seq == a.seq0 and a.debt == a.debt0 and a.plan_at == a.plan_at0 and next(a.changed) == nil
-      and #a.gone == 0 and not a.last_changed then
+      and gone == nil and not a.last_changed then
     return -- nothing changed: nothing written (a read of a customer with no balance leaves none)
   end
   local fields = {"seq", credit_fmt(a.seq)}
@@ -268,8 +299,8 @@ local function credit_save(a)
     fields[#fields + 1] = credit_pack(g)
   end
   redis.call("HSET", a.key, unpack(fields))
-  if #a.gone > 0 then
-    redis.call("HDEL", a.key, unpack(a.gone))
+  if gone ~= nil then
+    redis.call("HDEL", a.key, unpack(gone))
   end
 end
 

@@ -14,10 +14,11 @@
 --   the units of counter index (0-based) over its limit are charged at rate sub-units each,
 --   the most over any limit of a group; a counter with overage never refuses by itself.
 --
--- Returns {admitted, retry_after_ms, #violated, violated indices (1-based)...,
---          then per counter: used, reset_after_ms, slot (refused: the ms this counter refuses),
---          then per balance, one string: "short balance required charged" (short 1: it
---          cannot cover it) and its burns, " grant units" each}
+-- Returns one string (one reply element costs the client less to read than many):
+--   "admitted retry_after_ms #violated violated indices (1-based)..." then per counter
+--   " used reset_after_ms slot" (refused: slot is the ms this counter refuses), then per
+--   balance ";short balance required charged" (short 1: it cannot cover it) and its burns,
+--   " grant units" each.
 -- "used" and "balance" are after the reservation when admitted, else before it.
 
 local now_arg = ARGV[1]
@@ -202,7 +203,8 @@ if ncredits > 0 then
 end
 
 -- The balances' part of the reply; taken: whether the reservation took what they needed.
-local function credits_reply(reply, taken)
+local function credits_reply(taken)
+  local text = ""
   for _, ch in ipairs(credits) do
     local burns, charged, balance = {}, 0, ch.balance
     if ch.made ~= nil then
@@ -221,20 +223,20 @@ local function credits_reply(reply, taken)
       ch.account.last, ch.account.last_changed = table.concat(made, " "), true
     end
     credit_save(ch.account)
-    -- one string a balance: fewer reply elements cost the client less to read
-    local parts = {ch.short and "1" or "0", credit_fmt(balance), credit_fmt(ch.need),
+    local parts = {ch.short and ";1" or ";0", credit_fmt(balance), credit_fmt(ch.need),
       credit_fmt(charged)}
     for k = 1, #burns, 2 do
       parts[#parts + 1] = burns[k]
       parts[#parts + 1] = credit_fmt(burns[k + 1])
     end
-    reply[#reply + 1] = table.concat(parts, " ")
+    text = text .. table.concat(parts, " ")
   end
+  return text
 end
 
 local reply = {}
 if (#violated > 0 or short > 0) and enforce then
-  reply = {0, ms(retry), #violated}
+  reply = {string.format("0 %d %d", ms(retry), #violated)}
   for _, i in ipairs(violated) do
     reply[#reply + 1] = i
   end
@@ -242,15 +244,13 @@ if (#violated > 0 or short > 0) and enforce then
     if c.log then
       log_flush(c.log) -- expired entries were removed
     end
-    reply[#reply + 1] = c.total
-    reply[#reply + 1] = ms(reset_after(c))
-    reply[#reply + 1] = ms(c.wait or 0) -- refused: no slot, but how long this counter refuses
+    -- refused: no slot, but how long this counter refuses
+    reply[#reply + 1] = string.format("%d %d %d", c.total, ms(reset_after(c)), ms(c.wait or 0))
   end
-  credits_reply(reply, false)
-  return reply
+  return table.concat(reply, " ") .. credits_reply(false)
 end
 
-reply = {(#violated == 0 and short == 0) and 1 or 0, 0, #violated}
+reply = {string.format("%d 0 %d", (#violated == 0 and short == 0) and 1 or 0, #violated)}
 for _, i in ipairs(violated) do
   reply[#reply + 1] = i
 end
@@ -280,9 +280,6 @@ for _, c in ipairs(counters) do
     end
   end
   c.total = c.total + c.cost
-  reply[#reply + 1] = c.total
-  reply[#reply + 1] = ms(reset_after(c))
-  reply[#reply + 1] = slot
+  reply[#reply + 1] = string.format("%d %d %d", c.total, ms(reset_after(c)), slot)
 end
-credits_reply(reply, enforce)
-return reply
+return table.concat(reply, " ") .. credits_reply(enforce)
