@@ -74,6 +74,7 @@ def test_a_listing_pages_through_the_customers_of_a_plan(storage):
         "trial_ends_at",
         "billing_anchor",
         "previous_plan",
+        "subscriptions",
         "version",
     }
 

@@ -43,6 +43,7 @@ def test_a_put_record_reads_back_with_its_version_as_the_etag():
         "trial_ends_at": None,
         "billing_anchor": "2027-01-01T00:00:00+00:00",
         "previous_plan": None,
+        "subscriptions": [],
         "version": 1,
     }
     assert body["entitlements"]["plan"] == "pro"

@@ -321,7 +321,7 @@ class AdminAPI:
 
 
 def from_environment() -> Starlette:
-    """The admin API under ``/admin/`` for ``uvicorn --factory
+    """The admin API under ``/admin/``, and billing's webhooks under ``/webhooks/``, for ``uvicorn --factory
     plangate.admin:from_environment``: the config from ``PLANGATE_CONFIG`` (a path), the
     store from ``PLANGATE_STORAGE`` or the config. The store is checked at start-up and its
     connections closed at shutdown."""
@@ -340,8 +340,10 @@ def from_environment() -> Starlette:
         finally:
             await api.gate.storage.aclose()
 
+    from ..billing import Webhooks  # plangate.billing imports this module
+
     return Starlette(
-        routes=[Mount("/admin", app=api)],
+        routes=[Mount("/admin", app=api), Mount("/webhooks", app=Webhooks(api.gate))],
         exception_handlers={HTTPException: _http_error},
         lifespan=lifespan,
     )

@@ -13,6 +13,7 @@ from ..engine._problems import CONTENT_TYPE
 
 TITLES = {
     "malformed-request": (400, "Malformed request"),
+    "bad-signature": (400, "Bad signature"),
     "admin-token-required": (401, "Admin token required"),
     "not-found": (404, "Not found"),
     "customer-not-found": (404, "Customer not found"),

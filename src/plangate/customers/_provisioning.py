@@ -31,6 +31,7 @@ from ..engine import (
     LoadCustomer,
     Op,
     Problem,
+    Subscription,
 )
 from ..errors import ConfigError, PlanGateError, VersionConflict
 from ..identity import Identity
@@ -38,7 +39,8 @@ from ..identity import Identity
 #: the members of a record a client writes; the others (customer, version, entitlements)
 #: are derived, and ignored when a body carries them back
 WRITABLE = ("plan", "addons", "overrides", "trial_ends_at", "billing_anchor", "previous_plan")
-DERIVED = ("customer", "version", "entitlements")
+#: members shown but not written by a client (billing keeps ``subscriptions``)
+DERIVED = ("customer", "version", "entitlements", "subscriptions")
 #: how many times a patch is applied again when another write came between its read and
 #: its write (each retry means someone else's write succeeded)
 PATCH_ATTEMPTS = 20
@@ -435,6 +437,7 @@ class Provisioning:
             overrides=overrides,
             trial_ends_at=trial_ends_at,
             previous_plan=previous,
+            subscriptions=current.subscriptions if current is not None else (),
         )
 
     @staticmethod
@@ -560,7 +563,27 @@ def editable_json(record: CustomerRecord) -> dict[str, Any]:
 
 def record_json(record: CustomerRecord) -> dict[str, Any]:
     """``record`` as the admin API shows it (without entitlements)."""
-    return {"customer": record.customer, **editable_json(record), "version": record.version}
+    return {
+        "customer": record.customer,
+        **editable_json(record),
+        "subscriptions": [subscription_json(s) for s in record.subscriptions],
+        "version": record.version,
+    }
+
+
+def subscription_json(subscription: Subscription) -> dict[str, Any]:
+    """A billing provider's subscription as the admin API shows it."""
+    return {
+        "provider": subscription.provider,
+        "id": subscription.id,
+        "status": subscription.status,
+        "live": subscription.live,
+        "plan": subscription.plan,
+        "addons": dict(subscription.addons),
+        "account": subscription.account,
+        "event_at": _when(datetime.fromtimestamp(subscription.event_at, timezone.utc)),
+        "event_id": subscription.event_id,
+    }
 
 
 def _json_value(value: Any) -> Any:

@@ -209,6 +209,30 @@ EMPTY = FrozenMap()
 
 
 @dataclass(frozen=True, slots=True)
+class Subscription:
+    """A customer's subscription in one billing provider, as the last event applied to it
+    left it (SPEC §7; see plangate.billing). ``plan`` and ``addons`` are what its prices map
+    to in the catalog; ``live``: whether it gives them now (Stripe: ``active``, ``trialing``,
+    ``past_due``). ``account`` is the provider's customer (Stripe ``cus_…``), for usage
+    export. ``event_at`` (epoch seconds) and ``event_id`` name the event applied last: an
+    older one is outdated, the same one a duplicate."""
+
+    provider: str
+    id: str
+    status: str
+    live: bool
+    plan: str | None = None
+    addons: Mapping[str, int] = field(default=EMPTY)
+    account: str = ""
+    event_at: float = 0.0
+    event_id: str = ""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.addons, FrozenMap):
+            object.__setattr__(self, "addons", FrozenMap(self.addons))
+
+
+@dataclass(frozen=True, slots=True)
 class CustomerRecord:
     """What the store knows of a customer (SPEC §6). The engine resolves its entitlements:
     override > add-ons (each times its quantity) > plan > ``default_plan``.
@@ -221,6 +245,9 @@ class CustomerRecord:
     ``version`` is the store's: raised by one on every write of the record (0: never
     written). A write may require it (compare-and-set), and every process hears it with
     each change.
+
+    ``subscriptions``: the customer's subscriptions in billing providers; plangate.billing
+    keeps them and writes the plan and add-ons they give into ``plan`` and ``addons``.
     """
 
     customer: str
@@ -231,6 +258,7 @@ class CustomerRecord:
     trial_ends_at: datetime | None = None
     previous_plan: str | None = None
     version: int = 0
+    subscriptions: tuple[Subscription, ...] = ()
 
     def __post_init__(self) -> None:
         if not isinstance(self.addons, FrozenMap):

@@ -77,6 +77,7 @@ class GatewayService:
         self.settled = 0  # reservations settled so far
         self._settling = asyncio.Condition()
         from ..admin import AdminAPI  # not at the top: plangate.admin imports ._bodies
+        from ..billing import Webhooks
 
         self.app = Starlette(
             routes=[
@@ -87,6 +88,7 @@ class GatewayService:
                 Route("/entitlements", self.entitlements, methods=["GET", "HEAD"]),
                 Route("/healthz", self.healthz, methods=["GET", "HEAD"]),
                 Mount("/admin", app=AdminAPI(self.gate)),
+                Mount("/webhooks", app=Webhooks(self.gate)),
             ]
         )
 

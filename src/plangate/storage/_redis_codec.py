@@ -15,7 +15,7 @@ from datetime import datetime
 from importlib import resources
 from typing import Any
 
-from ..engine import MADE_THERE
+from ..engine import MADE_THERE, Subscription
 from ..engine._credits import LEDGER_CAP, LEDGER_SLACK, MAX_UNITS, PRUNE_AFTER, Grant, LedgerEntry
 from ..errors import VersionConflict
 from ._base import (
@@ -326,7 +326,35 @@ def customer_record(customer: str, fields: Any) -> CustomerRecord | None:
         trial_ends_at=datetime.fromisoformat(trial) if trial else None,
         previous_plan=text.get("previous_plan") or None,
         version=int(text.get("version") or 0),
+        subscriptions=subscriptions_from_json(text.get("subscriptions") or ""),
     )
+
+
+def subscriptions_json(subscriptions: Sequence[Subscription]) -> str:
+    """A record's subscriptions as its ``subscriptions`` field keeps them ("": none)."""
+    if not subscriptions:
+        return ""
+    return json.dumps(
+        [
+            {
+                "provider": s.provider,
+                "id": s.id,
+                "status": s.status,
+                "live": s.live,
+                "plan": s.plan,
+                "addons": dict(s.addons),
+                "account": s.account,
+                "event_at": s.event_at,
+                "event_id": s.event_id,
+            }
+            for s in subscriptions
+        ],
+        sort_keys=True,
+    )
+
+
+def subscriptions_from_json(text: str) -> tuple[Subscription, ...]:
+    return tuple(Subscription(**item) for item in json.loads(text)) if text else ()
 
 
 def customer_put_result(customer: str, expected: int | None, reply: Sequence[int]) -> int:
@@ -365,6 +393,8 @@ def customer_fields(record: CustomerRecord) -> list[str]:
         trial,
         "previous_plan",
         record.previous_plan or "",
+        "subscriptions",
+        subscriptions_json(record.subscriptions),
     ]
 
 

@@ -1,0 +1,12 @@
+"""Billing providers (SPEC §7): their webhooks drive customers' plans, add-ons and credits.
+
+``Webhooks(gate)`` is the ASGI app (``POST /stripe``) that ``plangate gateway`` serves under
+``/webhooks``; see docs/billing.md.
+"""
+
+from __future__ import annotations
+
+from ._subscriptions import given
+from ._webhooks import MAX_BODY, Billing, Webhooks
+
+__all__ = ["MAX_BODY", "Billing", "Webhooks", "given"]

@@ -1,0 +1,211 @@
+"""Stripe's webhooks: the signature checked by Stripe's own package on the raw body, then the
+event read into what it changes for one customer.
+
+Events read (API version ``2026-10-28.endive``, the one ``stripe`` 16 pins; older shapes of
+invoice lines are read too):
+
+- ``customer.subscription.created|updated|deleted``: the subscription's items, each price
+  mapped by id or ``lookup_key`` through ``billing.stripe.prices`` to a plan or an add-on
+  (the item's ``quantity`` is the add-on's). ``active``, ``trialing`` and ``past_due`` give
+  them; ``canceled``, ``unpaid``, ``incomplete``, ``incomplete_expired``, ``paused`` and a
+  deleted subscription do not.
+- ``invoice.paid``: each line whose price maps to ``{credits: FEATURE, amount: N}`` grants
+  N times its quantity, once (the event and line ids are the grant's idempotency key): one-off
+  top-ups and credit packs renewed with a subscription alike.
+
+The customer is ``billing.stripe.customer_from``, a dotted path into the subscription (for an
+invoice: into the invoice, else the subscription details Stripe copies into it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from ..config._models import StripeConfig
+from ..engine import Subscription
+
+#: seconds a signature's timestamp may be old (Stripe's default)
+TOLERANCE = 300
+LIVE = frozenset({"active", "trialing", "past_due"})
+SUBSCRIPTION_EVENTS = frozenset(
+    {
+        "customer.subscription.created",
+        "customer.subscription.updated",
+        "customer.subscription.deleted",
+    }
+)
+PURCHASE_EVENTS = frozenset({"invoice.paid"})
+
+
+class Rejected(Exception):
+    """A webhook refused before anything was read from it: ``problem`` (an admin problem
+    type) and why."""
+
+    def __init__(self, problem: str, detail: str) -> None:
+        super().__init__(detail)
+        self.problem = problem
+        self.detail = detail
+
+
+@dataclass(frozen=True)
+class Change:
+    """What one event changes for one customer (``customer`` None: it names none)."""
+
+    event: str
+    kind: str
+    customer: str | None
+    subscription: Subscription | None = None
+    #: (feature, credits, idempotency key) per grant
+    grants: tuple[tuple[str, int, str], ...] = ()
+    #: prices no entry of ``billing.stripe.prices`` maps
+    unmapped: tuple[str, ...] = ()
+
+
+def verified_event(body: bytes, header: str | None, secret: str) -> dict[str, Any]:
+    """The event in ``body`` once ``header`` (``Stripe-Signature``) is found to sign it with
+    ``secret`` within ``TOLERANCE`` seconds; any ``v1`` signature of the header may match
+    (Stripe sends two while a secret is rolled). ``Rejected`` otherwise."""
+    try:
+        import stripe
+    except ImportError:  # pragma: no cover - the billing extra is part of dev
+        raise RuntimeError(
+            "Stripe webhooks need the stripe package: pip install 'plangate[billing]'"
+        ) from None
+    if not header:
+        raise Rejected("bad-signature", "the Stripe-Signature header is missing")
+    try:
+        event = stripe.Webhook.construct_event(body, header, secret, tolerance=TOLERANCE)
+    except stripe.SignatureVerificationError as exc:
+        raise Rejected(
+            "bad-signature", f"Stripe-Signature does not sign this body: {exc.args[0]}"
+        ) from None
+    except (ValueError, UnicodeDecodeError):
+        raise Rejected("malformed-request", "the body is not a Stripe event (JSON)") from None
+    data: dict[str, Any] = event.to_dict()
+    obj = data.get("data", {}).get("object") if isinstance(data.get("data"), dict) else None
+    if not (
+        isinstance(data.get("id"), str)
+        and isinstance(data.get("type"), str)
+        and isinstance(data.get("created"), int)
+        and isinstance(obj, dict)
+    ):
+        raise Rejected("malformed-request", "a Stripe event has id, type, created and data.object")
+    return data
+
+
+def read(event: Mapping[str, Any], config: StripeConfig) -> Change:
+    """What ``event`` (verified) changes."""
+    kind: str = event["type"]
+    obj: Mapping[str, Any] = event["data"]["object"]
+    if kind in SUBSCRIPTION_EVENTS:
+        return _subscription(event, obj, config)
+    if kind in PURCHASE_EVENTS:
+        return _invoice(event, obj, config)
+    return Change(event["id"], kind, None)
+
+
+def _subscription(event: Mapping[str, Any], obj: Mapping[str, Any], config: StripeConfig) -> Change:
+    status = str(obj.get("status", ""))
+    if event["type"] == "customer.subscription.deleted":
+        status = "canceled"
+    plan: str | None = None
+    addons: dict[str, int] = {}
+    unmapped: list[str] = []
+    for item in _data(obj.get("items")):
+        price = item.get("price")
+        price = price if isinstance(price, Mapping) else {}
+        target, name = _target(config.prices, price.get("id"), price.get("lookup_key"))
+        quantity = item.get("quantity")
+        quantity = quantity if isinstance(quantity, int) and quantity > 0 else 1
+        if isinstance(target, str):
+            plan = plan or target
+        elif isinstance(target, Mapping) and "addon" in target:
+            addons[target["addon"]] = addons.get(target["addon"], 0) + quantity
+        elif target is None:
+            unmapped.append(name)
+        # a credits price on a subscription grants with each paid invoice (invoice.paid)
+    subscription = Subscription(
+        "stripe",
+        str(obj.get("id", "")),
+        status,
+        live=status in LIVE,
+        plan=plan,
+        addons=addons,
+        account=_id(obj.get("customer")),
+        event_at=float(event["created"]),
+        event_id=event["id"],
+    )
+    customer = _customer(obj, config.customer_from)
+    return Change(event["id"], event["type"], customer, subscription, unmapped=tuple(unmapped))
+
+
+def _invoice(event: Mapping[str, Any], obj: Mapping[str, Any], config: StripeConfig) -> Change:
+    details = obj.get("parent", {}) or {}
+    details = details.get("subscription_details") if isinstance(details, Mapping) else None
+    customer = _customer(obj, config.customer_from) or _customer(
+        details or obj.get("subscription_details") or {}, config.customer_from
+    )
+    grants: list[tuple[str, int, str]] = []
+    unmapped: list[str] = []
+    for line in _data(obj.get("lines")):
+        price_id, lookup_key = _line_price(line)
+        target, name = _target(config.prices, price_id, lookup_key)
+        if target is None:
+            unmapped.append(name)
+        elif isinstance(target, Mapping) and "credits" in target:
+            quantity = line.get("quantity")
+            quantity = quantity if isinstance(quantity, int) and quantity > 0 else 1
+            key = f"stripe:{event['id']}:{line.get('id', price_id)}"
+            grants.append((target["credits"], target["amount"] * quantity, key))
+    return Change(
+        event["id"], event["type"], customer, grants=tuple(grants), unmapped=tuple(unmapped)
+    )
+
+
+def _line_price(line: Mapping[str, Any]) -> tuple[str | None, str | None]:
+    """An invoice line's price id and lookup key: ``pricing.price_details.price`` (API
+    2025-03-31 on), else ``price`` (before)."""
+    pricing = line.get("pricing")
+    if isinstance(pricing, Mapping) and isinstance(pricing.get("price_details"), Mapping):
+        price = pricing["price_details"].get("price")
+        if isinstance(price, Mapping):
+            return price.get("id"), price.get("lookup_key")
+        return (price if isinstance(price, str) else None), None
+    price = line.get("price")
+    if isinstance(price, Mapping):
+        return price.get("id"), price.get("lookup_key")
+    return None, None
+
+
+def _target(prices: Mapping[str, Any], price_id: Any, lookup_key: Any) -> tuple[Any, str]:
+    """What ``billing.stripe.prices`` maps a price to (by id, else lookup key), and its name."""
+    for key in (price_id, lookup_key):
+        if isinstance(key, str) and key in prices:
+            return prices[key], key
+    return None, str(price_id or lookup_key or "(a price without id)")
+
+
+def _data(listing: Any) -> list[Mapping[str, Any]]:
+    """The ``data`` of a Stripe list object (its first page, as events carry it)."""
+    if isinstance(listing, Mapping) and isinstance(listing.get("data"), list):
+        return [item for item in listing["data"] if isinstance(item, Mapping)]
+    return []
+
+
+def _id(value: Any) -> str:
+    """An id, whether the field holds it or the object it names (expanded)."""
+    if isinstance(value, Mapping):
+        value = value.get("id")
+    return value if isinstance(value, str) else ""
+
+
+def _customer(obj: Mapping[str, Any], path: str) -> str | None:
+    """The value at the dotted ``path`` in ``obj``, if it is a non-empty string."""
+    value: Any = obj
+    for part in path.split("."):
+        if not isinstance(value, Mapping):
+            return None
+        value = value.get(part)
+    return value if isinstance(value, str) and value else None

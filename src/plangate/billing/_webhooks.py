@@ -1,0 +1,158 @@
+"""Billing webhooks as an ASGI app (``/stripe``), and the flow that applies what an event
+changes to the customer's record and credits.
+
+Answers (SPEC §7): 200 once the change is stored, or recognised as a duplicate, outdated,
+about nobody plangate knows of, or about prices the config does not map (logged; a provider
+must not retry those for days); 400 for a bad signature or body; 404 while the provider is
+not configured; 413 past ``MAX_BODY``; 503 only when the store cannot be reached, so that the
+provider retries.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
+
+from .._gate import AsyncGate
+from ..admin._app import _admin_error, _bad_request, _http_error, _storage_error, _version_conflict
+from ..admin._problems import AdminError
+from ..customers import InvalidRecord
+from ..customers._credits import Credits
+from ..customers._provisioning import PATCH_ATTEMPTS, ReadCustomer, WriteContention, WriteCustomer
+from ..engine import Flow, Subscription
+from ..errors import StorageError, VersionConflict
+from ..gateway._bodies import BadRequest, read_body
+from . import _stripe
+from ._subscriptions import APPLIED, DUPLICATE, apply
+
+logger = logging.getLogger("plangate.billing")
+
+#: bytes of a webhook body read at most (Stripe's events are a few KB)
+MAX_BODY = 1024 * 1024
+
+
+class Billing:
+    """Billing's flows for one gate: an event's change applied to the store."""
+
+    def __init__(self, precedence: Sequence[str], credits: Credits) -> None:
+        self.precedence = precedence
+        self.credits = credits
+
+    def apply(self, change: _stripe.Change) -> Flow[dict[str, Any]]:
+        """Store what ``change`` changes; what was done, as the webhook answers it."""
+        answer: dict[str, Any] = {
+            "received": True,
+            "event": change.event,
+            "type": change.kind,
+            "customer": change.customer,
+        }
+        if change.unmapped:
+            logger.warning(
+                "billing: event %s (%s): prices not in billing.stripe.prices: %s",
+                change.event,
+                change.kind,
+                ", ".join(change.unmapped),
+            )
+            answer["unmapped"] = list(change.unmapped)
+        if change.subscription is None and not change.grants:
+            answer["outcome"] = "ignored"
+            return answer
+        if change.customer is None:
+            logger.warning(
+                "billing: event %s (%s) names no customer at customer_from: ignored",
+                change.event,
+                change.kind,
+            )
+            answer["outcome"] = "no-customer"
+            return answer
+        outcomes: list[str] = []
+        if change.subscription is not None:
+            outcomes.append((yield from self._subscription(change.customer, change.subscription)))
+        for feature, amount, key in change.grants:
+            body = {"feature": feature, "amount": amount}
+            try:
+                created, _ = yield from self.credits.grant(
+                    change.customer, body, idempotency_key=key, source="billing"
+                )
+            except InvalidRecord as exc:  # the mapping asks for what no grant can be
+                logger.error("billing: event %s: grant %s refused: %s", change.event, body, exc)
+                outcomes.append("refused")
+                continue
+            outcomes.append(APPLIED if created else DUPLICATE)
+        answer["outcome"] = APPLIED if APPLIED in outcomes else outcomes[0]
+        return answer
+
+    def _subscription(self, customer: str, change: Subscription) -> Flow[str]:
+        """Apply ``change`` to the record, compared and set (a write between the read and
+        the write is read again)."""
+        for _attempt in range(PATCH_ATTEMPTS):
+            current = yield ReadCustomer(customer)
+            changed = apply(current, customer, change, self.precedence)
+            if isinstance(changed, str):
+                return changed
+            try:
+                yield WriteCustomer(changed, current.version if current is not None else 0)
+            except VersionConflict:
+                continue
+            logger.info(
+                "billing: customer %r: %s subscription %s %s (plan %s)",
+                customer,
+                change.provider,
+                change.id,
+                change.status,
+                changed.plan,
+            )
+            return APPLIED
+        raise WriteContention(customer, PATCH_ATTEMPTS)
+
+
+class Webhooks:
+    """Billing providers' webhooks as an ASGI app: ``POST /stripe``. Mount it at
+    ``/webhooks`` (``plangate gateway`` does). Its requests carry no admin token: each
+    provider's own signature authenticates them."""
+
+    def __init__(self, gate: AsyncGate, *, max_body: int = MAX_BODY) -> None:
+        self.gate = gate
+        billing = gate.config.model.billing
+        self.stripe_config = billing.stripe if billing is not None else None
+        precedence = list(billing.precedence) if billing is not None else []
+        self.billing = Billing(precedence, gate.customers._credits())
+        self.max_body = max_body
+        self.app = Starlette(
+            routes=[Route("/stripe", self.stripe, methods=["POST"])],
+            exception_handlers={
+                HTTPException: _http_error,
+                AdminError: _admin_error,
+                VersionConflict: _version_conflict,
+                BadRequest: _bad_request,
+                StorageError: _storage_error,
+            },
+        )
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self.app(scope, receive, send)
+
+    async def stripe(self, request: Request) -> Response:
+        config = self.stripe_config
+        if config is None or not config.webhook_secret:
+            raise AdminError("not-found", "billing.stripe.webhook_secret is not configured")
+        body = await read_body(request, self.max_body)
+        try:
+            event = _stripe.verified_event(
+                body, request.headers.get("stripe-signature"), config.webhook_secret
+            )
+        except _stripe.Rejected as exc:
+            logger.warning("billing: a Stripe webhook refused: %s", exc.detail)
+            raise AdminError(exc.problem, exc.detail) from None
+        change = _stripe.read(event, config)
+        customers = self.gate.customers
+        answer = await customers._run(self.billing.apply(change))
+        return JSONResponse(answer, headers={"cache-control": "no-store"})

@@ -1,0 +1,3 @@
+from tests.admin.conftest import storage
+
+__all__ = ["storage"]
