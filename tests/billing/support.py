@@ -27,6 +27,8 @@ from tests.support import Clock
 FIXTURES = Path(__file__).parent / "fixtures"
 SECRET = "whsec_test_7f3a9c1e5b2d4f6a8c0e1b3d5f7a9c1e"
 PROBLEM = "application/problem+json"
+ZUORA_USER, ZUORA_PASSWORD = "zuora-callouts", "a-callout-password-from-the-environment"
+ZUORA_AUTH = (ZUORA_USER, ZUORA_PASSWORD)  # HTTP Basic
 
 
 def billing_config(**changes: Any) -> dict[str, Any]:
@@ -48,6 +50,16 @@ def billing_config(**changes: Any) -> dict[str, Any]:
                     "pro_2023_yearly": "pro-2023",  # a lookup key
                     "price_token_pack": {"addon": "token_pack"},
                     "price_credits_1000": {"credits": "ai_credits", "amount": 1000},
+                },
+            },
+            "zuora": {
+                "username": ZUORA_USER,
+                "password": ZUORA_PASSWORD,
+                "customer_from": "CrmId",
+                "rate_plans": {
+                    "8a8aa0b28d1e4c2e018d1f0a1b2c0001": "pro-2023",
+                    "8a8aa0b28d1e4c2e018d1f0a1b2c0002": {"addon": "token_pack"},
+                    "8a8aa0b28d1e4c2e018d1f0a1b2c0003": {"credits": "ai_credits", "amount": 500},
                 },
             },
         },
@@ -130,3 +142,13 @@ def webhooks(
         finally:  # the store's connections of the client's event loop, closed on it
             assert client.portal is not None
             client.portal.call(gate.storage.aclose)
+
+
+def callout(**changes: Any) -> dict[str, Any]:
+    """The callout template's body as Zuora fills it in (fixtures/zuora), with ``changes``."""
+    body = json.loads((FIXTURES / "zuora" / "SubscriptionCreated.json").read_text())
+    return {**body, **changes}
+
+
+def send_callout(client: TestClient, body: Any, *, auth: Any = None) -> Any:
+    return client.post("/webhooks/zuora", json=body, auth=auth or ZUORA_AUTH)

@@ -12,9 +12,11 @@ import httpx
 import pytest
 from starlette.applications import Starlette
 from starlette.routing import Mount
+from starlette.testclient import TestClient
 
 from plangate import AsyncGate, open_storage
 from plangate.billing import Webhooks
+from plangate.gateway import GatewayService
 from plangate.storage import Storage
 from tests.admin.support import START
 from tests.billing.support import (
@@ -27,7 +29,8 @@ from tests.billing.support import (
     signed,
     webhooks,
 )
-from tests.support import Clock
+from tests.gateways.support import gateway_config
+from tests.support import Clock, bearer
 
 CREATED = "customer.subscription.created"
 UPDATED = "customer.subscription.updated"
@@ -293,3 +296,23 @@ def test_another_process_sees_the_change_at_once(redis_server: object) -> None:
         return record.plan if record else None
 
     assert asyncio.run(cached_then_heard()) == "pro"
+
+
+def test_the_gateway_serves_the_webhooks_and_its_next_check_sees_the_plan() -> None:
+    config = {
+        **gateway_config(),
+        "billing": {
+            "stripe": {
+                "webhook_secret": SECRET,
+                "customer_from": "metadata.org_id",
+                "prices": {"price_pro_monthly": "pro"},
+            }
+        },
+    }
+    check = {"X-Original-Method": "POST", "X-Original-URI": "/v1/reports/7/export"}
+    with TestClient(GatewayService(config)) as client:
+        before = client.get("/check", headers={**check, **bearer("acme")}).status_code
+        answer = post(client, event(CREATED))
+        after = client.get("/check", headers={**check, **bearer("acme")}).status_code
+    assert answer.status_code == 200
+    assert (before, after) == (402, 200)

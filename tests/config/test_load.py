@@ -472,9 +472,11 @@ def test_load_config_returns_a_loaded_config_unchanged(example: Config) -> None:
 # notes: declared, validated, not enforced yet -------------------------------------------
 
 
-def test_reference_example_notes_what_is_not_enforced(example: Config) -> None:
+def test_reference_example_notes_the_webhooks_it_leaves_off(example: Config) -> None:
+    # its secrets come from the environment, empty by default (${STRIPE_WEBHOOK_SECRET:-})
     assert [str(note).replace(str(EXAMPLE), "{file}") for note in example.notes] == [
-        "{file}:80: billing: billing webhooks are not served yet; this section is validated only",
+        "{file}:83: billing.stripe.webhook_secret: empty: /webhooks/stripe answers 404 until it is set",
+        "{file}:90: billing.zuora: username or password empty: /webhooks/zuora answers 404 until both are set",
     ]
 
 

@@ -15,6 +15,7 @@ TITLES = {
     "malformed-request": (400, "Malformed request"),
     "bad-signature": (400, "Bad signature"),
     "admin-token-required": (401, "Admin token required"),
+    "webhook-unauthorized": (401, "Webhook unauthorized"),
     "not-found": (404, "Not found"),
     "customer-not-found": (404, "Customer not found"),
     "grant-not-found": (404, "Grant not found"),

@@ -20,11 +20,11 @@ invoice: into the invoice, else the subscription details Stripe copies into it).
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any
 
 from ..config._models import StripeConfig
 from ..engine import Subscription
+from ._events import Change, Rejected, dotted
 
 #: seconds a signature's timestamp may be old (Stripe's default)
 TOLERANCE = 300
@@ -37,30 +37,6 @@ SUBSCRIPTION_EVENTS = frozenset(
     }
 )
 PURCHASE_EVENTS = frozenset({"invoice.paid"})
-
-
-class Rejected(Exception):
-    """A webhook refused before anything was read from it: ``problem`` (an admin problem
-    type) and why."""
-
-    def __init__(self, problem: str, detail: str) -> None:
-        super().__init__(detail)
-        self.problem = problem
-        self.detail = detail
-
-
-@dataclass(frozen=True)
-class Change:
-    """What one event changes for one customer (``customer`` None: it names none)."""
-
-    event: str
-    kind: str
-    customer: str | None
-    subscription: Subscription | None = None
-    #: (feature, credits, idempotency key) per grant
-    grants: tuple[tuple[str, int, str], ...] = ()
-    #: prices no entry of ``billing.stripe.prices`` maps
-    unmapped: tuple[str, ...] = ()
 
 
 def verified_event(body: bytes, header: str | None, secret: str) -> dict[str, Any]:
@@ -137,14 +113,14 @@ def _subscription(event: Mapping[str, Any], obj: Mapping[str, Any], config: Stri
         event_at=float(event["created"]),
         event_id=event["id"],
     )
-    customer = _customer(obj, config.customer_from)
+    customer = dotted(obj, config.customer_from)
     return Change(event["id"], event["type"], customer, subscription, unmapped=tuple(unmapped))
 
 
 def _invoice(event: Mapping[str, Any], obj: Mapping[str, Any], config: StripeConfig) -> Change:
     details = obj.get("parent", {}) or {}
     details = details.get("subscription_details") if isinstance(details, Mapping) else None
-    customer = _customer(obj, config.customer_from) or _customer(
+    customer = dotted(obj, config.customer_from) or dotted(
         details or obj.get("subscription_details") or {}, config.customer_from
     )
     grants: list[tuple[str, int, str]] = []
@@ -199,13 +175,3 @@ def _id(value: Any) -> str:
     if isinstance(value, Mapping):
         value = value.get("id")
     return value if isinstance(value, str) else ""
-
-
-def _customer(obj: Mapping[str, Any], path: str) -> str | None:
-    """The value at the dotted ``path`` in ``obj``, if it is a non-empty string."""
-    value: Any = obj
-    for part in path.split("."):
-        if not isinstance(value, Mapping):
-            return None
-        value = value.get(part)
-    return value if isinstance(value, str) and value else None

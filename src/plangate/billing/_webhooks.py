@@ -1,9 +1,9 @@
-"""Billing webhooks as an ASGI app (``/stripe``), and the flow that applies what an event
+"""Billing webhooks as an ASGI app (``/stripe``, ``/zuora``), and the flow that applies what an event
 changes to the customer's record and credits.
 
 Answers (SPEC §7): 200 once the change is stored, or recognised as a duplicate, outdated,
 about nobody plangate knows of, or about prices the config does not map (logged; a provider
-must not retry those for days); 400 for a bad signature or body; 404 while the provider is
+must not retry those for days); 400 for a bad signature or body; 401 for a Zuora callout without its credentials; 404 while the provider is
 not configured; 413 past ``MAX_BODY``; 503 only when the store cannot be reached, so that the
 provider retries.
 """
@@ -29,8 +29,9 @@ from ..customers._credits import Credits
 from ..customers._provisioning import PATCH_ATTEMPTS, ReadCustomer, WriteContention, WriteCustomer
 from ..engine import Flow, Subscription
 from ..errors import StorageError, VersionConflict
-from ..gateway._bodies import BadRequest, read_body
-from . import _stripe
+from ..gateway._bodies import BadRequest, load_json, read_body
+from . import _stripe, _zuora
+from ._events import Change, Rejected
 from ._subscriptions import APPLIED, DUPLICATE, apply
 
 logger = logging.getLogger("plangate.billing")
@@ -46,7 +47,7 @@ class Billing:
         self.precedence = precedence
         self.credits = credits
 
-    def apply(self, change: _stripe.Change) -> Flow[dict[str, Any]]:
+    def apply(self, change: Change) -> Flow[dict[str, Any]]:
         """Store what ``change`` changes; what was done, as the webhook answers it."""
         answer: dict[str, Any] = {
             "received": True,
@@ -56,7 +57,7 @@ class Billing:
         }
         if change.unmapped:
             logger.warning(
-                "billing: event %s (%s): prices not in billing.stripe.prices: %s",
+                "billing: event %s (%s): not mapped by the config: %s",
                 change.event,
                 change.kind,
                 ", ".join(change.unmapped),
@@ -115,7 +116,8 @@ class Billing:
 
 
 class Webhooks:
-    """Billing providers' webhooks as an ASGI app: ``POST /stripe``. Mount it at
+    """Billing providers' webhooks as an ASGI app: ``POST /stripe`` and ``POST /zuora``.
+    Mount it at
     ``/webhooks`` (``plangate gateway`` does). Its requests carry no admin token: each
     provider's own signature authenticates them."""
 
@@ -123,11 +125,15 @@ class Webhooks:
         self.gate = gate
         billing = gate.config.model.billing
         self.stripe_config = billing.stripe if billing is not None else None
+        self.zuora_config = billing.zuora if billing is not None else None
         precedence = list(billing.precedence) if billing is not None else []
         self.billing = Billing(precedence, gate.customers._credits())
         self.max_body = max_body
         self.app = Starlette(
-            routes=[Route("/stripe", self.stripe, methods=["POST"])],
+            routes=[
+                Route("/stripe", self.stripe, methods=["POST"]),
+                Route("/zuora", self.zuora, methods=["POST"]),
+            ],
             exception_handlers={
                 HTTPException: _http_error,
                 AdminError: _admin_error,
@@ -140,6 +146,24 @@ class Webhooks:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         await self.app(scope, receive, send)
 
+    async def zuora(self, request: Request) -> Response:
+        config = self.zuora_config
+        if config is None or not (config.username and config.password):
+            raise AdminError("not-found", "billing.zuora's username and password are not set")
+        if not _zuora.authorized(request.headers.get("authorization"), config):
+            # Zuora's non-preemptive mode sends the credentials after this challenge
+            raise AdminError(
+                "webhook-unauthorized",
+                "a Zuora callout authenticates with billing.zuora's username and password",
+                headers={"www-authenticate": f'Basic realm="{_zuora.REALM}"'},
+            )
+        try:
+            checked = _zuora.callout(load_json(await read_body(request, self.max_body)))
+        except Rejected as exc:
+            logger.warning("billing: a Zuora callout refused: %s", exc.detail)
+            raise AdminError(exc.problem, exc.detail) from None
+        return await self._apply(_zuora.read(checked, config))
+
     async def stripe(self, request: Request) -> Response:
         config = self.stripe_config
         if config is None or not config.webhook_secret:
@@ -149,10 +173,11 @@ class Webhooks:
             event = _stripe.verified_event(
                 body, request.headers.get("stripe-signature"), config.webhook_secret
             )
-        except _stripe.Rejected as exc:
+        except Rejected as exc:
             logger.warning("billing: a Stripe webhook refused: %s", exc.detail)
             raise AdminError(exc.problem, exc.detail) from None
-        change = _stripe.read(event, config)
-        customers = self.gate.customers
-        answer = await customers._run(self.billing.apply(change))
+        return await self._apply(_stripe.read(event, config))
+
+    async def _apply(self, change: Change) -> Response:
+        answer = await self.gate.customers._run(self.billing.apply(change))
         return JSONResponse(answer, headers={"cache-control": "no-store"})

@@ -493,15 +493,22 @@ class _Builder:
             addons[name] = tuple(grants)
         return addons
 
-    # sections validated now, enforced by later releases ---------------------------------
+    # billing: providers' prices mapped to the catalog -------------------------------------
 
     def _billing(self) -> None:
         billing = self.model.billing
         if billing is None:
             return
-        self.note(
-            ("billing",), "billing webhooks are not served yet; this section is validated only"
-        )
+        if billing.stripe is not None and not billing.stripe.webhook_secret:
+            self.note(
+                ("billing", "stripe", "webhook_secret"),
+                "empty: /webhooks/stripe answers 404 until it is set",
+            )
+        if billing.zuora is not None and not (billing.zuora.username and billing.zuora.password):
+            self.note(
+                ("billing", "zuora"),
+                "username or password empty: /webhooks/zuora answers 404 until both are set",
+            )
         for provider, table_name in (("stripe", "prices"), ("zuora", "rate_plans")):
             section = getattr(billing, provider)
             if section is None:

@@ -234,7 +234,7 @@ class StripeConfig(Model):
 class ZuoraConfig(Model):
     username: str | None = None
     password: str | None = None
-    customer_from: str = "AccountNumber"
+    customer_from: str = "CrmId"
     rate_plans: dict[str, Any] = Field(default_factory=dict)
 
 

@@ -1,0 +1,44 @@
+"""What a provider's event changes for one customer, whichever provider sent it."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from ..engine import Subscription
+
+
+class Rejected(Exception):
+    """A webhook refused before anything was read from it: ``problem`` (an admin problem
+    type) and why."""
+
+    def __init__(self, problem: str, detail: str) -> None:
+        super().__init__(detail)
+        self.problem = problem
+        self.detail = detail
+
+
+@dataclass(frozen=True)
+class Change:
+    """What one event changes for one customer (``customer`` None: it names none)."""
+
+    event: str
+    kind: str
+    customer: str | None
+    subscription: Subscription | None = None
+    #: (feature, credits, idempotency key) per grant
+    grants: tuple[tuple[str, int, str], ...] = ()
+    #: prices (Stripe) or rate plans (Zuora) the config does not map
+    unmapped: tuple[str, ...] = ()
+
+
+def dotted(obj: Mapping[str, Any], path: str) -> str | None:
+    """The value at the dotted ``path`` in ``obj`` (``customer_from``), if it is a
+    non-empty string."""
+    value: Any = obj
+    for part in path.split("."):
+        if not isinstance(value, Mapping):
+            return None
+        value = value.get(part)
+    return value if isinstance(value, str) and value else None
