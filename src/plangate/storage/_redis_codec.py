@@ -354,7 +354,14 @@ def subscriptions_json(subscriptions: Sequence[Subscription]) -> str:
 
 
 def subscriptions_from_json(text: str) -> tuple[Subscription, ...]:
-    return tuple(Subscription(**item) for item in json.loads(text)) if text else ()
+    """A record's subscriptions from its field (members this release does not know are
+    left out: a record written by a newer one still reads)."""
+    if not text:
+        return ()
+    known = Subscription.__dataclass_fields__
+    return tuple(
+        Subscription(**{k: v for k, v in item.items() if k in known}) for item in json.loads(text)
+    )
 
 
 def customer_put_result(customer: str, expected: int | None, reply: Sequence[int]) -> int:
