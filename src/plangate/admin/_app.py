@@ -99,16 +99,12 @@ class AdminAPI:
                 Route("/plans/migrate", self.migrate, methods=["POST"]),
             ],
             exception_handlers={
-                HTTPException: _http_error,
-                AdminError: _admin_error,
-                BadRequest: _bad_request,
+                **problem_handlers(),
                 InvalidRecord: _invalid_record,
                 LegacyPlanRefused: _legacy_plan,
                 CustomerNotFound: _customer_not_found,
                 IdempotencyConflict: _idempotency_conflict,
                 GrantNotFound: _grant_not_found,
-                VersionConflict: _version_conflict,
-                StorageError: _storage_error,
             },
         )
 
@@ -460,6 +456,19 @@ def _record(body: Mapping[str, Any]) -> Response:
 
 def _not_found() -> AdminError:
     return AdminError("not-found", "no such admin resource")
+
+
+def problem_handlers() -> dict[Any, Any]:
+    """The exception handlers of every app answering admin problems (the admin API, the
+    billing webhooks): HTTP errors, ``AdminError``, unreadable bodies, version conflicts and
+    an unreachable store."""
+    return {
+        HTTPException: _http_error,
+        AdminError: _admin_error,
+        BadRequest: _bad_request,
+        VersionConflict: _version_conflict,
+        StorageError: _storage_error,
+    }
 
 
 async def _http_error(request: Request, exc: Exception) -> Response:

@@ -15,21 +15,20 @@ from collections.abc import Sequence
 from typing import Any
 
 from starlette.applications import Starlette
-from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from .._gate import AsyncGate
-from ..admin._app import _admin_error, _bad_request, _http_error, _storage_error, _version_conflict
+from ..admin._app import problem_handlers
 from ..admin._problems import AdminError
 from ..customers import InvalidRecord
 from ..customers._credits import Credits
 from ..customers._provisioning import PATCH_ATTEMPTS, ReadCustomer, WriteContention, WriteCustomer
 from ..engine import Flow, Subscription
-from ..errors import StorageError, VersionConflict
-from ..gateway._bodies import BadRequest, load_json, read_body
+from ..errors import VersionConflict
+from ..gateway._bodies import load_json, read_body
 from . import _stripe, _zuora
 from ._events import Change, Rejected
 from ._subscriptions import APPLIED, DUPLICATE, apply
@@ -134,13 +133,7 @@ class Webhooks:
                 Route("/stripe", self.stripe, methods=["POST"]),
                 Route("/zuora", self.zuora, methods=["POST"]),
             ],
-            exception_handlers={
-                HTTPException: _http_error,
-                AdminError: _admin_error,
-                VersionConflict: _version_conflict,
-                BadRequest: _bad_request,
-                StorageError: _storage_error,
-            },
+            exception_handlers=problem_handlers(),
         )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
