@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from typing import Any
 
 import httpx
 import pytest
@@ -19,6 +20,7 @@ from plangate.billing import Webhooks
 from plangate.gateway import GatewayService
 from plangate.storage import Storage
 from tests.admin.support import START
+from tests.billing.stripe_server import line_items, stripe_api
 from tests.billing.support import (
     PROBLEM,
     SECRET,
@@ -158,7 +160,8 @@ def test_a_paid_invoice_grants_its_credit_pack_once(storage: Storage) -> None:
     assert credits["balance"] == 2 * 1000  # the line's quantity times the pack
     (grant,) = credits["grants"]
     assert grant["source"] == "billing"
-    assert grant["idempotency_key"] == f"stripe:{paid['id']}:il_1QdGa8LkdIwHu7ixLine0001"
+    invoice = paid["data"]["object"]["id"]
+    assert grant["idempotency_key"] == f"stripe:{invoice}:il_1QdGa8LkdIwHu7ixLine0001"
 
 
 def test_an_invoice_of_a_subscription_finds_its_customer_in_the_subscription_details() -> None:
@@ -316,3 +319,53 @@ def test_the_gateway_serves_the_webhooks_and_its_next_check_sees_the_plan() -> N
         after = client.get("/check", headers={**check, **bearer("acme")}).status_code
     assert answer.status_code == 200
     assert (before, after) == (402, 200)
+
+
+def checkout_config(api_base: str, api_key: str = "sk_test_plangate") -> dict[str, Any]:
+    config = billing_config()
+    config["billing"]["stripe"].update(api_key=api_key, api_base=api_base)
+    return config
+
+
+def test_a_paid_checkout_session_grants_its_line_items_read_from_stripes_api() -> None:
+    session = event("checkout.session.completed")["data"]["object"]["id"]
+
+    def answer(method: str, path: str, query: dict[str, list[str]]) -> tuple[int, Any]:
+        assert (method, path) == ("GET", f"/v1/checkout/sessions/{session}/line_items")
+        return 200, line_items(("price_credits_1000", 3), ("price_unknown", 1))
+
+    with stripe_api(answer) as api, webhooks(config=checkout_config(api.url)) as (client, _):
+        answers = [post(client, event("checkout.session.completed")) for _ in range(2)]
+        credits = client.get("/admin/customers/acme/credits").json()["credits"]["ai_credits"]
+    assert [a.json()["outcome"] for a in answers] == ["applied", "duplicate"]
+    assert answers[0].json()["unmapped"] == ["price_unknown"]
+    assert credits["balance"] == 3000
+    assert api.requests[0]["authorization"] == "Bearer sk_test_plangate"
+    assert api.requests[0]["query"]["limit"] == ["100"]
+
+
+def test_a_checkout_session_that_made_an_invoice_or_is_not_paid_yet_grants_nothing_here() -> None:
+    with (
+        stripe_api(lambda *_: (500, {})) as api,
+        webhooks(config=checkout_config(api.url)) as (
+            client,
+            _,
+        ),
+    ):
+        invoiced = post(client, event("checkout.session.completed", invoice="in_1"))
+        unpaid = post(client, event("checkout.session.completed", payment_status="unpaid"))
+    assert [invoiced.json()["outcome"], unpaid.json()["outcome"]] == ["ignored", "ignored"]
+    assert api.requests == []  # the invoice's invoice.paid grants; async_payment_succeeded later
+
+
+@pytest.mark.parametrize("trouble", ["no api key", "Stripe answers an error"])
+def test_when_stripes_api_cannot_be_read_stripe_is_told_to_retry(trouble: str) -> None:
+    error = {"error": {"type": "invalid_request_error", "message": "No such checkout session"}}
+    with stripe_api(lambda *_: (404, error)) as api:
+        config = checkout_config(api.url, api_key="" if trouble == "no api key" else "sk_test_x")
+        with webhooks(config=config) as (client, _):
+            answer = post(client, event("checkout.session.completed"))
+            credits = client.get("/admin/customers/acme/credits").json()["credits"]
+    assert answer.status_code == 503
+    assert answer.json()["type"].endswith("/billing-provider-unavailable")
+    assert credits["ai_credits"]["balance"] == 0

@@ -28,6 +28,7 @@ TITLES = {
     "invalid-record": (422, "Invalid record"),
     "idempotency-conflict": (422, "Idempotency conflict"),
     "storage-unavailable": (503, "Storage unavailable"),
+    "billing-provider-unavailable": (503, "Billing provider unavailable"),
 }
 
 

@@ -31,6 +31,13 @@ class Change:
     grants: tuple[tuple[str, int, str], ...] = ()
     #: prices (Stripe) or rate plans (Zuora) the config does not map
     unmapped: tuple[str, ...] = ()
+    #: a paid Stripe Checkout session whose line items are to be read from Stripe's API
+    session: str | None = None
+
+
+class ProviderUnavailable(Exception):
+    """The provider's API could not be asked what an event needs (HTTP 503: the provider
+    sends the event again later)."""
 
 
 def dotted(obj: Mapping[str, Any], path: str) -> str | None:

@@ -10,8 +10,12 @@ invoice lines are read too):
   them; ``canceled``, ``unpaid``, ``incomplete``, ``incomplete_expired``, ``paused`` and a
   deleted subscription do not.
 - ``invoice.paid``: each line whose price maps to ``{credits: FEATURE, amount: N}`` grants
-  N times its quantity, once (the event and line ids are the grant's idempotency key): one-off
-  top-ups and credit packs renewed with a subscription alike.
+  N times its quantity, once (the invoice and line ids are the grant's idempotency key):
+  one-off top-ups and credit packs renewed with a subscription alike.
+- ``checkout.session.completed`` (and ``.async_payment_succeeded``) of a paid session in
+  ``payment`` mode that made no invoice: its line items, read from Stripe's API with the
+  official client (``billing.stripe.api_key``), grant the same way, once per session and
+  line item.
 
 The customer is ``billing.stripe.customer_from``, a dotted path into the subscription (for an
 invoice: into the invoice, else the subscription details Stripe copies into it).
@@ -20,11 +24,12 @@ invoice: into the invoice, else the subscription details Stripe copies into it).
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import replace
 from typing import Any
 
 from ..config._models import StripeConfig
 from ..engine import Subscription
-from ._events import Change, Rejected, dotted
+from ._events import Change, ProviderUnavailable, Rejected, dotted
 
 #: seconds a signature's timestamp may be old (Stripe's default)
 TOLERANCE = 300
@@ -37,6 +42,11 @@ SUBSCRIPTION_EVENTS = frozenset(
     }
 )
 PURCHASE_EVENTS = frozenset({"invoice.paid"})
+CHECKOUT_EVENTS = frozenset(
+    {"checkout.session.completed", "checkout.session.async_payment_succeeded"}
+)
+#: a Checkout session's line items read a page at a time
+LINE_ITEMS_PAGE = 100
 
 
 def verified_event(body: bytes, header: str | None, secret: str) -> dict[str, Any]:
@@ -79,7 +89,49 @@ def read(event: Mapping[str, Any], config: StripeConfig) -> Change:
         return _subscription(event, obj, config)
     if kind in PURCHASE_EVENTS:
         return _invoice(event, obj, config)
+    if kind in CHECKOUT_EVENTS and obj.get("mode") == "payment" and not obj.get("invoice"):
+        # (a session that made an invoice is granted by its invoice.paid)
+        if obj.get("payment_status") not in ("paid", "no_payment_required"):
+            return Change(event["id"], kind, None)  # paid later: async_payment_succeeded
+        customer = dotted(obj, config.customer_from)
+        return Change(event["id"], kind, customer, session=str(obj.get("id", "")))
     return Change(event["id"], kind, None)
+
+
+def checkout_grants(change: Change, config: StripeConfig) -> Change:
+    """``change`` with the grants of its Checkout session's line items, read from Stripe's
+    API (a session's line items are not in its events) with the official client; blocking.
+    ``ProviderUnavailable`` when Stripe cannot be asked."""
+    import stripe
+
+    if not config.api_key:
+        raise ProviderUnavailable(
+            "billing.stripe.api_key is not set: a Checkout session's line items cannot be read"
+        )
+    client = stripe.StripeClient(
+        config.api_key, base_addresses={"api": config.api_base}, max_network_retries=2
+    )
+    grants: list[tuple[str, int, str]] = []
+    unmapped: list[str] = []
+    try:
+        page = client.v1.checkout.sessions.line_items.list(
+            str(change.session), params={"limit": LINE_ITEMS_PAGE}
+        )
+        for item in page.auto_paging_iter():
+            line = item.to_dict()
+            price = line.get("price")
+            price = price if isinstance(price, Mapping) else {}
+            target, name = _target(config.prices, price.get("id"), price.get("lookup_key"))
+            if target is None:
+                unmapped.append(name)
+            elif isinstance(target, Mapping) and "credits" in target:
+                quantity = line.get("quantity")
+                quantity = quantity if isinstance(quantity, int) and quantity > 0 else 1
+                key = f"stripe:{change.session}:{line.get('id', name)}"
+                grants.append((target["credits"], target["amount"] * quantity, key))
+    except stripe.StripeError as exc:
+        raise ProviderUnavailable(f"Stripe's API: {exc.user_message or exc}") from None
+    return replace(change, grants=tuple(grants), unmapped=tuple(unmapped), session=None)
 
 
 def _subscription(event: Mapping[str, Any], obj: Mapping[str, Any], config: StripeConfig) -> Change:
@@ -133,7 +185,7 @@ def _invoice(event: Mapping[str, Any], obj: Mapping[str, Any], config: StripeCon
         elif isinstance(target, Mapping) and "credits" in target:
             quantity = line.get("quantity")
             quantity = quantity if isinstance(quantity, int) and quantity > 0 else 1
-            key = f"stripe:{event['id']}:{line.get('id', price_id)}"
+            key = f"stripe:{obj.get('id', event['id'])}:{line.get('id', price_id)}"
             grants.append((target["credits"], target["amount"] * quantity, key))
     return Change(
         event["id"], event["type"], customer, grants=tuple(grants), unmapped=tuple(unmapped)

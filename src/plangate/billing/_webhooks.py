@@ -10,6 +10,7 @@ provider retries.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Sequence
 from typing import Any
@@ -30,7 +31,7 @@ from ..engine import Flow, Subscription
 from ..errors import VersionConflict
 from ..gateway._bodies import load_json, read_body
 from . import _stripe, _zuora
-from ._events import Change, Rejected
+from ._events import Change, ProviderUnavailable, Rejected
 from ._subscriptions import APPLIED, DUPLICATE, apply
 
 logger = logging.getLogger("plangate.billing")
@@ -169,7 +170,14 @@ class Webhooks:
         except Rejected as exc:
             logger.warning("billing: a Stripe webhook refused: %s", exc.detail)
             raise AdminError(exc.problem, exc.detail) from None
-        return await self._apply(_stripe.read(event, config))
+        change = _stripe.read(event, config)
+        if change.session is not None:
+            try:
+                change = await asyncio.to_thread(_stripe.checkout_grants, change, config)
+            except ProviderUnavailable as exc:
+                logger.error("billing: event %s: %s", change.event, exc)
+                raise AdminError("billing-provider-unavailable", str(exc)) from None
+        return await self._apply(change)
 
     async def _apply(self, change: Change) -> Response:
         answer = await self.gate.customers._run(self.billing.apply(change))

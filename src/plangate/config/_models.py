@@ -229,6 +229,9 @@ class StripeConfig(Model):
     webhook_secret: str | None = None
     customer_from: str = "metadata.customer_id"
     prices: dict[str, Any] = Field(default_factory=dict)
+    #: the secret key plangate calls Stripe's API with (a Checkout session's line items)
+    api_key: str | None = None
+    api_base: str = "https://api.stripe.com"
 
 
 class ZuoraConfig(Model):
