@@ -251,6 +251,7 @@ def test_a_customer_record_is_one_hash_written_by_one_script_then_published(
             b"overrides": b"",
             b"trial_ends_at": b"",
             b"previous_plan": b"",
+            b"subscriptions": b"",
             b"version": b"1",
         }
     store.close()
