@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -15,7 +16,7 @@ from starlette.applications import Starlette
 from starlette.routing import Mount
 from starlette.testclient import TestClient
 
-from plangate import AsyncGate, open_storage
+from plangate import AsyncGate, MemoryStorage, open_storage
 from plangate.billing import Webhooks
 from plangate.gateway import GatewayService
 from plangate.storage import Storage
@@ -315,7 +316,7 @@ def test_the_gateway_serves_the_webhooks_and_its_next_check_sees_the_plan() -> N
     check = {"X-Original-Method": "POST", "X-Original-URI": "/v1/reports/7/export"}
     with TestClient(GatewayService(config)) as client:
         before = client.get("/check", headers={**check, **bearer("acme")}).status_code
-        answer = post(client, event(CREATED))
+        answer = post(client, event(CREATED, created=int(time.time())))  # the gateway's clock
         after = client.get("/check", headers={**check, **bearer("acme")}).status_code
     assert answer.status_code == 200
     assert (before, after) == (402, 200)
@@ -358,14 +359,174 @@ def test_a_checkout_session_that_made_an_invoice_or_is_not_paid_yet_grants_nothi
     assert api.requests == []  # the invoice's invoice.paid grants; async_payment_succeeded later
 
 
-@pytest.mark.parametrize("trouble", ["no api key", "Stripe answers an error"])
-def test_when_stripes_api_cannot_be_read_stripe_is_told_to_retry(trouble: str) -> None:
-    error = {"error": {"type": "invalid_request_error", "message": "No such checkout session"}}
-    with stripe_api(lambda *_: (404, error)) as api:
+@pytest.mark.parametrize(
+    ("trouble", "status", "outcome"),
+    [
+        ("no api key", 200, "not-read"),  # logged: retrying cannot help
+        ("no such session", 200, "not-read"),
+        ("Stripe is down", 503, None),  # for now: Stripe sends the event again later
+    ],
+)
+def test_when_stripes_api_cannot_be_read_the_answer_says_whether_to_retry(
+    trouble: str, status: int, outcome: str | None
+) -> None:
+    missing = {"error": {"type": "invalid_request_error", "message": "No such checkout session"}}
+    down = {"error": {"type": "api_error", "message": "Service unavailable"}}
+
+    def answer(*_: Any) -> tuple[int, Any]:
+        return (503, down) if trouble == "Stripe is down" else (404, missing)
+
+    with stripe_api(answer) as api:
         config = checkout_config(api.url, api_key="" if trouble == "no api key" else "sk_test_x")
         with webhooks(config=config) as (client, _):
-            answer = post(client, event("checkout.session.completed"))
+            sent = post(client, event("checkout.session.completed"))
             credits = client.get("/admin/customers/acme/credits").json()["credits"]
-    assert answer.status_code == 503
-    assert answer.json()["type"].endswith("/billing-provider-unavailable")
+    assert sent.status_code == status
+    if outcome is None:
+        assert sent.json()["type"].endswith("/billing-provider-unavailable")
+    else:
+        assert sent.json()["outcome"] == outcome
     assert credits["ai_credits"]["balance"] == 0
+    assert (api.requests == []) == (trouble == "no api key")
+
+
+def test_a_session_that_names_no_customer_is_not_read_from_stripe() -> None:
+    with (
+        stripe_api(lambda *_: (500, {})) as api,
+        webhooks(config=checkout_config(api.url)) as (
+            client,
+            _,
+        ),
+    ):
+        sent = post(client, event("checkout.session.completed", metadata={}))
+    assert sent.json()["outcome"] == "no-customer"
+    assert api.requests == []
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        "[]",
+        "null",
+        '{"id": "evt_1", "type": "x", "created": 1800000000, "data": {"object": 1}}',
+        "[" * 5000 + "]" * 5000,
+    ],
+)
+def test_a_signed_body_that_is_not_an_event_is_a_400_not_a_500(body: str) -> None:
+    with webhooks() as (client, _):
+        content, header = signed(body)
+        answer = client.post(
+            "/webhooks/stripe", content=content, headers={"stripe-signature": header}
+        )
+    assert answer.status_code == 400
+    assert answer.json()["type"].endswith("/malformed-request")
+
+
+@pytest.mark.parametrize("header", [b"t=1,v1=\xe9", b"v1=abc", b"t=x,v1=abc", b"garbage"])
+def test_a_malformed_signature_header_is_a_400_not_a_500(header: bytes) -> None:
+    with webhooks() as (client, _):
+        answer = client.post(
+            "/webhooks/stripe",
+            content=json.dumps(event(CREATED)).encode(),
+            headers=[(b"stripe-signature", header)],
+        )
+    assert answer.status_code == 400
+    assert answer.json()["type"].endswith("/bad-signature")
+
+
+@pytest.mark.parametrize("created", [0, 4_102_444_800])  # 1970; 2100
+def test_an_event_time_no_event_sent_now_has_is_refused(created: int) -> None:
+    with webhooks() as (client, _):
+        answer = post(client, event(CREATED, created=created))
+        record = client.get("/admin/customers/acme")
+    assert answer.status_code == 400
+    assert record.status_code == 404  # nothing stored that would order later events wrongly
+
+
+def test_a_redelivery_after_a_packs_amount_changed_in_the_config_is_acknowledged() -> None:
+    paid = event("invoice.paid")
+    config = billing_config()
+    config["billing"]["stripe"]["prices"]["price_credits_1000"]["amount"] = 2000
+    storage = MemoryStorage()
+    with webhooks(storage) as (client, _):
+        first = post(client, paid)
+    with webhooks(storage, config=config) as (client, _):
+        again = post(client, paid)
+        credits = client.get("/admin/customers/acme/credits").json()["credits"]["ai_credits"]
+    assert first.json()["outcome"] == "applied"
+    assert again.status_code == 200
+    assert again.json()["outcome"] == "duplicate"
+    assert credits["balance"] == 2000  # granted once, at the amount of the time
+
+
+def test_a_zero_quantity_gives_nothing_and_a_proration_line_grants_nothing() -> None:
+    zero = event(CREATED, items=items(("price_pro_monthly", 1), ("price_token_pack", 0)))
+    paid = event("invoice.paid")
+    line = paid["data"]["object"]["lines"]["data"][0]
+    proration = {**line, "id": "il_proration", "amount": -500}
+    paid["data"]["object"]["lines"]["data"].append(proration)
+    paid["data"]["object"]["lines"]["data"].append({**line, "id": "il_zero", "quantity": 0})
+    with webhooks() as (client, _):
+        post(client, zero)
+        post(client, paid)
+        record = client.get("/admin/customers/acme").json()
+        credits = client.get("/admin/customers/acme/credits").json()["credits"]["ai_credits"]
+    assert record["addons"] == {}
+    assert credits["balance"] == 2000  # the one paid line only
+
+
+def test_the_stripe_customer_is_remembered_when_a_later_event_lacks_it() -> None:
+    later = event(CREATED, id="evt_2", type=UPDATED, created=1800000100, customer=None)
+    with webhooks() as (client, _):
+        post(client, event(CREATED))
+        post(client, later)
+        record = client.get("/admin/customers/acme").json()
+    assert record["subscriptions"][0]["account"] == "cus_RVxyz123Abc"
+
+
+def test_a_write_between_the_read_and_the_write_is_read_again(storage: Storage) -> None:
+    """Compare-and-set: an admin write lands between the webhook's read of the record and
+    its write; the webhook reads again and keeps the admin's change."""
+
+    real_get = storage.aget_customer
+    raced = False
+
+    async def get_then_someone_writes(customer: str) -> Any:
+        nonlocal raced
+        record = await real_get(customer)
+        if not raced:
+            raced = True
+            from plangate.engine import CustomerRecord
+
+            await storage.aput_customer(CustomerRecord(customer, overrides={"max_projects": 7}))
+        return record
+
+    storage.aget_customer = get_then_someone_writes  # type: ignore[method-assign]
+    with webhooks(storage) as (client, _):
+        answer = post(client, event(CREATED))
+        record = client.get("/admin/customers/acme").json()
+    assert raced
+    assert answer.json()["outcome"] == "applied"
+    assert record["plan"] == "pro"
+    assert record["overrides"] == {"max_projects": 7}  # the write in between is kept
+    assert record["version"] == 2
+
+
+def test_a_body_up_to_a_mebibyte_is_read_and_past_it_refused_even_unannounced() -> None:
+    big = event(CREATED)
+    big["data"]["object"]["description"] = "x" * (512 * 1024)  # a long event still fits
+    content, header = signed(big)
+
+    def chunks() -> Iterator[bytes]:  # no Content-Length: the limit holds while reading
+        for _ in range(3):
+            yield b" " * (512 * 1024)
+
+    with webhooks() as (client, _):
+        fits = client.post(
+            "/webhooks/stripe", content=content, headers={"stripe-signature": header}
+        )
+        streamed = client.post(
+            "/webhooks/stripe", content=chunks(), headers={"stripe-signature": header}
+        )
+    assert fits.status_code == 200
+    assert streamed.status_code == 413

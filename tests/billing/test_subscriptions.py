@@ -92,3 +92,41 @@ def test_a_record_keeps_its_subscriptions_in_redis_and_reads_a_newer_releases_re
     read = customer_record("acme", {**stored, "subscriptions": json.dumps(newer), "version": "3"})
     assert read == record
     assert customer_record("acme", {"plan": "free", "version": "1"}).subscriptions == ()  # type: ignore[union-attr]
+
+
+def test_an_admin_write_in_between_does_not_throw_the_add_on_count_off() -> None:
+    given_two = apply(None, "acme", sub("stripe", "s1", 1, token_pack=2), PRECEDENCE)
+    assert isinstance(given_two, CustomerRecord)
+    cleared = replace(given_two, addons={})  # an admin PUT without add-ons
+    three = apply(cleared, "acme", sub("stripe", "s1", 2, token_pack=3), PRECEDENCE)
+    assert isinstance(three, CustomerRecord)
+    assert dict(three.addons) == {"token_pack": 3}  # what billing gives now, not 0 - 2 + 3
+
+
+def test_billing_giving_the_plan_a_trial_was_on_ends_the_trial() -> None:
+    ends = datetime(2027, 2, 1, tzinfo=timezone.utc)
+    trial = CustomerRecord("acme", plan="pro", trial_ends_at=ends, previous_plan="free")
+    paid = apply(trial, "acme", sub("stripe", "s1", 1, plan="pro"), PRECEDENCE)
+    assert isinstance(paid, CustomerRecord)
+    assert (paid.plan, paid.trial_ends_at, paid.previous_plan) == ("pro", None, None)
+
+
+def test_a_plan_set_by_hand_after_billing_gave_one_stays_when_billings_ends() -> None:
+    paid = apply(None, "acme", sub("stripe", "s1", 1, plan="pro"), PRECEDENCE)
+    assert isinstance(paid, CustomerRecord)
+    moved = replace(paid, plan="enterprise")  # an admin moved the customer since
+    ended = apply(moved, "acme", sub("stripe", "s1", 2, live=False, plan="pro"), PRECEDENCE)
+    assert isinstance(ended, CustomerRecord)
+    assert ended.plan == "enterprise"
+
+
+def test_of_two_events_in_the_same_second_the_one_further_along_is_the_later() -> None:
+    created = Subscription("stripe", "s1", "incomplete", False, "pro", event_at=7, event_id="e1")
+    active = Subscription("stripe", "s1", "active", True, "pro", event_at=7, event_id="e2")
+    ended = Subscription("stripe", "s1", "canceled", False, "pro", event_at=7, event_id="e3")
+    in_order = apply(apply(None, "acme", created, PRECEDENCE), "acme", active, PRECEDENCE)  # type: ignore[arg-type]
+    assert isinstance(in_order, CustomerRecord)
+    assert in_order.plan == "pro"
+    late = apply(in_order, "acme", created, PRECEDENCE)
+    assert late == OUTDATED  # created, delivered after the update of the same second
+    assert isinstance(apply(in_order, "acme", ended, PRECEDENCE), CustomerRecord)

@@ -14,6 +14,7 @@ from plangate.asgi import ENTITLEMENTS_PATH, PlanGateMiddleware
 from plangate.storage import Storage
 from tests.billing.support import (
     PROBLEM,
+    ZUORA_PASSWORD,
     billing_config,
     callout,
     event,
@@ -78,8 +79,9 @@ def test_without_credentials_zuora_is_challenged_and_with_wrong_ones_refused() -
     with webhooks() as (client, _):
         bare = client.post("/webhooks/zuora", json=callout())  # non-preemptive: no header
         wrong = send_callout(client, callout(), auth=("zuora-callouts", "guess"))
+        someone = send_callout(client, callout(), auth=("someone", ZUORA_PASSWORD))
         record = client.get("/admin/customers/acme")
-    for answer in (bare, wrong):
+    for answer in (bare, wrong, someone):
         assert answer.status_code == 401
         assert answer.headers["www-authenticate"] == 'Basic realm="plangate-webhooks"'
         assert answer.headers["content-type"] == PROBLEM
@@ -93,6 +95,10 @@ def test_without_credentials_zuora_is_challenged_and_with_wrong_ones_refused() -
         (callout(eventType="AccountCreated"), "eventType"),
         (callout(eventTime="yesterday"), "eventTime"),
         (callout(ratePlanIds="8a8a"), "ratePlanIds"),
+        (callout(eventId=""), "eventId"),
+        (callout(subscriptionNumber=" "), "subscriptionNumber"),
+        (callout(eventTime="0001-01-01T00:00:00+01:00"), "eventTime"),
+        (callout(eventTime="2030-01-01T00:00:00Z"), "eventTime"),  # the gate's clock: 2027
         ([1, 2], "JSON object"),
     ],
 )
@@ -123,7 +129,7 @@ def test_a_customer_moving_from_zuora_to_stripe_is_on_pro_throughout(storage: St
     zuora_cancelled = callout(
         eventId="e9",
         eventType="SubscriptionCancelled",
-        eventTime="2027-01-20T00:00:00Z",
+        eventTime="2027-01-15T07:59:00Z",  # the gate's clock reads 08:00
         status="Cancelled",
     )
     app = PlanGateMiddleware(Starlette(), billing_config(), storage=storage)
@@ -154,3 +160,24 @@ def test_a_customer_moving_from_zuora_to_stripe_is_on_pro_throughout(storage: St
         ("stripe", True),
         ("zuora", False),
     ]
+
+
+def test_a_credit_rate_plan_grants_nothing_while_the_subscription_is_not_active() -> None:
+    pending = callout(ratePlanIds=[CREDIT_PACK], status="Pending Activation")
+    with webhooks() as (client, _):
+        send_callout(client, pending)
+        credits = client.get("/admin/customers/acme/credits").json()["credits"]["ai_credits"]
+    assert credits["balance"] == 0
+
+
+def test_a_callout_time_without_a_zone_is_utc() -> None:
+    cancelled = callout(
+        eventId="e2",
+        eventType="SubscriptionCancelled",
+        eventTime="2027-01-10T09:30:00.001",  # a millisecond after the created one, in UTC
+        status="Cancelled",
+    )
+    with webhooks() as (client, _):
+        send_callout(client, callout())
+        answer = send_callout(client, cancelled)
+    assert answer.json()["outcome"] == "applied"

@@ -1,7 +1,7 @@
 """Billing providers (SPEC §7): their webhooks drive customers' plans, add-ons and credits.
 
-``Webhooks(gate)`` is the ASGI app (``POST /stripe``) that ``plangate gateway`` serves under
-``/webhooks``; see docs/billing.md.
+``Webhooks(gate)`` is the ASGI app (``POST /stripe``, ``POST /zuora``) that ``plangate
+gateway`` serves under ``/webhooks``; see docs/billing.md.
 """
 
 from __future__ import annotations

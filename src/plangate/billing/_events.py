@@ -35,6 +35,17 @@ class Change:
     session: str | None = None
 
 
+#: the earliest event time taken (2000-01-01 UTC), and how far ahead of this machine's clock
+#: one may be: a time outside would order every later event of its subscription wrongly
+EARLIEST = 946_684_800
+AHEAD = 86_400
+
+
+def plausible(at: float, now: float) -> bool:
+    """Whether ``at`` (epoch seconds) can be the time of an event sent at ``now``."""
+    return EARLIEST <= at <= now + AHEAD
+
+
 class ProviderUnavailable(Exception):
     """The provider's API could not be asked what an event needs (HTTP 503: the provider
     sends the event again later)."""
@@ -49,3 +60,8 @@ def dotted(obj: Mapping[str, Any], path: str) -> str | None:
             return None
         value = value.get(part)
     return value if isinstance(value, str) and value else None
+
+
+class ProviderRefused(Exception):
+    """The provider's API answered that what an event needs does not exist or may not be
+    read: retrying cannot help (the event is acknowledged, and logged)."""

@@ -23,13 +23,17 @@ invoice: into the invoice, else the subscription details Stripe copies into it).
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from dataclasses import replace
 from typing import Any
 
 from ..config._models import StripeConfig
 from ..engine import Subscription
-from ._events import Change, ProviderUnavailable, Rejected, dotted
+from ..gateway._bodies import BadRequest, load_json
+from ._events import Change, ProviderRefused, ProviderUnavailable, Rejected, dotted, plausible
+
+logger = logging.getLogger("plangate.billing")
 
 #: seconds a signature's timestamp may be old (Stripe's default)
 TOLERANCE = 300
@@ -47,9 +51,11 @@ CHECKOUT_EVENTS = frozenset(
 )
 #: a Checkout session's line items read a page at a time
 LINE_ITEMS_PAGE = 100
+#: seconds a call to Stripe's API may take (a webhook waits for it)
+API_TIMEOUT = 10
 
 
-def verified_event(body: bytes, header: str | None, secret: str) -> dict[str, Any]:
+def verified_event(body: bytes, header: str | None, secret: str, now: float) -> dict[str, Any]:
     """The event in ``body`` once ``header`` (``Stripe-Signature``) is found to sign it with
     ``secret`` within ``TOLERANCE`` seconds; any ``v1`` signature of the header may match
     (Stripe sends two while a secret is rolled). ``Rejected`` otherwise."""
@@ -61,23 +67,36 @@ def verified_event(body: bytes, header: str | None, secret: str) -> dict[str, An
         ) from None
     if not header:
         raise Rejected("bad-signature", "the Stripe-Signature header is missing")
+    if not header.isascii():  # Stripe's compare takes ASCII only
+        raise Rejected("bad-signature", "Stripe-Signature is not ASCII")
     try:
-        event = stripe.Webhook.construct_event(body, header, secret, tolerance=TOLERANCE)
+        stripe.WebhookSignature.verify_header(body, header, secret, TOLERANCE)
     except stripe.SignatureVerificationError as exc:
         raise Rejected(
             "bad-signature", f"Stripe-Signature does not sign this body: {exc.args[0]}"
         ) from None
-    except (ValueError, UnicodeDecodeError):
-        raise Rejected("malformed-request", "the body is not a Stripe event (JSON)") from None
-    data: dict[str, Any] = event.to_dict()
-    obj = data.get("data", {}).get("object") if isinstance(data.get("data"), dict) else None
+    except (ValueError, TypeError):  # a body that is not UTF-8, a malformed header
+        raise Rejected("bad-signature", "Stripe-Signature does not sign this body") from None
+    try:  # verified: now parsed, its depth bounded
+        data = load_json(body)
+    except BadRequest:
+        data = None
+    obj = data.get("data") if isinstance(data, dict) else None
+    obj = obj.get("object") if isinstance(obj, dict) else None
     if not (
-        isinstance(data.get("id"), str)
+        isinstance(data, dict)
+        and isinstance(data.get("id"), str)
+        and data["id"]
         and isinstance(data.get("type"), str)
         and isinstance(data.get("created"), int)
+        and not isinstance(data.get("created"), bool)
         and isinstance(obj, dict)
     ):
         raise Rejected("malformed-request", "a Stripe event has id, type, created and data.object")
+    if not plausible(data["created"], now):
+        raise Rejected("malformed-request", f"created: {data['created']} is not a time of now")
+    if data["type"] in SUBSCRIPTION_EVENTS and not (isinstance(obj.get("id"), str) and obj["id"]):
+        raise Rejected("malformed-request", "a subscription event's object has an id")
     return data
 
 
@@ -104,12 +123,11 @@ def checkout_grants(change: Change, config: StripeConfig) -> Change:
     ``ProviderUnavailable`` when Stripe cannot be asked."""
     import stripe
 
-    if not config.api_key:
-        raise ProviderUnavailable(
-            "billing.stripe.api_key is not set: a Checkout session's line items cannot be read"
-        )
     client = stripe.StripeClient(
-        config.api_key, base_addresses={"api": config.api_base}, max_network_retries=2
+        str(config.api_key),
+        base_addresses={"api": config.api_base},
+        max_network_retries=1,
+        http_client=stripe.new_default_http_client(timeout=API_TIMEOUT),
     )
     grants: list[tuple[str, int, str]] = []
     unmapped: list[str] = []
@@ -125,12 +143,16 @@ def checkout_grants(change: Change, config: StripeConfig) -> Change:
             if target is None:
                 unmapped.append(name)
             elif isinstance(target, Mapping) and "credits" in target:
-                quantity = line.get("quantity")
-                quantity = quantity if isinstance(quantity, int) and quantity > 0 else 1
+                quantity = _quantity(line)
                 key = f"stripe:{change.session}:{line.get('id', name)}"
-                grants.append((target["credits"], target["amount"] * quantity, key))
-    except stripe.StripeError as exc:
+                if quantity > 0:
+                    grants.append((target["credits"], target["amount"] * quantity, key))
+    except (stripe.APIConnectionError, stripe.RateLimitError) as exc:
         raise ProviderUnavailable(f"Stripe's API: {exc.user_message or exc}") from None
+    except stripe.StripeError as exc:
+        if (exc.http_status or 500) >= 500:
+            raise ProviderUnavailable(f"Stripe's API: {exc.user_message or exc}") from None
+        raise ProviderRefused(f"Stripe's API: {exc.user_message or exc}") from None
     return replace(change, grants=tuple(grants), unmapped=tuple(unmapped), session=None)
 
 
@@ -145,11 +167,10 @@ def _subscription(event: Mapping[str, Any], obj: Mapping[str, Any], config: Stri
         price = item.get("price")
         price = price if isinstance(price, Mapping) else {}
         target, name = _target(config.prices, price.get("id"), price.get("lookup_key"))
-        quantity = item.get("quantity")
-        quantity = quantity if isinstance(quantity, int) and quantity > 0 else 1
+        quantity = _quantity(item)
         if isinstance(target, str):
             plan = plan or target
-        elif isinstance(target, Mapping) and "addon" in target:
+        elif isinstance(target, Mapping) and "addon" in target and quantity > 0:
             addons[target["addon"]] = addons.get(target["addon"], 0) + quantity
         elif target is None:
             unmapped.append(name)
@@ -177,19 +198,52 @@ def _invoice(event: Mapping[str, Any], obj: Mapping[str, Any], config: StripeCon
     )
     grants: list[tuple[str, int, str]] = []
     unmapped: list[str] = []
-    for line in _data(obj.get("lines")):
+    lines = obj.get("lines")
+    if isinstance(lines, Mapping) and lines.get("has_more"):
+        logger.warning(
+            "billing: event %s: invoice %s has more lines than its event carries; only "
+            "those were read",
+            event["id"],
+            obj.get("id"),
+        )
+    for line in _data(lines):
         price_id, lookup_key = _line_price(line)
         target, name = _target(config.prices, price_id, lookup_key)
         if target is None:
             unmapped.append(name)
         elif isinstance(target, Mapping) and "credits" in target:
-            quantity = line.get("quantity")
-            quantity = quantity if isinstance(quantity, int) and quantity > 0 else 1
+            if _proration(line):
+                continue  # a credit for unused time, or time added mid-period: not a pack
+            quantity = _quantity(line)
             key = f"stripe:{obj.get('id', event['id'])}:{line.get('id', price_id)}"
-            grants.append((target["credits"], target["amount"] * quantity, key))
+            if quantity > 0:
+                grants.append((target["credits"], target["amount"] * quantity, key))
     return Change(
         event["id"], event["type"], customer, grants=tuple(grants), unmapped=tuple(unmapped)
     )
+
+
+def _quantity(item: Mapping[str, Any]) -> int:
+    """An item's or a line's quantity: 1 when it has none (0 is a quantity: nothing)."""
+    quantity = item.get("quantity")
+    if quantity is None:
+        return 1
+    return quantity if isinstance(quantity, int) and not isinstance(quantity, bool) else 0
+
+
+def _proration(line: Mapping[str, Any]) -> bool:
+    """Whether an invoice line is a proration (of any API version), or credits an amount."""
+    amount = line.get("amount")
+    if isinstance(amount, int) and amount <= 0:
+        return True
+    if line.get("proration") is True:  # before 2025-03-31
+        return True
+    parent = line.get("parent")
+    if isinstance(parent, Mapping):
+        for details in parent.values():
+            if isinstance(details, Mapping) and details.get("proration") is True:
+                return True
+    return False
 
 
 def _line_price(line: Mapping[str, Any]) -> tuple[str | None, str | None]:

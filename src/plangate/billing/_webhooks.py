@@ -24,14 +24,14 @@ from starlette.types import Receive, Scope, Send
 from .._gate import AsyncGate
 from ..admin._app import problem_handlers
 from ..admin._problems import AdminError
-from ..customers import InvalidRecord
+from ..customers import IdempotencyConflict, InvalidRecord
 from ..customers._credits import Credits
 from ..customers._provisioning import PATCH_ATTEMPTS, ReadCustomer, WriteContention, WriteCustomer
 from ..engine import Flow, Subscription
 from ..errors import VersionConflict
 from ..gateway._bodies import load_json, read_body
 from . import _stripe, _zuora
-from ._events import Change, ProviderUnavailable, Rejected
+from ._events import Change, ProviderRefused, ProviderUnavailable, Rejected
 from ._subscriptions import APPLIED, DUPLICATE, apply
 
 logger = logging.getLogger("plangate.billing")
@@ -63,7 +63,7 @@ class Billing:
                 ", ".join(change.unmapped),
             )
             answer["unmapped"] = list(change.unmapped)
-        if change.subscription is None and not change.grants:
+        if change.subscription is None and not change.grants and change.session is None:
             answer["outcome"] = "ignored"
             return answer
         if change.customer is None:
@@ -76,7 +76,10 @@ class Billing:
             return answer
         outcomes: list[str] = []
         if change.subscription is not None:
-            outcomes.append((yield from self._subscription(change.customer, change.subscription)))
+            done = yield from self._subscription(change.customer, change.subscription)
+            answer["subscription"] = done
+            outcomes.append(done)
+        granted: list[str] = []
         for feature, amount, key in change.grants:
             body = {"feature": feature, "amount": amount}
             try:
@@ -85,9 +88,20 @@ class Billing:
                 )
             except InvalidRecord as exc:  # the mapping asks for what no grant can be
                 logger.error("billing: event %s: grant %s refused: %s", change.event, body, exc)
-                outcomes.append("refused")
+                granted.append("refused")
                 continue
-            outcomes.append(APPLIED if created else DUPLICATE)
+            except IdempotencyConflict:  # granted before, when the config said another amount
+                logger.warning(
+                    "billing: event %s: %s was granted before with another amount: kept",
+                    change.event,
+                    key,
+                )
+                granted.append(DUPLICATE)
+                continue
+            granted.append(APPLIED if created else DUPLICATE)
+        if granted:
+            answer["grants"] = granted
+        outcomes += granted
         answer["outcome"] = APPLIED if APPLIED in outcomes else outcomes[0]
         return answer
 
@@ -129,6 +143,7 @@ class Webhooks:
         precedence = list(billing.precedence) if billing is not None else []
         self.billing = Billing(precedence, gate.customers._credits())
         self.max_body = max_body
+        self.clock = gate.clock
         self.app = Starlette(
             routes=[
                 Route("/stripe", self.stripe, methods=["POST"]),
@@ -152,7 +167,8 @@ class Webhooks:
                 headers={"www-authenticate": f'Basic realm="{_zuora.REALM}"'},
             )
         try:
-            checked = _zuora.callout(load_json(await read_body(request, self.max_body)))
+            body = load_json(await read_body(request, self.max_body))
+            checked = _zuora.callout(body, self.clock())
         except Rejected as exc:
             logger.warning("billing: a Zuora callout refused: %s", exc.detail)
             raise AdminError(exc.problem, exc.detail) from None
@@ -165,20 +181,40 @@ class Webhooks:
         body = await read_body(request, self.max_body)
         try:
             event = _stripe.verified_event(
-                body, request.headers.get("stripe-signature"), config.webhook_secret
+                body, request.headers.get("stripe-signature"), config.webhook_secret, self.clock()
             )
         except Rejected as exc:
             logger.warning("billing: a Stripe webhook refused: %s", exc.detail)
             raise AdminError(exc.problem, exc.detail) from None
         change = _stripe.read(event, config)
-        if change.session is not None:
+        if change.session is not None and change.customer is not None:
+            if not config.api_key:
+                logger.error(
+                    "billing: event %s: Checkout session %s not read: billing.stripe.api_key "
+                    "is not set",
+                    change.event,
+                    change.session,
+                )
+                return _answer(change, "not-read")
             try:
                 change = await asyncio.to_thread(_stripe.checkout_grants, change, config)
-            except ProviderUnavailable as exc:
+            except ProviderUnavailable as exc:  # for now: Stripe sends the event again
                 logger.error("billing: event %s: %s", change.event, exc)
                 raise AdminError("billing-provider-unavailable", str(exc)) from None
+            except ProviderRefused as exc:  # for good: retrying cannot help
+                logger.error("billing: event %s: %s", change.event, exc)
+                return _answer(change, "not-read")
         return await self._apply(change)
 
     async def _apply(self, change: Change) -> Response:
         answer = await self.gate.customers._run(self.billing.apply(change))
         return JSONResponse(answer, headers={"cache-control": "no-store"})
+
+
+def _answer(change: Change, outcome: str) -> Response:
+    """What an event that changes nothing is answered."""
+    body = {"received": True, "event": change.event, "type": change.kind}
+    return JSONResponse(
+        {**body, "customer": change.customer, "outcome": outcome},
+        headers={"cache-control": "no-store"},
+    )

@@ -24,7 +24,7 @@ from typing import Any
 
 from ..config._models import ZuoraConfig
 from ..engine import Subscription
-from ._events import Change, Rejected, dotted
+from ._events import Change, Rejected, dotted, plausible
 
 EVENT_TYPES = frozenset({"SubscriptionCreated", "SubscriptionAmended", "SubscriptionCancelled"})
 FIELDS = (
@@ -58,8 +58,9 @@ def authorized(header: str | None, config: ZuoraConfig) -> bool:
     return bool(sep) and user_ok and password_ok
 
 
-def callout(body: Any) -> dict[str, Any]:
-    """The callout's fields, checked; ``Rejected`` naming what is wrong."""
+def callout(body: Any, now: float) -> dict[str, Any]:
+    """The callout's fields, checked (``now``: this machine's time, which ``eventTime`` may
+    not be far ahead of); ``Rejected`` naming what is wrong."""
     if not isinstance(body, Mapping):
         raise Rejected("malformed-request", "a Zuora callout body is a JSON object")
     missing = [name for name in FIELDS if name not in body]
@@ -68,6 +69,9 @@ def callout(body: Any) -> dict[str, Any]:
     for name in FIELDS[:-1]:
         if not isinstance(body[name], str):
             raise Rejected("malformed-request", f"{name}: a string, not {body[name]!r}")
+    for name in ("eventId", "subscriptionNumber"):
+        if not body[name].strip():
+            raise Rejected("malformed-request", f"{name}: empty")
     plans = body["ratePlanIds"]
     if not isinstance(plans, list) or not all(isinstance(p, str) for p in plans):
         raise Rejected("malformed-request", "ratePlanIds: a list of rate plan ids")
@@ -79,7 +83,13 @@ def callout(body: Any) -> dict[str, Any]:
         raise Rejected("malformed-request", "eventTime: an ISO 8601 time") from None
     if at.tzinfo is None:
         at = at.replace(tzinfo=timezone.utc)
-    return {**body, "eventTime": at.timestamp()}
+    try:
+        when = at.timestamp()
+    except (OverflowError, ValueError):
+        when = -1.0
+    if not plausible(when, now):
+        raise Rejected("malformed-request", f"eventTime: {body['eventTime']} is not a time of now")
+    return {**body, "eventTime": when}
 
 
 def read(body: Mapping[str, Any], config: ZuoraConfig) -> Change:

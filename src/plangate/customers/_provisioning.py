@@ -581,9 +581,16 @@ def subscription_json(subscription: Subscription) -> dict[str, Any]:
         "plan": subscription.plan,
         "addons": dict(subscription.addons),
         "account": subscription.account,
-        "event_at": _when(datetime.fromtimestamp(subscription.event_at, timezone.utc)),
+        "event_at": _epoch_iso(subscription.event_at),
         "event_id": subscription.event_id,
     }
+
+
+def _epoch_iso(at: float) -> str | None:
+    try:
+        return datetime.fromtimestamp(at, timezone.utc).isoformat()
+    except (OverflowError, OSError, ValueError):  # a time no datetime holds
+        return None
 
 
 def _json_value(value: Any) -> Any:
