@@ -26,9 +26,11 @@ from tests.billing.support import (
     PROBLEM,
     SECRET,
     billing_config,
+    callout,
     event,
     items,
     post,
+    send_callout,
     signed,
     webhooks,
 )
@@ -530,3 +532,19 @@ def test_a_body_up_to_a_mebibyte_is_read_and_past_it_refused_even_unannounced() 
         )
     assert fits.status_code == 200
     assert streamed.status_code == 413
+
+
+def test_unmapped_prices_are_counted_for_the_admin_api(storage: Storage) -> None:
+    unmapped = event(CREATED, items=items(("price_nobody_knows", 1), ("price_pro_monthly", 1)))
+    with webhooks(storage) as (client, _):
+        post(client, unmapped)
+        post(client, {**unmapped, "id": "evt_again", "created": 1800000100})
+        send_callout(client, callout(ratePlanIds=["8a8a_unknown_rate_plan"]))
+        counts = client.get("/admin/billing")
+        refused = client.get("/admin/billing", headers={"authorization": "Bearer nope"})
+    assert counts.status_code == 200
+    assert counts.json() == {
+        "providers": ["stripe", "zuora"],
+        "unmapped": {"stripe": {"price_nobody_knows": 2}, "zuora": {"8a8a_unknown_rate_plan": 1}},
+    }
+    assert refused.status_code == 401  # behind the admin token, like the rest of /admin

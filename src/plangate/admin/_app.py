@@ -61,7 +61,7 @@ class AdminAPI:
 
     Its routes are relative to where it is mounted (``Mount("/admin", app=AdminAPI(gate))``):
     ``/customers``, ``/customers/{id}``, ``/customers/{id}/credits``,
-    ``/customers/{id}/credits/{grant}``, ``/plans/migrate``. Every request needs
+    ``/customers/{id}/credits/{grant}``, ``/plans/migrate``, ``/billing``. Every request needs
     ``Authorization: Bearer <token>``; ``token`` defaults to the config's ``admin.token``,
     and without one the API answers 404 to everything. See docs/admin.md.
     """
@@ -97,6 +97,7 @@ class AdminAPI:
                     methods=["GET", "PUT", "PATCH", "DELETE"],
                 ),
                 Route("/plans/migrate", self.migrate, methods=["POST"]),
+                Route("/billing", self.billing, methods=["GET"]),
             ],
             exception_handlers={
                 **problem_handlers(),
@@ -296,6 +297,16 @@ class AdminAPI:
                 answer["to"],
             )
         return _json(answer)
+
+    # /billing -----------------------------------------------------------------------------
+
+    async def billing(self, request: Request) -> Response:
+        """Per configured billing provider, how many times it sent each price (rate plan)
+        the config maps to nothing (docs/billing.md)."""
+        section = self.gate.config.model.billing
+        providers = [p for p in ("stripe", "zuora") if getattr(section, p, None) is not None]
+        counts = await self.gate.storage.aunmapped(providers)
+        return _json({"providers": providers, "unmapped": counts})
 
     # reading requests ---------------------------------------------------------------------
 

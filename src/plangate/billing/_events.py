@@ -26,6 +26,7 @@ class Change:
     event: str
     kind: str
     customer: str | None
+    provider: str = "stripe"
     subscription: Subscription | None = None
     #: (feature, credits, idempotency key) per grant
     grants: tuple[tuple[str, int, str], ...] = ()

@@ -187,7 +187,9 @@ def _subscription(event: Mapping[str, Any], obj: Mapping[str, Any], config: Stri
         event_id=event["id"],
     )
     customer = dotted(obj, config.customer_from)
-    return Change(event["id"], event["type"], customer, subscription, unmapped=tuple(unmapped))
+    return Change(
+        event["id"], event["type"], customer, subscription=subscription, unmapped=tuple(unmapped)
+    )
 
 
 def _invoice(event: Mapping[str, Any], obj: Mapping[str, Any], config: StripeConfig) -> Change:

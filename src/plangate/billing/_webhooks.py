@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from starlette.applications import Starlette
@@ -27,8 +28,8 @@ from ..admin._problems import AdminError
 from ..customers import IdempotencyConflict, InvalidRecord
 from ..customers._credits import Credits
 from ..customers._provisioning import PATCH_ATTEMPTS, ReadCustomer, WriteContention, WriteCustomer
-from ..engine import Flow, Subscription
-from ..errors import VersionConflict
+from ..engine import Backend, Flow, Op, Subscription
+from ..errors import StorageError, VersionConflict
 from ..gateway._bodies import load_json, read_body
 from . import _stripe, _zuora
 from ._events import Change, ProviderRefused, ProviderUnavailable, Rejected
@@ -38,6 +39,29 @@ logger = logging.getLogger("plangate.billing")
 
 #: bytes of a webhook body read at most (Stripe's events are a few KB)
 MAX_BODY = 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class CountUnmapped(Op[None]):
+    provider: str
+    names: tuple[str, ...]
+
+    def run(self, backend: Backend) -> None:
+        backend.count_unmapped(self.provider, self.names)
+
+    async def arun(self, backend: Backend) -> None:
+        await backend.acount_unmapped(self.provider, self.names)
+
+
+@dataclass(frozen=True, slots=True)
+class ReadUnmapped(Op["dict[str, dict[str, int]]"]):
+    providers: tuple[str, ...]
+
+    def run(self, backend: Backend) -> dict[str, dict[str, int]]:
+        return backend.unmapped(self.providers)
+
+    async def arun(self, backend: Backend) -> dict[str, dict[str, int]]:
+        return await backend.aunmapped(self.providers)
 
 
 class Billing:
@@ -63,6 +87,10 @@ class Billing:
                 ", ".join(change.unmapped),
             )
             answer["unmapped"] = list(change.unmapped)
+            try:  # counted for the admin API; a count lost to an outage is only a count
+                yield CountUnmapped(change.provider, change.unmapped)
+            except StorageError as exc:
+                logger.warning("billing: unmapped prices not counted: %s", exc)
         if change.subscription is None and not change.grants and change.session is None:
             answer["outcome"] = "ignored"
             return answer

@@ -129,6 +129,7 @@ def read(body: Mapping[str, Any], config: ZuoraConfig) -> Change:
         body["eventId"],
         body["eventType"],
         customer,
+        "zuora",
         subscription,
         grants=tuple(grants),
         unmapped=tuple(unmapped),

@@ -220,6 +220,21 @@ class Storage(ABC):
         """A balance, its grants and a page of its ledger, newest first."""
         raise NotImplementedError(f"{type(self).__name__} keeps no credit balances")
 
+    def count_unmapped(self, provider: str, names: Sequence[str]) -> None:
+        """Count, once each, prices (rate plans) a billing provider sent that the config maps
+        to nothing (plangate.billing); the admin API shows the counts."""
+        raise NotImplementedError(f"{type(self).__name__} keeps no billing counts")
+
+    def unmapped(self, providers: Sequence[str]) -> dict[str, dict[str, int]]:
+        """Per provider, how many times each unmapped price was sent."""
+        raise NotImplementedError(f"{type(self).__name__} keeps no billing counts")
+
+    async def acount_unmapped(self, provider: str, names: Sequence[str]) -> None:
+        self.count_unmapped(provider, names)
+
+    async def aunmapped(self, providers: Sequence[str]) -> dict[str, dict[str, int]]:
+        return self.unmapped(providers)
+
     async def agrant_credits(self, op: GrantCredits) -> GrantResult:
         return self.grant_credits(op)
 

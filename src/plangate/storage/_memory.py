@@ -7,6 +7,7 @@ import threading
 from array import array
 from bisect import bisect_left, bisect_right
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
 from ..engine._credits import MAX_UNITS, CreditAccount, Grant, micros, required_of
@@ -226,6 +227,7 @@ class MemoryStorage(Storage):
         #: credit balances by key, and each customer's idempotency keys of grants:
         #: key → (balance key, grant id, fingerprint)
         self._credits: dict[str, CreditAccount] = {}
+        self._unmapped: dict[str, dict[str, int]] = {}
         self._idempotency: dict[str, dict[str, tuple[str, str, str]]] = {}
 
     def _counter(
@@ -494,6 +496,16 @@ class MemoryStorage(Storage):
     def has_credits(self, key: str) -> bool:
         with self._lock:
             return key in self._credits
+
+    def count_unmapped(self, provider: str, names: Sequence[str]) -> None:
+        with self._lock:
+            counts = self._unmapped.setdefault(provider, {})
+            for name in names:
+                counts[name] = counts.get(name, 0) + 1
+
+    def unmapped(self, providers: Sequence[str]) -> dict[str, dict[str, int]]:
+        with self._lock:
+            return {p: dict(self._unmapped.get(p, {})) for p in providers}
 
     def grant_credits(self, op: GrantCredits) -> GrantResult:
         grant = op.grant

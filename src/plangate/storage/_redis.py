@@ -79,6 +79,8 @@ from ._redis_codec import (
     revoke_call,
     script_source,
     settle_call,
+    unmapped_counts,
+    unmapped_key,
 )
 from ._redis_uri import DEFAULTS, MAX_CONNECTIONS, RedisTarget, parse_redis_uri
 from ._registry import masked
@@ -628,6 +630,27 @@ class RedisStorage(Storage):
     async def aget_customer(self, customer: str) -> CustomerRecord | None:
         fields = await self._acommand("read", "HGETALL", customer_key(customer))
         return customer_record(customer, fields)
+
+    # billing's counts of unmapped prices: a hash per provider
+
+    def count_unmapped(self, provider: str, names: Sequence[str]) -> None:
+        for name in names:
+            self._command("count", "HINCRBY", unmapped_key(provider), name, 1)
+
+    async def acount_unmapped(self, provider: str, names: Sequence[str]) -> None:
+        for name in names:
+            await self._acommand("count", "HINCRBY", unmapped_key(provider), name, 1)
+
+    def unmapped(self, providers: Sequence[str]) -> dict[str, dict[str, int]]:
+        return {
+            p: unmapped_counts(self._command("read", "HGETALL", unmapped_key(p))) for p in providers
+        }
+
+    async def aunmapped(self, providers: Sequence[str]) -> dict[str, dict[str, int]]:
+        counts = {}
+        for p in providers:
+            counts[p] = unmapped_counts(await self._acommand("read", "HGETALL", unmapped_key(p)))
+        return counts
 
     def put_customer(self, record: CustomerRecord, *, expected_version: int | None = None) -> int:
         expected = "" if expected_version is None else str(expected_version)

@@ -407,3 +407,16 @@ def customer_fields(record: CustomerRecord) -> list[str]:
 
 def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def unmapped_key(provider: str) -> str:
+    """Where billing counts a provider's prices the config maps to nothing."""
+    return f"plangate:billing:unmapped:{provider}"
+
+
+def unmapped_counts(fields: Any) -> dict[str, int]:
+    """An HGETALL of ``unmapped_key``: a map (RESP3) or a flat list (RESP2)."""
+    pairs = (
+        fields.items() if isinstance(fields, dict) else zip(fields[::2], fields[1::2], strict=True)
+    )
+    return {_text(k): int(v) for k, v in pairs}

@@ -347,6 +347,20 @@ class ResilientStorage(Storage):
     ) -> CustomerPage:
         return await self.inner.alist_customers(plan=plan, limit=limit, cursor=cursor)
 
+    # Billing's counts of unmapped prices: straight to the backend, like the admin side's.
+
+    def count_unmapped(self, provider: str, names: Sequence[str]) -> None:
+        self.inner.count_unmapped(provider, names)
+
+    async def acount_unmapped(self, provider: str, names: Sequence[str]) -> None:
+        await self.inner.acount_unmapped(provider, names)
+
+    def unmapped(self, providers: Sequence[str]) -> dict[str, dict[str, int]]:
+        return self.inner.unmapped(providers)
+
+    async def aunmapped(self, providers: Sequence[str]) -> dict[str, dict[str, int]]:
+        return await self.inner.aunmapped(providers)
+
     # Credit grants, revocations and reads are the admin side's: straight to the backend
     # (a failure is the caller's to see), never answered from this process.
 
