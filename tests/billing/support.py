@@ -152,3 +152,9 @@ def callout(**changes: Any) -> dict[str, Any]:
 
 def send_callout(client: TestClient, body: Any, *, auth: Any = None) -> Any:
     return client.post("/webhooks/zuora", json=body, auth=auth or ZUORA_AUTH)
+
+
+def credits_of(client: TestClient, customer: str = "acme") -> dict[str, Any]:
+    """The customer's ``ai_credits`` balance as the admin API shows it."""
+    answer = client.get(f"/admin/customers/{customer}/credits").json()
+    return dict(answer["credits"]["ai_credits"])

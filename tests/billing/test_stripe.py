@@ -27,6 +27,7 @@ from tests.billing.support import (
     SECRET,
     billing_config,
     callout,
+    credits_of,
     event,
     items,
     post,
@@ -158,7 +159,7 @@ def test_a_paid_invoice_grants_its_credit_pack_once(storage: Storage) -> None:
     paid = event("invoice.paid")
     with webhooks(storage) as (client, _):
         answers = [post(client, paid) for _ in range(3)]
-        credits = client.get("/admin/customers/acme/credits").json()["credits"]["ai_credits"]
+        credits = credits_of(client)
     assert [a.json()["outcome"] for a in answers] == ["applied", "duplicate", "duplicate"]
     assert credits["balance"] == 2 * 1000  # the line's quantity times the pack
     (grant,) = credits["grants"]
@@ -175,7 +176,7 @@ def test_an_invoice_of_a_subscription_finds_its_customer_in_the_subscription_det
     }
     with webhooks() as (client, _):
         answer = post(client, paid)
-        credits = client.get("/admin/customers/globex/credits").json()["credits"]["ai_credits"]
+        credits = credits_of(client, "globex")
     assert answer.json()["customer"] == "globex"
     assert credits["balance"] == 2000
 
@@ -187,7 +188,7 @@ def test_a_line_of_an_older_api_version_is_read_by_its_price_object() -> None:
     line["price"] = {"id": "price_credits_1000", "object": "price", "lookup_key": None}
     with webhooks() as (client, _):
         post(client, paid)
-        credits = client.get("/admin/customers/acme/credits").json()["credits"]["ai_credits"]
+        credits = credits_of(client)
     assert credits["balance"] == 2000
 
 
@@ -339,7 +340,7 @@ def test_a_paid_checkout_session_grants_its_line_items_read_from_stripes_api() -
 
     with stripe_api(answer) as api, webhooks(config=checkout_config(api.url)) as (client, _):
         answers = [post(client, event("checkout.session.completed")) for _ in range(2)]
-        credits = client.get("/admin/customers/acme/credits").json()["credits"]["ai_credits"]
+        credits = credits_of(client)
     assert [a.json()["outcome"] for a in answers] == ["applied", "duplicate"]
     assert answers[0].json()["unmapped"] == ["price_unknown"]
     assert credits["balance"] == 3000
@@ -454,7 +455,7 @@ def test_a_redelivery_after_a_packs_amount_changed_in_the_config_is_acknowledged
         first = post(client, paid)
     with webhooks(storage, config=config) as (client, _):
         again = post(client, paid)
-        credits = client.get("/admin/customers/acme/credits").json()["credits"]["ai_credits"]
+        credits = credits_of(client)
     assert first.json()["outcome"] == "applied"
     assert again.status_code == 200
     assert again.json()["outcome"] == "duplicate"
@@ -472,7 +473,7 @@ def test_a_zero_quantity_gives_nothing_and_a_proration_line_grants_nothing() -> 
         post(client, zero)
         post(client, paid)
         record = client.get("/admin/customers/acme").json()
-        credits = client.get("/admin/customers/acme/credits").json()["credits"]["ai_credits"]
+        credits = credits_of(client)
     assert record["addons"] == {}
     assert credits["balance"] == 2000  # the one paid line only
 

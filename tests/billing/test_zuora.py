@@ -17,6 +17,7 @@ from tests.billing.support import (
     ZUORA_PASSWORD,
     billing_config,
     callout,
+    credits_of,
     event,
     items,
     post,
@@ -53,7 +54,7 @@ def test_a_credit_rate_plan_grants_once_per_subscription() -> None:
             ratePlanIds=[LEGACY_PLAN, CREDIT_PACK],
         )
         send_callout(client, amended)
-        credits = client.get("/admin/customers/acme/credits").json()["credits"]["ai_credits"]
+        credits = credits_of(client)
     assert credits["balance"] == 500
 
 
@@ -166,7 +167,7 @@ def test_a_credit_rate_plan_grants_nothing_while_the_subscription_is_not_active(
     pending = callout(ratePlanIds=[CREDIT_PACK], status="Pending Activation")
     with webhooks() as (client, _):
         send_callout(client, pending)
-        credits = client.get("/admin/customers/acme/credits").json()["credits"]["ai_credits"]
+        credits = credits_of(client)
     assert credits["balance"] == 0
 
 
