@@ -53,17 +53,6 @@ class CountUnmapped(Op[None]):
         await backend.acount_unmapped(self.provider, self.names)
 
 
-@dataclass(frozen=True, slots=True)
-class ReadUnmapped(Op["dict[str, dict[str, int]]"]):
-    providers: tuple[str, ...]
-
-    def run(self, backend: Backend) -> dict[str, dict[str, int]]:
-        return backend.unmapped(self.providers)
-
-    async def arun(self, backend: Backend) -> dict[str, dict[str, int]]:
-        return await backend.aunmapped(self.providers)
-
-
 class Billing:
     """Billing's flows for one gate: an event's change applied to the store."""
 
