@@ -200,3 +200,19 @@ def configure_django() -> None:
         PLANGATE={"CONFIG": config()},
     )
     django.setup()
+
+
+#: the members of a credit grant as the admin API, the CLI and the Python API show it
+GRANT_KEYS = {
+    "id",
+    "feature",
+    "amount",
+    "remaining",
+    "category",
+    "priority",
+    "source",
+    "effective_at",
+    "expires_at",
+    "created_at",
+    "idempotency_key",
+}

@@ -22,7 +22,7 @@ from plangate.engine import PROBLEM_BASE
 from plangate.storage import Storage, open_storage
 from tests.admin.support import AUTH, PROBLEM, START, TOKEN, admin, admin_config, mounted
 from tests.servers import free_port
-from tests.support import BASE_CONFIG, Clock, token
+from tests.support import BASE_CONFIG, GRANT_KEYS, Clock, token
 
 DAY = 86400.0
 CREDITS = "/admin/customers/acme/credits"
@@ -145,19 +145,7 @@ def test_a_grant_is_201_then_the_same_key_and_body_is_200_with_the_same_grant(st
     assert first.headers["cache-control"] == "no-store"
     assert again.json() == first.json()
     made = first.json()
-    assert set(made) == {
-        "id",
-        "feature",
-        "amount",
-        "remaining",
-        "category",
-        "priority",
-        "source",
-        "effective_at",
-        "expires_at",
-        "created_at",
-        "idempotency_key",
-    }
+    assert set(made) == GRANT_KEYS
     assert made["feature"] == "ai_credits"
     assert made["amount"] == made["remaining"] == 10
     assert made["source"] == "admin"

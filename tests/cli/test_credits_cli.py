@@ -13,25 +13,12 @@ import pytest
 import yaml
 
 from plangate import Gate
-from plangate.cli import main
-from tests.support import config, token
+from tests.cli.support import run
+from tests.support import GRANT_KEYS, config, token
 
 pytestmark = pytest.mark.redis
 
 DB = 6  # a database of the session's Redis of its own, emptied before each test
-GRANT_KEYS = {
-    "id",
-    "feature",
-    "amount",
-    "remaining",
-    "category",
-    "priority",
-    "source",
-    "effective_at",
-    "expires_at",
-    "created_at",
-    "idempotency_key",
-}
 
 
 def catalog() -> dict[str, Any]:
@@ -50,16 +37,6 @@ def catalog() -> dict[str, Any]:
     return data
 
 
-@pytest.fixture
-def storage_uri(redis_server, monkeypatch: pytest.MonkeyPatch) -> str:
-    uri = f"redis://127.0.0.1:{redis_server.port}/{DB}"
-    with redis_server.client() as client:
-        client.select(DB)
-        client.flushdb()
-    monkeypatch.setenv("PLANGATE_STORAGE", uri)
-    return uri
-
-
 def write_config(path: Path, data: dict[str, Any]) -> str:
     path.write_text(yaml.safe_dump(data))
     return str(path)
@@ -76,18 +53,6 @@ def gate(config_file: str) -> Iterator[Gate]:
     built = Gate(config_file)
     yield built
     built.storage.close()
-
-
-def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
-    """``plangate ARGV`` in this process: exit status, stdout, stderr (argparse's errors
-    exit through SystemExit, as the console script does)."""
-    try:
-        status = main(list(argv))
-    except SystemExit as exc:
-        status = int(exc.code or 0)
-    out, err = capsys.readouterr()
-    assert "Traceback" not in out + err
-    return status, out, err
 
 
 def grant(capsys: pytest.CaptureFixture[str], config_file: str, *argv: str) -> dict[str, Any]:

@@ -17,8 +17,8 @@ import yaml
 from starlette.testclient import TestClient
 
 from plangate import Gate, asgi, cli
-from plangate.cli import main
 from plangate.customers import CustomerStore
+from tests.cli.support import run
 from tests.middleware.apps import asgi_app
 from tests.support import bearer, config, token
 
@@ -38,32 +38,10 @@ def catalog() -> dict[str, Any]:
 
 
 @pytest.fixture
-def storage_uri(redis_server, monkeypatch: pytest.MonkeyPatch) -> str:
-    uri = f"redis://127.0.0.1:{redis_server.port}/{DB}"
-    with redis_server.client() as client:
-        client.select(DB)
-        client.flushdb()
-    monkeypatch.setenv("PLANGATE_STORAGE", uri)  # what a deployment sets; it beats storage:
-    return uri
-
-
-@pytest.fixture
 def config_file(tmp_path: Path, storage_uri: str) -> str:
     path = tmp_path / "plangate.yaml"
     path.write_text(yaml.safe_dump({**catalog(), "storage": storage_uri}))
     return str(path)
-
-
-def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
-    """``plangate ARGV`` in this process: exit status, stdout, stderr. argparse's own
-    errors exit through SystemExit, as the console script does."""
-    try:
-        status = main(list(argv))
-    except SystemExit as exc:
-        status = int(exc.code or 0)
-    out, err = capsys.readouterr()
-    assert "Traceback" not in out + err
-    return status, out, err
 
 
 def set_(capsys: pytest.CaptureFixture[str], config_file: str, *argv: str) -> dict[str, Any]:
