@@ -4,6 +4,7 @@ demo (SPEC §9)."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -11,7 +12,7 @@ import uuid
 from collections.abc import Iterator, Sequence
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from . import identity
 from .__about__ import __version__
@@ -34,7 +35,10 @@ LEDGER_SHOWN = 10  # ledger entries ``credits show`` prints per feature (--json:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
-    args = parser.parse_args(argv)
+    words = list(sys.argv[1:] if argv is None else argv)
+    if words[:2] == ["usage", "export"]:  # `usage ID` shows a customer; `usage -- export` too
+        words[:2] = ["usage-export"]
+    args = parser.parse_args(words)
     if not hasattr(args, "run"):
         parser.print_help()
         return 2
@@ -259,6 +263,37 @@ def _credits_parsers(commands: Any) -> None:
         "--json", action="store_true", help="print the entitlements endpoint's answer as JSON"
     )
     usage.set_defaults(run=_usage_show)
+
+    export = commands.add_parser(
+        "usage-export",
+        prog="plangate usage export",
+        help="(as `usage export`) send usage not exported yet to billing",
+        description="Send each customer's usage that was not exported yet: Stripe meter "
+        "events, Zuora's usage upload CSV, or JSON lines. Exactly once: a run after an "
+        "interrupted one first sends what that one had not confirmed, with the same "
+        "identifiers.",
+    )
+    export.add_argument("--config", metavar="FILE", help=config_help)
+    export.add_argument(
+        "--to", required=True, choices=("stripe", "zuora-csv", "jsonl"), help="where to"
+    )
+    export.add_argument(
+        "--since",
+        metavar="ISO",
+        type=_moment,
+        help="from this hour (default: the retention's start)",
+    )
+    export.add_argument(
+        "--until",
+        metavar="ISO",
+        type=_moment,
+        help="up to the end of the last whole hour before "
+        "this (default: now, the running hour included)",
+    )
+    export.add_argument(
+        "--out", metavar="FILE", help="zuora-csv, jsonl: write here (default: standard output)"
+    )
+    export.set_defaults(run=_usage_export)
 
 
 def _usage(parser: argparse.ArgumentParser) -> int:
@@ -525,6 +560,52 @@ def _usage_show(args: argparse.Namespace) -> int:
         return 0
     print("\n".join(_usage_lines(answer)))
     return 0
+
+
+def _moment(text: str) -> float:
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not an ISO 8601 time, such as 2026-12-01 or 2026-12-01T10:00Z"
+        ) from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=timezone.utc)  # no zone: UTC, as Stripe's times
+    return moment.timestamp()
+
+
+def _usage_export(args: argparse.Namespace) -> int:
+    from .billing import Destination, ExportBusy, ExportInterrupted, UsageExport, destination
+    from .storage import open_storage
+
+    config = _default_config(args.config)
+    if config.model.storage.startswith("memory://"):
+        print(
+            "plangate usage export: the config's storage is memory://: this command would "
+            "see no usage of any server (set storage: or PLANGATE_STORAGE)",
+            file=sys.stderr,
+        )
+        return 1
+    with contextlib.ExitStack() as stack:
+        out: IO[str] = sys.stdout
+        if args.out:
+            out = stack.enter_context(open(args.out, "a", encoding="utf-8", newline=""))
+        storage = open_storage(config.model.storage)
+        stack.callback(storage.close)
+        try:
+            target: Destination = destination(config, args.to, out)
+        except ValueError as exc:
+            print(f"plangate usage export: {exc}", file=sys.stderr)
+            return 2
+        try:
+            report = UsageExport(storage, config, target).run(args.since, args.until)
+        except (ExportBusy, ExportInterrupted) as exc:
+            print(f"plangate usage export: {exc}", file=sys.stderr)
+            return 1
+    # the report goes where the events do not
+    shown = sys.stderr if args.to != "stripe" and not args.out else sys.stdout
+    print("\n".join(report.lines()), file=shown)
+    return 1 if report.rejected else 0
 
 
 def _usage_lines(answer: dict[str, Any]) -> list[str]:

@@ -11,8 +11,24 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-#: (method, path, query) -> (status, JSON body)
-Answer = Callable[[str, str, dict[str, list[str]]], tuple[int, Any]]
+#: (method, path, query) -> (status, JSON body), or (status, JSON body, headers)
+Answer = Callable[[str, str, dict[str, list[str]]], tuple[Any, ...]]
+
+
+def meter_event(form: dict[str, list[str]]) -> dict[str, Any]:
+    """What Stripe answers a meter event it took: the event, from the form it was sent."""
+    return {
+        "object": "billing.meter_event",
+        "created": 1800000000,
+        "event_name": form["event_name"][0],
+        "identifier": form["identifier"][0],
+        "livemode": False,
+        "payload": {
+            "stripe_customer_id": form["payload[stripe_customer_id]"][0],
+            "value": form["payload[value]"][0],
+        },
+        "timestamp": int(form["timestamp"][0]),
+    }
 
 
 def line_items(*items: tuple[str, int]) -> dict[str, Any]:
@@ -61,11 +77,14 @@ def stripe_api(answer: Answer) -> Iterator[Recorded]:
                     "query": query,
                     "form": parse_qs(body),
                     "authorization": self.headers.get("authorization"),
+                    "idempotency_key": self.headers.get("idempotency-key"),
                 }
             )
-            status, payload = recorded.answer(self.command, parts.path, query)
+            status, payload, *headers = recorded.answer(self.command, parts.path, query)
             data = json.dumps(payload).encode()
             self.send_response(status)
+            for name, value in (headers[0] if headers else {}).items():
+                self.send_header(name, value)
             self.send_header("content-type", "application/json")
             self.send_header("content-length", str(len(data)))
             self.end_headers()

@@ -117,18 +117,26 @@ def read(event: Mapping[str, Any], config: StripeConfig) -> Change:
     return Change(event["id"], kind, None)
 
 
+def api_client(config: StripeConfig, *, retries: int) -> Any:
+    """The official client, on ``billing.stripe.api_key`` and ``api_base``; ``retries``:
+    how often it tries a call again after a network error by itself."""
+    import stripe
+
+    return stripe.StripeClient(
+        str(config.api_key),
+        base_addresses={"api": config.api_base},
+        max_network_retries=retries,
+        http_client=stripe.new_default_http_client(timeout=API_TIMEOUT),
+    )
+
+
 def checkout_grants(change: Change, config: StripeConfig) -> Change:
     """``change`` with the grants of its Checkout session's line items, read from Stripe's
     API (a session's line items are not in its events) with the official client; blocking.
     ``ProviderUnavailable`` when Stripe cannot be asked."""
     import stripe
 
-    client = stripe.StripeClient(
-        str(config.api_key),
-        base_addresses={"api": config.api_base},
-        max_network_retries=1,
-        http_client=stripe.new_default_http_client(timeout=API_TIMEOUT),
-    )
+    client = api_client(config, retries=1)
     grants: list[tuple[str, int, str]] = []
     unmapped: list[str] = []
     try:

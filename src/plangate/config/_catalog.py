@@ -19,6 +19,7 @@ from ._loader import Document, Loc, validate_model
 from ._models import (
     MAX_AMOUNT,
     AddonGrantSpec,
+    BillingConfig,
     ConfigModel,
     CreditGrantSpec,
     HeaderCost,
@@ -156,6 +157,8 @@ class Catalog:
     #: credits feature → sub-units per credit: 10 ** (the most decimals of an overage rate
     #: that charges it), so that every charge is a whole number of sub-units
     credit_scales: Mapping[str, int] = field(default_factory=dict)
+    #: seconds hourly usage aggregates are kept after their hour ends (billing.retention)
+    usage_retention: int = 35 * 86400
 
 
 def compile_entitlement(model: ConfigModel, feature: str, value: Any) -> Any:
@@ -217,7 +220,10 @@ class _Builder:
         scales = self._credit_scales(plans)
         router = Router([rule.template for rule in rules])
         notes = tuple(sorted(self.notes, key=lambda issue: (issue.line or 0, issue.path)))
-        return Catalog(plans, tuple(rules), router, m.default_plan, notes, addons, scales)
+        retention = int(parse_duration(m.billing.retention)) if m.billing else 35 * 86400
+        return Catalog(
+            plans, tuple(rules), router, m.default_plan, notes, addons, scales, retention
+        )
 
     def _credit_scales(self, plans: Mapping[str, Plan]) -> dict[str, int]:
         places = {name: 0 for name, f in self.model.features.items() if f.kind == "credits"}
@@ -515,6 +521,35 @@ class _Builder:
                 continue
             for key, target in getattr(section, table_name).items():
                 self._billing_target(target, ("billing", provider, table_name, key))
+            for meter in section.meters:
+                feature = self.model.features.get(meter)
+                if feature is None or feature.kind != "metered":
+                    self.fail(
+                        ("billing", provider, "meters", meter),
+                        f"{meter!r} is not a metered feature{self._known(dict.fromkeys(self._metered()))}",
+                    )
+        self._export(billing)
+
+    def _metered(self) -> list[str]:
+        return [n for n, f in self.model.features.items() if f.kind == "metered"]
+
+    def _export(self, billing: BillingConfig) -> None:
+        export = billing.export
+        if export is None:
+            return
+        loc: Loc = ("billing", "export")
+        if export.to == "stripe":
+            if billing.stripe is None or not billing.stripe.meters:
+                self.fail((*loc, "to"), "export to stripe needs billing.stripe.meters")
+            elif not billing.stripe.api_key:
+                self.note(
+                    ("billing", "stripe", "api_key"),
+                    "empty: the periodic usage export to Stripe fails until it is set",
+                )
+        elif export.to == "zuora-csv" and (billing.zuora is None or not billing.zuora.meters):
+            self.fail((*loc, "to"), "export to zuora-csv needs billing.zuora.meters")
+        if export.to != "stripe" and not export.path:
+            self.fail((*loc, "path"), f"export to {export.to} needs a directory to write to")
 
     def _billing_target(self, target: Any, loc: Loc) -> None:
         m = self.model

@@ -232,6 +232,17 @@ class StripeConfig(Model):
     #: the secret key plangate calls Stripe's API with (a Checkout session's line items)
     api_key: str | None = None
     api_base: str = "https://api.stripe.com"
+    #: meter → the ``event_name`` of the Stripe meter its usage is exported to
+    meters: dict[str, str] = Field(default_factory=dict)
+
+
+class ZuoraMeterConfig(Model):
+    """How one meter's usage appears in Zuora's usage upload."""
+
+    uom: str = Field(min_length=1)
+    #: the CHARGE_ID column (a charge number, e.g. C-00000001); empty: Zuora matches the
+    #: subscription's charge by the unit of measure
+    charge: str = ""
 
 
 class ZuoraConfig(Model):
@@ -239,16 +250,56 @@ class ZuoraConfig(Model):
     password: str | None = None
     customer_from: str = "CrmId"
     rate_plans: dict[str, Any] = Field(default_factory=dict)
+    #: meter → its unit of measure (and charge) in Zuora's usage upload
+    meters: dict[str, ZuoraMeterConfig] = Field(default_factory=dict)
+
+    @field_validator("meters", mode="before")
+    @classmethod
+    def _uom_alone(cls, value: Any) -> Any:
+        # `api_calls: API_CALL` is short for `api_calls: {uom: API_CALL}`
+        if isinstance(value, dict):
+            return {k: {"uom": v} if isinstance(v, str) else v for k, v in value.items()}
+        return value
 
 
 Provider = Literal["stripe", "zuora"]
 _PROVIDERS: tuple[Provider, ...] = ("stripe", "zuora")
 
 
+Destination = Literal["stripe", "zuora-csv", "jsonl"]
+
+
+class ExportConfig(Model):
+    """The gateway's periodic usage export (``plangate usage export`` on a timer)."""
+
+    every: str
+    to: Destination = "stripe"
+    #: zuora-csv and jsonl: the directory each run writes its file into
+    path: str | None = None
+
+    @field_validator("every")
+    @classmethod
+    def _every(cls, value: str) -> str:
+        if parse_duration(value) < 1:
+            raise ValueError(f"export every {value}: at least 1s")
+        return value
+
+
 class BillingConfig(Model):
     precedence: list[Provider] = Field(default_factory=lambda: list(_PROVIDERS))
     stripe: StripeConfig | None = None
     zuora: ZuoraConfig | None = None
+    #: how long hourly usage aggregates are kept (Stripe takes usage up to 35 days back)
+    retention: str = "35d"
+    export: ExportConfig | None = None
+
+    @field_validator("retention")
+    @classmethod
+    def _retention(cls, value: str) -> str:
+        seconds = parse_duration(value)
+        if not 3600 <= seconds <= MAX_WINDOW:
+            raise ValueError(f"retention {value}: from 1h to 3650d")
+        return value
 
 
 class ConfigModel(Model):

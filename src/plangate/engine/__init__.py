@@ -11,6 +11,7 @@ from ._protocol import (
     EXACT_WINDOW_LIMIT,
     MADE_THERE,
     SLIDING_BUCKETS,
+    USAGE_HOUR,
     Backend,
     Burns,
     Counter,
@@ -36,8 +37,12 @@ from ._protocol import (
     credits_key,
     customer_key,
     customer_of_key,
+    customer_of_prefix,
     customer_prefix,
     idempotency_key_of,
+    prefix_of_key,
+    usage_hour,
+    usage_key,
 )
 
 __all__ = [
@@ -45,6 +50,7 @@ __all__ = [
     "MADE_THERE",
     "PROBLEM_BASE",
     "SLIDING_BUCKETS",
+    "USAGE_HOUR",
     "Backend",
     "Burns",
     "Charge",
@@ -74,9 +80,13 @@ __all__ = [
     "credits_key",
     "customer_key",
     "customer_of_key",
+    "customer_of_prefix",
     "customer_prefix",
     "idempotency_key_of",
     "identity_problem",
     "period_bounds",
+    "prefix_of_key",
     "quota_headers",
+    "usage_hour",
+    "usage_key",
 ]

@@ -85,6 +85,8 @@ class Engine:
             or ("deny" if feature.kind == "credits" else model.on_storage_error)
             for name, feature in model.features.items()
         }
+        #: seconds the hourly usage aggregates are kept after their hour (billing.retention)
+        self.usage_ttl = config.catalog.usage_retention
         #: sub-units per credit of each credits feature
         self.scales = self.catalog.credit_scales
         self._router = self.catalog.router
@@ -339,6 +341,8 @@ class Engine:
         tag = customer_prefix(customer)
         for meter, cost in costs:
             grant = plan.meters[meter]
+            # the meter's first counter also adds its units to the hourly usage aggregates
+            usage = meter
             for limit in grant.limits or (None,):
                 if limit is not None and limit.window is not None:
                     counter = Counter(
@@ -347,6 +351,8 @@ class Engine:
                         cost,
                         window=limit.window,
                         on_error=self.on_error[meter],
+                        usage=usage,
+                        usage_ttl=self.usage_ttl,
                     )
                     # The policy's w: the window an exact log keeps; for buckets, the
                     # window plus the one bucket a unit may outlive it by, so that a client
@@ -367,9 +373,12 @@ class Engine:
                         cost,
                         resets_at=end,
                         on_error=self.on_error[meter],
+                        usage=usage,
+                        usage_ttl=self.usage_ttl,
                     )
                     window = round(end - start)
                     valid_until = min(valid_until, end)
+                usage = ""
                 counters.append(counter)
                 meters.append(meter)
                 limits.append(limit)

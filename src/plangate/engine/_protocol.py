@@ -61,6 +61,39 @@ def credits_key(customer: str, feature: str) -> str:
     return f"{customer_prefix(customer)}credits:{feature}"
 
 
+#: the seconds of one hour of usage aggregates
+USAGE_HOUR = 3600
+
+
+def usage_key(prefix: str, hour: int) -> str:
+    """Where the usage of the customer whose keys start with ``prefix`` (``customer_prefix``)
+    in the hour starting at ``hour`` (epoch seconds) is kept: a hash, meter → units used,
+    and ``exported:<destination>:<meter>`` → the units of it exported (plangate.billing)."""
+    return f"{prefix}usage:{hour}"
+
+
+def usage_hour(now: float) -> int:
+    """The start (epoch seconds) of the hour ``now`` falls in."""
+    return int(now // USAGE_HOUR) * USAGE_HOUR
+
+
+def prefix_of_key(key: str) -> str:
+    """The ``customer_prefix`` a key of a customer starts with."""
+    return key[: key.index("}:") + 2]
+
+
+def customer_of_prefix(prefix: str) -> str | None:
+    """The customer whose keys start with ``prefix`` (``customer_prefix``); None if it is
+    not one."""
+    head = "plangate:{"
+    if not (prefix.startswith(head) and prefix.endswith("}:")) or len(prefix) <= len(head) + 2:
+        return None
+    tag = prefix[len(head) : -2]
+    if tag == "%":
+        return ""
+    return unquote(tag, "utf-8", "surrogatepass")
+
+
 def idempotency_key_of(key: str) -> str:
     """Where the idempotency keys of the grants of the customer of balance ``key`` are kept."""
     return f"{key[: key.rindex('}:') + 2]}credits:idempotency"
@@ -68,13 +101,9 @@ def idempotency_key_of(key: str) -> str:
 
 def customer_of_key(key: str) -> str | None:
     """The customer whose record ``customer_key`` keeps at ``key``; None for another key."""
-    head, tail = "plangate:{", "}:customer"
-    if not (key.startswith(head) and key.endswith(tail)) or len(key) <= len(head + tail):
+    if not key.endswith("}:customer"):
         return None
-    tag = key[len(head) : -len(tail)]
-    if tag == "%":
-        return ""
-    return unquote(tag, "utf-8", "surrogatepass")
+    return customer_of_prefix(key[: -len("customer")])
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,6 +124,11 @@ class Counter:
     #: what to do when the store cannot be reached: "local" (count in this process),
     #: "allow" (count, never refuse) or "deny" (503)
     on_error: str = "local"
+    #: the meter whose hourly usage this counter's units also add to (``usage_key``), on
+    #: the first counter of each meter of a charge ("": none); kept ``usage_ttl`` seconds
+    #: after its hour ends (``billing.retention``)
+    usage: str = ""
+    usage_ttl: int = 0
 
     @property
     def exact(self) -> bool:

@@ -15,13 +15,14 @@ import logging
 import threading
 import weakref
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, Protocol
 
 from ..engine import (
     EXACT_WINDOW_LIMIT,
     MADE_THERE,
     SLIDING_BUCKETS,
+    USAGE_HOUR,
     Counter,
     CounterState,
     CreditCharge,
@@ -44,8 +45,12 @@ from ..engine import (
     credits_key,
     customer_key,
     customer_of_key,
+    customer_of_prefix,
     customer_prefix,
     idempotency_key_of,
+    prefix_of_key,
+    usage_hour,
+    usage_key,
 )
 from ..errors import VersionConflict
 
@@ -53,6 +58,7 @@ __all__ = [
     "EXACT_WINDOW_LIMIT",
     "MADE_THERE",
     "SLIDING_BUCKETS",
+    "USAGE_HOUR",
     "Counter",
     "CounterState",
     "CreditCharge",
@@ -61,6 +67,7 @@ __all__ = [
     "CustomerListener",
     "CustomerPage",
     "CustomerRecord",
+    "ExportLock",
     "Flow",
     "GrantCredits",
     "GrantResult",
@@ -78,8 +85,12 @@ __all__ = [
     "credits_key",
     "customer_key",
     "customer_of_key",
+    "customer_of_prefix",
     "customer_prefix",
     "idempotency_key_of",
+    "prefix_of_key",
+    "usage_hour",
+    "usage_key",
 ]
 
 
@@ -133,6 +144,15 @@ class Listeners:
                 listener.heard_nothing_for_a_while()
             except Exception:
                 logging.getLogger("plangate.storage").exception("a customer listener failed")
+
+
+class ExportLock(Protocol):
+    """An export held by this process until ``release`` or its time runs out."""
+
+    def renew(self) -> None:
+        """Hold it for another full time; ``StorageError`` if it was lost meanwhile."""
+
+    def release(self) -> None: ...
 
 
 def encode_cursor(value: Any) -> str:
@@ -219,6 +239,45 @@ class Storage(ABC):
     def read_credits(self, op: ReadCredits) -> CreditView:
         """A balance, its grants and a page of its ledger, newest first."""
         raise NotImplementedError(f"{type(self).__name__} keeps no credit balances")
+
+    # hourly usage aggregates and their export (plangate.billing) -------------------------
+
+    def usage_hours(self, customer: str, since: int, until: int) -> dict[int, dict[str, int]]:
+        """The customer's hourly aggregates of the hours that start in ``[since, until)``
+        (epoch seconds): hour start → meter → units used, and ``exported:<destination>:
+        <meter>`` → the units of it exported there. Hours with nothing are left out."""
+        raise NotImplementedError(f"{type(self).__name__} keeps no usage aggregates")
+
+    def usage_customers(self, since: int, until: int) -> Iterator[str]:
+        """The customers with aggregates of an hour that starts in ``[since, until)``; a
+        customer may come more than once."""
+        raise NotImplementedError(f"{type(self).__name__} keeps no usage aggregates")
+
+    def mark_usage(self, customer: str, marks: Mapping[int, Mapping[str, int]]) -> None:
+        """Set fields of the customer's hourly aggregates (hour start → field → value), as
+        one change; an hour no longer kept is not made again."""
+        raise NotImplementedError(f"{type(self).__name__} keeps no usage aggregates")
+
+    def export_lock(self, name: str, ttl: float) -> ExportLock | None:
+        """Hold the export ``name`` for ``ttl`` seconds (renewable); None if another holds it."""
+        raise NotImplementedError(f"{type(self).__name__} keeps no usage exports")
+
+    def pending_export(self, name: str) -> tuple[str, frozenset[str]] | None:
+        """The batch export ``name`` recorded and has not ended, with the identifiers of its
+        entries confirmed sent; None if there is none."""
+        raise NotImplementedError(f"{type(self).__name__} keeps no usage exports")
+
+    def begin_export(self, name: str, batch: str) -> None:
+        """Record ``batch`` as export ``name``'s, before any of it is sent."""
+        raise NotImplementedError(f"{type(self).__name__} keeps no usage exports")
+
+    def confirm_export(self, name: str, identifiers: Sequence[str]) -> None:
+        """These entries of the recorded batch were sent."""
+        raise NotImplementedError(f"{type(self).__name__} keeps no usage exports")
+
+    def end_export(self, name: str) -> None:
+        """The recorded batch is done with: forget it."""
+        raise NotImplementedError(f"{type(self).__name__} keeps no usage exports")
 
     def count_unmapped(self, provider: str, names: Sequence[str]) -> None:
         """Count, once each, prices (rate plans) a billing provider sent that the config maps

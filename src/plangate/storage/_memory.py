@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import math
 import threading
+import time
 from array import array
 from bisect import bisect_left, bisect_right
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
 from ..engine._credits import MAX_UNITS, CreditAccount, Grant, micros, required_of
-from ..errors import VersionConflict
+from ..errors import StorageError, VersionConflict
 from ._base import (
     SLIDING_BUCKETS,
+    USAGE_HOUR,
     Counter,
     CounterState,
     CreditCharge,
@@ -22,6 +24,7 @@ from ._base import (
     CustomerListener,
     CustomerPage,
     CustomerRecord,
+    ExportLock,
     GrantCredits,
     GrantResult,
     Listeners,
@@ -33,9 +36,14 @@ from ._base import (
     RevokeCredits,
     Settle,
     Storage,
+    customer_of_prefix,
+    customer_prefix,
     decode_cursor,
     encode_cursor,
     idempotency_key_of,
+    prefix_of_key,
+    usage_hour,
+    usage_key,
 )
 
 _SWEEP_EVERY = 60.0  # seconds between sweeps of expired counters
@@ -200,6 +208,14 @@ class _Log:
 
 
 @dataclass(slots=True)
+class _Hour:
+    """One customer's usage in one hour: meter → units, and what was exported of it."""
+
+    expires_at: float
+    fields: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
 class _Fixed:
     resets_at: float
     total: int = 0
@@ -228,6 +244,11 @@ class MemoryStorage(Storage):
         #: key → (balance key, grant id, fingerprint)
         self._credits: dict[str, CreditAccount] = {}
         self._unmapped: dict[str, dict[str, int]] = {}
+        #: usage_key → the hour's aggregates
+        self._usage: dict[str, _Hour] = {}
+        #: usage exports: name → (recorded batch, identifiers confirmed), and who holds each
+        self._exports: dict[str, tuple[str, set[str]]] = {}
+        self._export_locks: dict[str, _MemoryLock] = {}
         self._idempotency: dict[str, dict[str, tuple[str, str, str]]] = {}
 
     def _counter(
@@ -308,6 +329,7 @@ class MemoryStorage(Storage):
                     s.total += c.cost
                     slots.append(0)
                     after.append(CounterState(s.total, s.resets_at - now))
+            self._count_usage(counters, [c.cost for c in counters], now)
             # positional: a named tuple built with keywords costs twice as much
             return ReserveResult(
                 not violated and not short, tuple(after), tuple(slots), violated, 0.0, (),
@@ -424,6 +446,7 @@ class MemoryStorage(Storage):
                     state.adjust(slot, delta, now, max(counter.limit or 0, 1))
                 elif isinstance(state, _Sliding) and not counter.exact:
                     state.adjust(slot, delta)  # a bucket already out of the window stays out
+            self._count_usage(op.counters, op.deltas, now)
             now_us = micros(now)
             for charge, change, burns in zip(op.credits, op.credit_deltas, op.burns, strict=True):
                 if change > 0:
@@ -449,6 +472,7 @@ class MemoryStorage(Storage):
                     assert state is not None
                     state.total += cost
                     slots.append(0)
+            self._count_usage(op.counters, op.costs, now)
             now_us = micros(now)
             for charge, units in zip(op.credits, op.credit_costs, strict=True):
                 if units:
@@ -467,6 +491,79 @@ class MemoryStorage(Storage):
                 else:
                     result.append(self._state(state, now))
             return tuple(result)
+
+    # hourly usage aggregates ------------------------------------------------------------
+
+    def _count_usage(self, counters: Sequence[Counter], units: Iterable[int], now: float) -> None:
+        """Add each counter's ``units`` to its meter's usage in the hour of ``now``, as the
+        Redis scripts do (the caller holds the lock)."""
+        hour = usage_hour(now)
+        for counter, n in zip(counters, units, strict=False):
+            if counter.usage and n:
+                key = usage_key(prefix_of_key(counter.key), hour)
+                held = self._usage.get(key)
+                if held is None:
+                    held = self._usage[key] = _Hour(hour + USAGE_HOUR + counter.usage_ttl)
+                held.fields[counter.usage] = held.fields.get(counter.usage, 0) + n
+
+    def usage_hours(self, customer: str, since: int, until: int) -> dict[int, dict[str, int]]:
+        prefix = customer_prefix(customer)
+        with self._lock:
+            now = self._now
+            return {
+                hour: dict(held.fields)
+                for hour in range(usage_hour(since), until, USAGE_HOUR)
+                if hour >= since
+                and (held := self._usage.get(usage_key(prefix, hour))) is not None
+                and held.expires_at > now
+                and held.fields
+            }
+
+    def usage_customers(self, since: int, until: int) -> Iterator[str]:
+        with self._lock:
+            keys = list(self._usage)
+        seen: set[str] = set()
+        for key in keys:
+            prefix, _, hour = key.rpartition("usage:")
+            customer = customer_of_prefix(prefix)
+            if customer is not None and customer not in seen and since <= int(hour) < until:
+                seen.add(customer)
+                yield customer
+
+    def mark_usage(self, customer: str, marks: Mapping[int, Mapping[str, int]]) -> None:
+        prefix = customer_prefix(customer)
+        with self._lock:
+            for hour, fields in marks.items():
+                held = self._usage.get(usage_key(prefix, hour))
+                if held is not None:
+                    held.fields.update(fields)
+
+    def export_lock(self, name: str, ttl: float) -> ExportLock | None:
+        with self._lock:
+            now = time.monotonic()
+            held = self._export_locks.get(name)
+            if held is not None and held.until > now:
+                return None
+            lock = self._export_locks[name] = _MemoryLock(self, name, ttl, now + ttl)
+            return lock
+
+    def pending_export(self, name: str) -> tuple[str, frozenset[str]] | None:
+        with self._lock:
+            batch = self._exports.get(name)
+            return None if batch is None else (batch[0], frozenset(batch[1]))
+
+    def begin_export(self, name: str, batch: str) -> None:
+        with self._lock:
+            self._exports[name] = (batch, set())
+
+    def confirm_export(self, name: str, identifiers: Sequence[str]) -> None:
+        with self._lock:
+            if name in self._exports:
+                self._exports[name][1].update(identifiers)
+
+    def end_export(self, name: str) -> None:
+        with self._lock:
+            self._exports.pop(name, None)
 
     # credits -------------------------------------------------------------------------------
 
@@ -598,6 +695,24 @@ class MemoryStorage(Storage):
         expired = [key for key, state in self._counters.items() if state.expires_at <= now]
         for key in expired:
             del self._counters[key]
+        for key in [key for key, hour in self._usage.items() if hour.expires_at <= now]:
+            del self._usage[key]
+
+
+class _MemoryLock:
+    def __init__(self, store: MemoryStorage, name: str, ttl: float, until: float) -> None:
+        self.store, self.name, self.ttl, self.until = store, name, ttl, until
+
+    def renew(self) -> None:
+        with self.store._lock:
+            if self.store._export_locks.get(self.name) is not self:
+                raise StorageError(f"the usage export {self.name!r} was taken over")
+            self.until = time.monotonic() + self.ttl
+
+    def release(self) -> None:
+        with self.store._lock:
+            if self.store._export_locks.get(self.name) is self:
+                del self.store._export_locks[self.name]
 
 
 def _convert(state: _Log | _Sliding, counter: Counter, now: float) -> _Log | _Sliding:

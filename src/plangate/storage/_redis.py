@@ -13,7 +13,7 @@ import queue
 import socket
 import threading
 import weakref
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
@@ -36,11 +36,13 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from ..errors import ConfigError, ConfigIssue, StorageError, VersionConflict
 from ._base import (
+    USAGE_HOUR,
     CounterState,
     CreditView,
     CustomerListener,
     CustomerPage,
     CustomerRecord,
+    ExportLock,
     GrantCredits,
     GrantResult,
     Peek,
@@ -53,8 +55,12 @@ from ._base import (
     Storage,
     customer_key,
     customer_of_key,
+    customer_of_prefix,
+    customer_prefix,
     decode_cursor,
     encode_cursor,
+    usage_hour,
+    usage_key,
 )
 from ._breaker import StorageRejected
 from ._redis_changes import ChangeFeed
@@ -65,8 +71,11 @@ from ._redis_codec import (
     customer_fields,
     customer_put_result,
     customer_record,
+    export_key,
     grant_call,
     grant_result,
+    hash_text,
+    mark_call,
     peek_call,
     peek_result,
     read_call,
@@ -81,6 +90,7 @@ from ._redis_codec import (
     settle_call,
     unmapped_counts,
     unmapped_key,
+    usage_fields,
 )
 from ._redis_uri import DEFAULTS, MAX_CONNECTIONS, RedisTarget, parse_redis_uri
 from ._registry import masked
@@ -332,6 +342,23 @@ class _Connections:
     def give_back(self) -> list[Any]:
         idle, self.idle = self.idle, []
         return idle
+
+
+class _RedisLock:
+    def __init__(self, lock: Any) -> None:
+        self.lock = lock
+
+    def renew(self) -> None:
+        try:
+            self.lock.reacquire()
+        except Exception as exc:
+            raise _failure("export lock", exc) from exc
+
+    def release(self) -> None:
+        try:
+            self.lock.release()
+        except Exception as exc:
+            raise _failure("export lock", exc) from exc
 
 
 @dataclass
@@ -651,6 +678,91 @@ class RedisStorage(Storage):
         for p in providers:
             counts[p] = unmapped_counts(await self._acommand("read", "HGETALL", unmapped_key(p)))
         return counts
+
+    # hourly usage aggregates and their export: the exporter's, on the bulk client
+
+    def usage_hours(self, customer: str, since: int, until: int) -> dict[int, dict[str, int]]:
+        prefix = customer_prefix(customer)
+        hours = [h for h in range(usage_hour(since), until, USAGE_HOUR) if h >= since]
+        try:
+            pipe = self._bulk_client().pipeline(transaction=False)
+            for hour in hours:
+                pipe.hgetall(usage_key(prefix, hour))
+            replies = pipe.execute() if hours else []
+        except Exception as exc:
+            raise _failure("usage read", exc) from exc
+        found = {hour: usage_fields(reply) for hour, reply in zip(hours, replies, strict=True)}
+        return {hour: fields for hour, fields in found.items() if fields}
+
+    def usage_customers(self, since: int, until: int) -> Iterator[str]:
+        """SCAN over the aggregates' keys (never KEYS), node by node on a cluster."""
+        match = usage_key(customer_prefix("*"), "*")  # type: ignore[arg-type]
+        seen: set[str] = set()
+        try:
+            client = self._bulk_client()
+            for node in self._scan_nodes(client):
+                position = None
+                while position != 0:
+                    if node is None:
+                        position, keys = client.scan(position or 0, match=match, count=1000)
+                    else:
+                        cursors, keys = client.scan(
+                            position or 0, match=match, count=1000, target_nodes=node
+                        )
+                        position = cursors[node.name]
+                    position = int(position)
+                    for key in keys:
+                        prefix, _, hour = _text(key).rpartition("usage:")
+                        customer = customer_of_prefix(prefix)
+                        if (
+                            customer is not None
+                            and customer not in seen
+                            and hour.isdigit()
+                            and since <= int(hour) < until
+                        ):
+                            seen.add(customer)
+                            yield customer
+        except Exception as exc:
+            raise _failure("usage listing", exc) from exc
+
+    def mark_usage(self, customer: str, marks: Mapping[int, Mapping[str, int]]) -> None:
+        if marks:
+            self._run("usage_mark", *mark_call(customer, marks))
+
+    def export_lock(self, name: str, ttl: float) -> ExportLock | None:
+        """redis-py's ``Lock`` (a token, released and extended only by its holder)."""
+        try:
+            lock = self._bulk_client().lock(f"{export_key(name)}:lock", timeout=ttl)
+            if not lock.acquire(blocking=False):
+                return None
+        except Exception as exc:
+            raise _failure("export lock", exc) from exc
+        return _RedisLock(lock)
+
+    def pending_export(self, name: str) -> tuple[str, frozenset[str]] | None:
+        fields = self._command("export read", "HGETALL", export_key(name))
+        text = hash_text(fields)
+        batch = text.pop("batch", None)
+        if batch is None:
+            return None
+        return batch, frozenset(k[len("sent:") :] for k in text if k.startswith("sent:"))
+
+    def begin_export(self, name: str, batch: str) -> None:
+        try:
+            pipe = self._bulk_client().pipeline(transaction=True)
+            pipe.delete(export_key(name))
+            pipe.hset(export_key(name), "batch", batch)
+            pipe.execute()
+        except Exception as exc:
+            raise _failure("export write", exc) from exc
+
+    def confirm_export(self, name: str, identifiers: Sequence[str]) -> None:
+        if identifiers:
+            fields = [part for i in identifiers for part in (f"sent:{i}", "1")]
+            self._command("export write", "HSET", export_key(name), *fields)
+
+    def end_export(self, name: str) -> None:
+        self._command("export write", "DEL", export_key(name))
 
     def put_customer(self, record: CustomerRecord, *, expected_version: int | None = None) -> int:
         expected = "" if expected_version is None else str(expected_version)

@@ -9,7 +9,8 @@ script and arguments, without plangate's client); tests/test_benchmarks.py check
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+import math
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from datetime import datetime
 from importlib import resources
@@ -20,6 +21,7 @@ from ..engine._credits import LEDGER_CAP, LEDGER_SLACK, MAX_UNITS, PRUNE_AFTER, 
 from ..errors import VersionConflict
 from ._base import (
     SLIDING_BUCKETS,
+    USAGE_HOUR,
     Counter,
     CounterState,
     CreditCharge,
@@ -35,7 +37,11 @@ from ._base import (
     ReserveResult,
     RevokeCredits,
     Settle,
+    customer_prefix,
     idempotency_key_of,
+    prefix_of_key,
+    usage_hour,
+    usage_key,
 )
 
 SCRIPTS = (
@@ -49,6 +55,7 @@ SCRIPTS = (
     "credit_grant",
     "credit_revoke",
     "credit_read",
+    "usage_mark",
 )
 #: seconds a deleted record's tombstone (its last version) is kept
 TOMBSTONE_TTL = 30 * 86400  # lua/<name>.lua, after lua/window.lua
@@ -79,9 +86,10 @@ def _bound(counter: Counter) -> int:
     return max(counter.limit or 0, 1) if counter.exact else 0
 
 
-#: counters tuple (by identity) → its keys and specs; the engine reuses one tuple per rule and
-#: customer for as long as its charge is valid, so each is formatted once
-_CALLS: dict[int, tuple[tuple[Counter, ...], list[str], list[str]]] = {}
+#: counters tuple (by identity) → its keys and specs, and where its usage goes (the
+#: customer's key prefix and the aggregates' retention; "": none); the engine reuses one
+#: tuple per rule and customer for as long as its charge is valid, so each is formatted once
+_CALLS: dict[int, tuple[tuple[Counter, ...], list[str], list[str], str, int]] = {}
 _CREDIT_CALLS: dict[int, tuple[tuple[CreditCharge, ...], list[str], list[str]]] = {}
 
 
@@ -90,31 +98,56 @@ def reserve_script(op: Reserve) -> str:
     return "reserve" if op.credits else "reserve_plain"
 
 
+def _usage_of(counters: Sequence[Counter]) -> tuple[str, int]:
+    """Where the usage of ``counters`` goes: the customer's key prefix ("": nowhere) and how
+    long the hourly aggregates are kept after their hour."""
+    for c in counters:
+        if c.usage:
+            return prefix_of_key(c.key), c.usage_ttl
+    return "", 0
+
+
+def _usage_target(prefix: str, retention: int, now: float) -> tuple[str, int]:
+    """The aggregates of the hour of ``now`` and the seconds from now they expire in."""
+    hour = usage_hour(now)
+    return usage_key(prefix, hour), max(1, math.ceil(hour + USAGE_HOUR + retention - now))
+
+
 def reserve_call(op: Reserve) -> tuple[list[str], list[Any]]:
     counters = op.counters
     cached = _CALLS.get(id(counters))
     if cached is None or cached[0] is not counters:
         specs = [
             f"{-1 if c.limit is None else c.limit} {c.cost} {c.window!r} {c.resets_at!r}"
-            f" {_bound(c)}"
+            f" {_bound(c)} {c.usage}".rstrip()
             for c in counters
         ]
-        cached = (counters, [c.key for c in counters], specs)
+        cached = (counters, [c.key for c in counters], specs, *_usage_of(counters))
         if len(_CALLS) >= 50_000:
             _CALLS.clear()
         _CALLS[id(counters)] = cached
     credits = op.credits
-    if not credits:
-        return cached[1], [repr(op.now), "1" if op.enforce else "0", *cached[2]]
-    # the engine reuses its charges' credits tuple as it does the counters: formatted once
-    spent = _CREDIT_CALLS.get(id(credits))
-    if spent is None or spent[0] is not credits:
-        spent = (credits, _credit_keys(credits), [_credit_spec(c) for c in credits])
-        if len(_CREDIT_CALLS) >= 50_000:
-            _CREDIT_CALLS.clear()
-        _CREDIT_CALLS[id(credits)] = spent
-    flag = f"{1 if op.enforce else 0} {len(credits)} {op.reservation_id or '-'}"
-    return [*cached[1], *spent[1]], [repr(op.now), flag, *cached[2], *spent[2]]
+    flag = "1" if op.enforce else "0"
+    if not credits and not cached[3]:
+        return cached[1], [repr(op.now), flag, *cached[2]]
+    keys = cached[1]
+    args = cached[2]
+    if credits:
+        # the engine reuses its charges' credits tuple as it does the counters: formatted once
+        spent = _CREDIT_CALLS.get(id(credits))
+        if spent is None or spent[0] is not credits:
+            spent = (credits, _credit_keys(credits), [_credit_spec(c) for c in credits])
+            if len(_CREDIT_CALLS) >= 50_000:
+                _CREDIT_CALLS.clear()
+            _CREDIT_CALLS[id(credits)] = spent
+        keys = [*keys, *spent[1]]
+        args = [*args, *spent[2]]
+    flag = f"{flag} {len(credits)} {op.reservation_id or '-'}"
+    if cached[3]:
+        usage, ttl = _usage_target(cached[3], cached[4], op.now)
+        keys = [*keys, usage]
+        flag = f"{flag} {ttl}"
+    return keys, [repr(op.now), flag, *args]
 
 
 def _credit_keys(charges: Sequence[CreditCharge]) -> list[str]:
@@ -184,29 +217,40 @@ def _first_key(counters: Sequence[Counter], credits: Sequence[CreditCharge]) -> 
 
 def settle_call(op: Settle) -> tuple[list[str], list[Any]]:
     marker = f"{_first_key(op.counters, op.credits)}:settled:{op.reservation_id}"
-    keys = [c.key for c in op.counters] + [marker]
-    ttl = f"{SETTLED_TTL} {len(op.credits)}" if op.credits else SETTLED_TTL
+    keys = [c.key for c in op.counters] + [marker] + _credit_keys(op.credits)
+    ttl: Any = f"{SETTLED_TTL} {len(op.credits)}" if op.credits else SETTLED_TTL
+    prefix, retention = _usage_of(op.counters)
+    if prefix and any(op.deltas):
+        usage, seconds = _usage_target(prefix, retention, op.now)
+        keys.append(usage)
+        ttl = f"{SETTLED_TTL} {len(op.credits)} {seconds}"
     args: list[Any] = [repr(op.now), ttl]
     for c, slot, delta in zip(op.counters, op.slots, op.deltas, strict=True):
-        args += [repr(c.window), repr(c.resets_at), slot, delta, _bound(c)]
+        args += [repr(c.window), repr(c.resets_at), slot, delta, _bound(c), c.usage]
     for charge, delta, burns in zip(op.credits, op.credit_deltas, op.burns, strict=True):
         spent = "".join(f" {grant} {units}" for grant, units in burns)
         args.append(f"{delta} {_period(charge)}{spent}")
-    return [*keys, *_credit_keys(op.credits)], args
+    return keys, args
 
 
 def record_call(op: Record) -> tuple[list[str], list[Any]]:
     first = _first_key(op.counters, op.credits)
     marker = f"{first}:recorded:{op.record_id}"
+    keys = [c.key for c in op.counters] + [marker] + _credit_keys(op.credits)
     ttl: Any = SETTLED_TTL
     if op.credits:
         ttl = f"{SETTLED_TTL} {len(op.credits)} {op.reservation_id}".rstrip()
+    prefix, retention = _usage_of(op.counters)
+    if prefix:
+        usage, seconds = _usage_target(prefix, retention, op.now)
+        keys.append(usage)
+        ttl = f"{SETTLED_TTL} {len(op.credits)} {op.reservation_id or '-'} {seconds}"
     args: list[Any] = [repr(op.now), ttl, SLIDING_BUCKETS]
     for c, cost in zip(op.counters, op.costs, strict=True):
-        args += [repr(c.window), repr(c.resets_at), cost, _bound(c)]
+        args += [repr(c.window), repr(c.resets_at), cost, _bound(c), c.usage]
     for charge, units in zip(op.credits, op.credit_costs, strict=True):
         args.append(f"{units} {_period(charge)}")
-    return [c.key for c in op.counters] + [marker] + _credit_keys(op.credits), args
+    return keys, args
 
 
 # credit balances: the admin side ----------------------------------------------------------
@@ -415,8 +459,36 @@ def unmapped_key(provider: str) -> str:
 
 
 def unmapped_counts(fields: Any) -> dict[str, int]:
-    """An HGETALL of ``unmapped_key``: a map (RESP3) or a flat list (RESP2)."""
+    """An HGETALL of ``unmapped_key``."""
+    return {k: int(v) for k, v in hash_text(fields).items()}
+
+
+# hourly usage aggregates and their export ------------------------------------------------
+
+
+def hash_text(fields: Any) -> dict[str, str]:
+    """An HGETALL reply as text: a map (RESP3) or a flat list (RESP2)."""
     pairs = (
         fields.items() if isinstance(fields, dict) else zip(fields[::2], fields[1::2], strict=True)
     )
-    return {_text(k): int(v) for k, v in pairs}
+    return {_text(k): _text(v) for k, v in pairs}
+
+
+def usage_fields(fields: Any) -> dict[str, int]:
+    """An HGETALL of a ``usage_key``."""
+    return {k: int(v) for k, v in hash_text(fields).items()}
+
+
+def mark_call(customer: str, marks: Mapping[int, Mapping[str, int]]) -> tuple[list[str], list[Any]]:
+    prefix = customer_prefix(customer)
+    keys, args = [], []
+    for hour, fields in marks.items():
+        keys.append(usage_key(prefix, hour))
+        args.append(" ".join(f"{name} {value}" for name, value in fields.items()))
+    return keys, args
+
+
+def export_key(name: str) -> str:
+    """Where usage export ``name`` records its batch (``batch``) and what of it was sent
+    (``sent:<identifier>``)."""
+    return f"plangate:export:{name}"

@@ -17,7 +17,7 @@ blocking methods and by ``adrive`` for the asyncio ones.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import replace
 from typing import TypeVar
 
@@ -31,6 +31,7 @@ from ._base import (
     CustomerListener,
     CustomerPage,
     CustomerRecord,
+    ExportLock,
     Flow,
     GrantCredits,
     GrantResult,
@@ -346,6 +347,33 @@ class ResilientStorage(Storage):
         self, *, plan: str | None = None, limit: int = 100, cursor: str | None = None
     ) -> CustomerPage:
         return await self.inner.alist_customers(plan=plan, limit=limit, cursor=cursor)
+
+    # Usage aggregates and their export are the exporter's: straight to the backend (a
+    # failure is the exporter's to see and retry), never answered from this process.
+
+    def usage_hours(self, customer: str, since: int, until: int) -> dict[int, dict[str, int]]:
+        return self.inner.usage_hours(customer, since, until)
+
+    def usage_customers(self, since: int, until: int) -> Iterator[str]:
+        return self.inner.usage_customers(since, until)
+
+    def mark_usage(self, customer: str, marks: Mapping[int, Mapping[str, int]]) -> None:
+        self.inner.mark_usage(customer, marks)
+
+    def export_lock(self, name: str, ttl: float) -> ExportLock | None:
+        return self.inner.export_lock(name, ttl)
+
+    def pending_export(self, name: str) -> tuple[str, frozenset[str]] | None:
+        return self.inner.pending_export(name)
+
+    def begin_export(self, name: str, batch: str) -> None:
+        self.inner.begin_export(name, batch)
+
+    def confirm_export(self, name: str, identifiers: Sequence[str]) -> None:
+        self.inner.confirm_export(name, identifiers)
+
+    def end_export(self, name: str) -> None:
+        self.inner.end_export(name)
 
     # Billing's counts of unmapped prices: straight to the backend, like the admin side's.
 

@@ -4,10 +4,13 @@
 -- KEYS[1..n]  counters (sliding windows, see window.lua, or calendar-period strings)
 -- KEYS[n+1]   the replay's marker: present means this usage was recorded before
 -- ARGV[1]     now, epoch seconds: when the usage happened
--- ARGV[2]     how long the marker is kept, seconds; with credits, " <number of balances>"
+-- ARGV[2]     how long the marker is kept, seconds; with credits or usage,
+--   " <number of balances> <reservation id or ->", and with usage " <seconds>": the last
+--   KEY is the usage aggregates of the hour of ARGV[1] (see usage_add)
 -- ARGV[3]     buckets per sliding window
--- then per counter, 4 values: window seconds (0: a period), period end (epoch seconds),
---   units, and the log's bound (0: buckets)
+-- then per counter, 5 values: window seconds (0: a period), period end (epoch seconds),
+--   units, the log's bound (0: buckets), and the meter whose usage the units add to
+--   ("": none)
 -- then per credit balance (KEYS after the marker: its hash and its ledger), "units grant
 --   start finish": units used meanwhile, taken whole (past the balance: debt); ARGV[2] ending
 --   in " <reservation id>": the one reservation this usage is, recorded already if its burns
@@ -16,15 +19,17 @@
 -- Returns {1, slot per counter...}, {0} if this usage was recorded before, or {2} if it is
 -- one reservation that was made here after all (its reply timed out): nothing changes.
 
-local ttl, ncredits, reservation = string.match(ARGV[2], "^(%d+) ?(%d*) ?(%S*)$")
+local ttl, ncredits, reservation, usage_ttl =
+  string.match(ARGV[2], "^(%d+) ?(%d*) ?(%S*) ?(%d*)$")
 ncredits = tonumber(ncredits) or 0
-local n = #KEYS - 1 - 2 * ncredits
+usage_ttl = tonumber(usage_ttl) or 0
+local n = #KEYS - 1 - 2 * ncredits - (usage_ttl > 0 and 1 or 0)
 local now = tonumber(ARGV[1])
 if redis.call("EXISTS", KEYS[n + 1]) == 1 then
   return {0}
 end
 -- the usage of one reservation whose reserve timed out here but was made there: counted
-if reservation ~= nil and reservation ~= "" then
+if reservation ~= nil and reservation ~= "" and reservation ~= "-" then
   for j = 1, ncredits do
     if credit_burned(KEYS[n + 1 + 2 * j], reservation) then
       return {2}
@@ -34,12 +39,16 @@ end
 local nbuckets = tonumber(ARGV[3])
 local reply = {1}
 for i = 1, n do
-  local base = 3 + (i - 1) * 4
+  local base = 3 + (i - 1) * 5
   local key = KEYS[i]
   local window = tonumber(ARGV[base + 1])
   local resets = tonumber(ARGV[base + 2])
   local units = tonumber(ARGV[base + 3])
   local bound = tonumber(ARGV[base + 4])
+  local meter = ARGV[base + 5]
+  if usage_ttl > 0 and meter ~= "" and units ~= 0 then
+    usage_add(KEYS[#KEYS], meter, units, usage_ttl)
+  end
   local slot = 0
   if window > 0 and bound > 0 then
     local log = log_open(key, window, now, ARGV[1], true)
@@ -75,7 +84,7 @@ if ncredits > 0 then
   local now_us = math.floor(now * 1000000 + 0.5)
   local ref = string.match(KEYS[n + 1], ":recorded:(.*)$")
   for j = 1, ncredits do
-    local spec = ARGV[3 + 4 * n + j]
+    local spec = ARGV[3 + 5 * n + j]
     local units = tonumber(string.match(spec, "^(%S+)"))
     if units > 0 then
       local a = credit_open_for(KEYS[n + 1 + 2 * j - 1], KEYS[n + 1 + 2 * j], spec, now_us)

@@ -5,11 +5,14 @@
 --   its burn entries name this reservation, which is how a replay after a timeout knows it)
 -- ARGV[1]  now, epoch seconds (the caller's clock; the time of a window never goes back)
 -- ARGV[2]  "1": refuse when a limit would be exceeded; "0": count regardless (shadow mode);
---   with credits, followed by " <number of balances> <reservation id>"
--- ARGV[2 + i]  counter i, as "limit cost window resets bound": limit (-1: unlimited), cost,
---   window seconds (0: a period), period end (epoch seconds; 0 for a window), and for an
---   exact log its bound on entries (0: buckets). One argument per counter: every argument
---   costs the client time to encode.
+--   with credits or usage, followed by " <number of balances> <reservation id>" ("0 -":
+--   none), and with usage by " <seconds>": the last KEY is the hour's usage aggregates, a
+--   hash (meter -> units), which expires that many seconds from now when it is made
+-- ARGV[2 + i]  counter i, as "limit cost window resets bound [meter]": limit (-1:
+--   unlimited), cost, window seconds (0: a period), period end (epoch seconds; 0 for a
+--   window), for an exact log its bound on entries (0: buckets), and the meter whose usage
+--   its cost adds to. One argument per counter: every argument costs the client time to
+--   encode.
 -- then per balance: "cost direct grant start finish" and, per overage, " index rate group":
 --   the units of counter index (0-based) over its limit are charged at rate sub-units each,
 --   the most over any limit of a group; a counter with overage never refuses by itself.
@@ -23,17 +26,20 @@
 
 local now_arg = ARGV[1]
 local now = tonumber(now_arg)
-local flag, ncredits, reservation = string.match(ARGV[2], "^(%d) ?(%d*) ?(%S*)$")
+local flag, ncredits, reservation, usage_ttl =
+  string.match(ARGV[2], "^(%d) ?(%d*) ?(%S*) ?(%d*)$")
 local enforce = flag == "1"
 ncredits = tonumber(ncredits) or 0
-local ncounters = #KEYS - 2 * ncredits
+usage_ttl = tonumber(usage_ttl) or 0
+local ncounters = #KEYS - 2 * ncredits - (usage_ttl > 0 and 1 or 0)
 local nbuckets = __SLIDING_BUCKETS__
 
 local counters = {}
 for i = 1, ncounters do
-  local limit, cost, window, resets, bound =
-    string.match(ARGV[2 + i], "(%S+) (%S+) (%S+) (%S+) (%S+)")
+  local limit, cost, window, resets, bound, meter =
+    string.match(ARGV[2 + i], "(%S+) (%S+) (%S+) (%S+) (%S+) ?(%S*)")
   local c = {
+    meter = meter,
     key = KEYS[i],
     limit = tonumber(limit),
     cost = tonumber(cost),
@@ -281,5 +287,8 @@ for _, c in ipairs(counters) do
   end
   c.total = c.total + c.cost
   reply[#reply + 1] = string.format("%d %d %d", c.total, ms(reset_after(c)), slot)
+  if usage_ttl > 0 and c.meter ~= "" and c.cost ~= 0 then
+    usage_add(KEYS[#KEYS], c.meter, c.cost, usage_ttl)
+  end
 end
 return table.concat(reply, " ") .. credits_reply(enforce)

@@ -5,19 +5,22 @@
 -- KEYS[n+1]   the reservation's settled marker
 --   then per credit balance: its hash and its ledger
 -- ARGV[1]     now, epoch seconds
--- ARGV[2]     how long the marker is kept, seconds; with credits, " <number of balances>"
--- then per counter, 5 values: window seconds (0: a period), period end (epoch seconds),
---   slot (the log entry's seq, or the bucket), delta (may be negative), and the log's bound
---   (0: buckets)
+-- ARGV[2]     how long the marker is kept, seconds; with credits or usage,
+--   " <number of balances>", and with usage " <seconds>": the last KEY is the hour's usage
+--   aggregates (see usage_add), which expires that many seconds from now when it is made
+-- then per counter, 6 values: window seconds (0: a period), period end (epoch seconds),
+--   slot (the log entry's seq, or the bucket), delta (may be negative), the log's bound
+--   (0: buckets), and the meter whose usage the delta changes ("": none)
 -- then per balance: "delta grant start finish" and the reservation's burns of it
 --   (" id units..."): a delta above 0 is charged (past the balance: debt), below 0 refunded
 --   to the grants the burns took it from
 --
 -- Returns 1, or 0 if this reservation was settled before (then nothing changes).
 
-local ttl, ncredits = string.match(ARGV[2], "^(%d+) ?(%d*)$")
+local ttl, ncredits, usage_ttl = string.match(ARGV[2], "^(%d+) ?(%d*) ?(%d*)$")
 ncredits = tonumber(ncredits) or 0
-local n = #KEYS - 1 - 2 * ncredits
+usage_ttl = tonumber(usage_ttl) or 0
+local n = #KEYS - 1 - 2 * ncredits - (usage_ttl > 0 and 1 or 0)
 local now = tonumber(ARGV[1])
 if redis.call("EXISTS", KEYS[n + 1]) == 1 then
   return 0
@@ -69,13 +72,17 @@ local function log_settle(key, window, seq, delta, bound)
 end
 
 for i = 1, n do
-  local base = 2 + (i - 1) * 5
+  local base = 2 + (i - 1) * 6
   local key = KEYS[i]
   local window = tonumber(ARGV[base + 1])
   local resets = tonumber(ARGV[base + 2])
   local slot = ARGV[base + 3]
   local delta = tonumber(ARGV[base + 4])
   local bound = tonumber(ARGV[base + 5])
+  local meter = ARGV[base + 6]
+  if usage_ttl > 0 and meter ~= "" and delta ~= 0 then -- the usage as it was, unclamped
+    usage_add(KEYS[#KEYS], meter, delta, usage_ttl)
+  end
   if delta ~= 0 then
     if window > 0 and bound > 0 then
       log_settle(key, window, tonumber(slot), delta, bound)
@@ -102,7 +109,7 @@ if ncredits > 0 then
   local now_us = math.floor(now * 1000000 + 0.5)
   local ref = string.match(KEYS[n + 1], ":settled:(.*)$")
   for j = 1, ncredits do
-    local spec = ARGV[2 + 5 * n + j]
+    local spec = ARGV[2 + 6 * n + j]
     local delta = tonumber(string.match(spec, "^(%S+)"))
     if delta ~= 0 then
       local key = KEYS[n + 1 + 2 * j - 1]

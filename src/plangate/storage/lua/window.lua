@@ -241,3 +241,11 @@ local function buckets_from_log(key, window, width, now, now_text)
     redis.call("PEXPIRE", key, math.max(1, ttl))
   end
 end
+
+-- Hourly usage aggregates: `units` more of `meter` in the hash `key` (one per customer and
+-- hour), which expires `ttl` seconds from now when it is made.
+local function usage_add(key, meter, units, ttl)
+  if redis.call("HINCRBY", key, meter, units) == units then -- new (or back from 0)
+    redis.call("EXPIRE", key, ttl)
+  end
+end
