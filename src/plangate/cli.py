@@ -293,6 +293,12 @@ def _credits_parsers(commands: Any) -> None:
     export.add_argument(
         "--out", metavar="FILE", help="zuora-csv, jsonl: write here (default: standard output)"
     )
+    export.add_argument(
+        "--take-over",
+        action="store_true",
+        help="start even if an export that crashed still holds this destination (its hold "
+        "runs out after a minute); never while another runs",
+    )
     export.set_defaults(run=_usage_export)
 
 
@@ -598,7 +604,9 @@ def _usage_export(args: argparse.Namespace) -> int:
             print(f"plangate usage export: {exc}", file=sys.stderr)
             return 2
         try:
-            report = UsageExport(storage, config, target).run(args.since, args.until)
+            report = UsageExport(storage, config, target).run(
+                args.since, args.until, take_over=args.take_over
+            )
         except (ExportBusy, ExportInterrupted) as exc:
             print(f"plangate usage export: {exc}", file=sys.stderr)
             return 1

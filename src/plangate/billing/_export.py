@@ -15,6 +15,7 @@ Destinations: Stripe meter events (``billing.stripe.meters``), Zuora's usage upl
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import csv
 import hashlib
@@ -26,19 +27,21 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import IO, Any
 
-from ..config import Config
+from ..config import Config, parse_duration
 from ..engine import USAGE_HOUR, CustomerRecord, usage_hour
 from ..errors import StorageError
-from ..storage import Storage
+from ..storage import ExportLock, Storage
 
 logger = logging.getLogger("plangate.billing")
 
 #: events recorded, sent and marked together: at most one batch is ever left half-sent
 BATCH = 500
-#: seconds an export holds its lock without renewing it (renewed after every batch)
-LOCK_TTL = 300.0
+#: seconds an export holds its lock without renewing it (renewed every third of that while
+#: it runs): how long a crashed export keeps the next one waiting (``--take-over`` does not)
+LOCK_TTL = 60.0
 
 
 @dataclass(frozen=True)
@@ -361,12 +364,22 @@ class UsageExport:
         self.destination = destination
         self.clock = clock
         self.batch = batch
+        self._lock: ExportLock | None = None
+        self._renewed = 0.0
 
-    def run(self, since: float | None = None, until: float | None = None) -> ExportReport:
+    def run(
+        self, since: float | None = None, until: float | None = None, *, take_over: bool = False
+    ) -> ExportReport:
+        """``take_over``: start even if another export holds this destination (one that
+        crashed and whose hold has not run out yet); never while one is still running."""
         name = self.destination.name
-        lock = self.storage.export_lock(name, LOCK_TTL)
+        lock = self.storage.export_lock(name, LOCK_TTL, force=take_over)
         if lock is None:
-            raise ExportBusy(f"another process is exporting usage to {name} now")
+            raise ExportBusy(
+                f"another process is exporting usage to {name} now (or crashed less than "
+                f"{LOCK_TTL:.0f}s ago: --take-over if none runs)"
+            )
+        self._lock, self._renewed = lock, time.monotonic()
         report = ExportReport(name)
         try:
             pending = self.storage.pending_export(name)
@@ -375,7 +388,6 @@ class UsageExport:
                 before = report.sent
                 self._finish(events, pending[1], report)
                 report.resumed = report.sent - before
-                lock.renew()
             now = self.clock()
             first = usage_hour(
                 now - self.config.catalog.usage_retention if since is None else since
@@ -386,7 +398,6 @@ class UsageExport:
                 events.append(event)
                 if len(events) >= self.batch:
                     self._send(events, report)
-                    lock.renew()
                     events = []
             if events:
                 self._send(events, report)
@@ -453,6 +464,9 @@ class UsageExport:
             self.storage.confirm_export(name, [sent])
             done.add(sent)
             report.sent += 1
+            if self._lock is not None and time.monotonic() - self._renewed > LOCK_TTL / 3:
+                self._lock.renew()
+                self._renewed = time.monotonic()
         by_id = {e.identifier: e for e in events}
         report.units += sum(by_id[i].value for i in done - confirmed if i in by_id)
         marks: dict[str, dict[int, dict[str, int]]] = {}
@@ -464,3 +478,60 @@ class UsageExport:
         for customer, hours in marks.items():
             self.storage.mark_usage(customer, hours)
         self.storage.end_export(name)
+
+
+class PeriodicExport:
+    """``billing.export`` in ``plangate gateway``: ``plangate usage export`` every ``every``,
+    on a thread (the export's calls block). Zuora CSV and JSON lines go to a new file in
+    ``path`` per run that sends anything. Among several gateways, one exports at a time
+    (the others find the export held, and wait for their next turn)."""
+
+    def __init__(
+        self,
+        storage: Storage,
+        config: Config,
+        *,
+        clock: Callable[[], float] = time.time,
+        on_report: Callable[[ExportReport], None] | None = None,
+    ) -> None:
+        billing = config.model.billing
+        if billing is None or billing.export is None:
+            raise ValueError("the config sets no billing.export")
+        self.storage, self.config, self.clock = storage, config, clock
+        self.settings = billing.export
+        self.every = parse_duration(billing.export.every)
+        self.on_report = on_report
+
+    async def run(self) -> None:
+        """Forever, until cancelled: wait ``every``, export."""
+        while True:
+            await asyncio.sleep(self.every)
+            try:
+                report = await asyncio.to_thread(self.once)
+            except ExportBusy:
+                logger.info("usage export: another process is exporting now")
+                continue
+            except (ExportInterrupted, StorageError, ValueError, OSError) as exc:
+                logger.warning("usage export to %s failed: %s", self.settings.to, exc)
+                continue
+            for line in report.lines():
+                logger.info("usage export %s", line.strip())
+            if self.on_report is not None:
+                self.on_report(report)
+
+    def once(self) -> ExportReport:
+        to = self.settings.to
+        if to == "stripe":
+            return UsageExport(
+                self.storage, self.config, StripeMeters(self.config), clock=self.clock
+            ).run()
+        moment = datetime.fromtimestamp(self.clock(), timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+        suffix = "csv" if to == "zuora-csv" else "jsonl"
+        path = Path(str(self.settings.path)) / f"plangate-usage-{to}-{moment}.{suffix}"
+        with path.open("a", encoding="utf-8", newline="") as out:
+            dest = destination(self.config, to, out)
+            try:
+                return UsageExport(self.storage, self.config, dest, clock=self.clock).run()
+            finally:
+                if out.tell() == 0:  # nothing to send: no file
+                    path.unlink(missing_ok=True)

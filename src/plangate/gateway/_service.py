@@ -12,7 +12,7 @@ import posixpath
 import re
 import time
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from typing import Any
 from urllib.parse import quote, unquote, urlsplit
 
@@ -77,7 +77,15 @@ class GatewayService:
         self.settled = 0  # reservations settled so far
         self._settling = asyncio.Condition()
         from ..admin import AdminAPI  # not at the top: plangate.admin imports ._bodies
-        from ..billing import Webhooks
+        from ..billing import PeriodicExport, Webhooks
+
+        billing = self.gate.config.model.billing
+        #: the periodic usage export (``billing.export``), run while the service runs
+        self.export = (
+            PeriodicExport(self.gate.storage, self.gate.config, clock=clock)
+            if billing is not None and billing.export is not None
+            else None
+        )
 
         self.app = Starlette(
             routes=[
@@ -89,8 +97,21 @@ class GatewayService:
                 Route("/healthz", self.healthz, methods=["GET", "HEAD"]),
                 Mount("/admin", app=AdminAPI(self.gate)),
                 Mount("/webhooks", app=Webhooks(self.gate)),
-            ]
+            ],
+            lifespan=self._lifespan,
         )
+
+    @contextlib.asynccontextmanager
+    async def _lifespan(self, app: Any) -> AsyncIterator[None]:
+        """The periodic usage export (``billing.export``), for as long as the service runs."""
+        task = None if self.export is None else asyncio.create_task(self.export.run())
+        try:
+            yield
+        finally:
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         await self.app(scope, receive, send)

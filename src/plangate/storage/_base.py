@@ -258,8 +258,9 @@ class Storage(ABC):
         one change; an hour no longer kept is not made again."""
         raise NotImplementedError(f"{type(self).__name__} keeps no usage aggregates")
 
-    def export_lock(self, name: str, ttl: float) -> ExportLock | None:
-        """Hold the export ``name`` for ``ttl`` seconds (renewable); None if another holds it."""
+    def export_lock(self, name: str, ttl: float, *, force: bool = False) -> ExportLock | None:
+        """Hold the export ``name`` for ``ttl`` seconds (renewable); None if another holds it
+        (``force``: take it from whoever holds it)."""
         raise NotImplementedError(f"{type(self).__name__} keeps no usage exports")
 
     def pending_export(self, name: str) -> tuple[str, frozenset[str]] | None:

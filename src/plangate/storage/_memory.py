@@ -538,11 +538,11 @@ class MemoryStorage(Storage):
                 if held is not None:
                     held.fields.update(fields)
 
-    def export_lock(self, name: str, ttl: float) -> ExportLock | None:
+    def export_lock(self, name: str, ttl: float, *, force: bool = False) -> ExportLock | None:
         with self._lock:
             now = time.monotonic()
             held = self._export_locks.get(name)
-            if held is not None and held.until > now:
+            if held is not None and held.until > now and not force:
                 return None
             lock = self._export_locks[name] = _MemoryLock(self, name, ttl, now + ttl)
             return lock

@@ -729,9 +729,11 @@ class RedisStorage(Storage):
         if marks:
             self._run("usage_mark", *mark_call(customer, marks))
 
-    def export_lock(self, name: str, ttl: float) -> ExportLock | None:
+    def export_lock(self, name: str, ttl: float, *, force: bool = False) -> ExportLock | None:
         """redis-py's ``Lock`` (a token, released and extended only by its holder)."""
         try:
+            if force:
+                self._bulk_client().delete(f"{export_key(name)}:lock")
             lock = self._bulk_client().lock(f"{export_key(name)}:lock", timeout=ttl)
             if not lock.acquire(blocking=False):
                 return None

@@ -360,8 +360,8 @@ class ResilientStorage(Storage):
     def mark_usage(self, customer: str, marks: Mapping[int, Mapping[str, int]]) -> None:
         self.inner.mark_usage(customer, marks)
 
-    def export_lock(self, name: str, ttl: float) -> ExportLock | None:
-        return self.inner.export_lock(name, ttl)
+    def export_lock(self, name: str, ttl: float, *, force: bool = False) -> ExportLock | None:
+        return self.inner.export_lock(name, ttl, force=force)
 
     def pending_export(self, name: str) -> tuple[str, frozenset[str]] | None:
         return self.inner.pending_export(name)
