@@ -78,3 +78,19 @@ def test_the_credits_rows_run_in_a_tiny_mode():
         assert "EVALSHA" in trips, row
         assert float(trips.split()[0]) < 1.1, row
     assert "`credits:ai_credits:ledger`" in run.stdout
+
+
+@pytest.mark.redis
+def test_the_usage_benchmark_runs_in_a_tiny_mode():
+    """usage.py --smoke: its own redis-server; reservations with and without the hourly
+    aggregates on memory and Redis, and one customer-hour's memory; printed, never checked."""
+    run = subprocess.run(
+        [sys.executable, str(Path(__file__).parents[1] / "benchmarks" / "usage.py"), "--smoke"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=Path(__file__).parents[1] / "benchmarks",
+    )
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "| Redis |" in run.stdout
+    assert "| as written by requests |" in run.stdout

@@ -3,6 +3,10 @@ moving from Zuora to Stripe with both providers live at once."""
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import hmac
+import json
 from collections.abc import Callable
 
 import pytest
@@ -85,6 +89,62 @@ def test_without_credentials_zuora_is_challenged_and_with_wrong_ones_refused() -
     for answer in (bare, wrong, someone):
         assert answer.status_code == 401
         assert answer.headers["www-authenticate"] == 'Basic realm="plangate-webhooks"'
+        assert answer.headers["content-type"] == PROBLEM
+    assert record.status_code == 404
+
+
+HMAC_SECRET = "a-zuora-hmac-key-from-the-environment"
+
+
+def hmac_config(**zuora: object) -> dict[str, object]:
+    """Zuora with its HMAC option only (no Basic credentials)."""
+    config = billing_config()
+    config["billing"]["zuora"] = {
+        "customer_from": "CrmId",
+        "hmac_secret": HMAC_SECRET,
+        "rate_plans": {LEGACY_PLAN: "pro-2023"},
+        **zuora,
+    }
+    return config
+
+
+def signature(body: bytes, encoding: str = "base64") -> str:
+    digest = hmac.new(HMAC_SECRET.encode(), body, hashlib.sha256).digest()
+    return base64.b64encode(digest).decode() if encoding == "base64" else digest.hex()
+
+
+@pytest.mark.parametrize("encoding", ["base64", "hex"])
+def test_a_callout_signed_with_zuoras_hmac_option_is_taken(encoding: str) -> None:
+    body = json.dumps(callout()).encode()
+    with webhooks(config=hmac_config()) as (client, _):
+        answer = client.post(
+            "/webhooks/zuora",
+            content=body,
+            headers={"x-zuora-signature": signature(body, encoding)},
+        )
+        record = client.get("/admin/customers/acme").json()
+    assert answer.status_code == 200
+    assert record["plan"] == "pro-2023"
+
+
+def test_a_callout_with_a_wrong_or_no_signature_is_refused() -> None:
+    body = json.dumps(callout()).encode()
+    altered = body.replace(b"A-S00000101", b"A-S00000999")
+    with webhooks(config=hmac_config(hmac_header="X-Signature")) as (client, _):
+        answers = [
+            client.post("/webhooks/zuora", content=body),
+            client.post(
+                "/webhooks/zuora", content=altered, headers={"x-signature": signature(body)}
+            ),
+            client.post(
+                "/webhooks/zuora", content=body, headers={"x-zuora-signature": signature(body)}
+            ),
+            client.post("/webhooks/zuora", content=body, headers={"x-signature": "bm9wZQ=="}),
+        ]
+        record = client.get("/admin/customers/acme")
+    for answer in answers:
+        assert answer.status_code == 401
+        assert "www-authenticate" not in answer.headers  # no Basic to challenge for
         assert answer.headers["content-type"] == PROBLEM
     assert record.status_code == 404
 

@@ -476,7 +476,7 @@ def test_reference_example_notes_the_webhooks_it_leaves_off(example: Config) -> 
     # its secrets come from the environment, empty by default (${STRIPE_WEBHOOK_SECRET:-})
     assert [str(note).replace(str(EXAMPLE), "{file}") for note in example.notes] == [
         "{file}:83: billing.stripe.webhook_secret: empty: /webhooks/stripe answers 404 until it is set",
-        "{file}:90: billing.zuora: username or password empty: /webhooks/zuora answers 404 until both are set",
+        "{file}:90: billing.zuora: username or password empty (and no hmac_secret): /webhooks/zuora answers 404 until they are set",
     ]
 
 

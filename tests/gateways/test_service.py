@@ -465,3 +465,35 @@ def test_customer_ids_that_differ_stay_different_in_the_header():
     from plangate.gateway._service import header_value
 
     assert header_value("org/1") != header_value("org%2F1")
+
+
+# the periodic usage export (billing.export) ------------------------------------------------
+
+
+def test_the_gateway_exports_usage_every_period(tmp_path):
+    """``billing.export`` runs while the service does: the usage of allowed checks lands in
+    a JSON lines file of its directory; a run with nothing to send writes no file."""
+    import threading
+
+    settings = {
+        **gateway_config(),
+        "billing": {"export": {"every": "1s", "to": "jsonl", "path": str(tmp_path)}},
+    }
+    gateway = GatewayService(settings)
+    assert gateway.export is not None
+    reports, sent = [], threading.Event()
+
+    def heard(report):
+        reports.append(report)
+        if report.sent:
+            sent.set()
+
+    gateway.export.on_report = heard
+    with TestClient(gateway) as client:
+        for _ in range(3):
+            assert client.get("/check", headers=nginx("GET", "/v1/projects")).status_code == 200
+        assert sent.wait(30)
+    files = list(tmp_path.glob("plangate-usage-jsonl-*.jsonl"))
+    assert len(files) == 1  # runs that found nothing left no file
+    lines = [json.loads(line) for line in files[0].read_text().splitlines()]
+    assert [(e["customer"], e["meter"], e["value"]) for e in lines] == [("acme", "api_calls", 3)]

@@ -174,17 +174,26 @@ class Webhooks:
 
     async def zuora(self, request: Request) -> Response:
         config = self.zuora_config
-        if config is None or not (config.username and config.password):
-            raise AdminError("not-found", "billing.zuora's username and password are not set")
-        if not _zuora.authorized(request.headers.get("authorization"), config):
+        basic = config is not None and bool(config.username and config.password)
+        if config is None or not (basic or config.hmac_secret):
+            raise AdminError(
+                "not-found",
+                "billing.zuora's username and password (or its hmac_secret) are not set",
+            )
+        authorized = basic and _zuora.authorized(request.headers.get("authorization"), config)
+        raw = await read_body(request, self.max_body)
+        if not authorized and not _zuora.signed(
+            raw, request.headers.get(config.hmac_header), config
+        ):
             # Zuora's non-preemptive mode sends the credentials after this challenge
             raise AdminError(
                 "webhook-unauthorized",
-                "a Zuora callout authenticates with billing.zuora's username and password",
-                headers={"www-authenticate": f'Basic realm="{_zuora.REALM}"'},
+                "a Zuora callout authenticates with billing.zuora's username and password"
+                f" or signs its body ({config.hmac_header})",
+                headers={"www-authenticate": f'Basic realm="{_zuora.REALM}"'} if basic else None,
             )
         try:
-            body = load_json(await read_body(request, self.max_body))
+            body = load_json(raw)
             checked = _zuora.callout(body, self.clock())
         except Rejected as exc:
             logger.warning("billing: a Zuora callout refused: %s", exc.detail)

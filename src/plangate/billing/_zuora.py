@@ -1,5 +1,6 @@
-"""Zuora's callout notifications: HTTP Basic authentication, then the callout template's
-body read into what it changes for one customer.
+"""Zuora's callout notifications: HTTP Basic authentication or Zuora's HMAC option (the
+template signs its body), then the callout template's body read into what it changes for
+one customer.
 
 The callout template (docs/billing.md) makes Zuora send exactly::
 
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import hmac
 from collections.abc import Mapping
 from datetime import datetime, timezone
@@ -56,6 +58,19 @@ def authorized(header: str | None, config: ZuoraConfig) -> bool:
     user_ok = hmac.compare_digest(user, expected_user)
     password_ok = hmac.compare_digest(password, expected_password)
     return bool(sep) and user_ok and password_ok
+
+
+def signed(body: bytes, header: str | None, config: ZuoraConfig) -> bool:
+    """Whether ``header`` is the HMAC-SHA256 of the raw ``body`` with ``hmac_secret``, in
+    base64 or hex (compared in constant time). The callout template signs its own body:
+    docs/billing.md."""
+    if not config.hmac_secret or not header:
+        return False
+    digest = hmac.new(config.hmac_secret.encode(), body, hashlib.sha256).digest()
+    given = header.strip().encode()
+    return hmac.compare_digest(given, base64.b64encode(digest)) or hmac.compare_digest(
+        given.lower(), digest.hex().encode()
+    )
 
 
 def callout(body: Any, now: float) -> dict[str, Any]:

@@ -510,10 +510,12 @@ class _Builder:
                 ("billing", "stripe", "webhook_secret"),
                 "empty: /webhooks/stripe answers 404 until it is set",
             )
-        if billing.zuora is not None and not (billing.zuora.username and billing.zuora.password):
+        zuora = billing.zuora
+        if zuora is not None and not ((zuora.username and zuora.password) or zuora.hmac_secret):
             self.note(
                 ("billing", "zuora"),
-                "username or password empty: /webhooks/zuora answers 404 until both are set",
+                "username or password empty (and no hmac_secret): /webhooks/zuora answers 404 "
+                "until they are set",
             )
         for provider, table_name in (("stripe", "prices"), ("zuora", "rate_plans")):
             section = getattr(billing, provider)

@@ -250,6 +250,10 @@ class ZuoraConfig(Model):
     password: str | None = None
     customer_from: str = "CrmId"
     rate_plans: dict[str, Any] = Field(default_factory=dict)
+    #: Zuora's callout HMAC option instead of (or beside) Basic: the key, and the header the
+    #: template puts the signature of the body in (HMAC-SHA256, base64 or hex)
+    hmac_secret: str | None = None
+    hmac_header: str = "X-Zuora-Signature"
     #: meter → its unit of measure (and charge) in Zuora's usage upload
     meters: dict[str, ZuoraMeterConfig] = Field(default_factory=dict)
 
