@@ -5,6 +5,7 @@ with the official ``stripe`` package."""
 from __future__ import annotations
 
 import asyncio
+import copy
 import json
 import time
 from collections.abc import Iterator
@@ -549,3 +550,41 @@ def test_unmapped_prices_are_counted_for_the_admin_api(storage: Storage) -> None
         "unmapped": {"stripe": {"price_nobody_knows": 2}, "zuora": {"8a8a_unknown_rate_plan": 1}},
     }
     assert refused.status_code == 401  # behind the admin token, like the rest of /admin
+
+
+def test_an_invoices_lines_past_its_events_page_are_read_from_stripes_api() -> None:
+    """Stripe embeds an invoice's first lines in its event; the rest are listed from the API
+    (after the last one embedded), and each credit pack among them is granted once."""
+    paid = event("invoice.paid")
+    invoice = paid["data"]["object"]
+    invoice["lines"]["has_more"] = True
+    embedded = invoice["lines"]["data"][0]["id"]
+    second = copy.deepcopy(invoice["lines"]["data"][0])
+    second["id"], second["quantity"] = "il_1QdGa8LkdIwHu7ixLine0002", 3
+
+    def answer(method: str, path: str, query: dict[str, list[str]]) -> tuple[int, Any]:
+        assert (method, path) == ("GET", f"/v1/invoices/{invoice['id']}/lines")
+        assert query["starting_after"] == [embedded]
+        listing = {"object": "list", "data": [second], "has_more": False, "url": path}
+        return 200, listing
+
+    with stripe_api(answer) as api, webhooks(config=checkout_config(api.url)) as (client, _):
+        answers = [post(client, paid) for _ in range(2)]
+        credits = credits_of(client)
+    assert [a.json()["outcome"] for a in answers] == ["applied", "duplicate"]
+    assert credits["balance"] == (2 + 3) * 1000
+    assert len(credits["grants"]) == 2
+
+
+def test_without_an_api_key_an_invoice_grants_the_lines_its_event_carries() -> None:
+    paid = event("invoice.paid")
+    paid["data"]["object"]["lines"]["has_more"] = True
+    with (
+        stripe_api(lambda *_: (500, {})) as api,
+        webhooks(config=checkout_config(api.url, api_key="")) as (client, _),
+    ):
+        answer = post(client, paid)
+        credits = credits_of(client)
+    assert answer.json()["outcome"] == "applied"
+    assert credits["balance"] == 2000
+    assert api.requests == []

@@ -34,6 +34,8 @@ class Change:
     unmapped: tuple[str, ...] = ()
     #: a paid Stripe Checkout session whose line items are to be read from Stripe's API
     session: str | None = None
+    #: a Stripe invoice whose lines after the given one are to be read from Stripe's API
+    more_lines: tuple[str, str] | None = None
 
 
 #: the earliest event time taken (2000-01-01 UTC), and how far ahead of this machine's clock

@@ -130,16 +130,24 @@ def api_client(config: StripeConfig, *, retries: int) -> Any:
     )
 
 
-def checkout_grants(change: Change, config: StripeConfig) -> Change:
-    """``change`` with the grants of its Checkout session's line items, read from Stripe's
-    API (a session's line items are not in its events) with the official client; blocking.
-    ``ProviderUnavailable`` when Stripe cannot be asked."""
+def api_grants(change: Change, config: StripeConfig) -> Change:
+    """``change`` with what it left to read from Stripe's API, with the official client
+    (blocking): its Checkout session's line items (not in its events), or its invoice's
+    lines past those its event carries. ``ProviderUnavailable`` when Stripe cannot be asked,
+    ``ProviderRefused`` when it will not answer this."""
     import stripe
 
     client = api_client(config, retries=1)
-    grants: list[tuple[str, int, str]] = []
-    unmapped: list[str] = []
+    grants: list[tuple[str, int, str]] = list(change.grants)
+    unmapped: list[str] = list(change.unmapped)
     try:
+        if change.more_lines is not None:
+            invoice, after = change.more_lines
+            params = {"limit": LINE_ITEMS_PAGE, "starting_after": after}
+            listing = client.v1.invoices.line_items.list(invoice, params=params)
+            for item in listing.auto_paging_iter():
+                _invoice_line(item.to_dict(), invoice, config, grants, unmapped)
+            return replace(change, grants=tuple(grants), unmapped=tuple(unmapped), more_lines=None)
         page = client.v1.checkout.sessions.line_items.list(
             str(change.session), params={"limit": LINE_ITEMS_PAGE}
         )
@@ -209,28 +217,42 @@ def _invoice(event: Mapping[str, Any], obj: Mapping[str, Any], config: StripeCon
     grants: list[tuple[str, int, str]] = []
     unmapped: list[str] = []
     lines = obj.get("lines")
-    if isinstance(lines, Mapping) and lines.get("has_more"):
-        logger.warning(
-            "billing: event %s: invoice %s has more lines than its event carries; only "
-            "those were read",
-            event["id"],
-            obj.get("id"),
-        )
-    for line in _data(lines):
-        price_id, lookup_key = _line_price(line)
-        target, name = _target(config.prices, price_id, lookup_key)
-        if target is None:
-            unmapped.append(name)
-        elif isinstance(target, Mapping) and "credits" in target:
-            if _proration(line):
-                continue  # a credit for unused time, or time added mid-period: not a pack
-            quantity = _quantity(line)
-            key = f"stripe:{obj.get('id', event['id'])}:{line.get('id', price_id)}"
-            if quantity > 0:
-                grants.append((target["credits"], target["amount"] * quantity, key))
+    invoice = str(obj.get("id", event["id"]))
+    data = _data(lines)
+    for line in data:
+        _invoice_line(line, invoice, config, grants, unmapped)
+    more = None
+    if isinstance(lines, Mapping) and lines.get("has_more") and data:
+        more = (invoice, str(data[-1].get("id", "")))  # the rest is read from Stripe's API
     return Change(
-        event["id"], event["type"], customer, grants=tuple(grants), unmapped=tuple(unmapped)
+        event["id"],
+        event["type"],
+        customer,
+        grants=tuple(grants),
+        unmapped=tuple(unmapped),
+        more_lines=more,
     )
+
+
+def _invoice_line(
+    line: Mapping[str, Any],
+    invoice: str,
+    config: StripeConfig,
+    grants: list[tuple[str, int, str]],
+    unmapped: list[str],
+) -> None:
+    """What one invoice line grants (into ``grants``), or that its price is unmapped."""
+    price_id, lookup_key = _line_price(line)
+    target, name = _target(config.prices, price_id, lookup_key)
+    if target is None:
+        unmapped.append(name)
+    elif isinstance(target, Mapping) and "credits" in target:
+        if _proration(line):
+            return  # a credit for unused time, or time added mid-period: not a pack
+        quantity = _quantity(line)
+        key = f"stripe:{invoice}:{line.get('id', price_id)}"
+        if quantity > 0:
+            grants.append((target["credits"], target["amount"] * quantity, key))
 
 
 def _quantity(item: Mapping[str, Any]) -> int:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from starlette.applications import Starlette
@@ -213,7 +213,15 @@ class Webhooks:
             logger.warning("billing: a Stripe webhook refused: %s", exc.detail)
             raise AdminError(exc.problem, exc.detail) from None
         change = _stripe.read(event, config)
-        if change.session is not None and change.customer is not None:
+        if change.more_lines is not None and change.customer is not None and not config.api_key:
+            logger.error(
+                "billing: event %s: invoice %s has more lines than its event carries; only "
+                "those were read (billing.stripe.api_key is not set)",
+                change.event,
+                change.more_lines[0],
+            )
+            change = replace(change, more_lines=None)
+        if (change.session or change.more_lines) and change.customer is not None:
             if not config.api_key:
                 logger.error(
                     "billing: event %s: Checkout session %s not read: billing.stripe.api_key "
@@ -223,13 +231,15 @@ class Webhooks:
                 )
                 return _answer(change, "not-read")
             try:
-                change = await asyncio.to_thread(_stripe.checkout_grants, change, config)
+                change = await asyncio.to_thread(_stripe.api_grants, change, config)
             except ProviderUnavailable as exc:  # for now: Stripe sends the event again
                 logger.error("billing: event %s: %s", change.event, exc)
                 raise AdminError("billing-provider-unavailable", str(exc)) from None
             except ProviderRefused as exc:  # for good: retrying cannot help
                 logger.error("billing: event %s: %s", change.event, exc)
-                return _answer(change, "not-read")
+                if change.more_lines is None:
+                    return _answer(change, "not-read")
+                change = replace(change, more_lines=None)  # what its event carries stands
         return await self._apply(change)
 
     async def _apply(self, change: Change) -> Response:
