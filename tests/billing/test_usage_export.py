@@ -23,7 +23,7 @@ from plangate.billing import (
     UsageExport,
     ZuoraCsv,
 )
-from plangate.config import load_config
+from plangate.config import Config, load_config
 from plangate.engine import CustomerRecord, Subscription
 from plangate.errors import ConfigError
 from plangate.storage import Storage
@@ -348,12 +348,7 @@ def test_stripe_429s_are_retried_after_a_backoff(storage: Storage) -> None:
     too_many = (429, {"error": {"type": "invalid_request_error", "message": "Too many"}})
     later = (*too_many, {"Retry-After": "3"})
     with stripe_answers_server(holder, {1: too_many, 2: later}) as server:
-        settings = export_config(server.url, export=None)
-        settings["billing"]["stripe"]["meters"] = {"api_calls": "api_requests"}
-        traffic = Traffic(storage, settings)
-        traffic.calls(1)
-        link(storage, "acme")
-        cfg = load_config(settings)
+        traffic, cfg = calls_to_stripe(storage, server, 1)
         waits: list[float] = []
         report = UsageExport(
             storage, cfg, StripeMeters(cfg, sleep=waits.append), clock=traffic.clock
@@ -369,12 +364,7 @@ def test_stripe_still_refusing_leaves_the_batch_for_the_next_run(storage: Storag
     holder: list[Recorded] = []
     busy = (429, {"error": {"type": "invalid_request_error", "message": "Too many"}})
     with stripe_answers_server(holder, dict.fromkeys(range(1, 4), busy)) as server:
-        settings = export_config(server.url)
-        settings["billing"]["stripe"]["meters"] = {"api_calls": "api_requests"}
-        traffic = Traffic(storage, settings)
-        traffic.calls(1)
-        link(storage, "acme")
-        cfg = load_config(settings)
+        traffic, cfg = calls_to_stripe(storage, server, 1)
         meters = StripeMeters(cfg, attempts=3, sleep=lambda _: None)
         with pytest.raises(ExportInterrupted, match="Too many"):
             UsageExport(storage, cfg, meters, clock=traffic.clock).run()
@@ -391,18 +381,23 @@ def test_an_event_stripe_refuses_is_reported_and_kept(storage: Storage) -> None:
         {"error": {"type": "invalid_request_error", "message": "No such customer: 'cus_acme'"}},
     )
     with stripe_answers_server(holder, {1: refused}) as server:
-        settings = export_config(server.url)
-        settings["billing"]["stripe"]["meters"] = {"api_calls": "api_requests"}
-        traffic = Traffic(storage, settings)
-        traffic.calls(2)
-        link(storage, "acme")
-        cfg = load_config(settings)
+        traffic, cfg = calls_to_stripe(storage, server, 2)
         report = UsageExport(storage, cfg, StripeMeters(cfg), clock=traffic.clock).run()
         assert report.sent == 0
         assert "No such customer" in report.rejected[0][1]
         retried = UsageExport(storage, cfg, StripeMeters(cfg), clock=traffic.clock).run()
     assert retried.sent == 1  # not marked: tried again, with the same identifier
     assert len({r["form"]["identifier"][0] for r in server.requests}) == 1
+
+
+def calls_to_stripe(storage: Storage, server: Recorded, calls: int) -> tuple[Traffic, Config]:
+    """``calls`` api_calls of acme (a Stripe customer), whose one meter goes to ``server``."""
+    settings = export_config(server.url)
+    settings["billing"]["stripe"]["meters"] = {"api_calls": "api_requests"}
+    traffic = Traffic(storage, settings)
+    traffic.calls(calls)
+    link(storage, "acme")
+    return traffic, load_config(settings)
 
 
 def stripe_answers_server(holder: list[Recorded], refuse: dict[int, tuple[Any, ...]]) -> Any:
