@@ -160,8 +160,11 @@ class Failing(Destination):
     """A JSON lines destination that stops after ``good`` events, the way a crash would:
     what it wrote before is delivered, the rest is not."""
 
-    def __init__(self, inner: JsonLines, good: int) -> None:
+    def __init__(self, inner: Destination, good: int) -> None:
         self.inner, self.good, self.name = inner, good, inner.name
+
+    def account(self, record: CustomerRecord | None) -> tuple[str, str] | None:
+        return self.inner.account(record)
 
     def meters(self) -> Sequence[str]:
         return self.inner.meters()
@@ -433,3 +436,114 @@ def stripe_answers_server(holder: list[Recorded], refuse: dict[int, tuple[Any, .
 def test_the_config_says_what_an_export_lacks(billing: dict[str, Any], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         load_config(config(billing=billing))
+
+
+class TakenOver(Destination):
+    """Sends everything, but another export takes the destination over meanwhile (this
+    process stalled past its hold)."""
+
+    def __init__(self, inner: JsonLines, storage: Storage) -> None:
+        self.inner, self.storage, self.name = inner, storage, inner.name
+
+    def meters(self) -> Sequence[str]:
+        return self.inner.meters()
+
+    def send(self, events: Sequence[UsageEvent], rejected: list[tuple[str, str]]) -> Iterator[str]:
+        yield from self.inner.send(events, rejected)
+        assert self.storage.export_lock(self.name, 60, force=True) is not None
+
+
+def test_an_export_that_lost_its_hold_moves_no_marks(storage: Storage) -> None:
+    from plangate.errors import StorageError
+
+    settings = export_config()
+    traffic = Traffic(storage, settings)
+    traffic.calls(1)
+    cfg = load_config(settings)
+    out = io.StringIO()
+    with pytest.raises(StorageError):
+        UsageExport(
+            storage, cfg, TakenOver(JsonLines(cfg, out), storage), clock=traffic.clock
+        ).run()
+    # its batch stays recorded, all of it confirmed: whoever holds the export now finishes it
+    batch, confirmed = storage.pending_export("jsonl") or ("", frozenset())
+    assert {e["identifier"] for e in json.loads(batch)} == confirmed
+    hours = storage.usage_hours("acme", int(START), int(START) + HOUR)
+    assert not any(k.startswith("exported:") for f in hours.values() for k in f)
+    again = io.StringIO()
+    report = UsageExport(storage, cfg, JsonLines(cfg, again), clock=traffic.clock).run(
+        take_over=True
+    )
+    assert (report.sent, again.getvalue()) == (0, "")  # nothing sent twice
+
+
+def test_an_event_never_ends_before_it_starts(storage: Storage) -> None:
+    settings = export_config()
+    traffic = Traffic(storage, settings)
+    traffic.clock.now = START + 0.5  # in the first second of the hour
+    traffic.calls(1, "/v1/things")
+    out = io.StringIO()
+    exporter(storage, settings, JsonLines(load_config(settings), out), traffic).run()
+    (event,) = lines(out)
+    assert (event["start"], event["end"]) == ("2027-01-15T08:00:00Z", "2027-01-15T08:00:01Z")
+
+
+def test_a_meter_taken_out_of_the_config_rejects_its_recorded_events(storage: Storage) -> None:
+    """A batch recorded before a meter left ``billing.zuora.meters``: on resume its events
+    of that meter are refused (and reported), the others sent."""
+    settings = export_config()
+    traffic = Traffic(storage, settings)
+    traffic.calls(1)
+    link(storage, "acme", "zuora", account="A1")
+    before = load_config(settings)
+    with pytest.raises(ExportInterrupted):
+        UsageExport(
+            storage, before, Failing(ZuoraCsv(before, io.StringIO()), 0), clock=traffic.clock
+        ).run()
+    del settings["billing"]["zuora"]["meters"]["ai_tokens"]
+    after = load_config(settings)
+    out = io.StringIO()
+    report = UsageExport(storage, after, ZuoraCsv(after, out), clock=traffic.clock).run()
+    assert (report.sent, report.resumed) == (1, 1)
+    assert [why for _, why in report.rejected] == ["ai_tokens is no longer in meters"]
+    assert storage.pending_export("zuora-csv") is None
+
+
+def test_appending_runs_to_one_csv_file_writes_one_header(storage: Storage, tmp_path: Any) -> None:
+    settings = export_config()
+    traffic = Traffic(storage, settings)
+    link(storage, "acme", "zuora", account="A1")
+    cfg = load_config(settings)
+    target = tmp_path / "usage.csv"
+    for _ in range(2):
+        traffic.calls(1)
+        with target.open("a", encoding="utf-8", newline="") as out:
+            UsageExport(storage, cfg, ZuoraCsv(cfg, out), clock=traffic.clock).run()
+    rows = target.read_text().splitlines()
+    assert [r for r in rows if r.startswith("ACCOUNT_ID")] == [rows[0]]
+    assert len(rows) == 1 + 2 * 2
+
+
+def test_a_periodic_run_that_finds_the_export_held_leaves_no_file(tmp_path: Any) -> None:
+    """Several gateways' timers fire together: the run that finds the export held removes
+    only its own (empty) file, never the one the holder writes into."""
+    from plangate import MemoryStorage
+    from plangate.billing import PeriodicExport
+
+    storage = MemoryStorage()
+    settings = export_config(export={"every": "5m", "to": "jsonl", "path": str(tmp_path)})
+    traffic = Traffic(storage, settings)
+    traffic.calls(1)
+    cfg = load_config(settings)
+    periodic = PeriodicExport(storage, cfg, clock=traffic.clock)
+    theirs = storage.export_lock("jsonl", 60)
+    assert theirs is not None
+    holder = tmp_path / "plangate-usage-jsonl-written-by-the-holder.jsonl"
+    holder.write_text("{}\n")
+    with pytest.raises(ExportBusy):
+        periodic.once()
+    assert list(tmp_path.iterdir()) == [holder]
+    theirs.release()
+    report = periodic.once()
+    assert report.sent == 2
+    assert len(list(tmp_path.glob("plangate-usage-jsonl-*.jsonl"))) == 2

@@ -244,3 +244,28 @@ def replace_rid(op: Reserve, rid: str) -> Reserve:
     from dataclasses import replace
 
     return replace(op, reservation_id=rid)
+
+
+def test_a_reservation_made_there_after_all_gets_what_was_used_here_past_it():
+    """Its reserve timed out here but was made in Redis: the replay changes nothing, and the
+    follow-up settle carries what the response reported past the reservation, for the
+    counters (their periods and the usage aggregates billing exports) as for the credits."""
+    from plangate.engine import MADE_THERE, Counter
+    from plangate.storage._outbox import Outbox
+
+    counter = Counter(
+        "plangate:{acme}:ai_tokens-month:0", None, 100, resets_at=T0 + 3600, usage="ai_tokens",
+        usage_ttl=3600,
+    )  # fmt: skip
+    outbox = Outbox()
+    op = Reserve((counter,), T0, reservation_id="r1", credits=(_charge("allow", cost=1),))
+    outbox.count(op, (1,))
+    outbox.settle(
+        Settle("r1", (counter,), (0,), (150,), T0, credits=op.credits, credit_deltas=(0,),
+               burns=((),))
+    )  # fmt: skip
+    (entry,) = outbox.batch(10)
+    outbox.take(entry)
+    (follow,) = outbox.replayed(entry, MADE_THERE)
+    assert follow.counters == (counter,)
+    assert follow.deltas == (150,)

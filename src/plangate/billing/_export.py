@@ -22,6 +22,8 @@ import hashlib
 import json
 import logging
 import os
+import secrets
+import threading
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -175,6 +177,9 @@ class StripeMeters(Destination):
 
     def send(self, events: Sequence[UsageEvent], rejected: list[tuple[str, str]]) -> Iterator[str]:
         for event in events:
+            if event.meter not in self.event_names:
+                rejected.append((event.identifier, f"{event.meter} is no longer in meters"))
+                continue
             params = {
                 "event_name": self.event_names[event.meter],
                 "identifier": event.identifier,
@@ -251,8 +256,18 @@ class ZuoraCsv(Destination):
 
     def send(self, events: Sequence[UsageEvent], rejected: list[tuple[str, str]]) -> Iterator[str]:
         if not self.header:
+            with contextlib.suppress(OSError, ValueError):  # a pipe has no position
+                self.header = self.out.tell() > 0  # appending to a file that has one
+        if not self.header:
             self.writer.writerow(self.COLUMNS)
             self.header = True
+        known = [e for e in events if e.meter in self.units]
+        rejected += [
+            (e.identifier, f"{e.meter} is no longer in meters")
+            for e in events
+            if e.meter not in self.units
+        ]
+        events = known
         for e in events:
             unit = self.units[e.meter]
             self.writer.writerow(
@@ -263,7 +278,7 @@ class ZuoraCsv(Destination):
                     _date(e.start),
                     _date(e.end - 1),
                     e.subscription,
-                    unit.charge,
+                    unit.charge or "",
                     f"plangate {e.meter} {_iso(e.start)}/{_iso(e.end)}",
                     e.identifier,
                 )
@@ -343,6 +358,29 @@ def mark_field(destination: str, meter: str) -> str:
     return f"exported:{destination}:{meter}"
 
 
+class _Keeper:
+    """Renews an export's hold every third of its time, on a thread of its own, for as long
+    as the export runs: a long scan of the store, or Stripe's backoff, never lets it lapse
+    while this process is alive."""
+
+    def __init__(self, lock: ExportLock) -> None:
+        self.lock = lock
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="plangate-export-lock", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while not self.done.wait(LOCK_TTL / 3):
+            try:
+                self.lock.renew()
+            except StorageError:
+                logger.warning("usage export: its hold could not be renewed")
+
+    def stop(self) -> None:
+        self.done.set()
+        self.thread.join()
+
+
 class UsageExport:
     """``run()`` exports the usage of ``[since, until)`` to ``destination`` (see the module).
 
@@ -365,7 +403,11 @@ class UsageExport:
         self.clock = clock
         self.batch = batch
         self._lock: ExportLock | None = None
-        self._renewed = 0.0
+
+    def _held(self) -> None:
+        """Renew the hold now: ``StorageError`` if another export has it."""
+        if self._lock is not None:
+            self._lock.renew()
 
     def run(
         self, since: float | None = None, until: float | None = None, *, take_over: bool = False
@@ -379,7 +421,8 @@ class UsageExport:
                 f"another process is exporting usage to {name} now (or crashed less than "
                 f"{LOCK_TTL:.0f}s ago: --take-over if none runs)"
             )
-        self._lock, self._renewed = lock, time.monotonic()
+        self._lock = lock
+        keeper = _Keeper(lock)
         report = ExportReport(name)
         try:
             pending = self.storage.pending_export(name)
@@ -389,12 +432,14 @@ class UsageExport:
                 self._finish(events, pending[1], report)
                 report.resumed = report.sent - before
             now = self.clock()
-            first = usage_hour(
-                now - self.config.catalog.usage_retention if since is None else since
-            )
-            last = now if until is None or until >= now else usage_hour(until)
+            kept = now - self.config.catalog.usage_retention  # older hours are gone
+            first = usage_hour(kept if since is None else max(since, kept))
+            if until is None or until >= now:  # every hour begun, the running one so far
+                stop, cut = usage_hour(now) + USAGE_HOUR, int(now)
+            else:  # the hours that ended by then
+                stop = cut = usage_hour(until)
             events = []
-            for event in self._events(first, last, now, report):
+            for event in self._events(first, stop, cut, report):
                 events.append(event)
                 if len(events) >= self.batch:
                     self._send(events, report)
@@ -402,6 +447,7 @@ class UsageExport:
             if events:
                 self._send(events, report)
         finally:
+            keeper.stop()
             try:
                 lock.release()
             except StorageError:
@@ -409,14 +455,14 @@ class UsageExport:
         return report
 
     def _events(
-        self, first: int, last: float, now: float, report: ExportReport
+        self, first: int, stop: int, cut: int, report: ExportReport
     ) -> Iterator[UsageEvent]:
-        """Each customer's events: per meter, the units not exported yet, if any."""
+        """Each customer's events: per meter, the units of the hours ``[first, stop)`` not
+        exported yet, if any; none ends after ``cut``."""
         dest = self.destination
         meters = dest.meters()
-        cut = int(min(last, now))
-        for customer in self.storage.usage_customers(first, int(last)):
-            hours = self.storage.usage_hours(customer, first, int(last))
+        for customer in self.storage.usage_customers(first, stop):
+            hours = self.storage.usage_hours(customer, first, stop)
             wanted = []
             for meter in meters:
                 mark = mark_field(dest.name, meter)
@@ -441,7 +487,7 @@ class UsageExport:
                     meter,
                     value,
                     start=span[0][0],
-                    end=min(span[-1][0] + USAGE_HOUR, cut),
+                    end=max(min(span[-1][0] + USAGE_HOUR, cut), span[-1][0] + 1),
                     account=where[0],
                     subscription=where[1],
                     marks={hour: units for hour, _, units in span},
@@ -449,6 +495,7 @@ class UsageExport:
 
     def _send(self, events: Sequence[UsageEvent], report: ExportReport) -> None:
         """Record the batch, then send it and move its marks."""
+        self._held()
         self.storage.begin_export(self.destination.name, json.dumps([e.to_json() for e in events]))
         self._finish(events, frozenset(), report)
 
@@ -464,9 +511,7 @@ class UsageExport:
             self.storage.confirm_export(name, [sent])
             done.add(sent)
             report.sent += 1
-            if self._lock is not None and time.monotonic() - self._renewed > LOCK_TTL / 3:
-                self._lock.renew()
-                self._renewed = time.monotonic()
+        self._held()  # no other export took over meanwhile: the marks are ours to move
         by_id = {e.identifier: e for e in events}
         report.units += sum(by_id[i].value for i in done - confirmed if i in by_id)
         marks: dict[str, dict[int, dict[str, int]]] = {}
@@ -503,16 +548,25 @@ class PeriodicExport:
         self.on_report = on_report
 
     async def run(self) -> None:
-        """Forever, until cancelled: wait ``every``, export."""
+        """Forever, until cancelled: wait ``every``, export. Cancelled while an export runs,
+        it waits for it to end (its thread cannot be stopped half-way)."""
         while True:
             await asyncio.sleep(self.every)
+            running = asyncio.ensure_future(asyncio.to_thread(self.once))
             try:
-                report = await asyncio.to_thread(self.once)
+                report = await asyncio.shield(running)
+            except asyncio.CancelledError:
+                with contextlib.suppress(Exception):
+                    await running
+                raise
             except ExportBusy:
                 logger.info("usage export: another process is exporting now")
                 continue
-            except (ExportInterrupted, StorageError, ValueError, OSError) as exc:
+            except (ExportInterrupted, StorageError, OSError) as exc:
                 logger.warning("usage export to %s failed: %s", self.settings.to, exc)
+                continue
+            except Exception:  # the timer goes on: the next run may succeed
+                logger.exception("usage export to %s failed", self.settings.to)
                 continue
             for line in report.lines():
                 logger.info("usage export %s", line.strip())
@@ -527,7 +581,9 @@ class PeriodicExport:
             ).run()
         moment = datetime.fromtimestamp(self.clock(), timezone.utc).strftime("%Y%m%dT%H%M%SZ")
         suffix = "csv" if to == "zuora-csv" else "jsonl"
-        path = Path(str(self.settings.path)) / f"plangate-usage-{to}-{moment}.{suffix}"
+        # a name of its own: another gateway's run in the same second writes its own file
+        unique = f"{moment}-{os.getpid()}-{secrets.token_hex(3)}"
+        path = Path(str(self.settings.path)) / f"plangate-usage-{to}-{unique}.{suffix}"
         with path.open("a", encoding="utf-8", newline="") as out:
             dest = destination(self.config, to, out)
             try:

@@ -240,9 +240,9 @@ class ZuoraMeterConfig(Model):
     """How one meter's usage appears in Zuora's usage upload."""
 
     uom: str = Field(min_length=1)
-    #: the CHARGE_ID column (a charge number, e.g. C-00000001); empty: Zuora matches the
+    #: the CHARGE_ID column (a charge number, e.g. C-00000001); None: Zuora matches the
     #: subscription's charge by the unit of measure
-    charge: str = ""
+    charge: str | None = None
 
 
 class ZuoraConfig(Model):

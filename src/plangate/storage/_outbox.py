@@ -271,14 +271,20 @@ class Outbox:
                     for j, delta in enumerate(reservation.credit_deltas[: len(deltas)]):
                         deltas[j] += delta
                     reservation.credit_deltas = ()
-                if not any(deltas):
+                # and what was used here past what it reserved there (a response reporting
+                # more or less): its calendar periods and usage for billing are adjusted (a
+                # window's slot there is not known: it keeps what was reserved)
+                used = tuple(
+                    c - counter.cost for c, counter in zip(entry.costs, entry.counters, strict=True)
+                )
+                if not any(deltas) and not any(used):
                     return []
                 return [
                     Settle(
                         entry.reservation,
-                        (),
-                        (),
-                        (),
+                        entry.counters,
+                        (0,) * len(used),
+                        used,
                         entry.now,
                         credits=entry.credits,
                         credit_deltas=tuple(deltas),

@@ -750,13 +750,10 @@ class RedisStorage(Storage):
         return batch, frozenset(k[len("sent:") :] for k in text if k.startswith("sent:"))
 
     def begin_export(self, name: str, batch: str) -> None:
-        try:
-            pipe = self._bulk_client().pipeline(transaction=True)
-            pipe.delete(export_key(name))
-            pipe.hset(export_key(name), "batch", batch)
-            pipe.execute()
-        except Exception as exc:
-            raise _failure("export write", exc) from exc
+        # two commands: the export's hold makes this process the one writer, and a crash
+        # between them leaves no batch, when nothing of it was sent
+        self._command("export write", "DEL", export_key(name))
+        self._command("export write", "HSET", export_key(name), "batch", batch)
 
     def confirm_export(self, name: str, identifiers: Sequence[str]) -> None:
         if identifiers:
