@@ -727,7 +727,18 @@ class RedisStorage(Storage):
 
     def mark_usage(self, customer: str, marks: Mapping[int, Mapping[str, int]]) -> None:
         if marks:
-            self._run("usage_mark", *mark_call(customer, marks))
+            keys, args = mark_call(customer, marks)
+            try:  # the bulk client's Script loads it where it is missing
+                self._bulk_client().register_script(self._texts["usage_mark"])(keys, args)
+            except Exception as exc:
+                raise _failure("usage mark", exc) from exc
+
+    def _bulk_command(self, what: str, *args: Any) -> Any:
+        """One command of the exporter's, on the bulk client (its patient timeout)."""
+        try:
+            return self._bulk_client().execute_command(*args)
+        except Exception as exc:
+            raise _failure(what, exc) from exc
 
     def export_lock(self, name: str, ttl: float, *, force: bool = False) -> ExportLock | None:
         """redis-py's ``Lock`` (a token, released and extended only by its holder)."""
@@ -742,7 +753,7 @@ class RedisStorage(Storage):
         return _RedisLock(lock)
 
     def pending_export(self, name: str) -> tuple[str, frozenset[str]] | None:
-        fields = self._command("export read", "HGETALL", export_key(name))
+        fields = self._bulk_command("export read", "HGETALL", export_key(name))
         text = hash_text(fields)
         batch = text.pop("batch", None)
         if batch is None:
@@ -752,16 +763,16 @@ class RedisStorage(Storage):
     def begin_export(self, name: str, batch: str) -> None:
         # two commands: the export's hold makes this process the one writer, and a crash
         # between them leaves no batch, when nothing of it was sent
-        self._command("export write", "DEL", export_key(name))
-        self._command("export write", "HSET", export_key(name), "batch", batch)
+        self._bulk_command("export write", "DEL", export_key(name))
+        self._bulk_command("export write", "HSET", export_key(name), "batch", batch)
 
     def confirm_export(self, name: str, identifiers: Sequence[str]) -> None:
         if identifiers:
             fields = [part for i in identifiers for part in (f"sent:{i}", "1")]
-            self._command("export write", "HSET", export_key(name), *fields)
+            self._bulk_command("export write", "HSET", export_key(name), *fields)
 
     def end_export(self, name: str) -> None:
-        self._command("export write", "DEL", export_key(name))
+        self._bulk_command("export write", "DEL", export_key(name))
 
     def put_customer(self, record: CustomerRecord, *, expected_version: int | None = None) -> int:
         expected = "" if expected_version is None else str(expected_version)
