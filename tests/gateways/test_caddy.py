@@ -29,7 +29,7 @@ import pytest
 
 from plangate.engine import PROBLEM_BASE
 from plangate.gateway._logs import normalize_record
-from tests.gateways.support import GATEWAYS, Plangate, Upstream, plangate, upstream
+from tests.gateways.support import GATEWAYS, Plangate, Upstream, plangate, substituted, upstream
 from tests.servers import free_port, ready_process
 from tests.support import bearer
 
@@ -58,9 +58,7 @@ def render(
         "udp/127.0.0.1:5514": f"udp/127.0.0.1:{log_port}",
         "/run/caddy/plangate-upstream.sock": str(directory / "upstream.sock"),
     }
-    for old, new in replacements.items():
-        assert old in text, old
-        text = text.replace(old, new)
+    text = substituted(text, replacements, where="Caddyfile")
     path = directory / "Caddyfile"
     path.write_text(text)
     return path

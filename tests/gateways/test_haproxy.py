@@ -23,7 +23,7 @@ import httpx
 import pytest
 
 from plangate.engine import PROBLEM_BASE
-from tests.gateways.support import GATEWAYS, Plangate, Upstream, plangate, upstream
+from tests.gateways.support import GATEWAYS, Plangate, Upstream, plangate, substituted, upstream
 from tests.servers import free_port
 from tests.support import bearer
 
@@ -40,15 +40,14 @@ def haproxy(
     assert HAPROXY is not None, "haproxy is not installed (apt-get install haproxy)"
     port = free_port()
     text = (SHIPPED / "haproxy.cfg").read_text()
-    for literal, actual in [
-        ("127.0.0.1:8080", f"127.0.0.1:{port}"),
-        ("127.0.0.1:8787", f"127.0.0.1:{plangate_port}"),
-        ("127.0.0.1:9000", f"127.0.0.1:{upstream_port}"),
-        ("127.0.0.1:5514", f"127.0.0.1:{log_port}"),
-        ("/etc/haproxy/plangate.lua", str(SHIPPED / "plangate.lua")),
-    ]:
-        assert literal in text, literal
-        text = text.replace(literal, actual)
+    replacements = {
+        "127.0.0.1:8080": f"127.0.0.1:{port}",
+        "127.0.0.1:8787": f"127.0.0.1:{plangate_port}",
+        "127.0.0.1:9000": f"127.0.0.1:{upstream_port}",
+        "127.0.0.1:5514": f"127.0.0.1:{log_port}",
+        "/etc/haproxy/plangate.lua": str(SHIPPED / "plangate.lua"),
+    }
+    text = substituted(text, replacements, where="haproxy.cfg")
     active = "\n    http-request lua.plangate_check plangate fail-closed "
     assert text.count(active) == 1
     if fail == "open":

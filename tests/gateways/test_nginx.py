@@ -21,7 +21,7 @@ import httpx
 import pytest
 
 from plangate.engine import PROBLEM_BASE
-from tests.gateways.support import GATEWAYS, Plangate, Upstream, plangate, upstream
+from tests.gateways.support import GATEWAYS, Plangate, Upstream, plangate, substituted, upstream
 from tests.servers import drain, free_port
 from tests.support import bearer
 
@@ -43,16 +43,12 @@ def nginx_binary() -> str:
 
 def render(name: str, *, port: int, plangate_port: int, upstream_port: int, log_port: int) -> str:
     """A shipped config with its literal addresses replaced by the test's ports."""
-    text = (CONFIGS / name).read_text()
-    for literal, actual in {
-        "127.0.0.1:8080": port,
-        "127.0.0.1:8787": plangate_port,
-        "127.0.0.1:9000": upstream_port,
-        "127.0.0.1:5514": log_port,
-    }.items():
-        assert literal in text, f"{name} has no {literal}"
-        text = text.replace(literal, f"127.0.0.1:{actual}")
-    return text
+    ports = {"8080": port, "8787": plangate_port, "9000": upstream_port, "5514": log_port}
+    return substituted(
+        (CONFIGS / name).read_text(),
+        {f"127.0.0.1:{literal}": f"127.0.0.1:{actual}" for literal, actual in ports.items()},
+        where=name,
+    )
 
 
 @contextlib.contextmanager

@@ -24,7 +24,7 @@ import httpx
 import pytest
 
 from plangate.engine import PROBLEM_BASE
-from tests.gateways.support import GATEWAYS, Plangate, Upstream, plangate, upstream
+from tests.gateways.support import GATEWAYS, Plangate, Upstream, plangate, substituted, upstream
 from tests.servers import free_port
 from tests.support import bearer
 
@@ -65,9 +65,7 @@ def render(
         "/etc/traefik/dynamic.yml": str(dynamic_file),
         "/var/log/traefik/plangate-access.json": str(access_log),
     }
-    for old, new in replacements.items():
-        assert old in static, old
-        static = static.replace(old, new)
+    static = substituted(static, replacements, where="traefik.yml")
     routes = (CONFIG / dynamic).read_text()
     replacements = {
         "127.0.0.1:8081": f"127.0.0.1:{metered}",
@@ -75,10 +73,9 @@ def render(
         "127.0.0.1:9000": f"127.0.0.1:{upstream_port}",
         "port: 8787": f"port: {plangate_port}",
     }
-    for old, new in replacements.items():
-        if old != "port: 8787":
-            assert old in routes, old
-        routes = routes.replace(old, new)
+    if "port: 8787" not in routes:
+        del replacements["port: 8787"]
+    routes = substituted(routes, replacements, where=dynamic)
     (tmp / "traefik.yml").write_text(static)
     dynamic_file.write_text(routes)
     return tmp / "traefik.yml", access_log
