@@ -75,7 +75,12 @@ class KeysUnavailableError(PlanGateError):
 
 
 class StorageError(PlanGateError):
-    """A storage backend failed. The backend's own exception is the ``__cause__``."""
+    """A storage backend failed. The backend's own exception is the ``__cause__``.
+
+    ``maybe_applied``: the request reached the backend and its answer was lost (a timeout
+    on the reply, a connection dropped after sending): it may have been carried out."""
+
+    maybe_applied: bool = False
 
 
 class VersionConflict(PlanGateError):

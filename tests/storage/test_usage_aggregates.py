@@ -10,6 +10,7 @@ import pytest
 from plangate import Gate
 from plangate.engine import Counter, Record, usage_key
 from plangate.storage import ResilientStorage, Storage, customer_prefix
+from tests.storage.conftest import BACKENDS
 from tests.support import Clock, config, token
 
 HOUR = 3600
@@ -142,3 +143,36 @@ def test_marks_set_fields_of_hours_still_kept(storage: Storage) -> None:
     )
     # the hour with no usage is not made by a mark
     assert usage(storage) == {int(START): {"api_calls": 1, "exported:jsonl:api_calls": 1}}
+
+
+@pytest.mark.parametrize("storage", BACKENDS[1:], indirect=True)  # the Redis ones
+def test_a_reservation_made_there_whose_reply_was_lost_is_counted_once(storage: Storage) -> None:
+    """Redis made the reservation, its reply was lost (a timeout), and the process counted
+    it locally: the replay finds it made (the hour's last reservation), adds nothing, and
+    only what its response reported past the reservation follows."""
+    from plangate.engine import MADE_THERE, Reserve, Settle
+    from plangate.storage._outbox import Outbox
+
+    assert isinstance(storage, ResilientStorage)
+    inner = storage.inner
+    counter = Counter(
+        f"{customer_prefix('acme')}ai_tokens-month:0", None, 100, resets_at=START + 86400,
+        usage="ai_tokens", usage_ttl=RETENTION,
+    )  # fmt: skip
+    made = Reserve((counter,), START + 10, reservation_id="r-made")
+    assert inner.reserve(made).admitted  # made in Redis; the client never heard
+    outbox = Outbox()
+    outbox.count(made, sent=True)
+    outbox.settle(Settle("r-made", (counter,), (0,), (150,), START + 11))  # reported 250
+    lost = Reserve((counter,), START + 12, reservation_id="r-lost")  # never reached Redis
+    outbox.count(lost, sent=True)
+    replies = []
+    for entry in outbox.batch(10):
+        op = outbox.take(entry)
+        assert op is not None
+        result = inner.record(op)
+        replies.append(result)
+        for follow in outbox.replayed(entry, result):
+            assert inner.settle(follow)
+    assert MADE_THERE in replies
+    assert usage(storage) == {int(START): {"ai_tokens": 250 + 100}}

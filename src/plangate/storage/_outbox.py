@@ -113,14 +113,18 @@ class Outbox:
 
     # waiting -------------------------------------------------------------------------------
 
-    def count(self, op: Reserve, spent: tuple[int, ...] = ()) -> None:
+    def count(self, op: Reserve, spent: tuple[int, ...] = (), *, sent: bool = False) -> None:
         """Keep ``op``'s usage for the backend, merged with more in the same buckets;
-        ``spent``: the sub-units taken from each of ``op.credits`` meanwhile."""
+        ``spent``: the sub-units taken from each of ``op.credits`` meanwhile. ``sent``: the
+        reservation reached the backend, whose answer was lost (a timeout): it may have been
+        made there."""
         credits = op.credits
         # Money is not merged: each reservation with credits replays on its own, so that one
         # made in Redis despite a timeout here is not charged twice, and a settle that charges
-        # more than it reserved is charged on replay.
-        key = _bucket_key(op.counters, op.now) if not credits else None
+        # more than it reserved is charged on replay. Nor is one that may have been made there
+        # (its replay asks): its usage is billed.
+        alone = bool(credits) or (sent and bool(op.reservation_id))
+        key = _bucket_key(op.counters, op.now) if not alone else None
         with self._lock:
             usage = self._merging.get(key) if key is not None else None
             if usage is None:
@@ -131,7 +135,7 @@ class Outbox:
                     op.now,
                     credits=credits,
                     credit_costs=[0] * len(credits),
-                    reservation=op.reservation_id if credits else "",
+                    reservation=op.reservation_id if alone else "",
                     spent=spent if credits else (),
                 )
                 if not self._add(usage):
@@ -267,16 +271,18 @@ class Outbox:
                     for now, before in zip(entry.credit_costs, entry.spent, strict=True)
                 ]
                 reservation = self._outage.get(entry.reservation)
-                if reservation is not None:  # settled while the record was on its way
-                    for j, delta in enumerate(reservation.credit_deltas[: len(deltas)]):
-                        deltas[j] += delta
-                    reservation.credit_deltas = ()
                 # and what was used here past what it reserved there (a response reporting
                 # more or less): its calendar periods and usage for billing are adjusted (a
                 # window's slot there is not known: it keeps what was reserved)
-                used = tuple(
+                used = [
                     c - counter.cost for c, counter in zip(entry.costs, entry.counters, strict=True)
-                )
+                ]
+                if reservation is not None:  # settled while the record was on its way
+                    for j, delta in enumerate(reservation.credit_deltas[: len(deltas)]):
+                        deltas[j] += delta
+                    for i, delta in enumerate(reservation.deltas[: len(used)]):
+                        used[i] += delta
+                    reservation.credit_deltas, reservation.deltas = (), []
                 if not any(deltas) and not any(used):
                     return []
                 return [
@@ -284,7 +290,7 @@ class Outbox:
                         entry.reservation,
                         entry.counters,
                         (0,) * len(used),
-                        used,
+                        tuple(used),
                         entry.now,
                         credits=entry.credits,
                         credit_deltas=tuple(deltas),

@@ -140,7 +140,12 @@ def _failure(what: str, exc: Exception) -> StorageError:
         data = not isinstance(exc, _UNAVAILABLE) and not str(exc).startswith(_UNAVAILABLE_CODES)
     else:  # redis-py's cluster client refuses keys of several slots before sending them
         data = isinstance(exc, RedisClusterException) and "same key slot" in str(exc)
-    return (StorageRejected if data else StorageError)(f"redis {what} failed: {exc}")
+    error = (StorageRejected if data else StorageError)(f"redis {what} failed: {exc}")
+    if isinstance(exc, (RedisTimeoutError, RedisConnectionError)):
+        # not while connecting (refused, unreachable): then nothing was sent
+        text = str(exc).lower()
+        error.maybe_applied = "connecting" not in text and "not connected" not in text
+    return error
 
 
 class _Deadline:

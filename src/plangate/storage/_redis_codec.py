@@ -475,8 +475,9 @@ def hash_text(fields: Any) -> dict[str, str]:
 
 
 def usage_fields(fields: Any) -> dict[str, int]:
-    """An HGETALL of a ``usage_key``."""
-    return {k: int(v) for k, v in hash_text(fields).items()}
+    """An HGETALL of a ``usage_key``: its units and marks (``#last``, the last reservation
+    made, is the reserve and record scripts')."""
+    return {k: int(v) for k, v in hash_text(fields).items() if not k.startswith("#")}
 
 
 def mark_call(customer: str, marks: Mapping[int, Mapping[str, int]]) -> tuple[list[str], list[Any]]:

@@ -212,7 +212,9 @@ class ResilientStorage(Storage):
         # Admitted, or counted in shadow mode: the usage is real, and waits for the backend;
         # unless the backend refused it, as it would refuse its replay.
         if (result.slots or result.admitted) and not isinstance(cause, StorageRejected):
-            self.outbox.count(op, tuple(state.charged for state in result.credits))
+            # a reservation that reached the backend (no answer) may have been made there
+            spent = tuple(state.charged for state in result.credits)
+            self.outbox.count(op, spent, sent=cause.maybe_applied)
         return result
 
     def _seen(self, charge: CreditCharge) -> bool:

@@ -35,6 +35,10 @@ if reservation ~= nil and reservation ~= "" and reservation ~= "-" then
       return {2}
     end
   end
+  -- without credits: the last reservation of the customer's hour (see reserve.lua)
+  if ncredits == 0 and usage_ttl > 0 and redis.call("HGET", KEYS[#KEYS], "#last") == reservation then
+    return {2}
+  end
 end
 local nbuckets = tonumber(ARGV[3])
 local reply = {1}

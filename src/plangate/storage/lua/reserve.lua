@@ -256,6 +256,7 @@ if (#violated > 0 or short > 0) and enforce then
   return table.concat(reply, " ") .. credits_reply(false)
 end
 
+local used = false
 reply = {string.format("%d 0 %d", (#violated == 0 and short == 0) and 1 or 0, #violated)}
 for _, i in ipairs(violated) do
   reply[#reply + 1] = i
@@ -289,6 +290,12 @@ for _, c in ipairs(counters) do
   reply[#reply + 1] = string.format("%d %d %d", c.total, ms(reset_after(c)), slot)
   if usage_ttl > 0 and c.meter ~= "" and c.cost ~= 0 then
     usage_add(KEYS[#KEYS], c.meter, c.cost, usage_ttl)
+    used = true
   end
+end
+if used and ncredits == 0 and reservation ~= "-" then
+  -- the last reservation made: a client whose reply was lost replays its usage, and the
+  -- replay finds it made here (a reservation with credits is found in its ledger)
+  redis.call("HSET", KEYS[#KEYS], "#last", reservation)
 end
 return table.concat(reply, " ") .. credits_reply(enforce)
