@@ -18,6 +18,7 @@ import gc
 import platform
 import statistics
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import replace
 
@@ -44,7 +45,7 @@ def request_path(storage: Storage, plain: tuple[Counter, ...]) -> Callable[[int]
 
     def run(n: int) -> None:
         for _ in range(n):
-            storage.reserve(Reserve(plain, time.time()))
+            storage.reserve(Reserve(plain, time.time(), reservation_id=uuid.uuid4().hex))
 
     return run
 
@@ -144,7 +145,7 @@ def hour_memory(store: RedisStorage) -> dict[str, int]:
     now = time.time()
     tokens = replace(counters("r-memory", True)[0], key=f"{customer_prefix('r-memory')}t-1m")
     plain = (counters("r-memory", True)[0], replace(tokens, usage="ai_tokens"))
-    store.reserve(Reserve(plain, now))
+    store.reserve(Reserve(plain, now, reservation_id=uuid.uuid4().hex))  # as requests do
     key = usage_key(customer_prefix("r-memory"), usage_hour(now))
     before = int(store.client.memory_usage(key, samples=0))
     store.mark_usage(
