@@ -547,3 +547,20 @@ def test_a_periodic_run_that_finds_the_export_held_leaves_no_file(tmp_path: Any)
     report = periodic.once()
     assert report.sent == 2
     assert len(list(tmp_path.glob("plangate-usage-jsonl-*.jsonl"))) == 2
+
+
+def test_stripe_is_not_asked_for_usage_older_than_it_takes(storage: Storage) -> None:
+    holder: list[Recorded] = []
+    with stripe_answers_server(holder, {}) as server:
+        settings = export_config(server.url, retention="60d")
+        settings["billing"]["stripe"]["meters"] = {"api_calls": "api_requests"}
+        traffic = Traffic(storage, settings)
+        traffic.calls(1)  # 40 days before the export
+        link(storage, "acme")
+        cfg = load_config(settings)
+        traffic.clock.now += 40 * 86400
+        report = UsageExport(storage, cfg, StripeMeters(cfg), clock=traffic.clock).run()
+        jsonl = io.StringIO()
+        UsageExport(storage, cfg, JsonLines(cfg, jsonl), clock=traffic.clock).run()
+    assert (report.sent, server.requests) == (0, [])
+    assert [e["value"] for e in lines(jsonl) if e["meter"] == "api_calls"] == [1]

@@ -115,6 +115,8 @@ class Destination(ABC):
 
     #: the name its marks and its recorded batch go by
     name: str
+    #: seconds back it takes usage (None: any age)
+    horizon: float | None = None
 
     @abstractmethod
     def meters(self) -> Sequence[str]:
@@ -149,6 +151,8 @@ class StripeMeters(Destination):
     again after a backoff that doubles, ``Retry-After`` when Stripe gives one."""
 
     name = "stripe"
+    #: Stripe takes meter events up to 35 days old: older usage is not asked of it
+    horizon = 35 * 86400 - USAGE_HOUR
 
     def __init__(
         self,
@@ -433,6 +437,8 @@ class UsageExport:
                 report.resumed = report.sent - before
             now = self.clock()
             kept = now - self.config.catalog.usage_retention  # older hours are gone
+            if self.destination.horizon is not None:  # or the destination refuses them
+                kept = max(kept, now - self.destination.horizon)
             first = usage_hour(kept if since is None else max(since, kept))
             if until is None or until >= now:  # every hour begun, the running one so far
                 stop, cut = usage_hour(now) + USAGE_HOUR, int(now)
