@@ -8,6 +8,7 @@ import contextlib
 import json
 import os
 import sys
+import time
 import uuid
 from collections.abc import Iterator, Sequence
 from datetime import datetime, timedelta, timezone
@@ -130,6 +131,24 @@ def _parser() -> argparse.ArgumentParser:
         "--access-log", action="store_true", help="log every request the service answers"
     )
     gateway.set_defaults(run=_gateway)
+
+    diff = commands.add_parser(
+        "diff",
+        help="what changes from one config to another, and whom it touches",
+        description="Plans, features, limits, add-ons, routes and settings added, removed and "
+        "changed, in words; with --storage, the customers on each changed plan and who "
+        "would be over a lowered limit now. Exit status: 0 nothing changes, 1 something "
+        "does, 2 an error.",
+    )
+    diff.add_argument("old", metavar="OLD", help="the config in force")
+    diff.add_argument("new", metavar="NEW", help="the config to compare it with")
+    diff.add_argument(
+        "--storage", metavar="URI", help="read the live store (customers, counters) for impact"
+    )
+    diff.add_argument(
+        "--top", metavar="N", type=_positive, default=10, help="customers shown per limit (10)"
+    )
+    diff.set_defaults(run=_diff)
 
     demo = commands.add_parser("demo", help="serve an example API on memory storage")
     demo.add_argument("--host", default="127.0.0.1")
@@ -757,6 +776,95 @@ def _explain(args: argparse.Namespace) -> int:
     else:
         print("decision: ALLOW")
     return 0
+
+
+def _diff(args: argparse.Namespace) -> int:
+    from .config._diff import diff
+
+    try:
+        old, new = load_config(args.old), load_config(args.new)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    changes = diff(old, new)
+    if not changes:
+        print(f"{args.old} → {args.new}: nothing changes")
+        return 0
+    section = ""
+    for change in changes:
+        if change.section != section:
+            section = change.section
+            print(section)
+        print(f"  {change.sign} {change.name}: {change.text}")
+    if args.storage:
+        try:
+            lines = _impact(changes, new, args.storage, args.top)
+        except (StorageError, ConfigError, ValueError) as exc:
+            print(f"plangate diff: {exc}", file=sys.stderr)
+            return 2
+        from .storage._registry import masked
+
+        print(f"impact ({masked(args.storage)}, now)")
+        print("\n".join(f"  {line}" for line in lines))
+    return 1
+
+
+def _impact(changes: Sequence[Any], new: Config, uri: str, top: int) -> list[str]:
+    """Customers (with a record) on each changed plan, and those over a lowered limit of it
+    now, from the store's live counters."""
+    from .engine import Engine, Peek
+    from .storage import open_storage
+
+    plans = sorted({c.name.split(": ")[0] for c in changes if c.section == "plans"})
+    lowered: dict[str, list[Any]] = {}
+    for change in changes:
+        if change.binds is not None:
+            lowered.setdefault(change.binds[0], []).extend(change.binds[1])
+    storage = open_storage(uri)
+    engine = Engine(new, new_id=lambda: "diff")
+    now = time.time()
+    lines = []
+    try:
+        for plan in plans:
+            records = list(_plan_records(storage, plan))
+            lines.append(f"{plan}: {len(records):,} customers with a record on it")
+            target = new.catalog.plans.get(plan)
+            if target is None:
+                continue
+            for limit in lowered.get(plan, []):
+                over = []
+                for record in records:
+                    charge = engine.build_charge(
+                        [(limit.meter, 0)], record.customer, target, record.billing_anchor, now
+                    )
+                    counters = tuple(
+                        c for c, lim in zip(charge.counters, charge.limits, strict=True)
+                        if lim is not None and lim.policy == limit.policy
+                    )  # fmt: skip
+                    (state,) = storage.peek(Peek(counters, now)) if counters else (None,)
+                    if state is not None and state.used > limit.limit:
+                        over.append((state.used, record.customer))
+                over.sort(key=lambda item: (-item[0], item[1]))
+                shown = ", ".join(f"{c} {used:,}/{limit.limit:,}" for used, c in over[:top])
+                more = f" (and {len(over) - top:,} more)" if len(over) > top else ""
+                lines.append(
+                    f"  {limit.policy} at {limit.limit:,}: {len(over):,} over it now"
+                    + (f": {shown}{more}" if over else "")
+                )
+    finally:
+        storage.close()
+    return lines
+
+
+def _plan_records(storage: Any, plan: str) -> Iterator[Any]:
+    """Every record on ``plan``, raw from the store."""
+    cursor = None
+    while True:
+        page = storage.list_customers(plan=plan, limit=LIST_PAGE, cursor=cursor)
+        yield from page.records
+        cursor = page.cursor
+        if cursor is None:
+            return
 
 
 def _gateway(args: argparse.Namespace) -> int:
