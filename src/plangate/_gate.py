@@ -14,6 +14,7 @@ from typing import Any
 
 import anyio.to_thread
 
+from ._decisions import DecisionLog
 from ._drivers import adrive, drive
 from .config import Config, Rule, load_config
 from .customers import AsyncCustomerStore, CustomerStore
@@ -56,6 +57,10 @@ class _Gate:
         #: CORS preflights pass unauthenticated and unmetered (they carry no credentials)
         self.pass_preflights = self.config.model.cors_preflight == "pass"
         self.clock = clock
+        #: the decision log (``decision_log:``), if the config keeps one
+        self.decisions = (
+            DecisionLog(self.config.model.decision_log) if self.config.model.decision_log else None
+        )
 
     def _open_customers(self) -> None:
         raise NotImplementedError
@@ -158,23 +163,30 @@ class Gate(_Gate):
             self.check_storage()
         try:
             decision = self._route(method, path, consume)
-            if not _needs_identity(decision):
-                return decision
-            return drive(
-                self._decide(decision, self.identify(token), consume), self.storage, self.customers
-            )
+            if _needs_identity(decision):
+                decision = drive(
+                    self._decide(decision, self.identify(token), consume),
+                    self.storage,
+                    self.customers,
+                )
         except Exception:
             return self._fallback(method, path)
+        if self.decisions is not None and consume:  # explaining is not deciding
+            self.decisions.write(method, path, decision, self.clock())
+        return decision
 
     def check_declared(self, rule: Rule, token: TokenRead) -> Decision:
         """The decision for a rule declared on a view (``Requirement``), for this token."""
         try:
             decision = self._declared(rule)
-            return drive(
+            decision = drive(
                 self._decide(decision, self.identify(token), True), self.storage, self.customers
             )
         except Exception:
             return self._fallback("(view)", rule.match, rule)
+        if self.decisions is not None:
+            self.decisions.write("(view)", rule.match, decision, self.clock())
+        return decision
 
     def settle(
         self,
@@ -234,24 +246,29 @@ class AsyncGate(_Gate):
             await self.check_storage()
         try:
             decision = self._route(method, path, consume)
-            if not _needs_identity(decision):
-                return decision
-            identity = await self.aidentify(token)
-            return await adrive(
-                self._decide(decision, identity, consume), self.storage, self.customers
-            )
+            if _needs_identity(decision):
+                identity = await self.aidentify(token)
+                decision = await adrive(
+                    self._decide(decision, identity, consume), self.storage, self.customers
+                )
         except Exception:
             return self._fallback(method, path)
+        if self.decisions is not None and consume:  # explaining is not deciding
+            self.decisions.write(method, path, decision, self.clock())
+        return decision
 
     async def check_declared(self, rule: Rule, token: TokenRead) -> Decision:
         try:
             decision = self._declared(rule)
             identity = await self.aidentify(token)
-            return await adrive(
+            decision = await adrive(
                 self._decide(decision, identity, True), self.storage, self.customers
             )
         except Exception:
             return self._fallback("(view)", rule.match, rule)
+        if self.decisions is not None:
+            self.decisions.write("(view)", rule.match, decision, self.clock())
+        return decision
 
     async def settle(
         self,

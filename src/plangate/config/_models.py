@@ -221,6 +221,17 @@ class ResponsesConfig(Model):
     legacy_headers: bool = False
 
 
+class DecisionLogConfig(Model):
+    """One JSON line per decision logged (``decision_log:``)."""
+
+    #: ``stdout``, ``stderr`` or a file (appended to)
+    to: str = Field(default="stdout", min_length=1)
+    #: the share of allowed decisions logged (0: none, 1: all)
+    sample: float = Field(default=0.0, ge=0, le=1, allow_inf_nan=False)
+    #: every refusal (and shadow refusal) logged
+    refusals: bool = True
+
+
 class AdminConfig(Model):
     token: str | None = None
 
@@ -323,6 +334,7 @@ class ConfigModel(Model):
     on_storage_error: StorageErrorPolicy = "local"
     responses: ResponsesConfig = Field(default_factory=ResponsesConfig)
     admin: AdminConfig = Field(default_factory=AdminConfig)
+    decision_log: DecisionLogConfig | None = None
     billing: BillingConfig | None = None
 
     @field_validator("storage")
