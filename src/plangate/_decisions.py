@@ -41,7 +41,7 @@ class DecisionLog:
         weakref.finalize(self, handler.close)
 
     def wanted(self, decision: Decision) -> bool:
-        if decision.problem is not None:
+        if decision.problem is not None or decision.shadow_refused:
             return self.refusals
         return self.sample > 0 and (self.sample >= 1 or random.random() < self.sample)
 
@@ -78,4 +78,6 @@ def entry(method: str, path: str, decision: Decision, now: float) -> dict[str, o
     }
     if problem is not None and "violated-policies" in problem.members:
         line["policy"] = problem.members["violated-policies"]
+    if decision.shadow_refused:  # what shadow limits would have refused
+        line["shadow_policy"] = list(decision.shadow_refused)
     return line

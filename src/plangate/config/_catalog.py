@@ -44,6 +44,8 @@ class Limit:
     policy: str  # "api_calls-1d": the quota policy name in RateLimit headers
     window: float | None = None
     period: str | None = None
+    #: ``mode: shadow``: counted, never refused; what it would refuse is logged
+    shadow: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -404,15 +406,28 @@ class _Builder:
                         f"{spec.rate} has more than {MAX_RATE_DECIMALS} decimals: credits are "
                         "counted to a millionth",
                     )
+            shadow = spec.mode == "shadow"
+            if shadow and spec.overage is not None:
+                self.fail(
+                    (*item_loc, "mode"),
+                    "a shadow limit refuses nothing, so it has no overage to charge",
+                )
             if spec.window is not None:
                 limit = Limit(
                     feature,
                     spec.limit,
                     f"{feature}-{spec.window}",
                     window=parse_duration(spec.window),
+                    shadow=shadow,
                 )
             else:
-                limit = Limit(feature, spec.limit, f"{feature}-{spec.period}", period=spec.period)
+                limit = Limit(
+                    feature,
+                    spec.limit,
+                    f"{feature}-{spec.period}",
+                    period=spec.period,
+                    shadow=shadow,
+                )
             if any(existing.policy == limit.policy for existing in limits):
                 self.fail(item_loc, f"two limits of {feature} share the policy {limit.policy!r}")
             limits.append(limit)

@@ -358,6 +358,8 @@ class LimitSpec(Model):
     period: Period | None = None
     overage: str | None = None
     rate: Seconds | None = Field(default=None, gt=0, allow_inf_nan=False)
+    #: ``shadow``: counted and logged, never refused (a new limit tried on live traffic)
+    mode: Literal["enforce", "shadow"] = "enforce"
 
     @field_validator("window")
     @classmethod

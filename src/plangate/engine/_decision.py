@@ -42,6 +42,7 @@ class Charge:
     valid_until: float  # the end of the earliest calendar period among the counters
     credits: tuple[CreditCharge, ...] = ()  # the credit balances the rule takes from
     uses: tuple[CreditUse, ...] = ()  # how, one per balance
+    shadow_limits: bool = False  # a limit is in shadow mode: see what it would refuse
 
 
 class Decision:
@@ -68,6 +69,7 @@ class Decision:
         "reservation_id",
         "rule",
         "settled",
+        "shadow_refused",
         "shadowed",
         "slots",
         "states",
@@ -104,6 +106,8 @@ class Decision:
         self.reservation_id = ""  # names the reservation, once units are reserved
         self.recorded: dict[str, int] = {}
         self.settled = False
+        #: the shadow limits (``mode: shadow`` on a limit) this request went past
+        self.shadow_refused: tuple[str, ...] = ()
 
     def __repr__(self) -> str:
         state = "allowed" if self.allowed else f"denied {self.problem.name}"  # type: ignore[union-attr]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import replace
@@ -57,6 +58,10 @@ def _epoch(moment: datetime) -> float:
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=timezone.utc)
     return moment.timestamp()
+
+
+#: what shadow limits would have refused (``mode: shadow`` on a limit)
+shadow_logger = logging.getLogger("plangate.shadow")
 
 
 class Engine:
@@ -221,6 +226,8 @@ class Engine:
         decision.slots = result.slots
         if result.admitted or result.slots or not enforce:  # shadow mode: seen, not taken
             decision.credit_states = result.credits
+        if charge.shadow_limits and result.slots:
+            self._shadow_limits(decision, charge, result.states)
         if reasons is not None:
             reasons.append("meters: " + self._describe(charge, result.states))
         if result.violated and decision.problem is None:
@@ -347,7 +354,7 @@ class Engine:
                 if limit is not None and limit.window is not None:
                     counter = Counter(
                         f"{tag}{limit.policy}",
-                        limit.limit,
+                        None if limit.shadow else limit.limit,  # a shadow limit never refuses
                         cost,
                         window=limit.window,
                         on_error=self.on_error[meter],
@@ -366,7 +373,7 @@ class Engine:
                     period = limit.period if limit is not None else "month"
                     start, end = period_bounds(period or "month", now, anchor)
                     policy = limit.policy if limit is not None else f"{meter}-month"
-                    quota = limit.limit if limit is not None else None
+                    quota = limit.limit if limit is not None and not limit.shadow else None
                     counter = Counter(
                         f"{tag}{policy}:{int(start)}",
                         quota,
@@ -384,7 +391,9 @@ class Engine:
                 limits.append(limit)
                 windows.append(window)
         policy = policy_header(
-            (lim.policy, lim.limit, w) for lim, w in zip(limits, windows, strict=True) if lim
+            (lim.policy, lim.limit, w)
+            for lim, w in zip(limits, windows, strict=True)
+            if lim and not lim.shadow  # a limit on trial is not the client's to see
         )
         direct = dict(spends or ())
         overage: dict[str, list[tuple[str, tuple[int, ...], int]]] = {}
@@ -394,7 +403,7 @@ class Engine:
                 continue
             indices = tuple(
                 i for i, (m, lim) in enumerate(zip(meters, limits, strict=True)) if m == meter
-                and lim is not None
+                and lim is not None and not lim.shadow
             )  # fmt: skip
             rate = math.ceil(Decimal(str(grant.rate)) * self.scales[grant.overage])
             if indices:
@@ -429,6 +438,7 @@ class Engine:
             valid_until,
             tuple(credits),
             tuple(uses),
+            any(lim is not None and lim.shadow for lim in limits),
         )
 
     def credit_charge(
@@ -473,7 +483,7 @@ class Engine:
         return [
             (lim.policy, lim.limit, max(0, lim.limit - s.used), s.reset_after)
             for lim, s in zip(charge.limits, states, strict=True)
-            if lim is not None
+            if lim is not None and not lim.shadow
         ]
 
     @staticmethod
@@ -484,8 +494,28 @@ class Engine:
                 parts.append(f"{meter} unlimited")
             else:
                 left = max(0, limit.limit - state.used)
-                parts.append(f"{limit.policy} {left}/{limit.limit} left")
+                shadow = " (shadow)" if limit.shadow else ""
+                parts.append(f"{limit.policy} {left}/{limit.limit} left{shadow}")
         return ", ".join(parts)
+
+    @staticmethod
+    def _shadow_limits(
+        decision: Decision, charge: Charge, states: tuple[CounterState, ...]
+    ) -> None:
+        """The shadow limits this request went past: logged, counted, not refused."""
+        over = tuple(
+            lim.policy
+            for lim, state in zip(charge.limits, states, strict=True)
+            if lim is not None and lim.shadow and state.used > lim.limit
+        )
+        if over:
+            decision.shadow_refused = over
+            shadow_logger.info(
+                "shadow limit %s would have refused %s (plan %s)",
+                ", ".join(over),
+                decision.customer,
+                decision.plan,
+            )
 
     def _deny(self, decision: Decision, problem: Problem) -> None:
         decision.problem = problem
@@ -630,6 +660,8 @@ class Engine:
                 return unavailable(exc)
             entries = []
             for limit, state in zip(charge.limits, states, strict=True):
+                if limit is not None and limit.shadow:
+                    continue  # on trial: not the customer's to see
                 entry: dict[str, Any] = {"used": state.used}
                 if limit is None:
                     entry.update(policy=f"{name}-month", limit="unlimited", remaining="unlimited")

@@ -1,0 +1,3 @@
+from tests.storage.conftest import storage
+
+__all__ = ["storage"]
