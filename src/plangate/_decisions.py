@@ -8,7 +8,9 @@ import json
 import logging
 import random
 import sys
+import time
 import weakref
+from collections.abc import Callable
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING
 
@@ -22,7 +24,8 @@ class DecisionLog:
     """Writes the decisions its settings ask for, through a logger of its own (thread-safe;
     a file is reopened when rotated away)."""
 
-    def __init__(self, settings: DecisionLogConfig) -> None:
+    def __init__(self, settings: DecisionLogConfig, clock: Callable[[], float] = time.time) -> None:
+        self.clock = clock
         self.sample = settings.sample
         self.refusals = settings.refusals
         self.logger = logging.Logger("plangate.decisions")  # not the global tree's: no echo
@@ -45,11 +48,12 @@ class DecisionLog:
             return self.refusals
         return self.sample > 0 and (self.sample >= 1 or random.random() < self.sample)
 
-    def write(self, method: str, path: str, decision: Decision, now: float) -> None:
-        """Log ``decision`` (of ``method path`` at ``now``) if the settings ask for it."""
+    def write(self, method: str, path: str, decision: Decision) -> None:
+        """Log ``decision`` (of ``method path``) if the settings ask for it."""
         if not self.wanted(decision):
             return
-        self.logger.info(json.dumps(entry(method, path, decision, now), ensure_ascii=False))
+        line = entry(method, path, decision, self.clock())
+        self.logger.info(json.dumps(line, ensure_ascii=False))
 
 
 def entry(method: str, path: str, decision: Decision, now: float) -> dict[str, object]:

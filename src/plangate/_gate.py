@@ -57,13 +57,21 @@ class _Gate:
         #: CORS preflights pass unauthenticated and unmetered (they carry no credentials)
         self.pass_preflights = self.config.model.cors_preflight == "pass"
         self.clock = clock
-        #: the decision log (``decision_log:``), if the config keeps one
-        self.decisions = (
-            DecisionLog(self.config.model.decision_log) if self.config.model.decision_log else None
-        )
+        #: told of every decision made for a request (the decision log, metrics):
+        #: ``observer(method, path, decision)``
+        self.observers: list[Callable[[str, str, Decision], None]] = []
+        if self.config.model.decision_log is not None:
+            self.observers.append(DecisionLog(self.config.model.decision_log, clock).write)
 
     def _open_customers(self) -> None:
         raise NotImplementedError
+
+    def _observed(self, method: str, path: str, decision: Decision) -> None:
+        for observe in self.observers:
+            try:
+                observe(method, path, decision)
+            except Exception:  # an observer never decides a request
+                logger.exception("plangate: a decision observer failed")
 
     def _checked(self, answered: str | None, error: StorageError | None) -> bool:
         if error is not None:
@@ -171,8 +179,8 @@ class Gate(_Gate):
                 )
         except Exception:
             return self._fallback(method, path)
-        if self.decisions is not None and consume:  # explaining is not deciding
-            self.decisions.write(method, path, decision, self.clock())
+        if self.observers and consume:  # explaining is not deciding
+            self._observed(method, path, decision)
         return decision
 
     def check_declared(self, rule: Rule, token: TokenRead) -> Decision:
@@ -184,8 +192,8 @@ class Gate(_Gate):
             )
         except Exception:
             return self._fallback("(view)", rule.match, rule)
-        if self.decisions is not None:
-            self.decisions.write("(view)", rule.match, decision, self.clock())
+        if self.observers:
+            self._observed("(view)", rule.match, decision)
         return decision
 
     def settle(
@@ -253,8 +261,8 @@ class AsyncGate(_Gate):
                 )
         except Exception:
             return self._fallback(method, path)
-        if self.decisions is not None and consume:  # explaining is not deciding
-            self.decisions.write(method, path, decision, self.clock())
+        if self.observers and consume:  # explaining is not deciding
+            self._observed(method, path, decision)
         return decision
 
     async def check_declared(self, rule: Rule, token: TokenRead) -> Decision:
@@ -266,8 +274,8 @@ class AsyncGate(_Gate):
             )
         except Exception:
             return self._fallback("(view)", rule.match, rule)
-        if self.decisions is not None:
-            self.decisions.write("(view)", rule.match, decision, self.clock())
+        if self.observers:
+            self._observed("(view)", rule.match, decision)
         return decision
 
     async def settle(

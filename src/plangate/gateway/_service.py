@@ -97,9 +97,23 @@ class GatewayService:
                 Route("/healthz", self.healthz, methods=["GET", "HEAD"]),
                 Mount("/admin", app=AdminAPI(self.gate)),
                 Mount("/webhooks", app=Webhooks(self.gate)),
+                Mount("/metrics", app=self._metrics()),
             ],
             lifespan=self._lifespan,
         )
+
+    def _metrics(self) -> Any:
+        """``/metrics``: Prometheus's text format of this gate's metrics (the ``metrics``
+        extra); without prometheus-client, a 404 saying so."""
+        try:
+            import prometheus_client  # noqa: F401
+        except ImportError:  # pragma: no cover - the extra is in the test environment
+            detail = "metrics need prometheus-client: pip install 'plangate[metrics]'"
+            return JSONResponse({"detail": detail}, status_code=404)
+        from ..metrics import instrument, metrics_app
+
+        instrument(self.gate)
+        return metrics_app()
 
     @contextlib.asynccontextmanager
     async def _lifespan(self, app: Any) -> AsyncIterator[None]:
