@@ -58,6 +58,9 @@ class Metrics:
             registry=registry,
         )
         self.gates: weakref.WeakSet[Any] = weakref.WeakSet()
+        #: the decisions counter's child of each label set (the series are few: rules x
+        #: plans x outcomes)
+        self._children: dict[tuple[str, ...], Any] = {}
         # gauges read when scraped; in multiprocess mode each worker's value is kept apart
         breaker = Gauge(
             "plangate_storage_breaker_open",
@@ -93,7 +96,11 @@ class Metrics:
         match = rule.match if rule is not None else "(unmatched)"
         feature = (rule.feature or "") if rule is not None else ""
         plan = decision.plan or ""
-        self.decisions.labels(match, feature, plan, outcome, reason).inc()
+        key = (match, feature, plan, outcome, reason)
+        child = self._children.get(key)
+        if child is None:  # labels() takes a lock and builds its key: once per series
+            child = self._children[key] = self.decisions.labels(*key)
+        child.inc()
         if self.multiprocess:  # a worker's gauges are its own files: set as it goes
             self.breaker.set(self._sum(_breaker_open))
             self.outbox.set(self._sum(_pending))
