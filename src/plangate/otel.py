@@ -1,0 +1,55 @@
+"""OpenTelemetry (the ``otel`` extra: ``opentelemetry-api`` only, never the SDK).
+
+``instrument(gate)``: when a span is current and recording as a request is decided (the
+app's own, or its framework instrumentation's), it gets ``entitlement.*`` attributes —
+customer, plan, feature, decision, reason — and an ``entitlement.decision`` event. Without
+an SDK configured no span records, and this costs one context lookup a request.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ._gate import _Gate
+    from .engine import Decision
+
+
+def attributes(decision: Decision) -> dict[str, Any]:
+    """The ``entitlement.*`` attributes of a decision (those it has)."""
+    problem = decision.problem
+    outcome = "allow" if problem is None else ("shadow-deny" if decision.shadowed else "deny")
+    found: dict[str, Any] = {"entitlement.decision": outcome}
+    if decision.customer is not None:
+        found["entitlement.customer"] = decision.customer
+    if decision.plan is not None:
+        found["entitlement.plan"] = decision.plan
+    rule = decision.rule
+    if rule is not None:
+        found["entitlement.rule"] = rule.match
+        if rule.feature:
+            found["entitlement.feature"] = rule.feature
+    if problem is not None:
+        found["entitlement.reason"] = problem.name
+        policies = problem.members.get("violated-policies")
+        if policies:
+            found["entitlement.policies"] = list(policies)
+    return found
+
+
+def observe(method: str, path: str, decision: Decision) -> None:
+    """A gate observer: the current span, if it records, gets the decision."""
+    from opentelemetry import trace
+
+    span = trace.get_current_span()
+    if not span.is_recording():
+        return
+    found = attributes(decision)
+    span.set_attributes(found)
+    span.add_event("entitlement.decision", found)
+
+
+def instrument(gate: _Gate) -> None:
+    """Put each of ``gate``'s decisions on the span current when it is made."""
+    if observe not in gate.observers:
+        gate.observers.append(observe)
