@@ -21,9 +21,10 @@ from prometheus_client import CollectorRegistry
 
 sys.path.insert(0, str(Path(__file__).parents[1]))  # tests.support: the test config and tokens
 
+from tests.support import config, token
+
 from plangate import Gate, MemoryStorage
 from plangate.metrics import instrument
-from tests.support import config, token
 
 
 def main() -> None:

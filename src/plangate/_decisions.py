@@ -37,7 +37,8 @@ class DecisionLog:
         else:
             from logging.handlers import WatchedFileHandler
 
-            handler = WatchedFileHandler(settings.to, encoding="utf-8")
+            # opened at the first line: a gate that only explains never touches the file
+            handler = WatchedFileHandler(settings.to, encoding="utf-8", delay=True)
         handler.setFormatter(logging.Formatter("%(message)s"))
         self.logger.addHandler(handler)
         # the file is closed with the gate that keeps this log, whenever that goes

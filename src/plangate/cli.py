@@ -811,16 +811,20 @@ def _diff(args: argparse.Namespace) -> int:
 
 def _impact(changes: Sequence[Any], new: Config, uri: str, top: int) -> list[str]:
     """Customers (with a record) on each changed plan, and those over a lowered limit of it
-    now, from the store's live counters."""
-    from .engine import Engine, Peek
-    from .storage import open_storage
+    now, from the store's live counters: each customer's limit as the new config gives it
+    (its add-ons, overrides and trial included)."""
+    from .engine import Decision, Engine, Peek
+    from .identity import Identity
+    from .storage import ResilientStorage, open_storage
 
     plans = sorted({c.name.split(": ")[0] for c in changes if c.section == "plans"})
     lowered: dict[str, list[Any]] = {}
     for change in changes:
         if change.binds is not None:
             lowered.setdefault(change.binds[0], []).extend(change.binds[1])
-    storage = open_storage(uri)
+    opened = open_storage(uri)
+    # the store itself: a failure is an error here, never a count kept in this process
+    storage = opened.inner if isinstance(opened, ResilientStorage) else opened
     engine = Engine(new, new_id=lambda: "diff")
     now = time.time()
     lines = []
@@ -828,31 +832,36 @@ def _impact(changes: Sequence[Any], new: Config, uri: str, top: int) -> list[str
         for plan in plans:
             records = list(_plan_records(storage, plan))
             lines.append(f"{plan}: {len(records):,} customers with a record on it")
-            target = new.catalog.plans.get(plan)
-            if target is None:
-                continue
             for limit in lowered.get(plan, []):
                 over = []
                 for record in records:
+                    probe = Decision(None, {}, engine.kinds)
+                    resolved = engine._plan(probe, Identity(record.customer, None, {}), record, now)
+                    grant = resolved.meters.get(limit.meter) if resolved is not None else None
+                    theirs = next(
+                        (x for x in grant.limits if x.policy == limit.policy), None
+                    ) if grant is not None else None  # fmt: skip
+                    if resolved is None or theirs is None or theirs.shadow:
+                        continue  # not on it now, or an override changed it
                     charge = engine.build_charge(
-                        [(limit.meter, 0)], record.customer, target, record.billing_anchor, now
+                        [(limit.meter, 0)], record.customer, resolved, record.billing_anchor, now
                     )
                     counters = tuple(
                         c for c, lim in zip(charge.counters, charge.limits, strict=True)
                         if lim is not None and lim.policy == limit.policy
                     )  # fmt: skip
-                    (state,) = storage.peek(Peek(counters, now)) if counters else (None,)
-                    if state is not None and state.used > limit.limit:
-                        over.append((state.used, record.customer))
-                over.sort(key=lambda item: (-item[0], item[1]))
-                shown = ", ".join(f"{c} {used:,}/{limit.limit:,}" for used, c in over[:top])
+                    (state,) = storage.peek(Peek(counters, now))
+                    if state.used > theirs.limit:
+                        over.append((state.used, theirs.limit, record.customer))
+                over.sort(key=lambda item: (-item[0], item[2]))
+                shown = ", ".join(f"{c} {used:,}/{cap:,}" for used, cap, c in over[:top])
                 more = f" (and {len(over) - top:,} more)" if len(over) > top else ""
                 lines.append(
                     f"  {limit.policy} at {limit.limit:,}: {len(over):,} over it now"
                     + (f": {shown}{more}" if over else "")
                 )
     finally:
-        storage.close()
+        opened.close()
     return lines
 
 

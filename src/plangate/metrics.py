@@ -145,11 +145,18 @@ def instrument(gate: _Gate, registry: CollectorRegistry | None = None) -> Metric
 
 
 def _time_storage(storage: Any, metrics: Metrics) -> None:
-    """Wrap the storage's request-path methods (on this instance) to time them."""
+    """Wrap the storage's request-path methods (on this instance) to time them. An async
+    method the store does not define itself (``Storage``'s calls the blocking one) is not
+    wrapped: its call would be timed twice."""
+    from .storage import Storage
+
     for name in TIMED:
         for method_name, is_async in ((name, False), (f"a{name}", True)):
             method = getattr(storage, method_name, None)
             if method is None or getattr(method, "__plangate_timed__", False):
+                continue
+            inherited = getattr(Storage, method_name, None)
+            if is_async and getattr(type(storage), method_name, None) is inherited:
                 continue
             observe = metrics.storage.labels(name).observe
             setattr(
@@ -185,13 +192,25 @@ def _timed_async(
     return timed
 
 
+class _App:
+    """An ASGI app as an object (Starlette routes a function as a request handler)."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        await self.app(scope, receive, send)
+
+
 def metrics_app() -> Any:
     """An ASGI app that serves the metrics: of this process, or of every worker of a
-    gunicorn-style server when ``PROMETHEUS_MULTIPROC_DIR`` is set."""
+    gunicorn-style server when ``PROMETHEUS_MULTIPROC_DIR`` is set. Mount it with
+    ``Route("/metrics", metrics_app())`` (a ``Mount`` redirects ``/metrics`` to
+    ``/metrics/``)."""
     from prometheus_client import CollectorRegistry, make_asgi_app, multiprocess
 
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
-        return make_asgi_app(registry)
-    return make_asgi_app()
+        return _App(make_asgi_app(registry))
+    return _App(make_asgi_app())

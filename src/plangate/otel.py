@@ -34,14 +34,14 @@ def attributes(decision: Decision) -> dict[str, Any]:
         policies = problem.members.get("violated-policies")
         if policies:
             found["entitlement.policies"] = list(policies)
+    if decision.shadow_refused:
+        found["entitlement.shadow_policies"] = list(decision.shadow_refused)
     return found
 
 
 def observe(method: str, path: str, decision: Decision) -> None:
     """A gate observer: the current span, if it records, gets the decision."""
-    from opentelemetry import trace
-
-    span = trace.get_current_span()
+    span = _current_span()
     if not span.is_recording():
         return
     found = attributes(decision)
@@ -49,7 +49,19 @@ def observe(method: str, path: str, decision: Decision) -> None:
     span.add_event("entitlement.decision", found)
 
 
+def _no_span() -> Any:
+    raise RuntimeError("plangate.otel.instrument() was not called")
+
+
+_current_span = _no_span
+
+
 def instrument(gate: _Gate) -> None:
-    """Put each of ``gate``'s decisions on the span current when it is made."""
+    """Put each of ``gate``'s decisions on the span current when it is made
+    (``ImportError`` here, not on every request, without ``opentelemetry-api``)."""
+    global _current_span
+    from opentelemetry import trace
+
+    _current_span = trace.get_current_span
     if observe not in gate.observers:
         gate.observers.append(observe)

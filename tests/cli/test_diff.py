@@ -119,3 +119,94 @@ def test_with_the_store_it_counts_customers_and_finds_who_is_over_a_lowered_limi
         "    ai_tokens-month at 20,000: 0 over it now",
         "    api_calls-1m at 3: 0 over it now",
     ]
+
+
+def test_a_limit_moved_in_or_out_of_shadow_is_a_change() -> None:
+    shadow = config()
+    shadow["plans"]["free"]["features"]["api_calls"] = {
+        "limit": 5,
+        "window": "1m",
+        "mode": "shadow",
+    }
+    lower = copy.deepcopy(shadow)
+    lower["plans"]["free"]["features"]["api_calls"]["limit"] = 2
+    enforced = diff(load_config(shadow), load_config(config()))
+    texts = [(c.name, c.text, c.binds is not None) for c in enforced]
+    assert (
+        "free: api_calls",
+        "api_calls-1m enforced (was in shadow): it refuses from now on",
+        True,
+    ) in texts
+    to_shadow = [c.text for c in diff(load_config(config()), load_config(shadow))]
+    assert "api_calls-1m now in shadow: counted, no longer refused" in to_shadow
+    # lowering a limit still in shadow puts no one over anything
+    assert all(c.binds is None for c in diff(load_config(shadow), load_config(lower)))
+
+
+def test_rules_of_the_same_match_and_whole_sections_are_compared() -> None:
+    old = config()
+    old["routes"].append({"match": "POST /v1/chat", "meters": {"api_calls": 9}})  # never reached
+    new = copy.deepcopy(old)
+    new["routes"][3]["meters"] = {"api_calls": 50, "ai_tokens": 100}  # the one that applies
+    new["identity"]["jwt"]["audience"] = "another-api"
+    new["storage"] = "redis://:s3cr3t@db2.internal:6379/0"
+    lines = [f"{c.name}: {c.text}" for c in diff(load_config(old), load_config(new))]
+    assert (
+        "POST /v1/chat: meters {api_calls: 1, ai_tokens: 100} → {api_calls: 50, ai_tokens: 100}"
+        in lines
+    )
+    assert "identity: changed (not shown: it may hold secrets)" in lines
+    assert "storage: memory:// → redis://:***@db2.internal:6379/0" in lines
+
+
+@pytest.mark.redis
+def test_the_impact_goes_by_each_customers_own_limit(
+    capsys: pytest.CaptureFixture[str], storage_uri: str, tmp_path: Path
+) -> None:
+    """An add-on raises acme's limit past its usage; an override replaces hooli's: only
+    globex, on the plan's own limit, is over it."""
+    settings = config(addons={"boost": {"features": {"api_calls": {"add": 100}}}})
+    store = open_storage(storage_uri)
+    try:
+        gate = Gate(settings, storage=store)
+        for customer, extra in (
+            ("acme", {"addons": {"boost": 1}}),
+            ("globex", {}),
+            ("hooli", {"overrides": {"api_calls": {"limit": 500, "window": "1m"}}}),
+        ):
+            store.put_customer(CustomerRecord(customer, plan="pro", **extra))
+            for _ in range(5):
+                assert gate.check("GET", "/v1/things", token(customer)).allowed
+    finally:
+        store.close()
+    new = copy.deepcopy(settings)
+    new["plans"]["pro"]["features"]["api_calls"] = {"limit": 3, "window": "1m"}
+    argv = (
+        "diff",
+        write(tmp_path, "old", settings),
+        write(tmp_path, "new", new),
+        "--storage",
+        storage_uri,
+    )
+    status, out, _ = run(capsys, *argv)
+    assert status == 1
+    assert "    api_calls-1m at 3: 1 over it now: globex 5/3" in out.splitlines()
+
+
+def test_an_unreachable_store_is_an_error_not_a_zero(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    from tests.servers import free_port
+
+    new = changed()
+    uri = f"redis://127.0.0.1:{free_port()}/0"
+    status, _, err = run(
+        capsys,
+        "diff",
+        write(tmp_path, "old", config()),
+        write(tmp_path, "new", new),
+        "--storage",
+        uri,
+    )
+    assert status == 2
+    assert "plangate diff:" in err

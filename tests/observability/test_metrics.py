@@ -93,3 +93,29 @@ def test_the_gateway_serves_them(tmp_path: Any) -> None:
         )
     )  # fmt: skip
     assert after[allowed] - before.get(allowed, 0.0) == 3.0
+
+
+def test_an_async_gate_on_memory_times_each_call_once() -> None:
+    import asyncio
+
+    from plangate import AsyncGate
+
+    registry = CollectorRegistry()
+    gate = AsyncGate(config(), storage=MemoryStorage(), clock=Clock(START))
+    instrument(gate, registry)
+
+    async def checks() -> None:
+        for _ in range(3):
+            await gate.check("GET", "/v1/projects", token("acme", "free"))
+
+    asyncio.run(checks())
+    counts = samples(
+        generate_latest(registry).decode(), "plangate_storage_call_duration_seconds_count"
+    )
+    assert counts[(("operation", "reserve"),)] == 3.0
+
+
+def test_metrics_answers_without_a_redirect() -> None:
+    with TestClient(GatewayService(gateway_config())) as client:
+        page = client.get("/metrics", follow_redirects=False)
+    assert page.status_code == 200

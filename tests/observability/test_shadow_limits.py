@@ -76,3 +76,10 @@ def test_a_shadow_limit_cannot_charge_overage() -> None:
     }  # fmt: skip
     with pytest.raises(ConfigError, match="a shadow limit refuses nothing"):
         load_config(settings)
+
+
+def test_remaining_does_not_count_a_limit_on_trial() -> None:
+    gate = Gate(trial(), storage=MemoryStorage(), clock=Clock(START))
+    decisions = [gate.check("GET", "/v1/projects", token("acme", "free")) for _ in range(4)]
+    assert decisions[3].shadow_refused == ("api_calls-1h",)
+    assert decisions[3].remaining("api_calls") == 1  # 5 a minute, 4 used; not the trial's 0

@@ -9,10 +9,13 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from ..storage._registry import masked
 from ._catalog import CreditGrant, Limit, MeterGrant, Plan
 
 #: the settings compared, as the top level of the file names them
 SETTINGS = ("default_plan", "mode", "unmatched", "on_storage_error", "storage", "cors_preflight")
+#: the sections compared whole (their secrets are not printed)
+SECTIONS = ("identity", "responses", "admin", "billing", "decision_log")
 
 
 @dataclass(frozen=True)
@@ -40,7 +43,14 @@ def diff(old: Any, new: Any) -> list[Change]:
     for name in SETTINGS:
         before, after = getattr(old.model, name), getattr(new.model, name)
         if before != after:
+            if name == "storage":  # a password in it is not for a terminal or a CI log
+                before, after = masked(before), masked(after)
             changes.append(Change("settings", "~", name, f"{_show(before)} → {_show(after)}"))
+    for name in SECTIONS:  # compared whole: what changed in them is for the reader
+        if getattr(old.model, name) != getattr(new.model, name):
+            changes.append(
+                Change("settings", "~", name, "changed (not shown: it may hold secrets)")
+            )
     return changes
 
 
@@ -112,13 +122,25 @@ def _meter(plan: str, meter: str, a: MeterGrant | None, b: MeterGrant | None) ->
         old, new = before.get(policy), after.get(policy)
         if old is None:
             assert new is not None
-            yield Change("plans", "+", name, f"new limit {_limit(new)}", (plan, (new,)))
+            binds = None if new.shadow else (plan, (new,))  # a shadow limit refuses no one
+            yield Change("plans", "+", name, f"new limit {_limit(new)}", binds)
         elif new is None:
             yield Change("plans", "-", name, f"limit {_limit(old)} removed")
-        elif old.limit != new.limit:
-            lower = new.limit < old.limit
-            text = f"{policy} {old.limit:,} → {new.limit:,} ({'lowered' if lower else 'raised'})"
-            yield Change("plans", "~", name, text, (plan, (new,)) if lower else None)
+        else:
+            if old.limit != new.limit:
+                lower = new.limit < old.limit
+                text = (
+                    f"{policy} {old.limit:,} → {new.limit:,} ({'lowered' if lower else 'raised'})"
+                )
+                binds = (plan, (new,)) if lower and not new.shadow else None
+                yield Change("plans", "~", name, text, binds)
+            if old.shadow != new.shadow:
+                text = (
+                    f"{policy} now in shadow: counted, no longer refused"
+                    if new.shadow
+                    else f"{policy} enforced (was in shadow): it refuses from now on"
+                )
+                yield Change("plans", "~", name, text, None if new.shadow else (plan, (new,)))
     if (a.overage, a.rate) != (b.overage, b.rate):
         yield Change("plans", "~", name, f"overage {_overage(a)} → {_overage(b)}")
 
@@ -136,12 +158,23 @@ def _addons(old: Mapping[str, Any], new: Mapping[str, Any]) -> Iterator[Change]:
             yield Change("addons", "~", name, f"{_features_of(a)} → {_features_of(b)}")
 
 
+def _keyed(routes: list[Any]) -> dict[str, tuple[int, Any]]:
+    """Rules by their match, a second rule of the same match as ``match (2)``."""
+    keyed: dict[str, tuple[int, Any]] = {}
+    for i, route in enumerate(routes):
+        key, n = route.match, 1
+        while key in keyed:
+            n += 1
+            key = f"{route.match} ({n})"
+        keyed[key] = (i, route)
+    return keyed
+
+
 def _routes(old: list[Any], new: list[Any]) -> Iterator[Change]:
-    before = {r.match: (i, r) for i, r in enumerate(old)}
-    after = {r.match: (i, r) for i, r in enumerate(new)}
+    before, after = _keyed(old), _keyed(new)
     # the order of the rules both have: a rule moved past another decides differently
-    kept_before = [r.match for r in old if r.match in after]
-    kept_after = [r.match for r in new if r.match in before]
+    kept_before = [k for k in before if k in after]
+    kept_after = [k for k in after if k in before]
     for match in sorted(before.keys() | after.keys()):
         a, b = before.get(match), after.get(match)
         if a is None:
@@ -192,9 +225,10 @@ def _days(days: int | None) -> str:
 
 
 def _limit(limit: Limit) -> str:
+    shadow = " (shadow)" if limit.shadow else ""
     if limit.window is not None:
-        return f"{limit.limit:,} per {_duration(limit.window)}"
-    return f"{limit.limit:,} a {limit.period}"
+        return f"{limit.limit:,} per {_duration(limit.window)}{shadow}"
+    return f"{limit.limit:,} a {limit.period}{shadow}"
 
 
 def _duration(seconds: float) -> str:

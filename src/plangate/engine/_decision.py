@@ -172,7 +172,10 @@ class Decision:
                 if name != meter:
                     continue
                 limit = charge.limits[i]
-                here = math.inf if limit is None else max(0, limit.limit - self.states[i].used)
+                if limit is None or limit.shadow:  # a limit on trial is not the client's
+                    here = math.inf
+                else:
+                    here = max(0, limit.limit - self.states[i].used)
                 left = here if left is None else min(left, here)
         if left is None:
             if meter in self._rule_meters():

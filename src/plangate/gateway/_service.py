@@ -97,7 +97,7 @@ class GatewayService:
                 Route("/healthz", self.healthz, methods=["GET", "HEAD"]),
                 Mount("/admin", app=AdminAPI(self.gate)),
                 Mount("/webhooks", app=Webhooks(self.gate)),
-                Mount("/metrics", app=self._metrics()),
+                Route("/metrics", self._metrics(), methods=["GET", "HEAD"]),
             ],
             lifespan=self._lifespan,
         )
