@@ -34,6 +34,9 @@ def new_reservation_id() -> str:
 
 
 class _Gate:
+    #: the customer records this gate decides with (its cache in front of the store)
+    customers: CustomerStore | AsyncCustomerStore
+
     def __init__(
         self,
         config: str | os.PathLike[str] | Mapping[str, Any] | Config,

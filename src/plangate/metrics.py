@@ -57,6 +57,13 @@ class Metrics:
             buckets=STORAGE_BUCKETS,
             registry=registry,
         )
+        self.cache = Counter(
+            "plangate_customer_cache_reads",
+            "Customer records read by requests, by where from: the process's cache (hit) or "
+            "the store (miss)",
+            ["result"],
+            registry=registry,
+        )
         self.gates: weakref.WeakSet[Any] = weakref.WeakSet()
         #: the decisions counter's child of each label set (the series are few: rules x
         #: plans x outcomes)
@@ -141,6 +148,8 @@ def instrument(gate: _Gate, registry: CollectorRegistry | None = None) -> Metric
         metrics.gates.add(gate)
         gate.observers.append(metrics.observe)
         _time_storage(gate.storage, metrics)
+        gate.customers.on_hit = metrics.cache.labels("hit").inc
+        gate.customers.on_miss = metrics.cache.labels("miss").inc
     return metrics
 
 

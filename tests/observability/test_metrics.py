@@ -119,3 +119,19 @@ def test_metrics_answers_without_a_redirect() -> None:
     with TestClient(GatewayService(gateway_config())) as client:
         page = client.get("/metrics", follow_redirects=False)
     assert page.status_code == 200
+
+
+def test_customer_reads_are_counted_from_the_cache_or_the_store(storage: Storage) -> None:
+    from plangate.engine import CustomerRecord
+
+    if storage.in_process:  # memory:// reads its records directly: no cache to count
+        storage = MemoryStorage()
+        storage.customer_cache_ttl = 60.0  # a cache in front of it, as Redis has
+    registry = CollectorRegistry()
+    storage.put_customer(CustomerRecord("acme", plan="pro"))
+    gate = Gate(config(), storage=storage, clock=Clock(START))
+    instrument(gate, registry)
+    for _ in range(3):
+        gate.check("GET", "/v1/projects", token("acme"))
+    reads = samples(generate_latest(registry).decode(), "plangate_customer_cache_reads_total")
+    assert reads == {(("result", "miss"),): 1.0, (("result", "hit"),): 2.0}

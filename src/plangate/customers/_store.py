@@ -78,6 +78,10 @@ class _Cache:
         self._watching = False
         #: the newest version heard of customers not cached (a read may be on its way)
         self._heard: dict[str, int] = {}
+        #: told of each read answered from the cache (``hit``) or from the store (``miss``):
+        #: plangate.metrics counts them
+        self.on_hit: Callable[[], None] | None = None
+        self.on_miss: Callable[[], None] | None = None
 
     def _watch(self) -> None:
         self._watching = True
@@ -221,7 +225,11 @@ class CustomerStore(_Cache):
         entry, fresh = self._fresh(customer)
         if fresh:
             assert entry is not None
+            if self.on_hit is not None:
+                self.on_hit()
             return entry.record
+        if self.on_miss is not None:
+            self.on_miss()
         version = 0 if entry is None else entry.version
         try:
             record = self.storage.get_customer(customer)
@@ -391,7 +399,11 @@ class AsyncCustomerStore(_Cache):
         entry, fresh = self._fresh(customer)
         if fresh:
             assert entry is not None
+            if self.on_hit is not None:
+                self.on_hit()
             return entry.record
+        if self.on_miss is not None:
+            self.on_miss()
         version = 0 if entry is None else entry.version
         try:
             record = await self.storage.aget_customer(customer)
