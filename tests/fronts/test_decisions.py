@@ -126,3 +126,19 @@ def test_shadow_mode_lets_a_request_without_the_feature_through_logs_and_counts_
         "would deny" in r.getMessage() and "feature-not-in-plan" in r.getMessage()
         for r in caplog.records
     )
+
+
+def test_a_limit_in_shadow_refuses_nothing_and_is_not_shown(start):
+    """A new limit tried on live traffic (``mode: shadow`` on one limit): the client sees and
+    is held to the enforced limit only."""
+    settings = config()
+    settings["plans"]["free"]["features"]["api_calls"] = [
+        {"limit": 3, "window": "1h"},
+        {"limit": 1, "window": "1m", "mode": "shadow"},
+    ]
+    client = start(settings)
+    statuses = [client.request("GET", "/v1/ok", bearer()).status for _ in range(4)]
+    assert statuses == [200, 200, 200, 429]  # the shadow limit's 1 a minute refused nothing
+    response = client.request("GET", "/v1/ok", bearer("globex"))
+    assert response.headers["ratelimit-policy"] == '"api_calls-1h";q=3;w=3600'
+    assert "api_calls-1m" not in response.headers["ratelimit"]

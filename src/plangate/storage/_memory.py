@@ -8,7 +8,7 @@ import time
 from array import array
 from bisect import bisect_left, bisect_right
 from collections import OrderedDict
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
 from ..engine._credits import MAX_UNITS, CreditAccount, Grant, micros, required_of
@@ -329,7 +329,7 @@ class MemoryStorage(Storage):
                     s.total += c.cost
                     slots.append(0)
                     after.append(CounterState(s.total, s.resets_at - now))
-            self._count_usage(counters, [c.cost for c in counters], now)
+            self._count_usage(counters, None, now)
             # positional: a named tuple built with keywords costs twice as much
             return ReserveResult(
                 not violated and not short, tuple(after), tuple(slots), violated, 0.0, (),
@@ -494,12 +494,18 @@ class MemoryStorage(Storage):
 
     # hourly usage aggregates ------------------------------------------------------------
 
-    def _count_usage(self, counters: Sequence[Counter], units: Iterable[int], now: float) -> None:
-        """Add each counter's ``units`` to its meter's usage in the hour of ``now``, as the
-        Redis scripts do (the caller holds the lock)."""
-        hour = usage_hour(now)
-        for counter, n in zip(counters, units, strict=False):
-            if counter.usage and n:
+    def _count_usage(
+        self, counters: Sequence[Counter], units: Sequence[int] | None, now: float
+    ) -> None:
+        """Add each counter's ``units`` (None: its cost, a reservation's) to its meter's
+        usage in the hour of ``now``, as the Redis scripts do (the caller holds the lock)."""
+        hour = 0
+        for i, counter in enumerate(counters):
+            if not counter.usage:
+                continue
+            n = counter.cost if units is None else units[i]
+            if n:
+                hour = hour or usage_hour(now)
                 key = usage_key(prefix_of_key(counter.key), hour)
                 held = self._usage.get(key)
                 if held is None:
