@@ -62,6 +62,7 @@ def test_the_integration_module_is_pinned():
         "Clock",
         "Exchange",
         "Gate",
+        "Loaded",
         "Pending",
         "Requirement",
         "Settlement",

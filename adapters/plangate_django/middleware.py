@@ -18,6 +18,7 @@ from plangate.integration import (
     ENTITLEMENTS_PATH,
     Answer,
     Exchange,
+    Loaded,
     Pending,
     abegin,
     asettle,
@@ -69,8 +70,9 @@ class PlanGateMiddleware:
             settings["CONFIG"], storage=settings.get("STORAGE")
         )
         self.entitlements_path = settings.get("ENTITLEMENTS_PATH", ENTITLEMENTS_PATH)
+        self.gate.start()  # follow config reloads (Django has no startup event: now)
 
-    def _begin(self, request: HttpRequest) -> tuple[Exchange, TokenRead]:
+    def _begin(self, request: HttpRequest) -> tuple[Exchange, TokenRead, Loaded]:
         """The request's exchange and token, once the client's own ``X-Plangate-*`` headers
         are gone: the app may trust those (a gateway sets them), never the client's."""
         meta = request.META
@@ -79,7 +81,8 @@ class PlanGateMiddleware:
             del meta[key]
         if spoofed:
             request.__dict__.pop("headers", None)  # a middleware before us may have read them
-        source = self.gate.token_source
+        loaded = self.gate.loaded  # one config for the whole request
+        source = loaded.token_source
         method = request.method or "GET"
         exchange = Exchange(
             method,
@@ -89,15 +92,15 @@ class PlanGateMiddleware:
         )
         request.plangate_pending = Pending(self.gate, exchange)  # type: ignore[attr-defined]
         value = request.headers.get(source.header)
-        return exchange, source.read(() if value is None else (value,))
+        return exchange, source.read(() if value is None else (value,)), loaded
 
     def __call__(self, request: HttpRequest) -> Any:
         if self.async_mode:
             return self._acall(request)
         gate = self.gate
         assert isinstance(gate, Gate)
-        exchange, token = self._begin(request)
-        answer = begin(gate, exchange, token)
+        exchange, token, loaded = self._begin(request)
+        answer = begin(gate, exchange, token, loaded)
         if answer is not None:
             return _answer_response(answer)
         _expose(request, exchange)
@@ -112,8 +115,8 @@ class PlanGateMiddleware:
     async def _acall(self, request: HttpRequest) -> Any:
         gate = self.gate
         assert isinstance(gate, AsyncGate)
-        exchange, token = self._begin(request)
-        answer = await abegin(gate, exchange, token)
+        exchange, token, loaded = self._begin(request)
+        answer = await abegin(gate, exchange, token, loaded)
         if answer is not None:
             return _answer_response(answer)
         _expose(request, exchange)

@@ -111,6 +111,7 @@ class Exchange:
         "decision",
         "decisions",
         "head",
+        "loaded",
         "method",
         "path",
         "preflight",
@@ -141,6 +142,9 @@ class Exchange:
             and self.method in ("GET", "HEAD")
         )
         self.token: TokenRead = None
+        #: the config the request is decided with, from start to end (``Gate.loaded``; a
+        #: ``plangate._reload.Loaded``), once begun
+        self.loaded: Any = None
         #: the route rule's decision, once decided
         self.decision: Decision | None = None
         #: every decision to settle: the route rule's, then those of requirements on views

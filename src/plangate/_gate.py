@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -16,16 +17,36 @@ import anyio.to_thread
 
 from ._decisions import DecisionLog
 from ._drivers import adrive, drive
-from .config import Config, Rule, load_config
+from ._reload import Loaded, ReloadError, Reloading, ReloadOutcome, read_error, status, version_of
+from .config import Config, Rule, load_config, load_config_bytes
 from .customers import AsyncCustomerStore, CustomerStore
 from .engine import Decision, Engine, Flow, Problem, identity_problem
-from .errors import AuthenticationError, KeysUnavailableError, StorageError
+from .errors import (
+    AuthenticationError,
+    ConfigError,
+    ConfigIssue,
+    KeysUnavailableError,
+    StorageError,
+)
 from .identity import Identity, IdentityResult, TokenRead, TokenSource, TokenVerifier
 from .storage import Storage, open_storage
 
 Clock = Callable[[], float]
 logger = logging.getLogger("plangate")
 storage_logger = logging.getLogger("plangate.storage")
+reload_logger = logging.getLogger("plangate.reload")
+
+
+def _read(path: str) -> bytes:
+    try:
+        with open(path, "rb") as file:
+            return file.read()
+    except OSError as exc:
+        raise ConfigError([ConfigIssue("", f"cannot read: {exc.strerror}", path)]) from None
+
+
+def _is_log(observer: Callable[..., Any], log: DecisionLog | None) -> bool:
+    return log is not None and getattr(observer, "__self__", None) is log
 
 
 def new_reservation_id() -> str:
@@ -44,27 +65,177 @@ class _Gate:
         storage: str | Storage | None = None,
         clock: Clock = time.time,
     ) -> None:
-        self.config = load_config(config)
-        if isinstance(storage, Storage):
-            self.storage = storage
+        self.clock = clock
+        #: the file the config came from (reloaded from there); None for an object
+        self.config_path: str | None = None
+        if isinstance(config, (str, os.PathLike)):
+            self.config_path = os.fspath(config)
+            data = _read(self.config_path)
+            first = load_config_bytes(data, self.config_path, source=self.config_path)
+            version, origin = version_of(data), "file"
         else:
-            self.storage = open_storage(storage or self.config.model.storage)
-        self.engine = Engine(self.config, new_id=new_reservation_id)
-        self.clock = clock
-        self._open_customers()
-        #: a store this gate opened is checked once, at start-up (``check_storage``)
-        self.storage_unchecked = not isinstance(storage, Storage)
-        identity = self.config.model.identity
-        self.verifier = TokenVerifier(identity.jwt, clock=clock)
-        self.token_source = TokenSource(identity.token_from)
-        #: CORS preflights pass unauthenticated and unmetered (they carry no credentials)
-        self.pass_preflights = self.config.model.cors_preflight == "pass"
-        self.clock = clock
+            first, version, origin = load_config(config), "", "object"
+            self.config_path = first.source
         #: told of every decision made for a request (the decision log, metrics):
         #: ``observer(method, path, decision)``
         self.observers: list[Callable[[str, str, Decision], None]] = []
-        if self.config.model.decision_log is not None:
-            self.observers.append(DecisionLog(self.config.model.decision_log, clock).write)
+        #: what the gate decides with; every request reads it once (see ``plangate._reload``)
+        self.loaded = self._build(first, version, origin, None)
+        if self.loaded.decision_log is not None:
+            self.observers.append(self.loaded.decision_log.write)
+        if isinstance(storage, Storage):
+            self.storage = storage
+        else:
+            self.storage = open_storage(storage or first.model.storage)
+        self._open_customers()
+        #: a store this gate opened is checked once, at start-up (``check_storage``)
+        self.storage_unchecked = not isinstance(storage, Storage)
+        #: reloads: the file watch, SIGHUP, the store (started with the app: ``start``)
+        self.reloading = Reloading(self)
+        self._reload_lock = threading.Lock()
+        self.reloads = 0
+        self.reload_errors = 0
+        self.last_reload_error: ReloadError | None = None
+        #: told of every reload attempt (metrics): ``listener(outcome)``
+        self.reload_listeners: list[Callable[[ReloadOutcome], None]] = []
+
+    # what a request reads of the config: ``loaded``, once; these read it each time
+
+    @property
+    def config(self) -> Config:
+        return self.loaded.config
+
+    @property
+    def engine(self) -> Engine:
+        return self.loaded.engine
+
+    @property
+    def verifier(self) -> TokenVerifier:
+        return self.loaded.verifier
+
+    @property
+    def token_source(self) -> TokenSource:
+        return self.loaded.token_source
+
+    @property
+    def pass_preflights(self) -> bool:
+        return self.loaded.pass_preflights
+
+    def _build(self, config: Config, version: str, origin: str, previous: Loaded | None) -> Loaded:
+        """Everything a gate builds from ``config``; what did not change is kept (the keys
+        fetched from a JWKS, the decision log's open file)."""
+        model = config.model
+        identity = model.identity
+        if previous is not None and previous.config.model.identity == identity:
+            verifier, token_source = previous.verifier, previous.token_source
+        else:
+            verifier = TokenVerifier(identity.jwt, clock=self.clock)
+            token_source = TokenSource(identity.token_from)
+        log = None
+        if model.decision_log is not None:
+            if previous is not None and previous.config.model.decision_log == model.decision_log:
+                log = previous.decision_log
+            if log is None:
+                log = DecisionLog(model.decision_log, self.clock)
+        return Loaded(
+            config=config,
+            engine=Engine(config, new_id=new_reservation_id),
+            verifier=verifier,
+            token_source=token_source,
+            pass_preflights=model.cors_preflight == "pass",
+            decision_log=log,
+            version=version,
+            loaded_at=time.time(),
+            origin=origin,
+        )
+
+    def start(self) -> None:
+        """Start following config changes (file, SIGHUP, store) as ``reload:`` says; the
+        middlewares and the gateway call it at start-up. Idempotent."""
+        if not self.reloading.started:
+            self.reloading.start()
+
+    def stop(self) -> None:
+        """Stop following config changes (the app shuts down)."""
+        self.reloading.stop()
+
+    def reload(self, data: bytes | None = None, *, origin: str | None = None) -> ReloadOutcome:
+        """Load the config again — ``data`` if given, else the store's published config
+        (``reload.store``) or the file — check it entirely, and swap it in at once: requests
+        in flight finish on the config they started with. A config that does not load
+        changes nothing: the errors are logged as ``plangate check`` prints them and kept
+        (``last_reload_error``, ``GET /admin/config``, metrics). Blocking (it reads a file,
+        or the store): from async code, run it in a thread. Never raises."""
+        with self._reload_lock:
+            outcome = self._reload(data, origin)
+        for listener in list(self.reload_listeners):
+            try:
+                listener(outcome)
+            except Exception:
+                logger.exception("plangate: a reload listener failed")
+        return outcome
+
+    def _reload(self, data: bytes | None, origin: str | None) -> ReloadOutcome:
+        current = self.loaded
+        follows_store = current.config.model.reload.store
+        origin = origin or ("store" if follows_store else "file")
+        name = self.config_path or "<config>"
+        try:
+            if data is None and origin == "store":
+                published = self.storage.published_config()
+                if published is None:
+                    return ReloadOutcome(False, current.version)
+                data, _ = published
+                name = f"{name} (published on the store)"
+            elif data is None:
+                if self.config_path is None:
+                    raise ConfigError(
+                        [ConfigIssue("", "this gate's config was not read from a file")]
+                    )
+                data = _read(self.config_path)
+            version = version_of(data)
+            if version == current.version:
+                return ReloadOutcome(False, version)
+            config = load_config_bytes(data, name, source=self.config_path)
+            loaded = self._build(config, version, origin, current)
+        except Exception as exc:
+            error = read_error(exc, origin, time.time())
+            self.last_reload_error = error
+            self.reload_errors += 1
+            reload_logger.error(
+                "plangate: the config was not reloaded (%s); version %s still serves:\n%s",
+                origin,
+                current.version or "(object)",
+                error.message,
+            )
+            return ReloadOutcome(False, current.version, error)
+        self._swap(loaded)
+        return ReloadOutcome(True, version)
+
+    def _swap(self, loaded: Loaded) -> None:
+        previous = self.loaded
+        if loaded.config.model.storage != previous.config.model.storage:
+            reload_logger.warning(
+                "plangate: storage changed in the config: it takes effect at the next restart"
+            )
+        self.loaded = loaded  # one assignment: each request reads one or the other
+        self.customers.use_engine(loaded.engine)
+        observers = [o for o in self.observers if not _is_log(o, previous.decision_log)]
+        if loaded.decision_log is not None:
+            observers.insert(0, loaded.decision_log.write)
+        self.observers = observers  # the old log's file closes once no request holds it
+        self.reloads += 1
+        self.last_reload_error = None
+        reload_logger.info(
+            "plangate: config reloaded (%s): version %s -> %s",
+            loaded.origin,
+            previous.version or "(object)",
+            loaded.version,
+        )
+
+    def config_status(self) -> dict[str, Any]:
+        """The config serving: version, origin, when it was loaded, the last reload error."""
+        return status(self.loaded, self.last_reload_error, self.reloads, self.reload_errors)
 
     def _open_customers(self) -> None:
         raise NotImplementedError
@@ -88,50 +259,42 @@ class _Gate:
             storage_logger.info("storage check: connected to %s", answered)
         return True
 
-    def identify(self, token: TokenRead) -> IdentityResult:
+    def identify(self, token: TokenRead, loaded: Loaded | None = None) -> IdentityResult:
         """The caller, or why there is none. Never raises for bad input."""
         if isinstance(token, AuthenticationError):  # the request's token could not be read
             return token
         try:
-            return self.verifier.verify(token)
+            return (loaded or self.loaded).verifier.verify(token)
         except (AuthenticationError, KeysUnavailableError) as exc:
             return exc
 
-    def _route(self, method: str, path: str, consume: bool) -> Decision:
-        return self.engine.route(method, path, explain=not consume)
-
-    def _declared(self, rule: Rule) -> Decision:
-        return Decision(rule, {}, self.engine.kinds)
-
-    def _decide(
-        self, decision: Decision, identity: IdentityResult, consume: bool
-    ) -> Flow[Decision]:
-        return self.engine.decide(decision, identity, self.clock(), consume=consume)
-
-    def _fallback(self, method: str, path: str, rule: Rule | None = None) -> Decision:
+    def _fallback(
+        self, method: str, path: str, rule: Rule | None = None, loaded: Loaded | None = None
+    ) -> Decision:
         """The decision when deciding failed unexpectedly (a bug, not a storage outage, which
         the store handles): let the request through without a customer, or — when the
         failure policy is ``deny`` — answer 503."""
+        loaded = loaded or self.loaded
+        policy = loaded.config.model.on_storage_error
         logger.exception(
-            "plangate failed to decide %s %s; applying on_storage_error=%s",
-            method,
-            path,
-            self.config.model.on_storage_error,
+            "plangate failed to decide %s %s; applying on_storage_error=%s", method, path, policy
         )
         if rule is None:
             try:  # the handler still gets a decision (without a customer) if routing works
-                rule = self.engine.route(method, path).rule
+                rule = loaded.engine.route(method, path).rule
             except Exception:
                 rule = None
-        decision = Decision(rule, {}, self.engine.kinds)
-        if self.config.model.on_storage_error == "deny":
+        decision = Decision(rule, {}, loaded.engine.kinds)
+        if policy == "deny":
             decision.problem = _UNAVAILABLE
         return decision
 
-    def _entitlements(self, identity: IdentityResult) -> Flow[dict[str, Any] | Problem]:
+    def _entitlements(
+        self, identity: IdentityResult, engine: Engine
+    ) -> Flow[dict[str, Any] | Problem]:
         if not isinstance(identity, Identity):
             return identity_problem(identity)
-        return (yield from self.engine.entitlements(identity, self.clock()))
+        return (yield from engine.entitlements(identity, self.clock()))
 
 
 _UNAVAILABLE = Problem(
@@ -165,36 +328,56 @@ class Gate(_Gate):
         except StorageError as exc:
             return self._checked(None, exc)
 
-    def check(self, method: str, path: str, token: TokenRead, *, consume: bool = True) -> Decision:
+    def check(
+        self,
+        method: str,
+        path: str,
+        token: TokenRead,
+        *,
+        consume: bool = True,
+        loaded: Loaded | None = None,
+    ) -> Decision:
         """The decision for a request; reserves its meters unless ``consume=False``.
+        ``loaded``: the config the request started with (default: the one serving now).
 
         Never raises: an unexpected error is logged and decided by the failure policy.
         """
         if self.storage_unchecked:  # a gate not built by the WSGI middleware
             self.check_storage()
+        loaded = loaded or self.loaded
         try:
-            decision = self._route(method, path, consume)
+            engine = loaded.engine
+            decision = engine.route(method, path, explain=not consume)
             if _needs_identity(decision):
                 decision = drive(
-                    self._decide(decision, self.identify(token), consume),
+                    engine.decide(
+                        decision, self.identify(token, loaded), self.clock(), consume=consume
+                    ),
                     self.storage,
                     self.customers,
                 )
         except Exception:
-            return self._fallback(method, path)
+            return self._fallback(method, path, None, loaded)
         if self.observers and consume:  # explaining is not deciding
             self._observed(method, path, decision)
         return decision
 
-    def check_declared(self, rule: Rule, token: TokenRead) -> Decision:
+    def check_declared(
+        self, rule: Rule, token: TokenRead, loaded: Loaded | None = None
+    ) -> Decision:
         """The decision for a rule declared on a view (``Requirement``), for this token."""
+        loaded = loaded or self.loaded
         try:
-            decision = self._declared(rule)
+            engine = loaded.engine
+            decision = Decision(rule, {}, engine.kinds)
+            identity = self.identify(token, loaded)
             decision = drive(
-                self._decide(decision, self.identify(token), True), self.storage, self.customers
+                engine.decide(decision, identity, self.clock(), consume=True),
+                self.storage,
+                self.customers,
             )
         except Exception:
-            return self._fallback("(view)", rule.match, rule)
+            return self._fallback("(view)", rule.match, rule, loaded)
         if self.observers:
             self._observed("(view)", rule.match, decision)
         return decision
@@ -215,9 +398,13 @@ class Gate(_Gate):
         except Exception:
             logger.exception("plangate could not settle %r; its reservation stands", decision)
 
-    def entitlements(self, token: TokenRead) -> dict[str, Any] | Problem:
+    def entitlements(
+        self, token: TokenRead, loaded: Loaded | None = None
+    ) -> dict[str, Any] | Problem:
+        loaded = loaded or self.loaded
         try:
-            return drive(self._entitlements(self.identify(token)), self.storage, self.customers)
+            flow = self._entitlements(self.identify(token, loaded), loaded.engine)
+            return drive(flow, self.storage, self.customers)
         except Exception:
             logger.exception("plangate could not answer the entitlements endpoint")
             return _UNAVAILABLE
@@ -240,43 +427,60 @@ class AsyncGate(_Gate):
         except StorageError as exc:
             return self._checked(None, exc)
 
-    async def aidentify(self, token: TokenRead) -> IdentityResult:
+    async def aidentify(self, token: TokenRead, loaded: Loaded | None = None) -> IdentityResult:
         """``identify``, without blocking the event loop on a JWKS fetch."""
-        verifier = self.verifier
+        loaded = loaded or self.loaded
+        verifier = loaded.verifier
         if verifier.fetches_keys and not isinstance(token, AuthenticationError):
             hit = verifier.cached(token)
             if hit is not None:
                 return hit
-            return await anyio.to_thread.run_sync(self.identify, token)
-        return self.identify(token)
+            return await anyio.to_thread.run_sync(self.identify, token, loaded)
+        return self.identify(token, loaded)
 
     async def check(
-        self, method: str, path: str, token: TokenRead, *, consume: bool = True
+        self,
+        method: str,
+        path: str,
+        token: TokenRead,
+        *,
+        consume: bool = True,
+        loaded: Loaded | None = None,
     ) -> Decision:
         if self.storage_unchecked:  # no lifespan startup ran the check
             await self.check_storage()
+        loaded = loaded or self.loaded
         try:
-            decision = self._route(method, path, consume)
+            engine = loaded.engine
+            decision = engine.route(method, path, explain=not consume)
             if _needs_identity(decision):
-                identity = await self.aidentify(token)
+                identity = await self.aidentify(token, loaded)
                 decision = await adrive(
-                    self._decide(decision, identity, consume), self.storage, self.customers
+                    engine.decide(decision, identity, self.clock(), consume=consume),
+                    self.storage,
+                    self.customers,
                 )
         except Exception:
-            return self._fallback(method, path)
+            return self._fallback(method, path, None, loaded)
         if self.observers and consume:  # explaining is not deciding
             self._observed(method, path, decision)
         return decision
 
-    async def check_declared(self, rule: Rule, token: TokenRead) -> Decision:
+    async def check_declared(
+        self, rule: Rule, token: TokenRead, loaded: Loaded | None = None
+    ) -> Decision:
+        loaded = loaded or self.loaded
         try:
-            decision = self._declared(rule)
-            identity = await self.aidentify(token)
+            engine = loaded.engine
+            decision = Decision(rule, {}, engine.kinds)
+            identity = await self.aidentify(token, loaded)
             decision = await adrive(
-                self._decide(decision, identity, True), self.storage, self.customers
+                engine.decide(decision, identity, self.clock(), consume=True),
+                self.storage,
+                self.customers,
             )
         except Exception:
-            return self._fallback("(view)", rule.match, rule)
+            return self._fallback("(view)", rule.match, rule, loaded)
         if self.observers:
             self._observed("(view)", rule.match, decision)
         return decision
@@ -296,10 +500,14 @@ class AsyncGate(_Gate):
         except Exception:
             logger.exception("plangate could not settle %r; its reservation stands", decision)
 
-    async def entitlements(self, token: TokenRead) -> dict[str, Any] | Problem:
+    async def entitlements(
+        self, token: TokenRead, loaded: Loaded | None = None
+    ) -> dict[str, Any] | Problem:
+        loaded = loaded or self.loaded
         try:
-            identity = await self.aidentify(token)
-            return await adrive(self._entitlements(identity), self.storage, self.customers)
+            identity = await self.aidentify(token, loaded)
+            flow = self._entitlements(identity, loaded.engine)
+            return await adrive(flow, self.storage, self.customers)
         except Exception:
             logger.exception("plangate could not answer the entitlements endpoint")
             return _UNAVAILABLE

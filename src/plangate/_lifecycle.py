@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 
 from ._exchange import Answer, Exchange
 from ._gate import AsyncGate, Gate
+from ._reload import Loaded
 from ._requirements import Requirement
 from .engine import Decision
 from .identity import TokenRead
@@ -21,23 +22,31 @@ from .identity import TokenRead
 PENDING_KEY = "plangate.pending"
 
 
-def begin(gate: Gate, exchange: Exchange, token: TokenRead) -> Answer | None:
-    """Decide the request: an ``Answer`` to send instead of calling the app, or None."""
+def begin(
+    gate: Gate, exchange: Exchange, token: TokenRead, loaded: Loaded | None = None
+) -> Answer | None:
+    """Decide the request: an ``Answer`` to send instead of calling the app, or None.
+    ``loaded``: the config the token was read with (``gate.loaded`` when the front end read
+    it); the whole request is decided with it, whatever a reload swaps in meanwhile."""
     exchange.token = token
+    loaded = exchange.loaded = loaded or gate.loaded
     if exchange.wants_entitlements:
-        return exchange.answer_entitlements(gate.entitlements(token))
-    if exchange.preflight and gate.pass_preflights:
+        return exchange.answer_entitlements(gate.entitlements(token, loaded))
+    if exchange.preflight and loaded.pass_preflights:
         return None  # no decision: the app (its CORS middleware) answers
-    return exchange.decided(gate.check(exchange.method, exchange.path, token))
+    return exchange.decided(gate.check(exchange.method, exchange.path, token, loaded=loaded))
 
 
-async def abegin(gate: AsyncGate, exchange: Exchange, token: TokenRead) -> Answer | None:
+async def abegin(
+    gate: AsyncGate, exchange: Exchange, token: TokenRead, loaded: Loaded | None = None
+) -> Answer | None:
     exchange.token = token
+    loaded = exchange.loaded = loaded or gate.loaded
     if exchange.wants_entitlements:
-        return exchange.answer_entitlements(await gate.entitlements(token))
-    if exchange.preflight and gate.pass_preflights:
+        return exchange.answer_entitlements(await gate.entitlements(token, loaded))
+    if exchange.preflight and loaded.pass_preflights:
         return None
-    return exchange.decided(await gate.check(exchange.method, exchange.path, token))
+    return exchange.decided(await gate.check(exchange.method, exchange.path, token, loaded=loaded))
 
 
 def settle(gate: Gate, exchange: Exchange) -> None:
@@ -97,14 +106,16 @@ class Pending:
 
     def require(self, requirement: Requirement) -> Decision:
         """Decide ``requirement`` for this request (a blocking gate: WSGI, Django sync)."""
-        gate = self.gate
+        gate, exchange = self.gate, self.exchange
         assert isinstance(gate, Gate), "use arequire() with an AsyncGate"
-        rule = requirement.rule(gate.config)
-        return self.exchange.add(gate.check_declared(rule, self.exchange.token))
+        loaded = exchange.loaded or gate.loaded
+        rule = requirement.rule(loaded.config)
+        return exchange.add(gate.check_declared(rule, exchange.token, loaded))
 
     async def arequire(self, requirement: Requirement) -> Decision:
         """Decide ``requirement`` for this request (an asyncio gate: ASGI, Django async)."""
-        gate = self.gate
+        gate, exchange = self.gate, self.exchange
         assert isinstance(gate, AsyncGate), "use require() with a Gate"
-        rule = requirement.rule(gate.config)
-        return self.exchange.add(await gate.check_declared(rule, self.exchange.token))
+        loaded = exchange.loaded or gate.loaded
+        rule = requirement.rule(loaded.config)
+        return exchange.add(await gate.check_declared(rule, exchange.token, loaded))

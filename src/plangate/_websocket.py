@@ -8,6 +8,7 @@ from ._asgi import ASGIApp, Message, Receive, Scope, Send, app_path, without_cli
 from ._exchange import Answer, Exchange, encoded
 from ._gate import AsyncGate
 from ._lifecycle import abegin, asettle
+from ._reload import Loaded
 from .identity import TokenRead
 
 
@@ -17,7 +18,7 @@ async def gate_websocket(
     scope: Scope,
     receive: Receive,
     send: Send,
-    token: Callable[[Scope], TokenRead],
+    token: Callable[[Scope, Loaded], TokenRead],
     with_state: Callable[[Scope, Exchange], Scope],
 ) -> None:
     """A WebSocket handshake is decided like a ``GET``: a denial is the problem response
@@ -25,7 +26,8 @@ async def gate_websocket(
     with 1008; an allowed connection is charged once, when it is accepted."""
     exchange = Exchange("GET", app_path(scope), entitlements_path=None)
     scope = without_client_headers(scope)
-    answer = await abegin(gate, exchange, token(scope))
+    loaded = gate.loaded  # the config of the whole connection's decision
+    answer = await abegin(gate, exchange, token(scope, loaded), loaded)
     if answer is not None:
         problem = exchange.decision.problem if exchange.decision else None
         reason = problem.name if problem is not None else "denied"

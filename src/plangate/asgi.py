@@ -23,6 +23,7 @@ from ._asgi import (
 from ._exchange import ENTITLEMENTS_PATH, Exchange, encoded, is_preflight
 from ._gate import AsyncGate, Clock
 from ._lifecycle import PENDING_KEY, Pending, abegin, asettle
+from ._reload import Loaded
 from ._websocket import gate_websocket
 from .config import Config
 from .identity import TokenRead
@@ -55,17 +56,21 @@ class PlanGateMiddleware:
         #: requirements may be declared on views (the FastAPI adapter turns this on)
         self.views = views
         self.entitlements_path = entitlements_path
-        self._token_header = self.gate.token_source.header.encode("latin-1")
+        #: config reloads are followed from the lifespan startup (or the first request)
+        self._unstarted = True
 
-    def _token(self, scope: Scope) -> TokenRead:
-        wanted = self._token_header  # HTTP/2 may split cookies over several header fields
+    def _token(self, scope: Scope, loaded: Loaded) -> TokenRead:
+        source = loaded.token_source
+        wanted = source.header_bytes  # HTTP/2 may split cookies over several header fields
         values = [v.decode("latin-1") for n, v in scope["headers"] if n == wanted]
-        return self.gate.token_source.read(values)
+        return source.read(values)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
         if kind != "http":
             if kind == "websocket":
+                if self._unstarted:
+                    self._start()
                 await gate_websocket(
                     self.gate, self.app, scope, receive, send, self._token, self._with_state
                 )
@@ -74,6 +79,8 @@ class PlanGateMiddleware:
                 send = self._closing(send)
             await self.app(scope, receive, send)
             return
+        if self._unstarted:  # no lifespan startup ran
+            self._start()
         method = scope["method"]
         exchange = Exchange(
             method,
@@ -82,7 +89,8 @@ class PlanGateMiddleware:
             preflight=method == "OPTIONS" and is_preflight(method, _has_header(scope)),
         )
         scope = without_client_headers(scope)
-        answer = await abegin(self.gate, exchange, self._token(scope))
+        loaded = self.gate.loaded  # one config for the whole request
+        answer = await abegin(self.gate, exchange, self._token(scope, loaded), loaded)
         if answer is not None:
             await send_answer(send, answer)
             return
@@ -103,14 +111,22 @@ class PlanGateMiddleware:
             state[PENDING_KEY] = Pending(self.gate, exchange)
         return {**scope, "state": state}
 
+    def _start(self) -> None:
+        self._unstarted = False
+        self.gate.start()
+
     def _closing(self, send: Send) -> Send:
-        """``send`` for the lifespan scope: the store is checked at startup, its connections
-        close at shutdown."""
+        """``send`` for the lifespan scope: the store is checked and config reloads followed
+        from startup; reloads stop and the store's connections close at shutdown."""
 
         async def closing_send(message: Message) -> None:
-            if message["type"] == "lifespan.startup.complete" and self.gate.storage_unchecked:
-                await self.gate.check_storage()  # a store it opened: checked at start-up
+            if message["type"] == "lifespan.startup.complete":
+                if self.gate.storage_unchecked:
+                    await self.gate.check_storage()  # a store it opened: checked at start-up
+                if self._unstarted:
+                    self._start()
             if message["type"] == "lifespan.shutdown.complete":
+                self.gate.stop()
                 await self.gate.storage.aclose()
             await send(message)
 

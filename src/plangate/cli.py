@@ -150,6 +150,22 @@ def _parser() -> argparse.ArgumentParser:
     )
     diff.set_defaults(run=_diff)
 
+    reload = commands.add_parser(
+        "reload",
+        help="check a config and publish it on the store: every process following the store "
+        "loads it",
+        description="Checks FILE as `plangate check` does (nothing is published if it fails), "
+        "then keeps it in the store and announces it: every process whose config says "
+        "`reload: {store: true}` loads this version within a moment, and every process that "
+        "starts later starts on it. Exit status: 0 published, 1 an invalid config, 2 the "
+        "store failed.",
+    )
+    reload.add_argument("file", metavar="FILE", help="the config to publish")
+    reload.add_argument(
+        "--storage", metavar="URI", help="the store to publish on (default: FILE's storage)"
+    )
+    reload.set_defaults(run=_reload)
+
     demo = commands.add_parser("demo", help="serve an example API on memory storage")
     demo.add_argument("--host", default="127.0.0.1")
     demo.add_argument("--port", type=int, default=8000)
@@ -775,6 +791,44 @@ def _explain(args: argparse.Namespace) -> int:
         print(f"decision: DENY {decision.problem.status} {decision.problem.name}")
     else:
         print("decision: ALLOW")
+    return 0
+
+
+def _reload(args: argparse.Namespace) -> int:
+    from ._reload import version_of
+    from .config import load_config_bytes
+    from .storage import open_storage
+    from .storage._registry import masked
+
+    try:
+        data = Path(args.file).read_bytes()
+    except OSError as exc:
+        print(f"{args.file}: cannot read: {exc.strerror}", file=sys.stderr)
+        return 1
+    config = load_config_bytes(data, args.file)  # a ConfigError: printed, exit 1
+    uri = args.storage or config.model.storage
+    if uri.startswith("memory:"):
+        print(
+            f"plangate reload: {uri} lives in each process: publish on a shared store "
+            "(redis://…); a process on memory storage reloads its file by itself or on SIGHUP",
+            file=sys.stderr,
+        )
+        return 2
+    version = version_of(data)
+    storage = open_storage(uri)
+    try:
+        storage.publish_config(data, version)
+    except StorageError as exc:
+        print(f"plangate reload: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        storage.close()
+    print(f"{args.file}: published version {version} on {masked(uri)}")
+    if not config.model.reload.store:
+        print(
+            "note: this config does not say reload: {store: true}: processes loading it stop "
+            "following the store"
+        )
     return 0
 
 

@@ -5,13 +5,19 @@ A front end translates its framework's request and response into an ``Exchange``
 gate decide and settle it::
 
     exchange = Exchange(method, path)
-    answer = begin(gate, exchange, token)          # await abegin(...) with an AsyncGate
+    loaded = gate.loaded                           # the config of the whole request
+    token = loaded.token_source.read(values)       # the values of its token_source.header
+    answer = begin(gate, exchange, token, loaded)  # await abegin(...) with an AsyncGate
     if answer is not None:
         ...                                        # send answer.status/.headers/.body
     headers = exchange.response_started(status, headers) + exchange.quota_headers()
     exchange.body_sent()                           # the last byte is leaving
     exchange.finished(raised=..., cut=...)         # the app returned, raised, or lost its client
     settle(gate, exchange)                         # await asettle(...)
+
+A changed config is swapped in whole (``Gate.reload``); reading ``gate.loaded`` once per
+request keeps a request on one config from start to end. Call ``gate.start()`` when the app
+starts (config reloads are followed from then) and ``gate.stop()`` when it stops.
 
 Requirements declared on views (``Requirement``) are decided with ``Pending(gate,
 exchange).require(requirement)`` and settled with the request.
@@ -42,6 +48,7 @@ from ._lifecycle import (
     settle,
     stream_settling,
 )
+from ._reload import Loaded
 from ._requirements import Requirement
 
 __all__ = [
@@ -52,6 +59,7 @@ __all__ = [
     "Clock",
     "Exchange",
     "Gate",
+    "Loaded",
     "Pending",
     "Requirement",
     "Settlement",

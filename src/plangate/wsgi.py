@@ -5,6 +5,7 @@ It only translates WSGI calls into the request's ``Exchange`` (see ``plangate.in
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -51,9 +52,8 @@ class PlanGateMiddleware:
         #: requirements may be declared on views (the Flask adapter turns this on)
         self.views = views
         self.entitlements_path = entitlements_path
-        header = self.gate.token_source.header
-        self._token_key = _environ_key(header)
         _listen_for_exceptions(app)
+        self.gate.start()  # follow config reloads (WSGI has no startup event: now)
 
     def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
         method = environ["REQUEST_METHOD"]
@@ -66,9 +66,11 @@ class PlanGateMiddleware:
         for key in [k for k in environ if k.startswith("HTTP_X_PLANGATE_")]:
             # The app may trust X-Plangate-* (a gateway sets them): never the client's own.
             del environ[key]
-        value = environ.get(self._token_key)
-        token = self.gate.token_source.read(() if value is None else (value,))
-        answer = begin(self.gate, exchange, token)
+        loaded = self.gate.loaded  # one config for the whole request
+        source = loaded.token_source
+        value = environ.get(_environ_key(source.header))
+        token = source.read(() if value is None else (value,))
+        answer = begin(self.gate, exchange, token, loaded)
         if answer is not None:
             return answer_wsgi(start_response, answer)
         if not exchange.gated and not self.views:
@@ -128,6 +130,7 @@ class _Settling:
             settle(self._gate, exchange)
 
 
+@functools.cache  # a few header names: the token's, those of a CORS preflight
 def _environ_key(header: str) -> str:
     return "HTTP_" + header.upper().replace("-", "_")
 

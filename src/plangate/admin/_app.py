@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator, Mapping
 from typing import Any
 from urllib.parse import unquote
 
+import anyio.to_thread
 from starlette.applications import Starlette
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
@@ -61,7 +62,8 @@ class AdminAPI:
 
     Its routes are relative to where it is mounted (``Mount("/admin", app=AdminAPI(gate))``):
     ``/customers``, ``/customers/{id}``, ``/customers/{id}/credits``,
-    ``/customers/{id}/credits/{grant}``, ``/plans/migrate``, ``/billing``. Every request needs
+    ``/customers/{id}/credits/{grant}``, ``/plans/migrate``, ``/billing``, ``/config``,
+    ``/config/reload``. Every request needs
     ``Authorization: Bearer <token>``; ``token`` defaults to the config's ``admin.token``,
     and without one the API answers 404 to everything. See docs/admin.md.
     """
@@ -70,9 +72,8 @@ class AdminAPI:
         self, gate: AsyncGate, *, token: str | None = UNSET, max_body: int = MAX_BODY
     ) -> None:
         self.gate = gate
-        if token is UNSET:
-            token = gate.config.model.admin.token
-        self._token = token.encode() if token else None
+        #: the token given here; UNSET: the config's ``admin.token``, as reloaded
+        self._given = token
         #: bytes of a request body the API reads; past them, 413
         self.max_body = max_body
         self.app = Starlette(
@@ -98,6 +99,8 @@ class AdminAPI:
                 ),
                 Route("/plans/migrate", self.migrate, methods=["POST"]),
                 Route("/billing", self.billing, methods=["GET"]),
+                Route("/config", self.config, methods=["GET"]),
+                Route("/config/reload", self.reload, methods=["POST"]),
             ],
             exception_handlers={
                 **problem_handlers(),
@@ -122,6 +125,13 @@ class AdminAPI:
         return cls(AsyncGate(config, storage=storage), token=token)
 
     @property
+    def _token(self) -> bytes | None:
+        token = self._given
+        if token is UNSET:
+            token = self.gate.loaded.config.model.admin.token
+        return token.encode() if token else None
+
+    @property
     def enabled(self) -> bool:
         """Whether a token is set: without one, every request is answered 404."""
         return self._token is not None
@@ -140,12 +150,13 @@ class AdminAPI:
 
     def _refused(self, scope: Scope) -> AdminError | None:
         """Why a request may not use the API (no token configured, or not the token)."""
-        if self._token is None:
+        expected = self._token
+        if expected is None:
             return _not_found()
         given = Headers(scope=scope).getlist("authorization")
         scheme, _, credentials = given[0].partition(" ") if len(given) == 1 else ("", "", "")
         if scheme.lower() == "bearer" and hmac.compare_digest(
-            credentials.strip().encode("latin-1"), self._token
+            credentials.strip().encode("latin-1"), expected
         ):
             return None
         challenge = bearer_challenge(token_given=scheme.lower() == "bearer", realm=REALM)
@@ -307,6 +318,26 @@ class AdminAPI:
         providers = [p for p in ("stripe", "zuora") if getattr(section, p, None) is not None]
         counts = await self.gate.storage.aunmapped(providers)
         return _json({"providers": providers, "unmapped": counts})
+
+    # /config ------------------------------------------------------------------------------
+
+    async def config(self, request: Request) -> Response:
+        """The config serving: its version, origin, when it was loaded, the last reload
+        error (None once a reload succeeds)."""
+        return _json(self.gate.config_status())
+
+    async def reload(self, request: Request) -> Response:
+        """Reload now (the file, or the store's published config with ``reload.store``):
+        200 with the status, whether it changed or not; 422 with the errors when the config
+        does not load (the old one still serves)."""
+        outcome = await anyio.to_thread.run_sync(self.gate.reload)
+        if outcome.error is not None:
+            raise AdminError(
+                "invalid-config",
+                "the config was not reloaded; the version serving is kept",
+                {"errors": list(outcome.error.issues) or [{"message": outcome.error.message}]},
+            )
+        return _json({"changed": outcome.changed, **self.gate.config_status()})
 
     # reading requests ---------------------------------------------------------------------
 

@@ -27,6 +27,7 @@ TITLES = {
     "unsupported-media-type": (415, "Unsupported media type"),
     "invalid-record": (422, "Invalid record"),
     "idempotency-conflict": (422, "Idempotency conflict"),
+    "invalid-config": (422, "Invalid config"),
     "storage-unavailable": (503, "Storage unavailable"),
     "billing-provider-unavailable": (503, "Billing provider unavailable"),
 }

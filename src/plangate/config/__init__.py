@@ -28,7 +28,7 @@ from ._catalog import (
     max_credits,
 )
 from ._durations import parse_duration
-from ._loader import Document, read_source, validate_model
+from ._loader import Document, read_bytes, read_source, validate_model
 from ._models import ConfigModel
 
 __all__ = [
@@ -45,6 +45,7 @@ __all__ = [
     "compile_entitlement",
     "declared_rule",
     "load_config",
+    "load_config_bytes",
     "max_credits",
     "parse_duration",
 ]
@@ -81,6 +82,18 @@ def load_config(
         doc = Document(dict(source), {}, None)
     else:
         doc = read_source(source, env)
+    return _checked(doc, env, str(source) if isinstance(source, (str, Path)) else None)
+
+
+def load_config_bytes(
+    data: bytes, name: str, *, env: Mapping[str, str] | None = None, source: str | None = None
+) -> Config:
+    """``load_config`` for a config's bytes (a reload reads the file once, or the store's
+    published copy); ``name`` is the file named in messages, ``source`` the path kept."""
+    return _checked(read_bytes(data, name, env), env, source)
+
+
+def _checked(doc: Document, env: Mapping[str, str] | None, source: str | None) -> Config:
     model = validate_model(ConfigModel, doc.data, doc)
     environ = os.environ if env is None else env
     override = environ.get("PLANGATE_STORAGE")
@@ -97,4 +110,4 @@ def load_config(
             raise ConfigError([ConfigIssue("mode", message, doc.file)])
         model = model.model_copy(update={"mode": mode})
     catalog = build_catalog(model, doc)
-    return Config(model, catalog, str(source) if isinstance(source, (str, Path)) else None)
+    return Config(model, catalog, source)

@@ -324,6 +324,11 @@ def read_source(source: str | os.PathLike[str], env: Mapping[str, str] | None) -
         data = path.read_bytes()
     except OSError as exc:
         raise ConfigError([ConfigIssue("", f"cannot read: {exc.strerror}", str(source))]) from None
+    return read_bytes(data, str(source), env)
+
+
+def read_bytes(data: bytes, source: str, env: Mapping[str, str] | None) -> Document:
+    """A config's bytes, read as the file ``source`` (named in messages)."""
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:

@@ -232,6 +232,19 @@ class DecisionLogConfig(Model):
     refusals: bool = True
 
 
+class ReloadConfig(Model):
+    """How a running process picks up a changed config (``reload:``)."""
+
+    #: watch the file the config was loaded from and reload when it changes (default: yes,
+    #: unless ``store`` is on); needs ``watchfiles`` (the ``reload`` extra)
+    watch: bool | None = None
+    #: SIGHUP reloads (the file, or the store's published config when ``store`` is on)
+    signal: bool = True
+    #: follow the config published on the store with ``plangate reload FILE``: every
+    #: process on the store loads the same version, at start and whenever one is published
+    store: bool = False
+
+
 class AdminConfig(Model):
     token: str | None = None
 
@@ -336,6 +349,7 @@ class ConfigModel(Model):
     admin: AdminConfig = Field(default_factory=AdminConfig)
     decision_log: DecisionLogConfig | None = None
     billing: BillingConfig | None = None
+    reload: ReloadConfig = Field(default_factory=ReloadConfig)
 
     @field_validator("storage")
     @classmethod

@@ -82,6 +82,15 @@ class _Cache:
         #: plangate.metrics counts them
         self.on_hit: Callable[[], None] | None = None
         self.on_miss: Callable[[], None] | None = None
+        #: told how late (seconds) each change published by another process was heard
+        self.on_lag: Callable[[float], None] | None = None
+        self._now = now
+
+    def use_engine(self, engine: Engine) -> None:
+        """Provision and grant with ``engine`` from now on (the gate's config reloaded); the
+        records cached stay: they are the store's, not the config's."""
+        self.provisioning = Provisioning(engine, self._now)
+        self.credit_flows = Credits(engine, self._now)
 
     def _watch(self) -> None:
         self._watching = True
@@ -99,9 +108,12 @@ class _Cache:
 
     # what the store tells --------------------------------------------------------------
 
-    def heard(self, customer: str, version: int) -> None:
+    def heard(self, customer: str, version: int, sent_at: float | None = None) -> None:
         """``customer`` changed (in any process): its record is at ``version`` now (a
-        deletion too: versions never repeat)."""
+        deletion too: versions never repeat); ``sent_at``: when another process published
+        the change (epoch seconds)."""
+        if sent_at is not None and self.on_lag is not None:
+            self.on_lag(max(0.0, time.time() - sent_at))
         with self._lock:
             entry = self._entries.get(customer)
             if entry is None:

@@ -43,6 +43,7 @@ class Charge:
     credits: tuple[CreditCharge, ...] = ()  # the credit balances the rule takes from
     uses: tuple[CreditUse, ...] = ()  # how, one per balance
     shadow_limits: bool = False  # a limit is in shadow mode: see what it would refuse
+    shadow_all: bool = False  # the whole config is in shadow mode (``mode: shadow``)
 
 
 class Decision:

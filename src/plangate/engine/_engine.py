@@ -439,6 +439,7 @@ class Engine:
             tuple(credits),
             tuple(uses),
             any(lim is not None and lim.shadow for lim in limits),
+            self.shadow_all,
         )
 
     def credit_charge(
@@ -595,7 +596,8 @@ class Engine:
         for counter, meter in zip(charge.counters, charge.meters, strict=True):
             deltas.append(actual(meter, counter.cost) - counter.cost)
         credit_deltas = []
-        taken = bool(decision.credit_states) and not (rule.shadow or self.shadow_all)
+        # the config that decided, even if a reload swapped this one in since
+        taken = bool(decision.credit_states) and not (rule.shadow or charge.shadow_all)
         for use in charge.uses if taken else ():
             delta = 0
             if use.direct is not None:

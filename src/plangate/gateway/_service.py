@@ -24,6 +24,7 @@ from starlette.routing import Mount, Route
 from .._exchange import ENTITLEMENTS_PATH, Exchange, is_preflight, problem_answer
 from .._gate import AsyncGate, Clock
 from .._lifecycle import abegin, asettle
+from .._reload import Loaded
 from ..config import Config
 from ..engine import PROBLEM_BASE, Decision, Problem
 from ..engine._headers import MAX_INTEGER
@@ -117,11 +118,14 @@ class GatewayService:
 
     @contextlib.asynccontextmanager
     async def _lifespan(self, app: Any) -> AsyncIterator[None]:
-        """The periodic usage export (``billing.export``), for as long as the service runs."""
+        """Config reloads followed and the periodic usage export (``billing.export``) run,
+        for as long as the service runs."""
+        self.gate.start()
         task = None if self.export is None else asyncio.create_task(self.export.run())
         try:
             yield
         finally:
+            self.gate.stop()
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -139,9 +143,11 @@ class GatewayService:
         except AmbiguousRequest as exc:
             logger.warning("check refused: %s", exc)
             return _problem(400, f"cannot tell the original request: {exc}")
-        token = self.gate.token_source.read(request.headers.getlist(self.gate.token_source.header))
+        loaded = self.gate.loaded  # one config for the whole request
+        source = loaded.token_source
+        token = source.read(request.headers.getlist(source.header))
         preflight = is_preflight(method, request.headers.__contains__)
-        exchange = await self._begin(method, path, token, preflight=preflight)
+        exchange = await self._begin(method, path, token, preflight=preflight, loaded=loaded)
         decision = exchange.decision
         if decision is None:  # a CORS preflight: the upstream answers it
             return Response(status_code=200)
@@ -164,10 +170,16 @@ class GatewayService:
         return decision
 
     async def _begin(
-        self, method: str, path: str, token: TokenRead, *, preflight: bool = False
+        self,
+        method: str,
+        path: str,
+        token: TokenRead,
+        *,
+        preflight: bool = False,
+        loaded: Loaded | None = None,
     ) -> Exchange:
         exchange = Exchange(method, path, entitlements_path=None, preflight=preflight)
-        await abegin(self.gate, exchange, token)
+        await abegin(self.gate, exchange, token, loaded)
         decision = exchange.decision
         if decision is not None and decision.reserved:
             await self._remember(exchange)
@@ -322,8 +334,11 @@ class GatewayService:
     async def entitlements(self, request: Request) -> Response:
         """The caller's plan, features and meters: route a gateway's
         ``/.plangate/entitlements`` here (the caller's token is read as for ``/check``)."""
-        token = self.gate.token_source.read(request.headers.getlist(self.gate.token_source.header))
-        answer = await abegin(self.gate, Exchange(request.method, ENTITLEMENTS_PATH), token)
+        loaded = self.gate.loaded
+        source = loaded.token_source
+        token = source.read(request.headers.getlist(source.header))
+        exchange = Exchange(request.method, ENTITLEMENTS_PATH)
+        answer = await abegin(self.gate, exchange, token, loaded)
         assert answer is not None  # the entitlements path is always answered
         return Response(answer.body, status_code=answer.status, headers=dict(answer.headers))
 

@@ -12,7 +12,7 @@ TokenRead = str | None | AuthenticationError
 class TokenSource:
     """Where the token is: ``header:Authorization`` (a Bearer token), another header, a cookie."""
 
-    __slots__ = ("_bearer", "_cookie", "_parse_cookie", "header")
+    __slots__ = ("_bearer", "_cookie", "_parse_cookie", "header", "header_bytes")
 
     def __init__(self, spec: str = "header:Authorization") -> None:
         kind, _, name = spec.partition(":")
@@ -24,6 +24,8 @@ class TokenSource:
             self._parse_cookie = parse_cookie
         #: the lower-case request header to read
         self.header = "cookie" if kind == "cookie" else name.lower()
+        #: the same, as an ASGI header name
+        self.header_bytes = self.header.encode("latin-1")
         self._bearer = self.header == "authorization"
 
     def read(self, values: Sequence[str]) -> TokenRead:

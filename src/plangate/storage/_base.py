@@ -52,13 +52,14 @@ from ..engine import (
     usage_hour,
     usage_key,
 )
-from ..errors import VersionConflict
+from ..errors import StorageError, VersionConflict
 
 __all__ = [
     "EXACT_WINDOW_LIMIT",
     "MADE_THERE",
     "SLIDING_BUCKETS",
     "USAGE_HOUR",
+    "ConfigListener",
     "Counter",
     "CounterState",
     "CreditCharge",
@@ -97,11 +98,22 @@ __all__ = [
 class CustomerListener(Protocol):
     """Told of changes to customer records, made in this process or any other."""
 
-    def heard(self, customer: str, version: int) -> None:
-        """``customer`` changed: its record is at ``version`` now (0: deleted)."""
+    def heard(self, customer: str, version: int, sent_at: float | None = None) -> None:
+        """``customer`` changed: its record is at ``version`` now (0: deleted); ``sent_at``:
+        when the change was published (epoch seconds), if it came from another process."""
 
     def heard_nothing_for_a_while(self) -> None:
         """Changes may have been missed (the subscription was down): forget them all."""
+
+
+class ConfigListener(Protocol):
+    """Told of configs published on the store (``plangate reload FILE``)."""
+
+    def heard_config(self, version: str) -> None:
+        """A config was published: ``Storage.published_config()`` has it, at ``version``."""
+
+    def heard_nothing_for_a_while(self) -> None:
+        """Announcements may have been missed (the subscription was down)."""
 
 
 class Listeners:
@@ -131,12 +143,25 @@ class Listeners:
         with self._lock:
             return list(self._listeners)
 
-    def heard(self, customer: str, version: int) -> None:
+    def heard(self, customer: str, version: int, sent_at: float | None = None) -> None:
         for listener in self._each():
             try:
-                listener.heard(customer, version)
+                if sent_at is None:
+                    listener.heard(customer, version)
+                else:
+                    listener.heard(customer, version, sent_at)
             except Exception:
                 logging.getLogger("plangate.storage").exception("a customer listener failed")
+
+    def heard_config(self, version: str) -> None:
+        for listener in self._each():
+            heard = getattr(listener, "heard_config", None)
+            if heard is None:
+                continue  # a customer cache: configs are not its business
+            try:
+                heard(version)
+            except Exception:
+                logging.getLogger("plangate.storage").exception("a config listener failed")
 
     def heard_nothing_for_a_while(self) -> None:
         for listener in self._each():
@@ -303,6 +328,19 @@ class Storage(ABC):
 
     async def aread_credits(self, op: ReadCredits) -> CreditView:
         return self.read_credits(op)
+
+    def publish_config(self, data: bytes, version: str) -> None:
+        """Keep ``data`` (a checked config) as the config every process following the store
+        loads, and announce ``version`` to them (``plangate reload FILE``)."""
+        raise StorageError(f"{type(self).__name__} cannot publish a config")
+
+    def published_config(self) -> tuple[bytes, str] | None:
+        """The config last published, and its version; None if none was."""
+        return None
+
+    def watch_config(self, listener: ConfigListener) -> None:
+        """Tell ``listener`` of every config published, by any process (held weakly)."""
+        self.watch_customers(listener)  # type: ignore[arg-type]  # the same announcements
 
     def watch_customers(self, listener: CustomerListener) -> None:  # noqa: B027
         """Tell ``listener`` (held weakly) of every change to a customer record, made in

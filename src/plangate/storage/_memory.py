@@ -237,6 +237,7 @@ class MemoryStorage(Storage):
         #: the version each deleted record took: a record made again continues from it
         self._gone: dict[str, int] = {}
         self.listeners = Listeners()
+        self._published: tuple[bytes, str] | None = None
         self._settled: OrderedDict[str, float] = OrderedDict()
         self._next_sweep = 0.0
         self._now = 0.0
@@ -695,6 +696,13 @@ class MemoryStorage(Storage):
 
     def watch_customers(self, listener: CustomerListener) -> None:
         self.listeners.add(listener)
+
+    def publish_config(self, data: bytes, version: str) -> None:
+        self._published = (bytes(data), version)
+        self.listeners.heard_config(version)
+
+    def published_config(self) -> tuple[bytes, str] | None:
+        return self._published
 
     def _sweep(self, now: float) -> None:
         self._next_sweep = now + _SWEEP_EVERY

@@ -12,6 +12,7 @@ import asyncio
 import queue
 import socket
 import threading
+import time
 import weakref
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -63,7 +64,7 @@ from ._base import (
     usage_key,
 )
 from ._breaker import StorageRejected
-from ._redis_changes import ChangeFeed
+from ._redis_changes import ChangeFeed, config_message
 from ._redis_codec import (
     SCRIPTS,
     TOMBSTONE_TTL,
@@ -130,6 +131,10 @@ _UNAVAILABLE = (
     TryAgainError,
 )
 _UNAVAILABLE_CODES = ("BUSY ", "MISCONF ", "NOREPLICAS ")
+
+
+#: the config published for every process following the store: a hash (data, version, at)
+CONFIG_KEY = "plangate:config"
 
 
 def _failure(what: str, exc: Exception) -> StorageError:
@@ -901,6 +906,27 @@ class RedisStorage(Storage):
 
     def watch_customers(self, listener: CustomerListener) -> None:
         self.changes.watch(listener)
+
+    # the config every process following the store loads (``plangate reload FILE``)
+
+    def publish_config(self, data: bytes, version: str) -> None:
+        client = self._bulk_client()
+        try:
+            client.hset(
+                CONFIG_KEY, mapping={"data": data, "version": version, "at": repr(time.time())}
+            )
+            self.changes.announce(client.execute_command, config_message(version))
+        except Exception as exc:
+            raise _failure("config publish", exc) from exc
+
+    def published_config(self) -> tuple[bytes, str] | None:
+        try:
+            data, version = self._bulk_client().hmget(CONFIG_KEY, ["data", "version"])
+        except Exception as exc:
+            raise _failure("config read", exc) from exc
+        if data is None or version is None:
+            return None
+        return bytes(data), version.decode() if isinstance(version, bytes) else str(version)
 
     def list_customers(
         self, *, plan: str | None = None, limit: int = 100, cursor: str | None = None

@@ -1,6 +1,7 @@
 """Changes to customer records, told to every process through Redis pub/sub.
 
-A write publishes ``"<version> <customer>"`` on ``CHANNEL``; each process subscribes once per
+A write publishes ``"<version>:<ms> <customer>"`` on ``CHANNEL`` (and ``plangate reload
+FILE`` announces ``"config <version>"`` there); each process subscribes once per
 store, on a thread of its own (one connection, whatever serves the requests: blocking calls
 or any number of event loops), and tells its listeners (the customer caches). On Redis
 Cluster the channel is a sharded one (``SPUBLISH``/``SSUBSCRIBE``, Redis 7) where the server
@@ -39,16 +40,35 @@ class LostSubscription(Exception):
 
 
 def message(customer: str, version: int) -> str:
-    return f"{version} {customer}"
+    """``"<version>:<published at, epoch ms> <customer>"``: the time tells the listeners how
+    late they hear of it (``plangate_customer_change_lag_seconds``)."""
+    return f"{version}:{int(time.time() * 1000)} {customer}"
 
 
-def parse_message(data: Any) -> tuple[str, int] | None:
-    """``(customer, version)`` from a message; None for one plangate did not publish."""
+def config_message(version: str) -> str:
+    """A config published on the store (``plangate reload FILE``)."""
+    return f"{CONFIG_WORD} {version}"
+
+
+CONFIG_WORD = "config"
+
+
+def parse_message(data: Any) -> tuple[str, int, float | None] | None:
+    """``(customer, version, published at)`` from a message (no time in a message of an
+    earlier plangate); None for one that is not a customer change."""
     text = data.decode("utf-8", "surrogateescape") if isinstance(data, bytes) else str(data)
-    version, sep, customer = text.partition(" ")
-    if not sep or not version.isdigit():
+    head, sep, customer = text.partition(" ")
+    version, colon, sent = head.partition(":")
+    if not sep or not version.isdigit() or (colon and not sent.isdigit()):
         return None
-    return customer, int(version)
+    return customer, int(version), int(sent) / 1000 if colon else None
+
+
+def parse_config_message(data: Any) -> str | None:
+    """The version a config announcement names; None for any other message."""
+    text = data.decode("utf-8", "surrogateescape") if isinstance(data, bytes) else str(data)
+    word, sep, version = text.partition(" ")
+    return version if sep and word == CONFIG_WORD and version else None
 
 
 class ChangeFeed:
@@ -78,21 +98,24 @@ class ChangeFeed:
 
     # publishing --------------------------------------------------------------------------
 
+    def announce(self, execute: Any, text: str) -> None:
+        """Publish ``text`` on the channel with ``execute(*command)``; raises what fails."""
+        if self.sharded is not False:
+            try:
+                execute("SPUBLISH", CHANNEL, text)
+                self.sharded = True
+                return
+            except ResponseError as exc:
+                if "unknown command" not in str(exc).lower():
+                    raise
+                self.sharded = False
+        execute("PUBLISH", CHANNEL, text)
+
     def publish(self, execute: Any, customer: str, version: int) -> None:
         """Tell every process, with ``execute(*command)``; a failure is logged (the caches'
         TTL still brings the change)."""
-        text = message(customer, version)
         try:
-            if self.sharded is not False:
-                try:
-                    execute("SPUBLISH", CHANNEL, text)
-                    self.sharded = True
-                    return
-                except ResponseError as exc:
-                    if "unknown command" not in str(exc).lower():
-                        raise
-                    self.sharded = False
-            execute("PUBLISH", CHANNEL, text)
+            self.announce(execute, message(customer, version))
         except Exception as exc:
             logger.warning(
                 "could not publish the change of customer %r (version %d): %s; other processes "
@@ -188,9 +211,12 @@ class ChangeFeed:
                         self._subscribed()
                         delay = RETRY_FIRST
                     elif kind in ("message", "smessage"):
-                        parsed = parse_message(item.get("data"))
+                        data = item.get("data")
+                        parsed = parse_message(data)
                         if parsed is not None:
                             self.listeners.heard(*parsed)
+                        elif (config := parse_config_message(data)) is not None:
+                            self.listeners.heard_config(config)
                     elif kind in ("unsubscribe", "sunsubscribe"):
                         # the server dropped it (the channel's slot moved to another node)
                         raise LostSubscription(f"{kind} from the server")

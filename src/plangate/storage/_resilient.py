@@ -24,6 +24,7 @@ from typing import TypeVar
 from .._drivers import adrive, drive
 from ..errors import StorageError, VersionConflict
 from ._base import (
+    ConfigListener,
     Counter,
     CounterState,
     CreditCharge,
@@ -414,6 +415,15 @@ class ResilientStorage(Storage):
 
     def watch_customers(self, listener: CustomerListener) -> None:
         self.inner.watch_customers(listener)
+
+    def publish_config(self, data: bytes, version: str) -> None:
+        self.inner.publish_config(data, version)
+
+    def published_config(self) -> tuple[bytes, str] | None:
+        return self.inner.published_config()
+
+    def watch_config(self, listener: ConfigListener) -> None:
+        self.inner.watch_config(listener)
 
     def check_connection(self) -> str | None:
         return self.inner.check_connection()
