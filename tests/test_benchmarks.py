@@ -13,6 +13,7 @@ import pytest
 BENCHMARKS = sorted((Path(__file__).parents[1] / "benchmarks").glob("*.py"))
 PROPAGATION = Path(__file__).parents[1] / "benchmarks" / "propagation.py"
 COMPARE = Path(__file__).parents[1] / "benchmarks" / "compare.py"
+RELOAD = Path(__file__).parents[1] / "benchmarks" / "reload.py"
 
 
 def _plangate_imports(path: Path) -> list[tuple[str, str]]:
@@ -94,3 +95,20 @@ def test_the_usage_benchmark_runs_in_a_tiny_mode():
     assert run.returncode == 0, run.stdout + run.stderr
     assert "| Redis |" in run.stdout
     assert "| as written by requests |" in run.stdout
+
+
+@pytest.mark.redis
+def test_the_reload_benchmark_runs_two_edits_and_two_publishes():
+    """Its own redis-server, two uvicorn processes under load, two edits of their files and
+    two configs published on the store, each seen by both processes; the figures are printed,
+    never checked."""
+    run = subprocess.run(
+        [sys.executable, str(RELOAD), "--edits", "2"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=RELOAD.parent,
+    )
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "| the file, watched (watchfiles, inotify) | 4 |" in run.stdout
+    assert "| published on the store (Redis pub/sub) | 4 |" in run.stdout

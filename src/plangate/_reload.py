@@ -139,7 +139,6 @@ class Reloading:
         self._thread: threading.Thread | None = None
         #: held strongly here: the store holds its listeners weakly
         self._listener: _StoreListener | None = None
-        weakref.finalize(gate, self._stop.set)
 
     def start(self) -> None:
         """Watch what the gate's config says to watch (idempotent)."""
@@ -167,7 +166,10 @@ class Reloading:
         _STARTED.add(self)
 
     def stop(self) -> None:
-        self._stop.set()
+        """Stop watching (the app shuts down); ``start`` watches again."""
+        with self._lock:
+            self._stop.set()
+            self.started = False
         _forget_sighup(self._gate())
 
     def _watch_file(self, path: str) -> None:
@@ -180,7 +182,12 @@ class Reloading:
                 path,
             )
             return
-        self._stop.clear()
+        gate = self._gate()
+        if gate is None:
+            return
+        self._stop = threading.Event()  # a watch of its own: one stopped before may linger
+        weakref.finalize(gate, self._stop.set)
+        del gate
         self._thread = threading.Thread(
             target=_watch,
             args=(self._gate, path, self._stop),
@@ -194,13 +201,14 @@ class Reloading:
         return _WATCHING.wait_for(self, timeout)
 
     def _after_fork(self) -> None:
-        """In a forked child (gunicorn --preload): the parent's watch thread is not here."""
+        """In a forked child (gunicorn --preload): the parent's watch thread is not here, and
+        a lock one of the parent's threads held at the fork would stay held."""
         self._lock = threading.Lock()
-        thread = self._thread
         gate = self._gate()
-        if thread is not None and gate is not None and gate.config_path is not None:
-            self._stop = threading.Event()
-            weakref.finalize(gate, self._stop.set)
+        if gate is not None:
+            gate._reload_lock = threading.Lock()
+        watching = self._thread is not None and not self._stop.is_set()
+        if watching and gate is not None and gate.config_path is not None:
             self._watch_file(gate.config_path)
 
 
@@ -335,6 +343,7 @@ def _hup(signum: int, frame: FrameType | None) -> None:
 
 
 def _after_fork_in_child() -> None:
+    _WATCHING._changed = threading.Condition()
     for reloading in list(_STARTED):
         reloading._after_fork()
 

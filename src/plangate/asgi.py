@@ -127,6 +127,7 @@ class PlanGateMiddleware:
                     self._start()
             if message["type"] == "lifespan.shutdown.complete":
                 self.gate.stop()
+                self._unstarted = True  # a server started again starts it again
                 await self.gate.storage.aclose()
             await send(message)
 

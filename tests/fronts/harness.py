@@ -17,11 +17,13 @@ import json
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import unquote
 
 import anyio
 import httpx
+import yaml
 from starlette.testclient import TestClient
 from werkzeug.test import EnvironBuilder
 
@@ -303,6 +305,8 @@ class GatewayClient:
         self.upstream = TestClient(
             apps.starlette_app(apps.header_customer), raise_server_exceptions=False
         )
+        if isinstance(config, str):  # a config file
+            config = yaml.safe_load(Path(config).read_text())
         self.hidden = {
             cost["response_header"].lower()
             for rule in config.get("routes", ())

@@ -93,6 +93,7 @@ class Reloads:
         *,
         changed: bool | None = None,
         failed: bool | None = None,
+        version: str | None = None,
     ) -> None:
         def enough() -> bool:
             seen = [
@@ -100,6 +101,7 @@ class Reloads:
                 for o in self.outcomes
                 if (changed is None or o.changed == changed)
                 and (failed is None or (o.error is not None) == failed)
+                and (version is None or (o.version == version and o.error is None))
             ]
             return len(seen) >= count
 

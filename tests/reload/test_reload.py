@@ -304,6 +304,7 @@ def test_plangate_reload_publishes_to_processes_on_a_real_redis(
     tmp_path: Path, redis_server: object, capsys: pytest.CaptureFixture[str]
 ) -> None:
     url = redis_server.url  # type: ignore[attr-defined]
+    redis_server.client().flushall()  # type: ignore[attr-defined]  # nothing published yet
     file = tmp_path / "plangate.yaml"
     file.write_text(config_text(3, storage=url, reload="{store: true}"))
     gates: list[Gate | AsyncGate] = [Gate(str(file)), AsyncGate(str(file))]
@@ -316,7 +317,7 @@ def test_plangate_reload_publishes_to_processes_on_a_real_redis(
     assert main(["reload", str(new)]) == 0
     assert version_of(new.read_bytes()) in capsys.readouterr().out
     for seen in reloads:
-        seen.wait(changed=True)
+        seen.wait(version=version_of(new.read_bytes()))
     assert {g.loaded.version for g in gates} == {version_of(new.read_bytes())}
     for gate in gates:
         gate.stop()
@@ -334,3 +335,46 @@ def test_plangate_reload_refuses_a_broken_config_and_publishes_nothing(
     memory.write_text(config_text(3))
     assert main(["reload", str(memory)]) == 2
     assert "shared store" in capsys.readouterr().err
+
+
+def test_the_asgi_lifespan_starts_and_stops_the_watch_and_starts_it_again(path: Path) -> None:
+    app = PlanGateMiddleware(Starlette(routes=[Route("/v1/items", _ok)]), str(path))
+    gate = app.gate
+    reloads = Reloads(gate)
+    for limit in (6, 8):
+        with TestClient(app):
+            assert gate.reloading.started
+            assert gate.reloading.wait_watching()
+            write(path, config_text(limit))
+            reloads.wait(changed=True, count=limit // 2 - 2)
+            assert limit_of(gate) == limit
+        assert not gate.reloading.started  # shut down: nothing watched
+
+
+def test_a_forked_worker_watches_the_file_on_its_own(path: Path) -> None:
+    """gunicorn --preload: the app (and its gate) is built before the fork; the worker's
+    watch is a thread of its own, started again in the child."""
+    import multiprocessing
+
+    gate = Gate(str(path))
+    gate.start()
+    try:
+        assert gate.reloading.wait_watching()
+        context = multiprocessing.get_context("fork")
+        answer = context.Queue()
+        child = context.Process(target=_child_reloads, args=(gate, path, answer))
+        child.start()
+        try:
+            assert answer.get(timeout=30) == 13
+        finally:
+            child.join(30)
+        assert child.exitcode == 0
+    finally:
+        gate.stop()
+
+
+def _child_reloads(gate: Gate, path: Path, answer: object) -> None:
+    reloads = Reloads(gate)
+    write(path, config_text(13))
+    reloads.wait(changed=True)
+    answer.put(limit_of(gate))  # type: ignore[attr-defined]

@@ -25,6 +25,7 @@ from starlette.types import Receive, Scope, Send
 from .._gate import AsyncGate
 from ..admin._app import problem_handlers
 from ..admin._problems import AdminError
+from ..config._models import StripeConfig, ZuoraConfig
 from ..customers import IdempotencyConflict, InvalidRecord
 from ..customers._credits import Credits
 from ..customers._provisioning import PATCH_ATTEMPTS, ReadCustomer, WriteContention, WriteCustomer
@@ -154,11 +155,6 @@ class Webhooks:
 
     def __init__(self, gate: AsyncGate, *, max_body: int = MAX_BODY) -> None:
         self.gate = gate
-        billing = gate.config.model.billing
-        self.stripe_config = billing.stripe if billing is not None else None
-        self.zuora_config = billing.zuora if billing is not None else None
-        precedence = list(billing.precedence) if billing is not None else []
-        self.billing = Billing(precedence, gate.customers._credits())
         self.max_body = max_body
         self.clock = gate.clock
         self.app = Starlette(
@@ -171,6 +167,24 @@ class Webhooks:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         await self.app(scope, receive, send)
+
+    # read from the config serving at each event: a reload changes secrets and mappings
+
+    @property
+    def stripe_config(self) -> StripeConfig | None:
+        billing = self.gate.loaded.config.model.billing
+        return billing.stripe if billing is not None else None
+
+    @property
+    def zuora_config(self) -> ZuoraConfig | None:
+        billing = self.gate.loaded.config.model.billing
+        return billing.zuora if billing is not None else None
+
+    @property
+    def billing(self) -> Billing:
+        section = self.gate.loaded.config.model.billing
+        precedence = list(section.precedence) if section is not None else []
+        return Billing(precedence, self.gate.customers._credits())
 
     async def zuora(self, request: Request) -> Response:
         config = self.zuora_config
