@@ -107,6 +107,12 @@ class Metrics:
             ["feature"],
             registry=registry,
         )
+        self.replayed = Counter(
+            "plangate_outbox_replayed_units",
+            "Units of usage admitted during a storage outage and replayed to the store once "
+            "it answered again",
+            registry=registry,
+        )
         self.lag = Histogram(
             "plangate_customer_change_lag_seconds",
             "Seconds between a customer change being published (by any process) and this "
@@ -311,6 +317,8 @@ def instrument(gate: _Gate, registry: CollectorRegistry | None = None) -> Metric
         gate.customers.on_hit = metrics.cache.labels("hit").inc
         gate.customers.on_miss = metrics.cache.labels("miss").inc
         gate.customers.on_lag = metrics.lag.observe
+        if hasattr(gate.storage, "on_replayed"):  # a store behind the outage fallback
+            gate.storage.on_replayed = metrics.replayed.inc
         metrics.follow_reloads(gate)
     return metrics
 

@@ -40,6 +40,10 @@ def _config(limit: int, storage: str, *, premium: bool = False, reload: str = "{
     )
     if premium:
         text = text.replace("routes:\n", "routes:\n" + PREMIUM)
+        text = text.replace(
+            "default_plan: free\n",
+            "  tiny:\n    features:\n      api_calls: {limit: 2, window: 1h}\ndefault_plan: free\n",
+        )
     return text
 
 
@@ -143,11 +147,15 @@ def test_an_edit_under_load_is_enforced_by_every_process_with_no_failed_request(
             _until(lambda: sum(load.statuses.values()) >= seen + 50, "requests after it")
         assert load.failures == []
         assert set(load.statuses) == {200}, load.statuses
-        for url in urls:
+        for n, url in enumerate(urls):
             answer = httpx.get(f"{url}/v1/items", headers=headers)
             assert ";q=200000;" in answer.headers["ratelimit-policy"]
             assert httpx.get(f"{url}/v1/premium", headers=headers).status_code == 402
             assert _status(url)["last_error"] is None
+            # the new plan's limit, enforced by each process
+            tiny = {"Authorization": f"Bearer {token(str(files[0]), f'new-{n}', 'tiny')}"}
+            statuses = [httpx.get(f"{url}/v1/items", headers=tiny).status_code for _ in range(3)]
+            assert statuses == [200, 200, 429]
 
 
 def test_a_broken_edit_keeps_the_process_serving_its_config(tmp_path: Path) -> None:

@@ -162,6 +162,7 @@ def test_usage_admitted_during_the_outage_is_replayed_when_redis_is_back(server)
         # reservation needs it: 5 of 5 used, so this one is refused.
         assert calls(client, 1) == [429]
         assert store.pending == 0
+        assert store.replayed_units == 7  # 2 of globex's, 5 of acme's
         assert store.breaker.state == "closed"
     # Shared counting resumes: another process, with nothing local, sees the 5.
     other = resilient(server.url, Clock())

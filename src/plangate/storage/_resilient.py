@@ -17,13 +17,14 @@ blocking methods and by ``adrive`` for the asyncio ones.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import replace
 from typing import TypeVar
 
 from .._drivers import adrive, drive
 from ..errors import StorageError, VersionConflict
 from ._base import (
+    MADE_THERE,
     ConfigListener,
     Counter,
     CounterState,
@@ -83,6 +84,10 @@ class ResilientStorage(Storage):
         #: policy: an outage's local balance starts from it
         self.balances: dict[str, int] = {}
         self.backend_calls = 0  # calls the breaker let through to the backend
+        #: units of usage admitted during an outage and now replayed to the backend
+        self.replayed_units = 0
+        #: told of each replay: ``on_replayed(units)`` (plangate.metrics counts them)
+        self.on_replayed: Callable[[int], None] | None = None
 
     def __repr__(self) -> str:
         return f"ResilientStorage({self.inner!r}, breaker={self.breaker.state})"
@@ -156,6 +161,11 @@ class ResilientStorage(Storage):
             raise
         for settle in self.outbox.replayed(entry, result):  # settled while it was on its way
             yield from self._settle_on_backend(settle)
+        if isinstance(entry, Usage) and result != MADE_THERE:  # not there already
+            units = sum(entry.costs)
+            self.replayed_units += units
+            if self.on_replayed is not None:
+                self.on_replayed(units)
         if isinstance(entry, Usage) and not self.outbox:
             logger.info("storage is back: usage buffered during the outage is replayed")
 
