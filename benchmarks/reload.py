@@ -18,8 +18,8 @@ that gets no answer, is a failed request.
 - **Published on the store** (`plangate reload FILE`'s call, `Storage.publish_config`):
   from just before the publish to each process's `loaded_at`.
 
-Both processes run with `reload: {watch: true, store: true}`: they watch their files and
-follow the store.
+The processes are started twice: first with `reload: {}` (they watch their files), then with
+`reload: {store: true}` (they follow the store).
 
 Between changes a pause of 100 to 200 ms (seeded). Timings are reported, never asserted.
 """
@@ -77,7 +77,7 @@ inner.router.routes.append(Mount("/admin", app=AdminAPI(app.gate)))
 """
 
 
-def config(limit: int, storage: str) -> str:
+def config(limit: int, storage: str, reload: str) -> str:
     return f"""\
 version: 1
 storage: "{storage}"
@@ -93,7 +93,7 @@ default_plan: free
 routes:
   - {{match: "GET /v1/items", meters: {{api_calls: 1}}}}
 admin: {{token: {ADMIN_TOKEN}}}
-reload: {{watch: true, store: true}}
+reload: {reload}
 """
 
 
@@ -174,52 +174,62 @@ def apps(workdir: Path, files: list[Path]) -> Iterator[list[int]]:
         yield ports
 
 
-def measure(workdir: Path, storage: str, run: Run, rng: random.Random) -> None:
-    files = [workdir / "host-a.yaml", workdir / "host-b.yaml"]
-    for file in files:
-        file.write_text(config(1_000_000, storage))
-    token = mint_token(load_config(files[0]), "org_reload", None, 3600)
+@contextlib.contextmanager
+def loaded(workdir: Path, files: list[Path], run: Run, token: str) -> Iterator[list[int]]:
+    """Both processes serving their files, under load for as long as the block runs."""
     with apps(workdir, files) as ports:
-        for port in ports:  # each process serves, and watches its file
-            loaded_at(port, version_of(files[0].read_bytes()))
+        for port, file in zip(ports, files, strict=True):  # each serves, and follows
+            loaded_at(port, version_of(file.read_bytes()))
         stop = threading.Event()
         loads = [Load(port, token, stop) for port in ports for _ in range(2)]
         began = time.monotonic()
         for load in loads:
             load.start()
         try:
-            for i in range(run.edits):
-                time.sleep(rng.uniform(0.1, 0.2))
-                text = config(1_000_000 + i + 1, storage)
-                version = version_of(text.encode())
-                written = []
-                for file in files:
-                    tmp = file.with_name(file.name + ".tmp")
-                    tmp.write_text(text)
-                    written.append(time.time())
-                    os.replace(tmp, file)
-                for port, at in zip(ports, written, strict=True):
-                    run.file.append(loaded_at(port, version) - at)
-            store = open_storage(storage)
-            try:
-                for i in range(run.edits):
-                    time.sleep(rng.uniform(0.1, 0.2))
-                    data = config(2_000_000 + i, storage).encode()
-                    version = version_of(data)
-                    at = time.time()
-                    store.publish_config(data, version)
-                    for port in ports:
-                        run.store.append(loaded_at(port, version) - at)
-            finally:
-                store.close()
+            yield ports
         finally:
             stop.set()
             for load in loads:
                 load.join(20)
-        run.duration = time.monotonic() - began
-        for load in loads:
-            run.statuses.update(load.statuses)
-            run.failures += load.failures
+            run.duration += time.monotonic() - began
+            for load in loads:
+                run.statuses.update(load.statuses)
+                run.failures += load.failures
+
+
+def measure(workdir: Path, storage: str, run: Run, rng: random.Random) -> None:
+    files = [workdir / "host-a.yaml", workdir / "host-b.yaml"]
+    for file in files:
+        file.write_text(config(1_000_000, storage, "{}"))
+    token = mint_token(load_config(files[0]), "org_reload", None, 3600)
+    with loaded(workdir, files, run, token) as ports:  # following their files
+        for i in range(run.edits):
+            time.sleep(rng.uniform(0.1, 0.2))
+            text = config(1_000_000 + i + 1, storage, "{}")
+            version = version_of(text.encode())
+            written = []
+            for file in files:
+                tmp = file.with_name(file.name + ".tmp")
+                tmp.write_text(text)
+                written.append(time.time())
+                os.replace(tmp, file)
+            for port, at in zip(ports, written, strict=True):
+                run.file.append(loaded_at(port, version) - at)
+    for file in files:
+        file.write_text(config(1_000_000, storage, "{store: true}"))
+    with loaded(workdir, files, run, token) as ports:  # following the store
+        store = open_storage(storage)
+        try:
+            for i in range(run.edits):
+                time.sleep(rng.uniform(0.1, 0.2))
+                data = config(2_000_000 + i, storage, "{store: true}").encode()
+                version = version_of(data)
+                at = time.time()
+                store.publish_config(data, version)
+                for port in ports:
+                    run.store.append(loaded_at(port, version) - at)
+        finally:
+            store.close()
 
 
 def percentile(values: list[float], q: float) -> float:

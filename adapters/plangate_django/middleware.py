@@ -81,6 +81,8 @@ class PlanGateMiddleware:
             del meta[key]
         if spoofed:
             request.__dict__.pop("headers", None)  # a middleware before us may have read them
+        if not self.gate.reloading.started:  # a worker forked after the app was built
+            self.gate.start()
         loaded = self.gate.loaded  # one config for the whole request
         source = loaded.token_source
         method = request.method or "GET"

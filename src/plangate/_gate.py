@@ -6,6 +6,7 @@ differs. The middlewares sit on them; so do the CLI and, later, the gateway.
 
 from __future__ import annotations
 
+import hmac
 import logging
 import os
 import threading
@@ -17,7 +18,18 @@ import anyio.to_thread
 
 from ._decisions import DecisionLog
 from ._drivers import adrive, drive
-from ._reload import Loaded, ReloadError, Reloading, ReloadOutcome, read_error, status, version_of
+from ._reload import (
+    SECRET_ENV,
+    Loaded,
+    ReloadError,
+    Reloading,
+    ReloadOutcome,
+    read_error,
+    signature,
+    status,
+    version_of,
+)
+from ._requirements import check_requirements
 from .config import Config, Rule, load_config, load_config_bytes
 from .customers import AsyncCustomerStore, CustomerStore
 from .engine import Decision, Engine, Flow, Problem, identity_problem
@@ -29,7 +41,7 @@ from .errors import (
     StorageError,
 )
 from .identity import Identity, IdentityResult, TokenRead, TokenSource, TokenVerifier
-from .storage import Storage, open_storage
+from .storage import PublishedConfig, Storage, open_storage
 
 Clock = Callable[[], float]
 logger = logging.getLogger("plangate")
@@ -43,6 +55,23 @@ def _read(path: str) -> bytes:
             return file.read()
     except OSError as exc:
         raise ConfigError([ConfigIssue("", f"cannot read: {exc.strerror}", path)]) from None
+
+
+def _verified(published: PublishedConfig) -> bytes:
+    """A published config's bytes, once its signature is checked when this process holds
+    ``PLANGATE_RELOAD_SECRET``."""
+    secret = os.environ.get(SECRET_ENV)
+    if secret and not hmac.compare_digest(published.mac, signature(published.data, secret)):
+        raise ConfigError(
+            [
+                ConfigIssue(
+                    "",
+                    f"the config published on the store (version {published.version}) is not "
+                    f"signed with {SECRET_ENV}: refused",
+                )
+            ]
+        )
+    return published.data
 
 
 def _is_log(observer: Callable[..., Any], log: DecisionLog | None) -> bool:
@@ -73,9 +102,8 @@ class _Gate:
             data = _read(self.config_path)
             first = load_config_bytes(data, self.config_path, source=self.config_path)
             version, origin = version_of(data), "file"
-        else:
+        else:  # a mapping or a Config: reloaded only with what ``reload`` is given
             first, version, origin = load_config(config), "", "object"
-            self.config_path = first.source
         #: told of every decision made for a request (the decision log, metrics):
         #: ``observer(method, path, decision)``
         self.observers: list[Callable[[str, str, Decision], None]] = []
@@ -96,7 +124,9 @@ class _Gate:
         self.reloads = 0
         self.reload_errors = 0
         self.last_reload_error: ReloadError | None = None
-        #: told of every reload attempt (metrics): ``listener(outcome)``
+        #: what served before the last reload (a /check issued just before it is rendered)
+        self.previous: Loaded | None = None
+        #: told of every reload attempt (metrics), in order: ``listener(outcome)``
         self.reload_listeners: list[Callable[[ReloadOutcome], None]] = []
 
     # what a request reads of the config: ``loaded``, once; these read it each time
@@ -126,7 +156,11 @@ class _Gate:
         fetched from a JWKS, the decision log's open file)."""
         model = config.model
         identity = model.identity
-        if previous is not None and previous.config.model.identity == identity:
+        reusable = previous is not None and previous.config.model.identity == identity
+        key = identity.jwt.public_key
+        if reusable and key is not None and key.startswith("file:"):
+            reusable = False  # the same name, perhaps a rotated key: read it again
+        if reusable and previous is not None:
             verifier, token_source = previous.verifier, previous.token_source
         else:
             verifier = TokenVerifier(identity.jwt, clock=self.clock)
@@ -150,8 +184,10 @@ class _Gate:
         )
 
     def start(self) -> None:
-        """Start following config changes (file, SIGHUP, store) as ``reload:`` says; the
-        middlewares and the gateway call it at start-up. Idempotent."""
+        """Follow config changes (file, SIGHUP, store) as ``reload:`` says, starting with a
+        reload: the file as it is now, or the store's published config. The middlewares and
+        the gateway call it at start-up (and in a forked worker, at its first request).
+        Idempotent; never raises."""
         if not self.reloading.started:
             self.reloading.start()
 
@@ -161,33 +197,41 @@ class _Gate:
 
     def reload(self, data: bytes | None = None, *, origin: str | None = None) -> ReloadOutcome:
         """Load the config again — ``data`` if given, else the store's published config
-        (``reload.store``) or the file — check it entirely, and swap it in at once: requests
-        in flight finish on the config they started with. A config that does not load
-        changes nothing: the errors are logged as ``plangate check`` prints them and kept
-        (``last_reload_error``, ``GET /admin/config``, metrics). Blocking (it reads a file,
-        or the store): from async code, run it in a thread. Never raises."""
+        (``reload.store``; the file while nothing is published) or the file — check it
+        entirely, and swap it in at once: requests in flight finish on the config they
+        started with. A config that does not load changes nothing: the errors are logged as
+        ``plangate check`` prints them and kept (``last_reload_error``, ``GET /admin/config``,
+        metrics). Blocking (it reads a file, or the store): from async code, run it in a
+        thread. Never raises."""
         with self._reload_lock:
-            outcome = self._reload(data, origin)
-        for listener in list(self.reload_listeners):
             try:
-                listener(outcome)
-            except Exception:
-                logger.exception("plangate: a reload listener failed")
+                outcome = self._reload(data, origin)
+            except Exception as exc:  # a bug: logged, the config serving stays
+                logger.exception("plangate: reloading the config failed")
+                outcome = self._failed(read_error(exc, origin or "file", time.time()))
+            for listener in list(self.reload_listeners):  # in order: under the lock
+                try:
+                    listener(outcome)
+                except Exception:
+                    logger.exception("plangate: a reload listener failed")
         return outcome
 
     def _reload(self, data: bytes | None, origin: str | None) -> ReloadOutcome:
         current = self.loaded
-        follows_store = current.config.model.reload.store
-        origin = origin or ("store" if follows_store else "file")
+        if origin is None:
+            origin = "store" if current.config.model.reload.store else "file"
         name = self.config_path or "<config>"
         try:
             if data is None and origin == "store":
                 published = self.storage.published_config()
-                if published is None:
-                    return ReloadOutcome(False, current.version)
-                data, _ = published
-                name = f"{name} (published on the store)"
-            elif data is None:
+                if published is not None:
+                    data = _verified(published)
+                    name = f"{name} (published on the store, version {published.version})"
+                elif self.config_path is not None:
+                    origin = "file"  # nothing published yet: the file is what there is
+                else:
+                    return self._unchanged(current)
+            if data is None:
                 if self.config_path is None:
                     raise ConfigError(
                         [ConfigIssue("", "this gate's config was not read from a file")]
@@ -195,22 +239,32 @@ class _Gate:
                 data = _read(self.config_path)
             version = version_of(data)
             if version == current.version:
-                return ReloadOutcome(False, version)
+                return self._unchanged(current)
             config = load_config_bytes(data, name, source=self.config_path)
+            refused = check_requirements(current.config, config)
+            if refused:  # a view would require what the new config no longer has
+                raise ConfigError(refused)
             loaded = self._build(config, version, origin, current)
         except Exception as exc:
-            error = read_error(exc, origin, time.time())
-            self.last_reload_error = error
-            self.reload_errors += 1
-            reload_logger.error(
-                "plangate: the config was not reloaded (%s); version %s still serves:\n%s",
-                origin,
-                current.version or "(object)",
-                error.message,
-            )
-            return ReloadOutcome(False, current.version, error)
+            return self._failed(read_error(exc, origin, time.time()))
         self._swap(loaded)
         return ReloadOutcome(True, version)
+
+    def _unchanged(self, current: Loaded) -> ReloadOutcome:
+        self.last_reload_error = None  # the version serving is what the source holds
+        return ReloadOutcome(False, current.version)
+
+    def _failed(self, error: ReloadError) -> ReloadOutcome:
+        self.last_reload_error = error
+        self.reload_errors += 1
+        serving = self.loaded.version or "(object)"
+        reload_logger.error(
+            "plangate: the config was not reloaded (%s); version %s still serves:\n%s",
+            error.origin,
+            serving,
+            error.message,
+        )
+        return ReloadOutcome(False, self.loaded.version, error)
 
     def _swap(self, loaded: Loaded) -> None:
         previous = self.loaded
@@ -218,6 +272,7 @@ class _Gate:
             reload_logger.warning(
                 "plangate: storage changed in the config: it takes effect at the next restart"
             )
+        self.previous = previous
         self.loaded = loaded  # one assignment: each request reads one or the other
         self.customers.use_engine(loaded.engine)
         observers = [o for o in self.observers if not _is_log(o, previous.decision_log)]

@@ -15,6 +15,7 @@ from ._gate import AsyncGate, Gate
 from ._reload import Loaded
 from ._requirements import Requirement
 from .engine import Decision
+from .errors import ConfigError
 from .identity import TokenRead
 
 #: where the front ends keep a request's ``Pending`` (ASGI scope state, WSGI environ, Django
@@ -109,7 +110,10 @@ class Pending:
         gate, exchange = self.gate, self.exchange
         assert isinstance(gate, Gate), "use arequire() with an AsyncGate"
         loaded = exchange.loaded or gate.loaded
-        rule = requirement.rule(loaded.config)
+        try:
+            rule = requirement.rule(loaded.config)
+        except ConfigError:  # declared for a config this one is not: the failure policy
+            return exchange.add(gate._fallback("(view)", requirement.name, None, loaded))
         return exchange.add(gate.check_declared(rule, exchange.token, loaded))
 
     async def arequire(self, requirement: Requirement) -> Decision:
@@ -117,5 +121,8 @@ class Pending:
         gate, exchange = self.gate, self.exchange
         assert isinstance(gate, AsyncGate), "use require() with a Gate"
         loaded = exchange.loaded or gate.loaded
-        rule = requirement.rule(loaded.config)
+        try:
+            rule = requirement.rule(loaded.config)
+        except ConfigError:
+            return exchange.add(gate._fallback("(view)", requirement.name, None, loaded))
         return exchange.add(await gate.check_declared(rule, exchange.token, loaded))

@@ -5,18 +5,22 @@ reads it once, so a request decides, reads its token and settles on one config f
 to end. A reload builds and checks a new ``Loaded`` entirely before it assigns it (one
 attribute: atomic), so a broken edit changes nothing.
 
-What asks for a reload, each started by ``Reloading.start`` (the middlewares and the gateway
-call it at start-up) and never while no one serves requests:
+What asks for a reload, once ``Gate.start`` ran (the middlewares and the gateway call it at
+start-up, and again in a forked worker):
 
-- the config file changing (``watchfiles``, the ``reload`` extra), its directory watched so
-  that an editor's rename and a Kubernetes ConfigMap's symlink swap are seen alike;
-- ``SIGHUP`` (one handler per process, which chains to the one it replaced);
+- the config file changing: one ``watchfiles`` watch per process (the ``reload`` extra) on
+  the directories of every started gate's file, so that an editor's rename and a Kubernetes
+  ConfigMap's symlink swap are seen alike;
+- ``SIGHUP``: one handler per process, which only wakes a thread of plangate's (a handler
+  runs between two bytecodes of the main thread) and calls the Python handler it replaced;
 - a config published on the store (``plangate reload FILE``), with ``reload.store``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import hmac
 import logging
 import os
 import signal
@@ -31,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 from ._decisions import DecisionLog
 from .config import Config
 from .engine import Engine
-from .errors import ConfigError
+from .errors import ConfigError, StorageError
 from .identity import TokenSource, TokenVerifier
 
 if TYPE_CHECKING:
@@ -42,16 +46,24 @@ logger = logging.getLogger("plangate.reload")
 #: milliseconds watchfiles waits, after a change, for the next one before it reports them:
 #: an editor's save (write, rename, chmod) is one reload
 WATCH_STEP_MS = 50
-#: milliseconds of quiet after which the watch answers anyway (it is in place by then)
-WATCH_READY_MS = 500
-#: seconds between attempts to watch a directory that cannot be watched (gone, unreadable)
+#: milliseconds of quiet after which the watch answers anyway: the first answer tells that
+#: it is in place; later ones let it notice gates that are gone
+WATCH_QUIET_MS = 500
+#: seconds between attempts to watch directories that cannot be watched (gone, unreadable)
 WATCH_RETRY = 2.0
+#: the environment variable holding the key that signs published configs (optional)
+SECRET_ENV = "PLANGATE_RELOAD_SECRET"  # noqa: S105 - a variable's name
 
 
 def version_of(data: bytes) -> str:
     """A config's version: the first 12 hex digits of the SHA-256 of its bytes, the same in
     every process that loads the same file."""
     return hashlib.sha256(data).hexdigest()[:12]
+
+
+def signature(data: bytes, secret: str) -> str:
+    """The HMAC-SHA256 (hex) that signs a published config with ``PLANGATE_RELOAD_SECRET``."""
+    return hmac.new(secret.encode(), data, hashlib.sha256).hexdigest()
 
 
 @dataclass(frozen=True, eq=False, slots=True)
@@ -75,12 +87,14 @@ class Loaded:
 
 @dataclass(frozen=True, slots=True)
 class ReloadError:
-    """Why the last reload was refused: the old config kept serving."""
+    """Why the last reload was refused: the old config kept serving. ``storage``: the store
+    could not be read (not the config's fault)."""
 
     at: float
     origin: str
     message: str
     issues: tuple[dict[str, Any], ...] = ()
+    storage: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,6 +114,8 @@ def read_error(exc: Exception, origin: str, at: float) -> ReloadError:
             for i in exc.issues
         )
         return ReloadError(at, origin, str(exc), issues)
+    if isinstance(exc, StorageError):
+        return ReloadError(at, origin, f"the store: {exc}", storage=True)
     return ReloadError(at, origin, f"{type(exc).__name__}: {exc}")
 
 
@@ -128,20 +144,21 @@ def _iso(at: float) -> str:
 
 
 class Reloading:
-    """The watchers of one gate: its file, SIGHUP and the store; started once, stopped with
-    the app (or when the gate is gone: every watcher holds it weakly)."""
+    """What follows one gate's config: the process's file watch, its SIGHUP handler, the
+    store. Started by ``Gate.start``; stopped with the app, or once the gate is gone (all of
+    them hold it weakly)."""
 
     def __init__(self, gate: _Gate) -> None:
         self._gate = weakref.ref(gate)
         self._lock = threading.Lock()
         self.started = False
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
         #: held strongly here: the store holds its listeners weakly
         self._listener: _StoreListener | None = None
 
     def start(self) -> None:
-        """Watch what the gate's config says to watch (idempotent)."""
+        """Follow what the gate's config says to follow (idempotent). First, a reload: a
+        process starts on what it should serve now — the store's published config, or its
+        file as it is (a worker forked from a parent that loaded it long ago)."""
         with self._lock:
             if self.started:
                 return
@@ -150,128 +167,52 @@ class Reloading:
         if gate is None:
             return
         settings = gate.loaded.config.model.reload
-        if settings.signal and (settings.store or gate.config_path is not None):
-            _on_sighup(gate)  # a config given as an object has nothing to reload from
-        if settings.store:
-            self._listener = _StoreListener(self._gate)
-            try:
+        from_file = gate.config_path is not None
+        try:
+            if settings.store:
+                self._listener = _StoreListener(self._gate)
                 gate.storage.watch_config(self._listener)
-            except Exception:
-                logger.exception("cannot follow configs published on the store")
-            # a process started after a publish loads what the others run
-            _in_thread(self._gate, "store")
-        watch = settings.watch if settings.watch is not None else not settings.store
-        if watch and gate.config_path is not None:
-            self._watch_file(gate.config_path)
+            if settings.store or from_file:
+                gate.reload()
+            if settings.signal and (settings.store or from_file):
+                _HANGUP.add(gate)
+            watch = settings.watch if settings.watch is not None else not settings.store
+            if watch and from_file:
+                _WATCHER.add(gate)
+        except Exception:  # following changes is a service: never the app's start-up failure
+            logger.exception("plangate: cannot follow config changes")
         _STARTED.add(self)
 
     def stop(self) -> None:
-        """Stop watching (the app shuts down); ``start`` watches again."""
+        """Stop following (the app shuts down); ``start`` follows again."""
         with self._lock:
-            self._stop.set()
             self.started = False
-        _forget_sighup(self._gate())
-
-    def _watch_file(self, path: str) -> None:
-        try:
-            import watchfiles  # noqa: F401
-        except ImportError:
-            logger.warning(
-                "plangate: %s is not watched (install 'plangate[reload]' for watchfiles); "
-                "reload it with SIGHUP or `plangate reload`",
-                path,
-            )
-            return
-        gate = self._gate()
-        if gate is None:
-            return
-        self._stop = threading.Event()  # a watch of its own: one stopped before may linger
-        weakref.finalize(gate, self._stop.set)
-        del gate
-        self._thread = threading.Thread(
-            target=_watch,
-            args=(self._gate, path, self._stop),
-            name="plangate-config-watch",
-            daemon=True,
-        )
-        self._thread.start()
-
-    def wait_watching(self, timeout: float = 10.0) -> bool:
-        """Wait until the file watch is in place (tests await it rather than sleep)."""
-        return _WATCHING.wait_for(self, timeout)
-
-    def _after_fork(self) -> None:
-        """In a forked child (gunicorn --preload): the parent's watch thread is not here, and
-        a lock one of the parent's threads held at the fork would stay held."""
-        self._lock = threading.Lock()
+            self._listener = None  # the store forgets a listener no one holds
         gate = self._gate()
         if gate is not None:
+            _WATCHER.discard(gate)
+            _HANGUP.discard(gate)
+
+    def wait_watching(self, timeout: float = 10.0) -> bool:
+        """Wait until the file watch covers this gate's file (tests await it, not sleep)."""
+        gate = self._gate()
+        return gate is not None and _WATCHER.wait_ready(gate, timeout)
+
+    def _forked(self) -> None:
+        """In a forked child: nothing runs here of what the parent started; the next
+        request's ``Gate.start`` starts it all again."""
+        self._lock = threading.Lock()
+        self.started = False
+        self._listener = None
+        gate = self._gate()
+        if gate is not None:  # a parent's thread may have been reloading at the fork
             gate._reload_lock = threading.Lock()
-        watching = self._thread is not None and not self._stop.is_set()
-        if watching and gate is not None and gate.config_path is not None:
-            self._watch_file(gate.config_path)
-
-
-class _Watching:
-    """Which reloaders have their file watch in place."""
-
-    def __init__(self) -> None:
-        self._ready: weakref.WeakSet[Reloading] = weakref.WeakSet()
-        self._changed = threading.Condition()
-
-    def ready(self, reloading: Reloading) -> None:
-        with self._changed:
-            self._ready.add(reloading)
-            self._changed.notify_all()
-
-    def wait_for(self, reloading: Reloading, timeout: float) -> bool:
-        with self._changed:
-            return self._changed.wait_for(lambda: reloading in self._ready, timeout)
-
-
-_WATCHING = _Watching()
-_STARTED: weakref.WeakSet[Reloading] = weakref.WeakSet()
-
-
-def _watch(gate_ref: weakref.ref[_Gate], path: str, stop: threading.Event) -> None:
-    """Watch the directory of ``path`` as named (an editor's rename, a ConfigMap's symlink
-    swap replace the file itself) and reload whenever anything in it changes: a reload of the
-    same bytes does nothing. The first answer (a change, or ``WATCH_READY_MS`` of quiet)
-    tells the watch is in place."""
-    from watchfiles import watch
-
-    directory = str(Path(os.path.abspath(path)).parent)
-    while not stop.is_set():
-        try:
-            first = True
-            for batch in watch(
-                directory,
-                stop_event=stop,
-                recursive=False,
-                step=WATCH_STEP_MS,
-                rust_timeout=WATCH_READY_MS,
-                yield_on_timeout=True,
-                raise_interrupt=False,
-            ):
-                gate = gate_ref()
-                if gate is None:
-                    return
-                if first:  # and a change made while the watch was set up is seen now
-                    _WATCHING.ready(gate.reloading)
-                if batch or first:
-                    gate.reload(origin="file")
-                first = False
-                del gate
-        except Exception as exc:
-            if stop.is_set():
-                return
-            logger.warning("plangate: cannot watch %s (%s); trying again", directory, exc)
-            stop.wait(WATCH_RETRY)
 
 
 class _StoreListener:
-    """Told by the store of every config published: the gate loads it, on a thread of its
-    own (the store's subscriber goes on hearing)."""
+    """Told by the store of every config published, and of each subscription made: the
+    gate reads the published config, on a thread of its own (the store's subscriber goes
+    on hearing)."""
 
     def __init__(self, gate: weakref.ref[_Gate]) -> None:
         self._gate = gate
@@ -279,73 +220,243 @@ class _StoreListener:
     def heard_config(self, version: str) -> None:
         gate = self._gate()
         if gate is not None and self._follows(gate) and gate.loaded.version != version:
-            _in_thread(self._gate, "store")
+            _in_thread(self._gate)
 
-    def heard_nothing_for_a_while(self) -> None:
+    def subscribed(self) -> None:
+        """The subscription is (again) in place: a config published before it, after the
+        last read, was not announced here."""
         gate = self._gate()
         if gate is not None and self._follows(gate):
-            _in_thread(self._gate, "store")  # an announcement may have been missed
+            _in_thread(self._gate)
+
+    def heard_nothing_for_a_while(self) -> None:
+        """Customer changes are the customer cache's business (``subscribed`` follows)."""
+
+    def heard(self, customer: str, version: int, sent_at: float | None = None) -> None:
+        """Customer changes are the customer cache's business."""
 
     @staticmethod
     def _follows(gate: _Gate) -> bool:
         """A config published without ``reload.store`` ends the following."""
         return gate.loaded.config.model.reload.store
 
-    def heard(self, customer: str, version: int, sent_at: float | None = None) -> None:
-        """Customer changes are the customer cache's business."""
 
-
-def _in_thread(gate_ref: weakref.ref[_Gate], origin: str) -> None:
+def _in_thread(gate_ref: weakref.ref[_Gate]) -> None:
     def run() -> None:
         gate = gate_ref()
         if gate is not None:
-            gate.reload(origin=origin)
+            gate.reload()
 
     threading.Thread(target=run, name="plangate-reload", daemon=True).start()
 
 
-# SIGHUP: one handler per process, for every gate started in it -------------------------
-
-_HUP_GATES: weakref.WeakSet[Any] = weakref.WeakSet()
-_previous: Any = None
-_installed = False
-
-
-def _on_sighup(gate: _Gate) -> None:
-    global _previous, _installed
-    if not hasattr(signal, "SIGHUP"):
-        return  # Windows
-    _HUP_GATES.add(gate)
-    if _installed:
-        return
-    if threading.current_thread() is not threading.main_thread():
-        logger.info("plangate: SIGHUP is not handled (the app started outside the main thread)")
-        return
-    _previous = signal.getsignal(signal.SIGHUP)
-    signal.signal(signal.SIGHUP, _hup)
-    _installed = True
+def _touches(batch: set[tuple[Any, str]], path: str) -> bool:
+    """Whether a batch of changes in ``path``'s directory may have changed ``path``: itself,
+    or a name starting with ``..`` (a ConfigMap's ``..data`` symlink and its directories)."""
+    name = os.path.basename(path)
+    for _, changed in batch:
+        base = os.path.basename(changed)
+        if base == name or base.startswith(".."):
+            return True
+    return False
 
 
-def _forget_sighup(gate: _Gate | None) -> None:
-    if gate is not None:
-        _HUP_GATES.discard(gate)
+class _Watcher:
+    """One watch per process over the directories of every started gate's file (a watch is
+    an inotify instance; a user has 128 by default), on one thread, started again whenever
+    the directories change."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)
+        #: gate → the absolute path of its file
+        self._gates: weakref.WeakKeyDictionary[Any, str] = weakref.WeakKeyDictionary()
+        #: the gates the running watch covers, once it answered the first time
+        self._ready: weakref.WeakSet[Any] = weakref.WeakSet()
+        self._stop: threading.Event | None = None
+        self._directories: tuple[str, ...] = ()
+        #: the directories the running watch has in place (after its first answer)
+        self._covering: set[str] = set()
+
+    def add(self, gate: _Gate) -> None:
+        try:
+            import watchfiles  # noqa: F401
+        except ImportError:
+            logger.warning(
+                "plangate: %s is not watched (install 'plangate[reload]' for watchfiles); "
+                "reload it with SIGHUP or `plangate reload`",
+                gate.config_path,
+            )
+            return
+        assert gate.config_path is not None
+        with self._lock:
+            self._gates[gate] = os.path.abspath(gate.config_path)
+            self._ready.discard(gate)
+            self._restart()
+
+    def discard(self, gate: _Gate) -> None:
+        with self._lock:
+            if self._gates.pop(gate, None) is not None:
+                self._ready.discard(gate)
+                self._restart()
+
+    def wait_ready(self, gate: _Gate, timeout: float) -> bool:
+        with self._changed:
+            return self._changed.wait_for(lambda: gate in self._ready, timeout)
+
+    def _wanted(self) -> tuple[str, ...]:
+        return tuple(sorted({str(Path(path).parent) for path in self._gates.values()}))
+
+    def _restart(self) -> None:
+        """(Locked.) Watch the directories of the gates there are now, if they changed."""
+        wanted = self._wanted()
+        if wanted == self._directories and self._stop is not None:
+            if self._gates:  # the same directories: the running watch covers a new gate too
+                self._ready.update(g for g in self._gates if self._covered(g))
+                self._changed.notify_all()
+            return
+        if self._stop is not None:
+            self._stop.set()
+            self._stop = None
+        self._directories = wanted
+        self._covering = set()
+        if not wanted:
+            return
+        stop = self._stop = threading.Event()
+        threading.Thread(
+            target=self._run, args=(wanted, stop), name="plangate-config-watch", daemon=True
+        ).start()
+
+    def _covered(self, gate: Any) -> bool:
+        path = self._gates.get(gate)
+        return path is not None and str(Path(path).parent) in self._covering
+
+    def _run(self, directories: tuple[str, ...], stop: threading.Event) -> None:
+        from watchfiles import watch
+
+        while not stop.is_set():
+            try:
+                first = True
+                for batch in watch(
+                    *directories,
+                    stop_event=stop,
+                    recursive=False,
+                    step=WATCH_STEP_MS,
+                    rust_timeout=WATCH_QUIET_MS,
+                    yield_on_timeout=True,
+                    raise_interrupt=False,
+                ):
+                    with self._lock:
+                        if stop is not self._stop:  # replaced by a watch of other directories
+                            return
+                        if first:  # in place: every gate of these directories is covered
+                            self._covering = set(directories)
+                            self._ready.update(g for g in self._gates if self._covered(g))
+                            self._changed.notify_all()
+                        gates = list(self._gates.items())
+                        if self._wanted() != directories:  # a gate is gone: watch less
+                            self._restart()
+                    for gate, path in gates:
+                        # a change made while the watch was set up is seen at the first answer
+                        mine = str(Path(path).parent) in directories
+                        if mine and (first or _touches(batch, path)):
+                            gate.reload(origin="file")
+                    del gates
+                    first = False
+            except Exception as exc:
+                if stop.is_set():
+                    return
+                logger.warning("plangate: cannot watch %s (%s); trying again", directories, exc)
+                stop.wait(WATCH_RETRY)
+
+    def _forked(self) -> None:
+        self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)
+        self._gates = weakref.WeakKeyDictionary()
+        self._ready = weakref.WeakSet()
+        self._stop = None
+        self._directories = ()
+        self._covering = set()
 
 
-def _hup(signum: int, frame: FrameType | None) -> None:
-    """Reload every gate of the process, on a thread: a signal handler runs between two
-    bytecodes of the main thread (the event loop), which must not wait for a reload."""
-    for gate in list(_HUP_GATES):
-        origin = "store" if gate.loaded.config.model.reload.store else "file"
-        _in_thread(weakref.ref(gate), origin)
-    previous = _previous
-    if callable(previous):
-        previous(signum, frame)
+class _Hangup:
+    """SIGHUP, for every gate started in the process: the handler writes a byte to a pipe;
+    a thread of plangate's reads it and reloads the gates (a handler runs between two
+    bytecodes of the main thread, which may be holding any lock)."""
+
+    def __init__(self) -> None:
+        self._gates: weakref.WeakSet[Any] = weakref.WeakSet()
+        self._installed = False
+        self._previous: Any = None
+        self._write = -1
+
+    def add(self, gate: _Gate) -> None:
+        self._gates.add(gate)
+        if self._installed or not hasattr(signal, "SIGHUP"):  # Windows has none
+            return
+        if threading.current_thread() is not threading.main_thread():
+            logger.info("plangate: SIGHUP is not handled (the app started outside the main thread)")
+            return
+        read, write = os.pipe()
+        os.set_blocking(write, False)
+        threading.Thread(
+            target=self._run, args=(read,), name="plangate-sighup", daemon=True
+        ).start()
+        self._write = write
+        self._previous = signal.signal(signal.SIGHUP, self._handle)
+        self._installed = True
+
+    def discard(self, gate: _Gate) -> None:
+        """Forget ``gate``; the last one gone gives SIGHUP back to the handler before."""
+        self._gates.discard(gate)
+        if self._gates or not self._installed:
+            return
+        if threading.current_thread() is not threading.main_thread():
+            return  # kept: harmless without gates, and only the main thread may change it
+        previous = self._previous if self._previous is not None else signal.SIG_DFL
+        signal.signal(signal.SIGHUP, previous)
+        self._installed = False
+        os.close(self._write)  # the thread reads the end of the pipe and ends
+        self._write = -1
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        with contextlib.suppress(OSError):  # the pipe is full: a reload is on its way
+            os.write(self._write, b"h")
+        previous = self._previous
+        if callable(previous):
+            previous(signum, frame)
+
+    def _run(self, read: int) -> None:
+        while True:
+            try:
+                data = os.read(read, 64)
+            except OSError:
+                return
+            if not data:
+                os.close(read)
+                return
+            for gate in list(self._gates):
+                gate.reload()
+
+    def _forked(self) -> None:
+        """In a child: the server sets its own handlers after forking (gunicorn resets
+        SIGHUP); the next ``Gate.start`` installs plangate's again."""
+        self._gates = weakref.WeakSet()
+        self._installed = False
+        self._previous = None
+        self._write = -1
+
+
+_WATCHER = _Watcher()
+_HANGUP = _Hangup()
+_STARTED: weakref.WeakSet[Reloading] = weakref.WeakSet()
 
 
 def _after_fork_in_child() -> None:
-    _WATCHING._changed = threading.Condition()
+    _WATCHER._forked()
+    _HANGUP._forked()
     for reloading in list(_STARTED):
-        reloading._after_fork()
+        reloading._forked()
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)

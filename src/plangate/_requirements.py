@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from typing import Any, Literal
 
 from .config import Config, Rule, declared_rule
+from .errors import ConfigError, ConfigIssue
 
 
 class Requirement:
@@ -38,6 +39,7 @@ class Requirement:
         self.declaration = declaration
         self.name = name
         self._rules: weakref.WeakKeyDictionary[Config, Rule] = weakref.WeakKeyDictionary()
+        _DECLARED.add(self)
 
     def __repr__(self) -> str:
         return f"Requirement({self.declaration!r})"
@@ -48,3 +50,21 @@ class Requirement:
             rule = declared_rule(config.model, self.declaration, self.name)
             self._rules[config] = rule
         return rule
+
+
+#: every requirement declared in the process (views are declared when their module loads)
+_DECLARED: weakref.WeakSet[Requirement] = weakref.WeakSet()
+
+
+def check_requirements(serving: Config, new: Config) -> list[ConfigIssue]:
+    """What ``new`` refuses of the requirements views declared and decided with ``serving``
+    (a reload must not leave a view requiring a feature or a meter that is gone)."""
+    issues: list[ConfigIssue] = []
+    for requirement in list(_DECLARED):
+        if serving not in requirement._rules:
+            continue  # not one of this config's views (or not reached yet)
+        try:
+            requirement.rule(new)
+        except ConfigError as exc:
+            issues.extend(exc.issues)
+    return issues

@@ -56,8 +56,6 @@ class PlanGateMiddleware:
         #: requirements may be declared on views (the FastAPI adapter turns this on)
         self.views = views
         self.entitlements_path = entitlements_path
-        #: config reloads are followed from the lifespan startup (or the first request)
-        self._unstarted = True
 
     def _token(self, scope: Scope, loaded: Loaded) -> TokenRead:
         source = loaded.token_source
@@ -69,8 +67,8 @@ class PlanGateMiddleware:
         kind = scope["type"]
         if kind != "http":
             if kind == "websocket":
-                if self._unstarted:
-                    self._start()
+                if not self.gate.reloading.started:
+                    self.gate.start()
                 await gate_websocket(
                     self.gate, self.app, scope, receive, send, self._token, self._with_state
                 )
@@ -79,8 +77,8 @@ class PlanGateMiddleware:
                 send = self._closing(send)
             await self.app(scope, receive, send)
             return
-        if self._unstarted:  # no lifespan startup ran
-            self._start()
+        if not self.gate.reloading.started:  # no lifespan startup ran, or a forked worker
+            self.gate.start()
         method = scope["method"]
         exchange = Exchange(
             method,
@@ -111,10 +109,6 @@ class PlanGateMiddleware:
             state[PENDING_KEY] = Pending(self.gate, exchange)
         return {**scope, "state": state}
 
-    def _start(self) -> None:
-        self._unstarted = False
-        self.gate.start()
-
     def _closing(self, send: Send) -> Send:
         """``send`` for the lifespan scope: the store is checked and config reloads followed
         from startup; reloads stop and the store's connections close at shutdown."""
@@ -123,11 +117,9 @@ class PlanGateMiddleware:
             if message["type"] == "lifespan.startup.complete":
                 if self.gate.storage_unchecked:
                     await self.gate.check_storage()  # a store it opened: checked at start-up
-                if self._unstarted:
-                    self._start()
+                self.gate.start()
             if message["type"] == "lifespan.shutdown.complete":
                 self.gate.stop()
-                self._unstarted = True  # a server started again starts it again
                 await self.gate.storage.aclose()
             await send(message)
 

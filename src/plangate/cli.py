@@ -795,7 +795,7 @@ def _explain(args: argparse.Namespace) -> int:
 
 
 def _reload(args: argparse.Namespace) -> int:
-    from ._reload import version_of
+    from ._reload import SECRET_ENV, signature, version_of
     from .config import load_config_bytes
     from .storage import open_storage
     from .storage._registry import masked
@@ -815,15 +815,21 @@ def _reload(args: argparse.Namespace) -> int:
         )
         return 2
     version = version_of(data)
-    storage = open_storage(uri)
+    secret = os.environ.get(SECRET_ENV)
     try:
-        storage.publish_config(data, version)
+        storage = open_storage(uri)
+    except (ConfigError, ValueError) as exc:
+        print(f"plangate reload: {exc}", file=sys.stderr)
+        return 2
+    try:
+        storage.publish_config(data, version, signature(data, secret) if secret else "")
     except StorageError as exc:
         print(f"plangate reload: {exc}", file=sys.stderr)
         return 2
     finally:
         storage.close()
-    print(f"{args.file}: published version {version} on {masked(uri)}")
+    signed = f", signed with {SECRET_ENV}" if secret else ""
+    print(f"{args.file}: published version {version} on {masked(uri)}{signed}")
     if not config.model.reload.store:
         print(
             "note: this config does not say reload: {store: true}: processes loading it stop "

@@ -294,6 +294,15 @@ def _pending(storage: Any) -> float:
 _BY_REGISTRY: dict[int, Metrics] = {}
 
 
+def _after_fork_in_child() -> None:
+    """A lock a parent's thread held at the fork would stay held in the child."""
+    for metrics in list(_BY_REGISTRY.values()):
+        metrics._reload_lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 def metrics_for(registry: CollectorRegistry | None = None) -> Metrics:
     """The one ``Metrics`` of a registry (a metric is registered once per registry)."""
     from prometheus_client import REGISTRY

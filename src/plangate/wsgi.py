@@ -56,6 +56,8 @@ class PlanGateMiddleware:
         self.gate.start()  # follow config reloads (WSGI has no startup event: now)
 
     def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
+        if not self.gate.reloading.started:  # a worker forked after the app was built
+            self.gate.start()
         method = environ["REQUEST_METHOD"]
         exchange = Exchange(
             method,

@@ -7,6 +7,7 @@ import logging
 import os
 import signal
 from pathlib import Path
+from typing import Any
 
 import pytest
 from starlette.applications import Starlette
@@ -351,30 +352,43 @@ def test_the_asgi_lifespan_starts_and_stops_the_watch_and_starts_it_again(path: 
         assert not gate.reloading.started  # shut down: nothing watched
 
 
-def test_a_forked_worker_watches_the_file_on_its_own(path: Path) -> None:
-    """gunicorn --preload: the app (and its gate) is built before the fork; the worker's
-    watch is a thread of its own, started again in the child."""
+def test_a_forked_worker_follows_the_file_on_its_own(path: Path) -> None:
+    """gunicorn --preload: the app (and its gate) is built before the fork; a worker starts
+    following the file again at its first request — first reading the file as it is then
+    (the parent loaded it long ago), then watching it on a thread of its own."""
     import multiprocessing
 
-    gate = Gate(str(path))
-    gate.start()
+    from werkzeug.test import Client
+
+    from plangate.wsgi import PlanGateMiddleware
+
+    app = PlanGateMiddleware(_wsgi_ok, str(path))
+    assert app.gate.reloading.wait_watching()
+    app.gate.stop()  # the parent stops following: only the child's own watch can tell
+    write(path, config_text(12))  # changed between the parent's load and the fork
+    context = multiprocessing.get_context("fork")
+    answer = context.Queue()
+    child = context.Process(target=_child_reloads, args=(app, path, answer, Client))
+    child.start()
     try:
-        assert gate.reloading.wait_watching()
-        context = multiprocessing.get_context("fork")
-        answer = context.Queue()
-        child = context.Process(target=_child_reloads, args=(gate, path, answer))
-        child.start()
-        try:
-            assert answer.get(timeout=30) == 13
-        finally:
-            child.join(30)
-        assert child.exitcode == 0
+        assert answer.get(timeout=30) == [12, 13]
     finally:
-        gate.stop()
+        child.join(30)
+    assert child.exitcode == 0
+    assert limit_of(app.gate) == 3  # the parent never reloaded
 
 
-def _child_reloads(gate: Gate, path: Path, answer: object) -> None:
+def _wsgi_ok(environ: dict[str, object], start_response: Any) -> list[bytes]:
+    start_response("200 OK", [("content-type", "text/plain")])
+    return [b"ok"]
+
+
+def _child_reloads(app: Any, path: Path, answer: Any, client_class: Any) -> None:
+    gate = app.gate
     reloads = Reloads(gate)
+    client_class(app).get("/elsewhere")  # the worker's first request starts it
+    seen = [limit_of(gate)]  # the file as it was at the fork, read at start
+    assert gate.reloading.wait_watching()
     write(path, config_text(13))
-    reloads.wait(changed=True)
-    answer.put(limit_of(gate))  # type: ignore[attr-defined]
+    reloads.wait(version=version_of(path.read_bytes()))
+    answer.put([*seen, limit_of(gate)])

@@ -331,6 +331,12 @@ class AdminAPI:
         200 with the status, whether it changed or not; 422 with the errors when the config
         does not load (the old one still serves)."""
         outcome = await anyio.to_thread.run_sync(self.gate.reload)
+        if outcome.error is not None and outcome.error.storage:
+            raise AdminError(
+                "storage-unavailable",
+                f"the published config cannot be read now: {outcome.error.message}",
+                headers={"retry-after": "1"},
+            )
         if outcome.error is not None:
             raise AdminError(
                 "invalid-config",
@@ -373,9 +379,11 @@ def from_environment() -> Starlette:
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         await api.gate.check_storage()
+        api.gate.start()  # follow config reloads: the admin token, billing's secrets
         try:
             yield
         finally:
+            api.gate.stop()
             await api.gate.storage.aclose()
 
     from ..billing import Webhooks  # plangate.billing imports this module

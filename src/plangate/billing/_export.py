@@ -540,15 +540,18 @@ class PeriodicExport:
     def __init__(
         self,
         storage: Storage,
-        config: Config,
+        config: Config | Callable[[], Config],
         *,
         clock: Callable[[], float] = time.time,
         on_report: Callable[[ExportReport], None] | None = None,
     ) -> None:
-        billing = config.model.billing
+        #: the config each run exports with: ``config()`` when a callable (the gateway's
+        #: gate's, as reloaded: keys, meters, destinations); the schedule is read once
+        self._config = config if callable(config) else (lambda: config)
+        billing = self._config().model.billing
         if billing is None or billing.export is None:
             raise ValueError("the config sets no billing.export")
-        self.storage, self.config, self.clock = storage, config, clock
+        self.storage, self.clock = storage, clock
         self.settings = billing.export
         self.every = parse_duration(billing.export.every)
         self.on_report = on_report
@@ -579,21 +582,26 @@ class PeriodicExport:
             if self.on_report is not None:
                 self.on_report(report)
 
+    @property
+    def config(self) -> Config:
+        return self._config()
+
     def once(self) -> ExportReport:
-        to = self.settings.to
+        config = self._config()  # one config for the whole run
+        billing = config.model.billing
+        settings = billing.export if billing is not None and billing.export else self.settings
+        to = settings.to
         if to == "stripe":
-            return UsageExport(
-                self.storage, self.config, StripeMeters(self.config), clock=self.clock
-            ).run()
+            return UsageExport(self.storage, config, StripeMeters(config), clock=self.clock).run()
         moment = datetime.fromtimestamp(self.clock(), timezone.utc).strftime("%Y%m%dT%H%M%SZ")
         suffix = "csv" if to == "zuora-csv" else "jsonl"
         # a name of its own: another gateway's run in the same second writes its own file
         unique = f"{moment}-{os.getpid()}-{secrets.token_hex(3)}"
-        path = Path(str(self.settings.path)) / f"plangate-usage-{to}-{unique}.{suffix}"
+        path = Path(str(settings.path)) / f"plangate-usage-{to}-{unique}.{suffix}"
         with path.open("a", encoding="utf-8", newline="") as out:
-            dest = destination(self.config, to, out)
+            dest = destination(config, to, out)
             try:
-                return UsageExport(self.storage, self.config, dest, clock=self.clock).run()
+                return UsageExport(self.storage, config, dest, clock=self.clock).run()
             finally:
                 if out.tell() == 0:  # nothing to send: no file
                     path.unlink(missing_ok=True)

@@ -25,7 +25,7 @@ from starlette.types import Receive, Scope, Send
 from .._gate import AsyncGate
 from ..admin._app import problem_handlers
 from ..admin._problems import AdminError
-from ..config._models import StripeConfig, ZuoraConfig
+from ..config._models import BillingConfig
 from ..customers import IdempotencyConflict, InvalidRecord
 from ..customers._credits import Credits
 from ..customers._provisioning import PATCH_ATTEMPTS, ReadCustomer, WriteContention, WriteCustomer
@@ -168,26 +168,14 @@ class Webhooks:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         await self.app(scope, receive, send)
 
-    # read from the config serving at each event: a reload changes secrets and mappings
+    # each event reads the config serving once: a reload changes secrets and mappings
 
-    @property
-    def stripe_config(self) -> StripeConfig | None:
-        billing = self.gate.loaded.config.model.billing
-        return billing.stripe if billing is not None else None
-
-    @property
-    def zuora_config(self) -> ZuoraConfig | None:
-        billing = self.gate.loaded.config.model.billing
-        return billing.zuora if billing is not None else None
-
-    @property
-    def billing(self) -> Billing:
-        section = self.gate.loaded.config.model.billing
-        precedence = list(section.precedence) if section is not None else []
-        return Billing(precedence, self.gate.customers._credits())
+    def _section(self) -> BillingConfig | None:
+        return self.gate.loaded.config.model.billing
 
     async def zuora(self, request: Request) -> Response:
-        config = self.zuora_config
+        section = self._section()
+        config = section.zuora if section is not None else None
         basic = config is not None and bool(config.username and config.password)
         if config is None or not (basic or config.hmac_secret):
             raise AdminError(
@@ -212,10 +200,11 @@ class Webhooks:
         except Rejected as exc:
             logger.warning("billing: a Zuora callout refused: %s", exc.detail)
             raise AdminError(exc.problem, exc.detail) from None
-        return await self._apply(_zuora.read(checked, config))
+        return await self._apply(_zuora.read(checked, config), section)
 
     async def stripe(self, request: Request) -> Response:
-        config = self.stripe_config
+        section = self._section()
+        config = section.stripe if section is not None else None
         if config is None or not config.webhook_secret:
             raise AdminError("not-found", "billing.stripe.webhook_secret is not configured")
         body = await read_body(request, self.max_body)
@@ -254,10 +243,12 @@ class Webhooks:
                 if change.more_lines is None:
                     return _answer(change, "not-read")
                 change = replace(change, more_lines=None)  # what its event carries stands
-        return await self._apply(change)
+        return await self._apply(change, section)
 
-    async def _apply(self, change: Change) -> Response:
-        answer = await self.gate.customers._run(self.billing.apply(change))
+    async def _apply(self, change: Change, section: BillingConfig | None) -> Response:
+        precedence = list(section.precedence) if section is not None else []
+        billing = Billing(precedence, self.gate.customers._credits())
+        answer = await self.gate.customers._run(billing.apply(change))
         return JSONResponse(answer, headers={"cache-control": "no-store"})
 
 

@@ -244,6 +244,16 @@ class ReloadConfig(Model):
     #: process on the store loads the same version, at start and whenever one is published
     store: bool = False
 
+    @model_validator(mode="after")
+    def _one_source(self) -> ReloadConfig:
+        if self.store and self.watch:
+            raise ValueError(
+                "watch and store: a process follows its file or the store's published "
+                "config, not both (with store, the file is what it starts from until a "
+                "config is published)"
+            )
+        return self
+
 
 class AdminConfig(Model):
     token: str | None = None

@@ -26,7 +26,7 @@ from .._gate import AsyncGate, Clock
 from .._lifecycle import abegin, asettle
 from .._reload import Loaded
 from ..config import Config
-from ..engine import PROBLEM_BASE, Decision, Problem
+from ..engine import PROBLEM_BASE, Decision, Engine, Problem
 from ..engine._headers import MAX_INTEGER
 from ..engine._problems import MEMBERS, RETRIED, TITLES, bearer_challenge
 from ..identity import TokenRead
@@ -83,7 +83,7 @@ class GatewayService:
         billing = self.gate.config.model.billing
         #: the periodic usage export (``billing.export``), run while the service runs
         self.export = (
-            PeriodicExport(self.gate.storage, self.gate.config, clock=clock)
+            PeriodicExport(self.gate.storage, lambda: self.gate.loaded.config, clock=clock)
             if billing is not None and billing.export is not None
             else None
         )
@@ -309,7 +309,15 @@ class GatewayService:
         return Problem(name, detail, body)
 
     def _issued_value(self, member: str, value: Any) -> bool:
-        engine = self.gate.engine
+        """Whether a problem's ``member`` is one the config serving issues — or the one it
+        replaced: a reload may land between a /check and its /render."""
+        previous = self.gate.previous
+        return self._issued_by(self.gate.engine, member, value) or (
+            previous is not None and self._issued_by(previous.engine, member, value)
+        )
+
+    @staticmethod
+    def _issued_by(engine: Engine, member: str, value: Any) -> bool:
         if member == "plan":
             return isinstance(value, str) and value in engine.catalog.plans
         if member == "feature":

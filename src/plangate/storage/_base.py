@@ -16,6 +16,7 @@ import threading
 import weakref
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from ..engine import (
@@ -76,6 +77,7 @@ __all__ = [
     "LoadCustomer",
     "Op",
     "Peek",
+    "PublishedConfig",
     "ReadCredits",
     "Record",
     "Reserve",
@@ -106,14 +108,24 @@ class CustomerListener(Protocol):
         """Changes may have been missed (the subscription was down): forget them all."""
 
 
+@dataclass(frozen=True, slots=True)
+class PublishedConfig:
+    """A config published on the store: its bytes, its version, and its signature (the
+    HMAC-SHA256 with ``PLANGATE_RELOAD_SECRET``, hex; "" unsigned)."""
+
+    data: bytes
+    version: str
+    mac: str = ""
+
+
 class ConfigListener(Protocol):
     """Told of configs published on the store (``plangate reload FILE``)."""
 
     def heard_config(self, version: str) -> None:
         """A config was published: ``Storage.published_config()`` has it, at ``version``."""
 
-    def heard_nothing_for_a_while(self) -> None:
-        """Announcements may have been missed (the subscription was down)."""
+    def subscribed(self) -> None:
+        """The subscription is in place (again): what was published before was not heard."""
 
 
 class Listeners:
@@ -154,12 +166,18 @@ class Listeners:
                 logging.getLogger("plangate.storage").exception("a customer listener failed")
 
     def heard_config(self, version: str) -> None:
+        self._tell_config("heard_config", version)
+
+    def subscribed(self) -> None:
+        self._tell_config("subscribed")
+
+    def _tell_config(self, what: str, *args: Any) -> None:
         for listener in self._each():
-            heard = getattr(listener, "heard_config", None)
-            if heard is None:
+            tell = getattr(listener, what, None)
+            if tell is None:
                 continue  # a customer cache: configs are not its business
             try:
-                heard(version)
+                tell(*args)
             except Exception:
                 logging.getLogger("plangate.storage").exception("a config listener failed")
 
@@ -329,12 +347,13 @@ class Storage(ABC):
     async def aread_credits(self, op: ReadCredits) -> CreditView:
         return self.read_credits(op)
 
-    def publish_config(self, data: bytes, version: str) -> None:
-        """Keep ``data`` (a checked config) as the config every process following the store
-        loads, and announce ``version`` to them (``plangate reload FILE``)."""
+    def publish_config(self, data: bytes, version: str, mac: str = "") -> None:
+        """Keep ``data`` (a checked config; ``mac`` its signature) as the config every
+        process following the store loads, and announce ``version`` to them
+        (``plangate reload FILE``)."""
         raise StorageError(f"{type(self).__name__} cannot publish a config")
 
-    def published_config(self) -> tuple[bytes, str] | None:
+    def published_config(self) -> PublishedConfig | None:
         """The config last published, and its version; None if none was."""
         return None
 

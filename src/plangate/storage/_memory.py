@@ -29,6 +29,7 @@ from ._base import (
     GrantResult,
     Listeners,
     Peek,
+    PublishedConfig,
     ReadCredits,
     Record,
     Reserve,
@@ -237,7 +238,7 @@ class MemoryStorage(Storage):
         #: the version each deleted record took: a record made again continues from it
         self._gone: dict[str, int] = {}
         self.listeners = Listeners()
-        self._published: tuple[bytes, str] | None = None
+        self._published: PublishedConfig | None = None
         self._settled: OrderedDict[str, float] = OrderedDict()
         self._next_sweep = 0.0
         self._now = 0.0
@@ -697,11 +698,11 @@ class MemoryStorage(Storage):
     def watch_customers(self, listener: CustomerListener) -> None:
         self.listeners.add(listener)
 
-    def publish_config(self, data: bytes, version: str) -> None:
-        self._published = (bytes(data), version)
+    def publish_config(self, data: bytes, version: str, mac: str = "") -> None:
+        self._published = PublishedConfig(bytes(data), version, mac)
         self.listeners.heard_config(version)
 
-    def published_config(self) -> tuple[bytes, str] | None:
+    def published_config(self) -> PublishedConfig | None:
         return self._published
 
     def _sweep(self, now: float) -> None:

@@ -47,6 +47,7 @@ from ._base import (
     GrantCredits,
     GrantResult,
     Peek,
+    PublishedConfig,
     ReadCredits,
     Record,
     Reserve,
@@ -133,7 +134,8 @@ _UNAVAILABLE = (
 _UNAVAILABLE_CODES = ("BUSY ", "MISCONF ", "NOREPLICAS ")
 
 
-#: the config published for every process following the store: a hash (data, version, at)
+#: the config published for every process following the store: a hash (data, version, mac,
+#: at)
 CONFIG_KEY = "plangate:config"
 
 
@@ -909,24 +911,23 @@ class RedisStorage(Storage):
 
     # the config every process following the store loads (``plangate reload FILE``)
 
-    def publish_config(self, data: bytes, version: str) -> None:
+    def publish_config(self, data: bytes, version: str, mac: str = "") -> None:
         client = self._bulk_client()
+        fields = {"data": data, "version": version, "mac": mac, "at": repr(time.time())}
         try:
-            client.hset(
-                CONFIG_KEY, mapping={"data": data, "version": version, "at": repr(time.time())}
-            )
+            client.hset(CONFIG_KEY, mapping=fields)
             self.changes.announce(client.execute_command, config_message(version))
         except Exception as exc:
             raise _failure("config publish", exc) from exc
 
-    def published_config(self) -> tuple[bytes, str] | None:
+    def published_config(self) -> PublishedConfig | None:
         try:
-            data, version = self._bulk_client().hmget(CONFIG_KEY, ["data", "version"])
+            data, version, mac = self._bulk_client().hmget(CONFIG_KEY, ["data", "version", "mac"])
         except Exception as exc:
             raise _failure("config read", exc) from exc
         if data is None or version is None:
             return None
-        return bytes(data), version.decode() if isinstance(version, bytes) else str(version)
+        return PublishedConfig(bytes(data), _text(version), _text(mac or b""))
 
     def list_customers(
         self, *, plan: str | None = None, limit: int = 100, cursor: str | None = None

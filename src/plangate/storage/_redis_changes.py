@@ -271,6 +271,7 @@ class ChangeFeed:
             self.subscriptions += 1
             self.subscribed.set()
             self._changed.notify_all()
+        self.listeners.subscribed()  # a config published before now was not announced here
 
     def _after_fork(self) -> None:
         """In a child process: the parent's thread is not here; start one of our own."""

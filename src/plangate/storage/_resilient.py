@@ -40,6 +40,7 @@ from ._base import (
     LoadCustomer,
     Op,
     Peek,
+    PublishedConfig,
     ReadCredits,
     Record,
     Reserve,
@@ -426,10 +427,10 @@ class ResilientStorage(Storage):
     def watch_customers(self, listener: CustomerListener) -> None:
         self.inner.watch_customers(listener)
 
-    def publish_config(self, data: bytes, version: str) -> None:
-        self.inner.publish_config(data, version)
+    def publish_config(self, data: bytes, version: str, mac: str = "") -> None:
+        self.inner.publish_config(data, version, mac)
 
-    def published_config(self) -> tuple[bytes, str] | None:
+    def published_config(self) -> PublishedConfig | None:
         return self.inner.published_config()
 
     def watch_config(self, listener: ConfigListener) -> None:
