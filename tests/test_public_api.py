@@ -64,6 +64,7 @@ def test_the_integration_module_is_pinned():
         "Gate",
         "Loaded",
         "Pending",
+        "ReloadOutcome",
         "Requirement",
         "Settlement",
         "abegin",

@@ -26,6 +26,7 @@ from plangate.integration import (
     PENDING_KEY,
     Clock,
     Pending,
+    ReloadOutcome,
     Requirement,
     problem_answer,
 )
@@ -68,8 +69,14 @@ class PlanGate:
         app.add_exception_handler(Denied, _render_denial)
         app.state.plangate = self
         self._app = app
+        # a reloaded config may gate other operations: the schema is built again
+        self.gate.reload_listeners.append(self._forget_schema)
         self._openapi = app.openapi
         app.openapi = self.openapi  # type: ignore[method-assign]
+
+    def _forget_schema(self, outcome: ReloadOutcome) -> None:
+        if outcome.changed:
+            self._app.openapi_schema = None
 
     def openapi(self) -> dict[str, Any]:
         """The app's schema, with plangate's responses on every operation it gates."""

@@ -195,17 +195,21 @@ class _Gate:
         """Stop following config changes (the app shuts down)."""
         self.reloading.stop()
 
-    def reload(self, data: bytes | None = None, *, origin: str | None = None) -> ReloadOutcome:
+    def reload(
+        self, data: bytes | None = None, *, origin: str | None = None, force: bool = False
+    ) -> ReloadOutcome:
         """Load the config again — ``data`` if given, else the store's published config
         (``reload.store``; the file while nothing is published) or the file — check it
         entirely, and swap it in at once: requests in flight finish on the config they
         started with. A config that does not load changes nothing: the errors are logged as
         ``plangate check`` prints them and kept (``last_reload_error``, ``GET /admin/config``,
-        metrics). Blocking (it reads a file, or the store): from async code, run it in a
-        thread. Never raises."""
+        metrics). ``force``: build it again even if its bytes did not change (SIGHUP and
+        ``POST /admin/config/reload`` do: a key file it names may have been rotated).
+        Blocking (it reads a file, or the store): from async code, run it in a thread.
+        Never raises."""
         with self._reload_lock:
             try:
-                outcome = self._reload(data, origin)
+                outcome = self._reload(data, origin, force)
             except Exception as exc:  # a bug: logged, the config serving stays
                 logger.exception("plangate: reloading the config failed")
                 outcome = self._failed(read_error(exc, origin or "file", time.time()))
@@ -216,7 +220,7 @@ class _Gate:
                     logger.exception("plangate: a reload listener failed")
         return outcome
 
-    def _reload(self, data: bytes | None, origin: str | None) -> ReloadOutcome:
+    def _reload(self, data: bytes | None, origin: str | None, force: bool) -> ReloadOutcome:
         current = self.loaded
         if origin is None:
             origin = "store" if current.config.model.reload.store else "file"
@@ -238,7 +242,7 @@ class _Gate:
                     )
                 data = _read(self.config_path)
             version = version_of(data)
-            if version == current.version:
+            if version == current.version and not force:
                 return self._unchanged(current)
             config = load_config_bytes(data, name, source=self.config_path)
             refused = check_requirements(current.config, config)

@@ -360,7 +360,9 @@ class _Watcher:
                         # a change made while the watch was set up is seen at the first answer
                         mine = str(Path(path).parent) in directories
                         if mine and (first or _touches(batch, path)):
-                            gate.reload(origin="file")
+                            with self._lock:  # not once its gate stopped following
+                                if stop is self._stop and gate in self._gates:
+                                    gate.reload(origin="file")
                     del gates
                     first = False
             except Exception as exc:
@@ -436,7 +438,7 @@ class _Hangup:
                 os.close(read)
                 return
             for gate in list(self._gates):
-                gate.reload()
+                gate.reload(force=True)  # a key file it names may be what changed
 
     def _forked(self) -> None:
         """In a child: the server sets its own handlers after forking (gunicorn resets

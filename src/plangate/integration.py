@@ -48,7 +48,7 @@ from ._lifecycle import (
     settle,
     stream_settling,
 )
-from ._reload import Loaded
+from ._reload import Loaded, ReloadOutcome
 from ._requirements import Requirement
 
 __all__ = [
@@ -61,6 +61,7 @@ __all__ = [
     "Gate",
     "Loaded",
     "Pending",
+    "ReloadOutcome",
     "Requirement",
     "Settlement",
     "abegin",

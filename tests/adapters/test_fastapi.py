@@ -149,3 +149,23 @@ def test_a_token_in_a_cookie_is_an_api_key_scheme():
         "in": "cookie",
         "name": "session",
     }
+
+
+def test_a_reloaded_config_rebuilds_the_openapi_schema():
+    import yaml
+
+    app = FastAPI()
+    cfg = config()
+    plangate = PlanGate(app, config=cfg)
+
+    @app.get("/health")
+    def health() -> dict[str, str]:
+        return {}
+
+    client = TestClient(app)
+    assert "security" not in client.get("/openapi.json").json()["paths"]["/health"]["get"]
+    gated = {**cfg, "routes": [{"match": "GET /health", "meters": {"api_calls": 1}}]}
+    assert plangate.gate.reload(yaml.safe_dump(gated).encode()).changed
+    operation = client.get("/openapi.json").json()["paths"]["/health"]["get"]
+    assert operation["security"] == [{"plangate": []}]
+    assert "429" in operation["responses"]

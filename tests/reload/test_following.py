@@ -30,7 +30,7 @@ from plangate.storage import PublishedConfig
 from tests.admin.support import START
 from tests.billing.support import billing_config, event, items, post
 from tests.gateways.support import gateway_config
-from tests.reload.support import Reloads, config_text, limit_of, write
+from tests.reload.support import SECRET, Reloads, config_text, limit_of, write
 from tests.support import Clock, bearer
 
 
@@ -298,3 +298,38 @@ def _jwt() -> str:
     from plangate.testing import token
 
     return token(yaml.safe_load(config_text(3)), "acme")
+
+
+def test_a_forced_reload_reads_a_rotated_key_file(tmp_path: Path) -> None:
+    """SIGHUP and POST /admin/config/reload build the config again even when its bytes are
+    the same: the key file it names may be what changed."""
+    import time
+
+    import jwt
+
+    from tests.identity.keys import pem_pair
+
+    key = tmp_path / "key.pem"
+    old_private, old_public = pem_pair("ec")
+    new_private, new_public = pem_pair("ec")
+    key.write_bytes(old_public)
+    file = tmp_path / "plangate.yaml"
+    file.write_text(
+        config_text(3).replace(
+            f"    algorithms: [HS256]\n    secret: {SECRET}\n",
+            f"    algorithms: [ES256]\n    public_key: file:{key}\n",
+        )
+    )
+    gate = Gate(str(file))
+
+    def decided(private: bytes) -> int:
+        claims = {"sub": "acme", "exp": int(time.time()) + 60}
+        decision = gate.check("GET", "/v1/items", jwt.encode(claims, private, algorithm="ES256"))
+        return decision.problem.status if decision.problem else 200
+
+    assert decided(old_private) == 200
+    key.write_bytes(new_public)
+    assert not gate.reload().changed  # the watch's reload: the same bytes, nothing to do
+    assert gate.reload(force=True).changed
+    assert decided(new_private) == 200
+    assert decided(old_private) == 401

@@ -330,7 +330,7 @@ class AdminAPI:
         """Reload now (the file, or the store's published config with ``reload.store``):
         200 with the status, whether it changed or not; 422 with the errors when the config
         does not load (the old one still serves)."""
-        outcome = await anyio.to_thread.run_sync(self.gate.reload)
+        outcome = await anyio.to_thread.run_sync(lambda: self.gate.reload(force=True))
         if outcome.error is not None and outcome.error.storage:
             raise AdminError(
                 "storage-unavailable",
