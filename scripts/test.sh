@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs everything the suite needs, then runs every gate: ruff (format + lint), mypy
-# strict, and pytest with branch coverage. The README's test command; .ci/run calls it.
+# strict, the docs site built with mkdocs --strict, and pytest with branch coverage. The
+# README's test command; .ci/run calls it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -10,6 +11,9 @@ command -v redis-server >/dev/null || missing+=(redis-server)
 command -v redis-cli >/dev/null || missing+=(redis-tools)
 command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || missing+=(nginx)
 command -v haproxy >/dev/null || [ -x /usr/sbin/haproxy ] || missing+=(haproxy)
+# the dashboard's browser tests drive Debian's chromium (nothing downloads a browser)
+command -v chromium >/dev/null || missing+=(chromium)
+command -v chromedriver >/dev/null || missing+=(chromium-driver)
 if [ ${#missing[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     echo "== installing ${missing[*]}"
@@ -31,4 +35,5 @@ python -m pip install --quiet --disable-pip-version-check -e ".[dev]"
 echo "== ruff format --check"; python -m ruff format --check .
 echo "== ruff check";          python -m ruff check .
 echo "== mypy (strict)";       python -m mypy
+echo "== mkdocs build --strict"; NO_MKDOCS_2_WARNING=1 python -m mkdocs build --strict --site-dir "$(mktemp -d)"
 echo "== pytest";              python -m pytest --cov --cov-report=term "$@"

@@ -39,6 +39,9 @@ from ._problems import AdminError
 
 logger = logging.getLogger("plangate.admin")
 
+#: seconds a dashboard session lasts (``/admin/ui/``)
+SESSION_TTL = 8 * 3600
+
 REALM = "plangate-admin"
 MAX_LIMIT = 1000
 DEFAULT_LIMIT = 100
@@ -69,7 +72,12 @@ class AdminAPI:
     """
 
     def __init__(
-        self, gate: AsyncGate, *, token: str | None = UNSET, max_body: int = MAX_BODY
+        self,
+        gate: AsyncGate,
+        *,
+        token: str | None = UNSET,
+        max_body: int = MAX_BODY,
+        session_ttl: int = SESSION_TTL,
     ) -> None:
         self.gate = gate
         #: the token given here; UNSET: the config's ``admin.token``, as reloaded
@@ -101,6 +109,7 @@ class AdminAPI:
                 Route("/billing", self.billing, methods=["GET"]),
                 Route("/config", self.config, methods=["GET"]),
                 Route("/config/reload", self.reload, methods=["POST"]),
+                Mount("/ui", app=_dashboard(gate, token, session_ttl)),
             ],
             exception_handlers={
                 **problem_handlers(),
@@ -141,7 +150,7 @@ class AdminAPI:
         return f"<AdminAPI ({state})>"
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http":
+        if scope["type"] == "http" and not _dashboard_path(scope):  # it signs people in
             refused = self._refused(scope)
             if refused is not None:
                 await refused.response()(scope, receive, send)
@@ -506,6 +515,24 @@ def _record(body: Mapping[str, Any]) -> Response:
 
 def _not_found() -> AdminError:
     return AdminError("not-found", "no such admin resource")
+
+
+def _dashboard_path(scope: Scope) -> bool:
+    root = scope.get("root_path", "")
+    path: str = scope["path"]
+    route = path[len(root) :] if root and path.startswith(root) else path
+    return route == "/ui" or route.startswith("/ui/")
+
+
+def _dashboard(gate: AsyncGate, token: str | object | None, session_ttl: int) -> Any:
+    """The dashboard (``/ui``); without Jinja2 (the ``dashboard`` extra), a 404 saying so."""
+    try:
+        from ._ui import Dashboard
+
+        return Dashboard(gate, token=token, session_ttl=session_ttl)
+    except ImportError:
+        detail = "the dashboard needs Jinja2: pip install 'plangate[dashboard]'"
+        return JSONResponse({"detail": detail}, status_code=404)
 
 
 def problem_handlers() -> dict[Any, Any]:

@@ -1,0 +1,63 @@
+"""Screenshots of the dashboard's main pages for the docs (docs/img/dashboard-*.png).
+
+    python scripts/screenshots.py
+
+Debian's chromium, headless (tests/dashboard/browser.py: nothing is downloaded), on the
+dashboard tests' app with a few customers, credits and some usage.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import httpx  # noqa: E402
+
+from tests.admin.support import TOKEN  # noqa: E402
+from tests.dashboard.browser import browser, put, served  # noqa: E402
+from tests.support import bearer  # noqa: E402
+
+OUT = ROOT / "docs" / "img"
+
+
+def main() -> int:
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    OUT.mkdir(parents=True, exist_ok=True)
+    with served() as (url, gate), browser(1280, 860) as driver:
+        for name, plan, addons in (
+            ("acme", "pro", {"token_pack": 2}),
+            ("globex", "free", {}),
+            ("hooli", "free", {}),
+            ("initech", "free", {}),
+            ("umbrella", "pro", {}),
+        ):
+            put(gate, name, {"plan": plan, "addons": addons})
+        asyncio.run(gate.customers.grant_credits("acme", "ai_credits", 1200))
+        for _ in range(4):
+            httpx.get(f"{url}/v1/projects", headers=bearer("acme", "pro"))
+        driver.get(f"{url}/admin/ui/login")
+        driver.save_screenshot(str(OUT / "dashboard-login.png"))
+        field = driver.find_element(By.ID, "token")
+        field.send_keys(TOKEN)
+        field.submit()
+        WebDriverWait(driver, 10).until(lambda d: d.title.startswith("Customers"))
+        for page, path in (
+            ("customers", "/admin/ui/customers"),
+            ("customer", "/admin/ui/customers/acme"),
+            ("plans", "/admin/ui/plans"),
+            ("config", "/admin/ui/config"),
+        ):
+            driver.get(f"{url}{path}")
+            driver.save_screenshot(str(OUT / f"dashboard-{page}.png"))
+            print(f"wrote docs/img/dashboard-{page}.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
