@@ -16,7 +16,6 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import httpx  # noqa: E402
-
 from tests.admin.support import TOKEN  # noqa: E402
 from tests.dashboard.browser import browser, put, served  # noqa: E402
 from tests.support import bearer  # noqa: E402
