@@ -24,11 +24,16 @@ OUT = ROOT / "docs" / "img"
 
 
 def main() -> int:
+    import tempfile
+
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
+    from tests.billing.support import billing_config
 
     OUT.mkdir(parents=True, exist_ok=True)
-    with served() as (url, gate), browser(1280, 860) as driver:
+    log = Path(tempfile.mkdtemp()) / "decisions.jsonl"  # refusals to show on a customer
+    config = billing_config(decision_log={"to": str(log)})
+    with served(config) as (url, gate), browser(1280, 860) as driver:
         for name, plan, addons in (
             ("acme", "pro", {"token_pack": 2}),
             ("globex", "free", {}),
@@ -40,6 +45,9 @@ def main() -> int:
         asyncio.run(gate.customers.grant_credits("acme", "ai_credits", 1200))
         for _ in range(4):
             httpx.get(f"{url}/v1/projects", headers=bearer("acme", "pro"))
+        for _ in range(7):  # globex, on free: 5 a minute
+            httpx.get(f"{url}/v1/projects", headers=bearer("globex", "free"))
+        httpx.post(f"{url}/v1/reports/7/export", headers=bearer("globex", "free"))
         driver.get(f"{url}/admin/ui/login")
         driver.save_screenshot(str(OUT / "dashboard-login.png"))
         field = driver.find_element(By.ID, "token")
@@ -49,10 +57,13 @@ def main() -> int:
         for page, path in (
             ("customers", "/admin/ui/customers"),
             ("customer", "/admin/ui/customers/acme"),
+            ("refusals", "/admin/ui/customers/globex"),
             ("plans", "/admin/ui/plans"),
             ("config", "/admin/ui/config"),
         ):
             driver.get(f"{url}{path}")
+            if page == "refusals":
+                driver.execute_script("document.getElementById('h-refusals').scrollIntoView()")
             driver.save_screenshot(str(OUT / f"dashboard-{page}.png"))
             print(f"wrote docs/img/dashboard-{page}.png")
     return 0

@@ -21,9 +21,15 @@ ORIGIN = "http://testserver"
 
 
 def dashboard_app(
-    config: dict[str, Any] | str | None = None, *, clock: Any = time.time, **kwargs: Any
+    config: dict[str, Any] | str | None = None,
+    *,
+    clock: Any = time.time,
+    storage_uri: bool = False,
+    **kwargs: Any,
 ) -> tuple[Starlette, AsyncGate]:
-    gate = AsyncGate(config or billing_config(), storage=MemoryStorage(), clock=clock)
+    """``storage_uri``: the config's store (a replica on a shared Redis), else memory."""
+    storage = None if storage_uri else MemoryStorage()
+    gate = AsyncGate(config or billing_config(), storage=storage, clock=clock)
     return Starlette(routes=[Mount("/admin", app=AdminAPI(gate, **kwargs))]), gate
 
 

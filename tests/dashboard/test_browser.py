@@ -102,7 +102,7 @@ def test_sign_in_find_change_grant_see_usage_sign_out(driver: Any) -> None:
         usage = driver.find_element(By.ID, "m-api_calls-1")
         assert usage.get_attribute("value") == "3"
         assert usage.get_attribute("max") == "5"
-        assert "3 of 5 call used" in driver.page_source
+        assert "3 of 5 used (call)" in driver.page_source
 
         driver.find_element(By.CSS_SELECTOR, "form.logout button").click()
         _titled(driver, "Sign in")

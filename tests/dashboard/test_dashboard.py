@@ -245,6 +245,34 @@ def test_a_customer_id_with_a_slash_has_its_page(app: tuple[Any, AsyncGate]) -> 
     assert 'id="current-plan">free' in page.text
 
 
+def test_any_refusal_in_the_log_is_shown_and_odd_lines_are_skipped(tmp_path: Path) -> None:
+    log = tmp_path / "decisions.jsonl"
+    lines = [
+        {
+            "customer": "acme",
+            "decision": "deny",
+            "reason": "feature-not-in-plan",
+            "method": "POST",
+            "path": "/v1/reports/7/export",
+            "time": "2026-12-02T07:00:00Z",
+        },
+        {"customer": "acme", "decision": "deny", "reason": "<script>x</script>"},
+        {"customer": "acme", "decision": "allow"},
+        ["not", "an", "object"],
+    ]
+    log.write_text("not json\n" + "\n".join(json.dumps(line) for line in lines) + "\n")
+    app, gate = dashboard_app(billing_config(decision_log={"to": str(log)}))
+    put(gate, "acme", {"plan": "free"})
+    client = TestClient(app, base_url=ORIGIN)
+    sign_in(client)
+    page = client.get("/admin/ui/customers/acme")
+    assert page.status_code == 200
+    assert "<code>POST /v1/reports/7/export</code>" in page.text
+    assert "feature-not-in-plan" in page.text
+    assert "&lt;script&gt;x&lt;/script&gt;" in page.text  # escaped
+    assert page.text.count("<tr><td>") == 2
+
+
 def test_the_customer_page_shows_usage_credits_and_refusals(tmp_path: Path) -> None:
     log = tmp_path / "decisions.jsonl"
     settings = billing_config(decision_log={"to": str(log)})
@@ -262,7 +290,7 @@ def test_the_customer_page_shows_usage_credits_and_refusals(tmp_path: Path) -> N
     sign_in(client)
     page = client.get("/admin/ui/customers/acme").text
     assert '<meter id="m-api_calls-1" min="0" max="5" value="5"' in page
-    assert "5 of 5 call used" in page
+    assert "5 of 5 used (call)" in page
     assert 'id="balance-ai_credits">250<' in page
     assert page.count("quota-exceeded") == 2  # the two refusals, from the decision log
     assert 'class="bar"' in page  # the chart of the hour's usage
@@ -319,6 +347,46 @@ def test_add_on_quantities_are_set(client: TestClient, app: tuple[Any, AsyncGate
     assert _record(app[1], "acme")["addons"] == {"token_pack": 3}
 
 
+@pytest.mark.parametrize("typed", ["²", "9" * 5000, "-3", "lots"])
+def test_a_number_that_is_not_one_is_refused_not_a_crash(
+    client: TestClient, app: tuple[Any, AsyncGate], typed: str
+) -> None:
+    grant = post(
+        client,
+        "/admin/ui/customers/acme/credits",
+        {"key": "k-1", "feature": "ai_credits", "amount": typed},
+    )
+    assert grant.status_code == 422
+    addons = post(client, "/admin/ui/customers/acme/addons", {"addon.token_pack": typed})
+    assert addons.status_code == 422
+    assert "Nothing was changed" in addons.text
+    assert _record(app[1], "acme")["addons"] == {}
+
+
+def test_an_add_on_cleared_is_removed_and_an_unknown_one_refused(
+    client: TestClient, app: tuple[Any, AsyncGate]
+) -> None:
+    post(client, "/admin/ui/customers/acme/addons", {"addon.token_pack": "2"})
+    assert _record(app[1], "acme")["addons"] == {"token_pack": 2}
+    post(client, "/admin/ui/customers/acme/addons", {"addon.token_pack": ""})
+    assert not _record(app[1], "acme")["addons"].get("token_pack")
+    unknown = post(client, "/admin/ui/customers/acme/addons", {"addon.gold_pack": "1"})
+    assert unknown.status_code == 422
+
+
+def test_a_grant_without_its_key_is_refused(client: TestClient, app: tuple[Any, AsyncGate]) -> None:
+    for key in ("", " ", "k" * 300):
+        answer = post(
+            client,
+            "/admin/ui/customers/acme/credits",
+            {"key": key, "feature": "ai_credits", "amount": "5"},
+        )
+        assert answer.status_code == 422
+    assert asyncio.run(app[1].customers.credits("acme")) == {} or (
+        asyncio.run(app[1].customers.balance("acme", "ai_credits")) == 0
+    )
+
+
 def test_a_grant_is_made_once_per_form(client: TestClient, app: tuple[Any, AsyncGate]) -> None:
     page = client.get("/admin/ui/customers/acme").text
     form = {"key": field(page, "key"), "feature": "ai_credits", "amount": "40"}
@@ -333,7 +401,7 @@ def test_a_grant_is_made_once_per_form(client: TestClient, app: tuple[Any, Async
 
 def test_a_plan_migration_counts_then_moves(client: TestClient, app: tuple[Any, AsyncGate]) -> None:
     put(app[1], "globex", {"plan": "pro"})
-    dry = post(client, "/admin/ui/plans/migrate", {"from": "pro", "to": "free", "dry_run": "on"})
+    dry = post(client, "/admin/ui/plans/migrate", {"from": "pro", "to": "free", "dry_run": "yes"})
     assert "Would move 2 customers from pro to free." in dry.text
     assert _record(app[1], "acme")["plan"] == "pro"
     done = post(client, "/admin/ui/plans/migrate", {"from": "pro", "to": "free"})
@@ -365,9 +433,28 @@ def test_every_control_has_a_label_and_the_page_a_language(client: TestClient) -
             assert wrapped or (named and named.group(1) in labelled), (path, kind, attributes)
 
 
-def test_the_gateway_serves_the_dashboard(tmp_path: Path) -> None:
+def test_the_gateway_serves_the_dashboard() -> None:
     from plangate.gateway import GatewayService
 
     with TestClient(GatewayService(billing_config()), base_url=ORIGIN) as gateway:
         assert sign_in(gateway).status_code == 303
         assert gateway.get("/admin/ui/plans").status_code == 200
+
+
+def test_a_store_that_cannot_be_reached_is_a_503_page_not_a_crash(
+    client: TestClient, app: tuple[Any, AsyncGate], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def down(*args: Any, **kwargs: Any) -> Any:
+        from plangate.errors import StorageError
+
+        raise StorageError("redis://127.0.0.1:1/0: connection refused")
+
+    monkeypatch.setattr(app[1].customers, "show", down)
+    monkeypatch.setattr(app[1].customers, "list", down)
+    for path in ("/admin/ui/customers", "/admin/ui/customers/acme"):
+        answer = client.get(path)
+        assert answer.status_code == 503
+        assert "The store cannot be reached" in answer.text
+        assert answer.headers["retry-after"] == "1"
+        assert answer.headers["content-security-policy"].startswith("default-src 'none'")
+    assert client.get("/admin/ui/nowhere").status_code == 404

@@ -36,11 +36,9 @@ from ..errors import StorageError, VersionConflict
 from ..gateway._bodies import MAX_BODY, BadRequest, load_json, read_body
 from ..storage import Storage
 from ._problems import AdminError
+from ._ui import SESSION_TTL
 
 logger = logging.getLogger("plangate.admin")
-
-#: seconds a dashboard session lasts (``/admin/ui/``)
-SESSION_TTL = 8 * 3600
 
 REALM = "plangate-admin"
 MAX_LIMIT = 1000

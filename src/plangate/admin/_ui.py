@@ -25,23 +25,25 @@ from urllib.parse import parse_qsl, quote, urlencode, urlsplit
 
 import anyio.to_thread
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, RedirectResponse, Response
 from starlette.routing import Route
 
 from .._gate import AsyncGate
 from ..customers import CustomerNotFound, IdempotencyConflict, InvalidRecord, LegacyPlanRefused
-from ..customers._provisioning import UNSET
-from ..errors import StorageError
+from ..customers._credits import MAX_KEY
+from ..customers._provisioning import UNSET, WriteContention
+from ..errors import StorageError, VersionConflict
 from ..gateway._bodies import BadRequest, read_body
 from ..storage._base import usage_hour
 
 logger = logging.getLogger("plangate.admin")
 
 SESSION_COOKIE = "plangate_admin"
-LOGIN_COOKIE = "plangate_login"
 #: seconds a dashboard session lasts
 SESSION_TTL = 8 * 3600
+LOGIN_COOKIE = "plangate_login"
 PAGE = 50  # customers a page lists
 FORM_BYTES = 64 * 1024  # a form's body, at most
 FORM_FIELDS = 200
@@ -49,7 +51,7 @@ REFUSALS_SHOWN = 20
 #: bytes of the decision log's end read for a customer's recent refusals
 LOG_TAIL = 512 * 1024
 CSP = (
-    "default-src 'none'; style-src 'self'; img-src 'self' data:; form-action 'self'; "
+    "default-src 'none'; style-src 'self'; img-src 'self'; form-action 'self'; "
     "frame-ancestors 'none'; base-uri 'none'"
 )
 SECURITY_HEADERS = {
@@ -114,12 +116,55 @@ class Dashboard:
                 Route("/plans/migrate", self.migrate, methods=["POST"]),
                 Route("/config", self.config, methods=["GET"]),
                 Route("/static/plangate.css", self.stylesheet, methods=["GET"]),
-            ]
+            ],
+            exception_handlers={
+                StorageError: self._unavailable,
+                VersionConflict: self._conflict,
+                HTTPException: self._http_error,
+            },
         )
         self._css = (resources.files("plangate.admin") / "static" / "plangate.css").read_bytes()
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         await self.app(scope, receive, send)
+
+    # what goes wrong ---------------------------------------------------------------------
+
+    async def _unavailable(self, request: Request, exc: Exception) -> Response:
+        logger.warning("dashboard: the store cannot be reached: %s", exc)
+        response = self._page(
+            request,
+            "unavailable.html",
+            503,
+            heading="The store cannot be reached",
+            message="plangate cannot read or write the store right now; nothing was changed. "
+            "Try again in a moment.",
+        )
+        response.headers["retry-after"] = "1"
+        return response
+
+    async def _conflict(self, request: Request, exc: Exception) -> Response:
+        if isinstance(exc, WriteContention):  # the admin API's answer: retry later
+            return await self._unavailable(request, exc)
+        return self._page(
+            request,
+            "unavailable.html",
+            409,
+            heading="Changed meanwhile",
+            message="Someone changed this record at the same time; nothing was changed. "
+            "Look at it again and retry.",
+        )
+
+    async def _http_error(self, request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, HTTPException)
+        status = exc.status_code if 400 <= exc.status_code < 500 else 404
+        return self._page(
+            request,
+            "unavailable.html",
+            status,
+            heading="Not here",
+            message="There is no such page in the dashboard.",
+        )
 
     # the session -----------------------------------------------------------------------
 
@@ -142,10 +187,11 @@ class Dashboard:
         if key is None or value.count(".") != 2:
             return None
         sid, issued, mac = value.split(".")
-        expected = _mac(key, f"{sid}.{issued}")
-        if not hmac.compare_digest(mac, expected) or not issued.isdigit():
+        expected = _mac(key, f"session.{sid}.{issued}")
+        if not hmac.compare_digest(mac, expected) or not (issued.isascii() and issued.isdigit()):
             return None
-        if self.gate.clock() - int(issued) > self.session_ttl:
+        age = self.gate.clock() - int(issued)
+        if not 0 <= age <= self.session_ttl:  # one dated later than now is forged
             return None
         return sid
 
@@ -155,14 +201,13 @@ class Dashboard:
         return _mac(key, f"csrf.{sid}")
 
     def _same_origin(self, request: Request) -> bool:
-        """A POST from the dashboard's own pages: Origin (or Referer) is this host."""
+        """A POST from the dashboard's own pages: Origin (or Referer) names this host and
+        port. The scheme is not compared: behind a proxy that ends TLS the app sees http
+        while the browser is on https (the CSRF token is what proves the page)."""
         source = request.headers.get("origin") or request.headers.get("referer")
         if not source:
             return False
-        origin = urlsplit(source)
-        return (
-            f"{origin.scheme}://{origin.netloc}" == f"{request.url.scheme}://{request.url.netloc}"
-        )
+        return urlsplit(source).netloc == request.url.netloc
 
     async def _form(self, request: Request, sid: str) -> Mapping[str, str]:
         """The form of an action, once it is shown to come from this dashboard."""
@@ -177,9 +222,12 @@ class Dashboard:
         return form
 
     def _secure(self, request: Request) -> bool:
+        """``Secure`` cookies when the browser is on HTTPS: as the request came, or as its
+        Origin says (behind a proxy that ends TLS)."""
         if self.secure_cookies is not None:
             return self.secure_cookies
-        return request.url.scheme == "https"
+        origin = request.headers.get("origin") or request.headers.get("referer") or ""
+        return request.url.scheme == "https" or origin.startswith("https://")
 
     # pages -----------------------------------------------------------------------------
 
@@ -208,11 +256,18 @@ class Dashboard:
         if self._token() is None:
             return HTMLResponse("Not found", 404, headers=SECURITY_HEADERS)
         sid = self._session(request)
-        if sid is not None:
+        if sid is not None and not await self._signed_out(sid):
             return sid
         if request.method == "GET":
             return self._to(request, "/login", next=request.url.path)
         return self._refused(request)
+
+    async def _signed_out(self, sid: str) -> bool:
+        """Whether ``sid`` signed out (the store keeps it for every replica)."""
+        storage = self.gate.storage
+        if storage.in_process:
+            return storage.session_revoked(sid)
+        return await anyio.to_thread.run_sync(storage.session_revoked, sid)
 
     def _refused(self, request: Request) -> Response:
         return self._page(request, "refused.html", 403)
@@ -267,7 +322,7 @@ class Dashboard:
         root = request.scope.get("root_path", "") or "/"
         response.set_cookie(
             SESSION_COOKIE,
-            f"{sid}.{issued}.{_mac(key, f'{sid}.{issued}')}",
+            f"{sid}.{issued}.{_mac(key, f'session.{sid}.{issued}')}",
             max_age=self.session_ttl,
             path=root,
             httponly=True,
@@ -286,6 +341,8 @@ class Dashboard:
             await self._form(request, guard)
         except _Refused:
             return self._refused(request)
+        # a copy of the cookie is worth nothing from now on, on every replica
+        await anyio.to_thread.run_sync(self.gate.storage.revoke_session, guard, self.session_ttl)
         response = self._to(request, "/login")
         response.delete_cookie(SESSION_COOKIE, path=request.scope.get("root_path", "") or "/")
         return response
@@ -340,11 +397,13 @@ class Dashboard:
             return await self._list(request, f"No customer {customer!r} in the store.", 404)
         credits = await customers.credits(customer) if record["entitlements"]["credits"] else {}
         span = "7d" if request.query_params.get("range") == "7d" else "24h"
+        usage: dict[str, list[tuple[int, int]]] | None
         try:
             usage = await anyio.to_thread.run_sync(self._usage, customer, span)
-        except StorageError as exc:
+        except (StorageError, NotImplementedError) as exc:
             logger.warning("dashboard: usage of %r not read: %s", customer, exc)
-            usage = {}
+            usage = None  # said on the page: not "no usage"
+        refusals = await anyio.to_thread.run_sync(self._refusals, customer)
         plans = self.gate.loaded.config.catalog.plans
         addons = self.gate.loaded.config.catalog.addons
         return self._page(
@@ -355,12 +414,14 @@ class Dashboard:
             record=record,
             entitlements=record["entitlements"],
             credits=credits,
-            charts={meter: _chart(bars, span) for meter, bars in usage.items()},
+            charts=None
+            if usage is None
+            else {meter: _chart(bars, span) for meter, bars in usage.items()},
             span=span,
             plans=sorted(plans),
             legacy={name for name, p in plans.items() if p.legacy},
             addons=sorted(addons),
-            refusals=self._refusals(customer),
+            refusals=refusals,
             errors=errors,
             grant_key=secrets.token_hex(16),
             credit_features=sorted(
@@ -376,7 +437,8 @@ class Dashboard:
         end = usage_hour(now) + 3600 if span == "24h" else _day(now) + 86400
         start = end - step * count
         hours = self.gate.storage.usage_hours(customer, start, end)
-        meters = sorted({meter for fields in hours.values() for meter in fields})
+        kinds = self.gate.loaded.engine.kinds  # not the export's marks (exported:<to>:<meter>)
+        meters = sorted({m for fields in hours.values() for m in fields if m in kinds})
         out: dict[str, list[tuple[int, int]]] = {}
         for meter in meters:
             bars = []
@@ -393,16 +455,17 @@ class Dashboard:
         """The customer's last refusals in the decision log, when it goes to a file."""
         settings = self.gate.loaded.config.model.decision_log
         if settings is None or settings.to in ("stdout", "stderr"):
-            return {"available": False, "entries": []}
-        entries: list[dict[str, Any]] = []
+            return {"available": False, "readable": True, "entries": []}
+        entries: list[dict[str, str]] = []
         try:
             with open(settings.to, "rb") as log:
                 log.seek(0, os.SEEK_END)
                 size = log.tell()
                 log.seek(max(0, size - LOG_TAIL))
                 tail = log.read().splitlines()
-        except OSError:
-            return {"available": True, "entries": []}
+        except OSError as exc:
+            logger.warning("dashboard: the decision log %s not read: %s", settings.to, exc)
+            return {"available": True, "readable": False, "entries": []}
         for line in reversed(tail):
             try:
                 entry = json.loads(line)
@@ -413,10 +476,20 @@ class Dashboard:
                 and entry.get("customer") == customer
                 and entry.get("decision") != "allow"
             ):
-                entries.append(entry)
+                policies = entry.get("policy")
+                entries.append(
+                    {
+                        "time": str(entry.get("time", "")),
+                        "request": f"{entry.get('method', '')} {entry.get('path', '')}",
+                        "reason": str(entry.get("reason") or entry.get("decision") or ""),
+                        "policy": ", ".join(map(str, policies))
+                        if isinstance(policies, list)
+                        else "",
+                    }
+                )
                 if len(entries) >= REFUSALS_SHOWN:
                     break
-        return {"available": True, "entries": entries}
+        return {"available": True, "readable": True, "entries": entries}
 
     # actions ---------------------------------------------------------------------------
 
@@ -458,10 +531,10 @@ class Dashboard:
         _, form = action
         customer = request.path_params["customer"]
         quantities: dict[str, Any] = {}
-        for name in self.gate.loaded.config.catalog.addons:
-            given = form.get(f"addon.{name}", "").strip()
-            if given:
-                quantities[name] = int(given) if given.isdigit() else given
+        for field, given in form.items():  # an add-on the config lacks: refused below
+            if field.startswith("addon."):
+                given = given.strip()
+                quantities[field[6:]] = _whole(given) if given else 0  # cleared: none
         try:
             await self.gate.customers.patch(customer, {"addons": quantities})
         except InvalidRecord as exc:
@@ -475,18 +548,18 @@ class Dashboard:
         _, form = action
         customer = request.path_params["customer"]
         amount = form.get("amount", "").strip()
-        body: dict[str, Any] = {
-            "feature": form.get("feature", ""),
-            "amount": int(amount) if amount.isdigit() else amount,
-        }
+        body: dict[str, Any] = {"feature": form.get("feature", ""), "amount": _whole(amount)}
+        key = form.get("key", "").strip()
+        if not key or len(key) > MAX_KEY or not key.isprintable():  # the admin API's rule
+            return await self._failed(
+                request, ["This form has no grant key: reload the page and grant again."], 422
+            )
         if form.get("expires_at"):
             body["expires_at"] = form["expires_at"]
         customers = self.gate.customers
         try:
             created, grant = await customers._run(
-                customers._credits().grant(
-                    customer, body, idempotency_key=form.get("key") or None, source="admin"
-                )
+                customers._credits().grant(customer, body, idempotency_key=key, source="admin")
             )
         except InvalidRecord as exc:
             return await self._failed(request, _errors(exc), 422)
@@ -542,7 +615,7 @@ class Dashboard:
         if isinstance(action, Response):
             return action
         _, form = action
-        dry_run = form.get("dry_run") == "on"
+        dry_run = "dry_run" in form  # a checkbox: sent when ticked, whatever its value
         request.scope["method"] = "GET"
         try:
             answer = await self.gate.customers.migrate(
@@ -586,7 +659,7 @@ async def _read_form(request: Request) -> dict[str, str]:
         return {}
     try:
         body = await read_body(request, FORM_BYTES)
-        fields = parse_qsl(body.decode("utf-8"), max_num_fields=FORM_FIELDS)
+        fields = parse_qsl(body.decode("utf-8"), keep_blank_values=True, max_num_fields=FORM_FIELDS)
     except (BadRequest, UnicodeDecodeError, ValueError):
         return {}
     return dict(fields)
@@ -611,6 +684,14 @@ def _next(request: Request, given: Any = None) -> str:
     if wanted.startswith(base + "/") and not wanted.startswith("//") and "\\" not in wanted:
         return str(wanted)
     return base + "/customers"
+
+
+def _whole(text: str) -> int | str:
+    """A whole number typed in a form, or the text as typed (the store's checks refuse it
+    with its message): ``"²"`` passes ``isdigit`` but is no number; 18 digits at most."""
+    if text.isascii() and text.isdigit() and len(text) <= 18:
+        return int(text)
+    return text
 
 
 def _errors(exc: InvalidRecord) -> list[str]:

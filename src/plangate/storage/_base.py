@@ -13,6 +13,7 @@ import base64
 import json
 import logging
 import threading
+import time
 import weakref
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Mapping, Sequence
@@ -346,6 +347,23 @@ class Storage(ABC):
 
     async def aread_credits(self, op: ReadCredits) -> CreditView:
         return self.read_credits(op)
+
+    # signed-out dashboard sessions: kept until they would have expired anyway
+
+    def revoke_session(self, session: str, ttl: float) -> None:
+        """Remember that ``session`` (a dashboard session id) signed out, for ``ttl``
+        seconds; this base keeps it in the process (a store shared by several processes
+        keeps it for all)."""
+        revoked = self.__dict__.setdefault("_revoked_sessions", {})
+        now = time.monotonic()
+        for old in [k for k, until in revoked.items() if until <= now]:
+            del revoked[old]
+        revoked[session] = now + ttl
+
+    def session_revoked(self, session: str) -> bool:
+        revoked = self.__dict__.get("_revoked_sessions", {})
+        until = revoked.get(session)
+        return until is not None and until > time.monotonic()
 
     def publish_config(self, data: bytes, version: str, mac: str = "") -> None:
         """Keep ``data`` (a checked config; ``mac`` its signature) as the config every

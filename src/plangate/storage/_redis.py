@@ -137,6 +137,8 @@ _UNAVAILABLE_CODES = ("BUSY ", "MISCONF ", "NOREPLICAS ")
 #: the config published for every process following the store: a hash (data, version, mac,
 #: at)
 CONFIG_KEY = "plangate:config"
+#: a signed-out dashboard session: ``<prefix><session id>``, expiring with the session
+SESSIONS_PREFIX = "plangate:dashboard:signed-out:"
 
 
 def _failure(what: str, exc: Exception) -> StorageError:
@@ -908,6 +910,20 @@ class RedisStorage(Storage):
 
     def watch_customers(self, listener: CustomerListener) -> None:
         self.changes.watch(listener)
+
+    # signed-out dashboard sessions, for every gateway replica
+
+    def revoke_session(self, session: str, ttl: float) -> None:
+        try:
+            self._bulk_client().set(f"{SESSIONS_PREFIX}{session}", b"1", px=max(1, int(ttl * 1000)))
+        except Exception as exc:
+            raise _failure("session sign-out", exc) from exc
+
+    def session_revoked(self, session: str) -> bool:
+        try:
+            return bool(self._bulk_client().exists(f"{SESSIONS_PREFIX}{session}"))
+        except Exception as exc:
+            raise _failure("session read", exc) from exc
 
     # the config every process following the store loads (``plangate reload FILE``)
 

@@ -427,6 +427,12 @@ class ResilientStorage(Storage):
     def watch_customers(self, listener: CustomerListener) -> None:
         self.inner.watch_customers(listener)
 
+    def revoke_session(self, session: str, ttl: float) -> None:
+        self.inner.revoke_session(session, ttl)
+
+    def session_revoked(self, session: str) -> bool:
+        return self.inner.session_revoked(session)
+
     def publish_config(self, data: bytes, version: str, mac: str = "") -> None:
         self.inner.publish_config(data, version, mac)
 
