@@ -13,7 +13,7 @@ from plangate.storage import CircuitBreaker, ResilientStorage
 from plangate.storage._redis import RedisStorage
 from tests.observability.test_metrics import samples
 from tests.servers import RedisServer
-from tests.support import config, token
+from tests.support import Clock, config, token
 
 pytestmark = pytest.mark.redis
 
@@ -25,14 +25,6 @@ def server() -> Iterator[RedisServer]:
         yield redis
     finally:
         redis.cleanup()
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def test_replayed_units_are_counted_once_redis_is_back(server: RedisServer) -> None:
