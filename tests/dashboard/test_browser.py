@@ -163,3 +163,40 @@ def test_a_form_posted_from_another_origin_is_refused(driver: Any) -> None:
             forger.server_close()
         assert "Nothing was changed." in driver.page_source
         assert asyncio.run(gate.customers.show("acme"))["plan"] == "pro"
+
+
+def test_the_keyboard_alone_signs_in_and_changes_a_plan(driver: Any) -> None:
+    """Tab to the controls, type, Enter: no mouse, and a visible skip link first."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import Select
+
+    with served() as (url, gate):
+        put(gate, "acme", {"plan": "pro"})
+        driver.delete_all_cookies()
+        driver.get(f"{url}/admin/ui/login")
+        body = driver.find_element(By.TAG_NAME, "body")
+        body.send_keys(Keys.TAB)
+        assert driver.switch_to.active_element.text == "Skip to content"
+        for _ in range(10):  # to the token field
+            if driver.switch_to.active_element.get_attribute("id") == "token":
+                break
+            driver.switch_to.active_element.send_keys(Keys.TAB)
+        assert driver.switch_to.active_element.get_attribute("id") == "token"
+        driver.switch_to.active_element.send_keys(TOKEN, Keys.ENTER)
+        _titled(driver, "Customers")
+        driver.get(f"{url}/admin/ui/customers/acme")
+        for _ in range(30):  # to the plan selector
+            if driver.switch_to.active_element.get_attribute("id") == "new-plan":
+                break
+            driver.switch_to.active_element.send_keys(Keys.TAB)
+        select = driver.switch_to.active_element
+        assert select.get_attribute("id") == "new-plan"
+        Select(select).select_by_value("free")
+        for _ in range(3):  # past the legacy box, to the button
+            driver.switch_to.active_element.send_keys(Keys.TAB)
+            if driver.switch_to.active_element.tag_name == "button":
+                break
+        driver.switch_to.active_element.send_keys(Keys.ENTER)
+        _arrived(driver, "Plan changed.")
+        assert asyncio.run(gate.customers.show("acme"))["plan"] == "free"
