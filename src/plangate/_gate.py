@@ -97,10 +97,14 @@ class _Gate:
         self.clock = clock
         #: the file the config came from (reloaded from there); None for an object
         self.config_path: str | None = None
+        #: the file as named (its messages say it as ``plangate check`` would)
+        self._config_name = "<config>"
         if isinstance(config, (str, os.PathLike)):
-            self.config_path = os.fspath(config)
+            self._config_name = os.fspath(config)
+            # absolute now: a reload reads the same file after the process changes directory
+            self.config_path = os.path.abspath(self._config_name)
             data = _read(self.config_path)
-            first = load_config_bytes(data, self.config_path, source=self.config_path)
+            first = load_config_bytes(data, self._config_name, source=self._config_name)
             version, origin = version_of(data), "file"
         else:  # a mapping or a Config: reloaded only with what ``reload`` is given
             first, version, origin = load_config(config), "", "object"
@@ -196,7 +200,12 @@ class _Gate:
         self.reloading.stop()
 
     def reload(
-        self, data: bytes | None = None, *, origin: str | None = None, force: bool = False
+        self,
+        data: bytes | None = None,
+        *,
+        origin: str | None = None,
+        force: bool = False,
+        following: bool = False,
     ) -> ReloadOutcome:
         """Load the config again — ``data`` if given, else the store's published config
         (``reload.store``; the file while nothing is published) or the file — check it
@@ -205,9 +214,12 @@ class _Gate:
         ``plangate check`` prints them and kept (``last_reload_error``, ``GET /admin/config``,
         metrics). ``force``: build it again even if its bytes did not change (SIGHUP and
         ``POST /admin/config/reload`` do: a key file it names may have been rotated).
-        Blocking (it reads a file, or the store): from async code, run it in a thread.
-        Never raises."""
+        ``following``: asked by the watch, SIGHUP or the store: nothing once the gate has
+        stopped following (``stop``). Blocking (it reads a file, or the store): from async
+        code, run it in a thread. Never raises."""
         with self._reload_lock:
+            if following and not self.reloading.following:
+                return ReloadOutcome(False, self.loaded.version)
             try:
                 outcome = self._reload(data, origin, force)
             except Exception as exc:  # a bug: logged, the config serving stays
@@ -224,7 +236,7 @@ class _Gate:
         current = self.loaded
         if origin is None:
             origin = "store" if current.config.model.reload.store else "file"
-        name = self.config_path or "<config>"
+        name = self._config_name
         try:
             if data is None and origin == "store":
                 published = self.storage.published_config()
@@ -244,7 +256,7 @@ class _Gate:
             version = version_of(data)
             if version == current.version and not force:
                 return self._unchanged(current)
-            config = load_config_bytes(data, name, source=self.config_path)
+            config = load_config_bytes(data, name, source=self._config_name)
             refused = check_requirements(current.config, config)
             if refused:  # a view would require what the new config no longer has
                 raise ConfigError(refused)

@@ -150,46 +150,54 @@ class Reloading:
 
     def __init__(self, gate: _Gate) -> None:
         self._gate = weakref.ref(gate)
-        self._lock = threading.Lock()
+        #: re-entrant: a reload listener may start or stop a gate
+        self._lock = threading.RLock()
         self.started = False
+        #: False once stopped: a reload the watch, SIGHUP or the store asks for is skipped
+        self.following = False
         #: held strongly here: the store holds its listeners weakly
         self._listener: _StoreListener | None = None
 
     def start(self) -> None:
-        """Follow what the gate's config says to follow (idempotent). First, a reload: a
-        process starts on what it should serve now — the store's published config, or its
-        file as it is (a worker forked from a parent that loaded it long ago)."""
+        """Follow what the gate's config says to follow (idempotent). The file watch is put
+        in place first, then a reload: a process starts on what it should serve now — the
+        store's published config, or its file as it is (a worker forked from a parent that
+        loaded it long ago). A request that arrives meanwhile waits for it (``started`` is
+        set once that reload is done)."""
         with self._lock:
             if self.started:
                 return
-            self.started = True
-        gate = self._gate()
-        if gate is None:
-            return
-        settings = gate.loaded.config.model.reload
-        from_file = gate.config_path is not None
-        try:
+            gate = self._gate()
+            if gate is None:
+                return
+            settings = gate.loaded.config.model.reload
+            from_file = gate.config_path is not None
+            self.following = True
+            # each part on its own: one that fails (no watchfiles, no pipe) leaves the others
             if settings.store:
                 self._listener = _StoreListener(self._gate)
-                gate.storage.watch_config(self._listener)
-            if settings.store or from_file:
-                gate.reload()
-            if settings.signal and (settings.store or from_file):
-                _HANGUP.add(gate)
+                _attempt("follow the store", gate.storage.watch_config, self._listener)
             watch = settings.watch if settings.watch is not None else not settings.store
             if watch and from_file:
-                _WATCHER.add(gate)
-        except Exception:  # following changes is a service: never the app's start-up failure
-            logger.exception("plangate: cannot follow config changes")
-        _STARTED.add(self)
+                _attempt("watch the config file", _WATCHER.add, gate)
+            if settings.store or from_file:
+                gate.reload()  # never raises
+            if settings.signal and (settings.store or from_file):
+                _attempt("handle SIGHUP", _HANGUP.add, gate)
+            _STARTED.add(self)
+            self.started = True
 
     def stop(self) -> None:
-        """Stop following (the app shuts down); ``start`` follows again."""
+        """Stop following (the app shuts down); ``start`` follows again. A reload under way
+        ends first: none begins after this returns."""
+        gate = self._gate()
         with self._lock:
             self.started = False
+            self.following = False
             self._listener = None  # the store forgets a listener no one holds
-        gate = self._gate()
         if gate is not None:
+            with gate._reload_lock:
+                pass
             _WATCHER.discard(gate)
             _HANGUP.discard(gate)
 
@@ -201,12 +209,20 @@ class Reloading:
     def _forked(self) -> None:
         """In a forked child: nothing runs here of what the parent started; the next
         request's ``Gate.start`` starts it all again."""
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
         self.started = False
+        self.following = False
         self._listener = None
         gate = self._gate()
         if gate is not None:  # a parent's thread may have been reloading at the fork
             gate._reload_lock = threading.Lock()
+
+
+def _attempt(what: str, action: Any, *args: Any) -> None:
+    try:
+        action(*args)
+    except Exception:  # following changes is a service: never the app's start-up failure
+        logger.exception("plangate: cannot %s", what)
 
 
 class _StoreListener:
@@ -245,7 +261,7 @@ def _in_thread(gate_ref: weakref.ref[_Gate]) -> None:
     def run() -> None:
         gate = gate_ref()
         if gate is not None:
-            gate.reload()
+            gate.reload(following=True)
 
     threading.Thread(target=run, name="plangate-reload", daemon=True).start()
 
@@ -259,6 +275,14 @@ def _touches(batch: set[tuple[Any, str]], path: str) -> bool:
         if base == name or base.startswith(".."):
             return True
     return False
+
+
+def _reload_each(due: list[weakref.ref[Any]]) -> None:
+    for ref in due:
+        gate = ref()
+        if gate is not None:
+            gate.reload(origin="file", following=True)  # skipped once it stopped
+        del gate
 
 
 class _Watcher:
@@ -305,7 +329,10 @@ class _Watcher:
             return self._changed.wait_for(lambda: gate in self._ready, timeout)
 
     def _wanted(self) -> tuple[str, ...]:
-        return tuple(sorted({str(Path(path).parent) for path in self._gates.values()}))
+        """The directories to watch: those of the gates' files that exist (one that is
+        missing is looked for again at each quiet answer, and watched once it is back)."""
+        found = {str(Path(path).parent) for path in self._gates.values()}
+        return tuple(sorted(d for d in found if os.path.isdir(d)))
 
     def _restart(self) -> None:
         """(Locked.) Watch the directories of the gates there are now, if they changed."""
@@ -353,23 +380,33 @@ class _Watcher:
                             self._covering = set(directories)
                             self._ready.update(g for g in self._gates if self._covered(g))
                             self._changed.notify_all()
-                        gates = list(self._gates.items())
-                        if self._wanted() != directories:  # a gate is gone: watch less
+                        due = self._due(directories, batch, first)
+                        if self._wanted() != directories:  # a gate gone, a directory back
                             self._restart()
-                    for gate, path in gates:
-                        # a change made while the watch was set up is seen at the first answer
-                        mine = str(Path(path).parent) in directories
-                        if mine and (first or _touches(batch, path)):
-                            with self._lock:  # not once its gate stopped following
-                                if stop is self._stop and gate in self._gates:
-                                    gate.reload(origin="file")
-                    del gates
+                    _reload_each(due)  # outside the lock: a reload may start or stop gates
                     first = False
             except Exception as exc:
-                if stop.is_set():
-                    return
+                with self._lock:
+                    if stop is not self._stop:
+                        return
+                    self._covering = set()  # nothing is watched now: say so
+                    self._ready = weakref.WeakSet()
+                    if self._wanted() != directories:  # a directory went away: without it
+                        self._restart()
+                        return
                 logger.warning("plangate: cannot watch %s (%s); trying again", directories, exc)
                 stop.wait(WATCH_RETRY)
+
+    def _due(
+        self, directories: tuple[str, ...], batch: set[tuple[Any, str]], first: bool
+    ) -> list[weakref.ref[Any]]:
+        """(Locked.) The gates to reload for this answer, held weakly: a gate dropped
+        meanwhile is not kept alive by the watch."""
+        return [
+            weakref.ref(gate)
+            for gate, path in self._gates.items()
+            if str(Path(path).parent) in directories and (first or _touches(batch, path))
+        ]
 
     def _forked(self) -> None:
         self._lock = threading.Lock()
@@ -390,7 +427,7 @@ class _Hangup:
         self._gates: weakref.WeakSet[Any] = weakref.WeakSet()
         self._installed = False
         self._previous: Any = None
-        self._write = -1
+        self._read = self._write = -1
 
     def add(self, gate: _Gate) -> None:
         self._gates.add(gate)
@@ -399,33 +436,44 @@ class _Hangup:
         if threading.current_thread() is not threading.main_thread():
             logger.info("plangate: SIGHUP is not handled (the app started outside the main thread)")
             return
+        current = signal.getsignal(signal.SIGHUP)
+        if current is None:  # a handler set outside Python (uWSGI): it is not replaced
+            logger.info("plangate: SIGHUP is handled outside Python here: not taken")
+            return
         read, write = os.pipe()
         os.set_blocking(write, False)
+        self._read, self._write = read, write
         threading.Thread(
             target=self._run, args=(read,), name="plangate-sighup", daemon=True
         ).start()
-        self._write = write
-        self._previous = signal.signal(signal.SIGHUP, self._handle)
+        # after a fork the handler may still be ours (a child the server did not reset):
+        # the one before is then the parent's, kept; calling ours as it would recurse
+        if current != self._handle:
+            self._previous = current
+        signal.signal(signal.SIGHUP, self._handle)
         self._installed = True
 
     def discard(self, gate: _Gate) -> None:
-        """Forget ``gate``; the last one gone gives SIGHUP back to the handler before."""
+        """Forget ``gate``; the last one gone gives SIGHUP back to the handler before, if
+        plangate's is still the one installed (a handler set since stays)."""
         self._gates.discard(gate)
         if self._gates or not self._installed:
             return
         if threading.current_thread() is not threading.main_thread():
             return  # kept: harmless without gates, and only the main thread may change it
-        previous = self._previous if self._previous is not None else signal.SIG_DFL
-        signal.signal(signal.SIGHUP, previous)
+        if signal.getsignal(signal.SIGHUP) == self._handle:
+            previous = self._previous if self._previous is not None else signal.SIG_DFL
+            signal.signal(signal.SIGHUP, previous)
         self._installed = False
         os.close(self._write)  # the thread reads the end of the pipe and ends
-        self._write = -1
+        self._read = self._write = -1
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
-        with contextlib.suppress(OSError):  # the pipe is full: a reload is on its way
-            os.write(self._write, b"h")
+        if self._write >= 0:
+            with contextlib.suppress(OSError):  # the pipe is full: a reload is on its way
+                os.write(self._write, b"h")
         previous = self._previous
-        if callable(previous):
+        if callable(previous) and previous != self._handle:
             previous(signum, frame)
 
     def _run(self, read: int) -> None:
@@ -438,15 +486,20 @@ class _Hangup:
                 os.close(read)
                 return
             for gate in list(self._gates):
-                gate.reload(force=True)  # a key file it names may be what changed
+                # a key file it names may be what changed; nothing once the gate stopped
+                gate.reload(force=True, following=True)
 
     def _forked(self) -> None:
-        """In a child: the server sets its own handlers after forking (gunicorn resets
-        SIGHUP); the next ``Gate.start`` installs plangate's again."""
+        """In a child: the parent's thread is not here, and its pipe is the parent's (the
+        server sets its own handlers after forking: gunicorn resets SIGHUP); the next
+        ``Gate.start`` installs plangate's again."""
+        for fd in (self._read, self._write):
+            if fd >= 0:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
         self._gates = weakref.WeakSet()
         self._installed = False
-        self._previous = None
-        self._write = -1
+        self._read = self._write = -1
 
 
 _WATCHER = _Watcher()

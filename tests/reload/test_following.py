@@ -78,6 +78,7 @@ def test_sighup_calls_the_handler_before_and_gives_it_back(path: Path) -> None:
     hangup = _Hangup()
     try:
         gate = Gate(str(path))
+        gate.reloading.following = True  # as start() makes it, without the process's handler
         reloads = Reloads(gate)
         hangup.add(gate)
         assert signal.getsignal(signal.SIGHUP) == hangup._handle
@@ -333,3 +334,105 @@ def test_a_forced_reload_reads_a_rotated_key_file(tmp_path: Path) -> None:
     assert gate.reload(force=True).changed
     assert decided(new_private) == 200
     assert decided(old_private) == 401
+
+
+def test_a_handler_set_after_plangates_is_left_in_place(path: Path) -> None:
+    before = signal.getsignal(signal.SIGHUP)
+    hangup = _Hangup()
+    try:
+        gate = Gate(str(path))
+        hangup.add(gate)
+        later = signal.signal(signal.SIGHUP, signal.SIG_IGN)  # another library's, after
+        assert later == hangup._handle
+        hangup.discard(gate)
+        assert signal.getsignal(signal.SIGHUP) == signal.SIG_IGN  # not "given back" over it
+    finally:
+        signal.signal(signal.SIGHUP, before)
+
+
+# the watch: one per process, whatever happens to the gates and their directories ----------
+
+
+def test_a_gate_dropped_without_stop_is_not_kept_alive_by_the_watch(path: Path) -> None:
+    import gc
+    import weakref
+
+    gate = Gate(str(path))
+    gate.start()
+    assert gate.reloading.wait_watching()
+    reloads = Reloads(gate)
+    write(path, config_text(5))  # an answer with this gate in it
+    reloads.wait(changed=True)
+    gone = weakref.ref(gate)
+    del gate
+    gc.collect()
+    assert gone() is None
+
+
+def test_a_directory_removed_does_not_stop_the_watch_of_the_others(tmp_path: Path) -> None:
+    import shutil
+
+    first, second = tmp_path / "a", tmp_path / "b"
+    first.mkdir()
+    second.mkdir()
+    (first / "plangate.yaml").write_text(config_text(3))
+    (second / "plangate.yaml").write_text(config_text(3))
+    kept, doomed = Gate(str(first / "plangate.yaml")), Gate(str(second / "plangate.yaml"))
+    kept.start()
+    doomed.start()
+    try:
+        assert kept.reloading.wait_watching()
+        reloads = Reloads(kept)
+        shutil.rmtree(second)
+        late_dir = tmp_path / "c"  # and a gate added after it, elsewhere
+        late_dir.mkdir()
+        (late_dir / "plangate.yaml").write_text(config_text(3))
+        late = Gate(str(late_dir / "plangate.yaml"))
+        late.start()
+        assert late.reloading.wait_watching()
+        assert kept.reloading.wait_watching()
+        write(first / "plangate.yaml", config_text(9))
+        reloads.wait(changed=True)
+        assert limit_of(kept) == 9
+        late.stop()
+    finally:
+        kept.stop()
+        doomed.stop()
+
+
+def test_a_reload_listener_that_stops_a_gate_does_not_deadlock_the_watch(
+    path: Path, tmp_path: Path
+) -> None:
+    other_file = tmp_path / "other.yaml"
+    other_file.write_text(config_text(3))
+    gate, other = Gate(str(path)), Gate(str(other_file))
+    for started in (gate, other):
+        started.start()
+    stopped: list[bool] = []
+    gate.reload_listeners.append(lambda outcome: stopped.append(True) or other.stop())
+    reloads = Reloads(gate)
+    try:
+        assert gate.reloading.wait_watching()
+        write(path, config_text(6))
+        reloads.wait(changed=True)
+        assert stopped
+        assert not other.reloading.started
+        assert gate.reloading.wait_watching()  # the watch goes on for the gate left
+        write(path, config_text(7))
+        reloads.wait(count=2, changed=True)
+    finally:
+        gate.stop()
+
+
+def test_a_relative_path_is_read_again_after_a_change_of_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "plangate.yaml").write_text(config_text(3))
+    monkeypatch.chdir(tmp_path)
+    gate = Gate("plangate.yaml")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    write(tmp_path / "plangate.yaml", config_text(8))
+    assert gate.reload().changed
+    assert limit_of(gate) == 8
