@@ -124,7 +124,7 @@ class _Gate:
         self.storage_unchecked = not isinstance(storage, Storage)
         #: reloads: the file watch, SIGHUP, the store (started with the app: ``start``)
         self.reloading = Reloading(self)
-        self._reload_lock = threading.Lock()
+        self._reload_lock = threading.RLock()
         self.reloads = 0
         self.reload_errors = 0
         self.last_reload_error: ReloadError | None = None

@@ -215,7 +215,7 @@ class Reloading:
         self._listener = None
         gate = self._gate()
         if gate is not None:  # a parent's thread may have been reloading at the fork
-            gate._reload_lock = threading.Lock()
+            gate._reload_lock = threading.RLock()
 
 
 def _attempt(what: str, action: Any, *args: Any) -> None:
