@@ -44,10 +44,7 @@ import math
 import random
 import sys
 from dataclasses import dataclass, field
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-DOCS = ROOT / "docs" / "benchmarks.md"
 START, END = "<!-- leases -->", "<!-- /leases -->"
 
 ZIPF = 1.1
@@ -224,10 +221,9 @@ def main() -> int:
     text = report(rows, requests)
     print(text)
     if args.write:
-        doc = DOCS.read_text()
-        head, tail = doc.index(START) + len(START), doc.index(END)
-        DOCS.write_text(doc[:head] + "\n" + text + "\n" + doc[tail:])
-        print(f"\nwrote {DOCS}")
+        from compare import write_section  # the other benchmarks' writer of their section
+
+        write_section(text, START, END)
     return 0
 
 

@@ -1,3 +1,4 @@
 from tests.storage.conftest import storage
+from tests.storage.test_outage import server  # a Redis of the test's own, to kill
 
-__all__ = ["storage"]
+__all__ = ["server", "storage"]

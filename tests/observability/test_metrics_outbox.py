@@ -3,8 +3,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
@@ -16,15 +14,6 @@ from tests.servers import RedisServer
 from tests.support import Clock, config, token
 
 pytestmark = pytest.mark.redis
-
-
-@pytest.fixture
-def server() -> Iterator[RedisServer]:
-    redis = RedisServer().start()
-    try:
-        yield redis
-    finally:
-        redis.cleanup()
 
 
 def test_replayed_units_are_counted_once_redis_is_back(server: RedisServer) -> None:

@@ -334,15 +334,13 @@ class Dashboard:
         return response
 
     async def logout(self, request: Request) -> Response:
-        guard = await self._guard(request)
-        if isinstance(guard, Response):
-            return guard
-        try:
-            await self._form(request, guard)
-        except _Refused:
-            return self._refused(request)
+        form = await self._action(request)
+        if isinstance(form, Response):
+            return form
+        sid = self._session(request)
+        assert sid is not None  # _action let it through
         # a copy of the cookie is worth nothing from now on, on every replica
-        await anyio.to_thread.run_sync(self.gate.storage.revoke_session, guard, self.session_ttl)
+        await anyio.to_thread.run_sync(self.gate.storage.revoke_session, sid, self.session_ttl)
         response = self._to(request, "/login")
         response.delete_cookie(SESSION_COOKIE, path=request.scope.get("root_path", "") or "/")
         return response
@@ -493,21 +491,21 @@ class Dashboard:
 
     # actions ---------------------------------------------------------------------------
 
-    async def _action(self, request: Request) -> tuple[str, Mapping[str, str]] | Response:
+    async def _action(self, request: Request) -> Mapping[str, str] | Response:
+        """The form of a signed-in action from this dashboard; else the page that says no."""
         guard = await self._guard(request)
         if isinstance(guard, Response):
             return guard
         try:
-            return guard, await self._form(request, guard)
+            return await self._form(request, guard)
         except _Refused:
             logger.warning("dashboard: a form refused (CSRF token or origin)")
             return self._refused(request)
 
     async def set_plan(self, request: Request) -> Response:
-        action = await self._action(request)
-        if isinstance(action, Response):
-            return action
-        _, form = action
+        form = await self._action(request)
+        if isinstance(form, Response):
+            return form
         customer = request.path_params["customer"]
         try:
             await self.gate.customers.patch(
@@ -525,10 +523,9 @@ class Dashboard:
         return self._to(request, f"/customers/{_quote(customer)}", done="plan")
 
     async def set_addons(self, request: Request) -> Response:
-        action = await self._action(request)
-        if isinstance(action, Response):
-            return action
-        _, form = action
+        form = await self._action(request)
+        if isinstance(form, Response):
+            return form
         customer = request.path_params["customer"]
         quantities: dict[str, Any] = {}
         for field, given in form.items():  # an add-on the config lacks: refused below
@@ -542,10 +539,9 @@ class Dashboard:
         return self._to(request, f"/customers/{_quote(customer)}", done="addons")
 
     async def grant(self, request: Request) -> Response:
-        action = await self._action(request)
-        if isinstance(action, Response):
-            return action
-        _, form = action
+        form = await self._action(request)
+        if isinstance(form, Response):
+            return form
         customer = request.path_params["customer"]
         amount = form.get("amount", "").strip()
         body: dict[str, Any] = {"feature": form.get("feature", ""), "amount": _whole(amount)}
@@ -611,10 +607,9 @@ class Dashboard:
         )
 
     async def migrate(self, request: Request) -> Response:
-        action = await self._action(request)
-        if isinstance(action, Response):
-            return action
-        _, form = action
+        form = await self._action(request)
+        if isinstance(form, Response):
+            return form
         dry_run = "dry_run" in form  # a checkbox: sent when ticked, whatever its value
         request.scope["method"] = "GET"
         try:
