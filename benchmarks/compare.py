@@ -19,7 +19,7 @@ In one process run, on the same machine and the same Redis:
    sliding-window-counter strategy, headers on.
 2. WSGI, in process: a bare Flask app; plangate on memory and on Redis; flask-limiter on Redis,
    written the same way.
-3. Over HTTP: uvicorn, one worker, under wrk: bare, plangate on memory, plangate on Redis.
+3. Over HTTP: uvicorn, two workers, under wrk: bare, plangate on memory, plangate on Redis.
 4. The floor: one EVALSHA round trip to the same Redis, with redis-py's asyncio and blocking
    clients.
 5. Redis commands per request, per scenario, counted with MONITOR outside the timed runs.
@@ -230,6 +230,7 @@ def starlette_apps(redis_url: str) -> dict[str, Any]:
         "bare": bare(),
         "memory": PlanGateMiddleware(bare(), config, storage="memory://"),
         "redis": PlanGateMiddleware(bare(), config, storage=redis_url),
+        "redis, leases off": PlanGateMiddleware(bare(), config, storage=f"{redis_url}?leases=off"),
         "slowapi": slow,
     }
 
@@ -493,7 +494,7 @@ def commands_sent(monitor: Monitor, case: Case, requests: int) -> list[str]:
     return monitor.count(run)
 
 
-def count_commands(monitor: Monitor, cases: list[Case], requests: int = 50) -> dict[str, float]:
+def count_commands(monitor: Monitor, cases: list[Case], requests: int = 1000) -> dict[str, float]:
     return {
         f"{case.group}:{case.name}": len(commands_sent(monitor, case, requests)) / requests
         for case in cases
@@ -501,6 +502,8 @@ def count_commands(monitor: Monitor, cases: list[Case], requests: int = 50) -> d
 
 
 # Over HTTP ---------------------------------------------------------------------------------------
+
+HTTP_WORKERS = 2  # uvicorn worker processes: leases are per process
 
 HTTP_APP = """
 import os
@@ -579,6 +582,8 @@ def over_http(redis_url: str, seconds: int) -> dict[str, dict[str, float]]:
                     "--no-access-log",
                     "--log-level",
                     "warning",
+                    "--workers",
+                    str(HTTP_WORKERS),
                 ],
                 cwd=workdir,
                 env=env,
@@ -596,8 +601,8 @@ def over_http(redis_url: str, seconds: int) -> dict[str, dict[str, float]]:
                     time.sleep(0.05)
                 url = f"http://127.0.0.1:{port}/v1/projects"
                 auth = f"Bearer {token('org_http')}"
-                wrk(url, auth, 1, 16)  # warm-up
-                results[name] = wrk(url, auth, seconds, 16)
+                wrk(url, auth, 1, 32)  # warm-up
+                results[name] = wrk(url, auth, seconds, 32)
             finally:
                 proc.terminate()
                 proc.wait(10)
@@ -1187,6 +1192,11 @@ def report(
     script_floor = med["floor:EVALSHA of plangate's reserve script, asyncio client"]
     w_redis = added("wsgi:plangate, Redis, metered", "wsgi:bare Flask")
     w_limiter = added("wsgi:flask-limiter, Redis", "wsgi:bare Flask")
+    per_request = added("asgi:plangate, Redis, leases off, metered", "asgi:bare Starlette")
+    near = added("asgi:plangate, Redis, metered, 96 % used", "asgi:bare Starlette")
+    leased_commands = commands["asgi:plangate, Redis, metered"]
+    near_commands = commands["asgi:plangate, Redis, metered, 96 % used"]
+    http_ratio = http["plangate, Redis"]["rps"] / http["plangate, memory"]["rps"]
     boolean = commands["asgi:plangate, Redis, boolean feature"]
     refused = commands["asgi:plangate, Redis, refused customer"]
 
@@ -1197,6 +1207,10 @@ def report(
         "| target | measured | |",
         "| --- | --- | --- |",
         f"| memory storage: ≤ 40 µs added per metered request (ASGI) | +{memory:.1f} µs | {verdict(memory <= 40)} |",
+        f"| Redis, leases, far from the limit: ≤ 1.5× memory storage's added cost | +{on_redis:.1f} µs vs +{memory:.1f} µs ({on_redis / memory:.2f}×); leases off: +{per_request:.1f} µs | {verdict(on_redis <= 1.5 * memory)} |",
+        f"| Redis, leases, far from the limit: ≤ 0.1 Redis commands per request | {leased_commands:g} per request (leases off: {commands['asgi:plangate, Redis, leases off, metered']:g}) | {verdict(leased_commands <= 0.1)} |",
+        f"| Redis, 96 % of the limit used: today's path, ≤ 1 command per request | {near_commands:g} per request, +{near:.1f} µs | {verdict(near_commands <= 1)} |",
+        f"| HTTP (uvicorn, {HTTP_WORKERS} workers, wrk): Redis ≥ 0.8× memory storage's throughput | {http_ratio:.2f}× | {verdict(http_ratio >= 0.8)} |",
         f"| Redis: ≤ ½ of slowapi's added cost | +{on_redis:.1f} µs vs +{slowapi:.1f} µs ({on_redis / slowapi:.2f}×) | {verdict(on_redis <= slowapi / 2)} |",
         f"| Redis: ≤ 1.3× one asyncio EVALSHA round trip | +{on_redis:.1f} µs vs {floor:.1f} µs ({on_redis / floor:.2f}×); the reserve script alone: {script_floor:.1f} µs | {verdict(on_redis <= 1.3 * floor)} |",
         f"| a boolean-feature route: 0 Redis commands once the customer is cached | {boolean:g} per request | {verdict(boolean == 0)} |",
@@ -1240,7 +1254,7 @@ def report(
             *rows,
             *floor_rows,
             "",
-            "### Over HTTP (uvicorn, one worker; wrk, 16 connections)",
+            f"### Over HTTP (uvicorn, {HTTP_WORKERS} workers; wrk, 32 connections)",
             "",
             "| app | requests/s | p50 ms | p99 ms | throughput vs bare |",
             "| --- | ---: | ---: | ---: | ---: |",
@@ -1314,10 +1328,20 @@ def compare(port: int, batches: int, per_batch: int, http_seconds: int, customer
     asgi, flask = starlette_apps(redis_url), flask_apps(redis_url)
     bearer = f"Bearer {token('org_bench')}"
     refused = f"Bearer {token('org_tiny', 'tiny')}"
+    near = f"Bearer {token('org_near')}"
+    seed_near_the_limit(redis_url, "org_near")
     cases = [
         Case("asgi", "bare Starlette", asgi["bare"], "/v1/projects", bearer),
         Case("asgi", "plangate, memory, metered", asgi["memory"], "/v1/projects", bearer),
         Case("asgi", "plangate, Redis, metered", asgi["redis"], "/v1/projects", bearer),
+        Case(
+            "asgi",
+            "plangate, Redis, leases off, metered",
+            asgi["redis, leases off"],
+            "/v1/projects",
+            bearer,
+        ),
+        Case("asgi", "plangate, Redis, metered, 96 % used", asgi["redis"], "/v1/projects", near),
         Case("asgi", "plangate, Redis, boolean feature", asgi["redis"], "/v1/reports", bearer),
         Case("asgi", "plangate, Redis, refused customer", asgi["redis"], "/v1/projects", refused),
         Case("asgi", "slowapi, Redis", asgi["slowapi"], "/v1/projects", bearer),
@@ -1337,6 +1361,18 @@ def compare(port: int, batches: int, per_batch: int, http_seconds: int, customer
     http = over_http(redis_url, http_seconds)
     memory_rows = redis_bytes_per_customer(port, customers)
     return report(samples, commands, http, memory_rows, batches, per_batch)
+
+
+def seed_near_the_limit(redis_url: str, customer: str) -> None:
+    """``customer`` at 96 % of the bench plan's daily limit: no lease is granted there, every
+    request asks Redis (with room for every run's requests)."""
+    from plangate.storage import Counter, Record, customer_prefix
+    from plangate.storage._redis import RedisStorage
+
+    store = RedisStorage(redis_url)
+    counter = Counter(customer_prefix(customer) + "api_calls-1d", QUOTA, 1, window=86_400.0)
+    store.record(Record("seed", (counter,), (QUOTA * 96 // 100,), time.time()))
+    store.close()
 
 
 def write_section(text: str, start: str, end: str) -> None:

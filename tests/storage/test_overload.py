@@ -92,8 +92,13 @@ def redis() -> Iterator[RedisServer]:
         server.cleanup()
 
 
-def test_a_burst_on_a_busy_machine_admits_every_customer_exactly_its_limit(redis, tmp_path):
-    plans = {"free": {"features": {"api_calls": {"limit": LIMIT, "window": "1h"}}}}
+@pytest.mark.parametrize(
+    "shape",
+    # with leases on (the default): a sliding window, and a period
+    [pytest.param({"window": "1h"}, id="window"), pytest.param({"period": "month"}, id="period")],
+)
+def test_a_burst_on_a_busy_machine_admits_every_customer_exactly_its_limit(redis, tmp_path, shape):
+    plans = {"free": {"features": {"api_calls": {"limit": LIMIT, **shape}}}}
     routes = [{"match": "/v1/{rest:path}", "meters": {"api_calls": 1}}]
     path = tmp_path / "plangate.yaml"
     path.write_text(yaml.safe_dump(config(plans=plans, routes=routes, default_plan="free")))

@@ -22,8 +22,16 @@ pytestmark = pytest.mark.redis
 ROOT = Path(__file__).parents[2]
 
 
-def _plan_config(limit: int) -> dict:
-    plans = {"free": {"features": {"api_calls": {"limit": limit, "window": "1h"}}}}
+#: with leases on (the default), a sliding window and a period: both admit exactly the limit
+SHAPES = [
+    pytest.param({"window": "1h"}, id="window"),
+    pytest.param({"period": "month"}, id="period"),
+]
+
+
+def _plan_config(limit: int, shape: dict | None = None) -> dict:
+    meter = {"limit": limit, **(shape or {"window": "1h"})}
+    plans = {"free": {"features": {"api_calls": meter}}}
     routes = [{"match": "/v1/{rest:path}", "meters": {"api_calls": 1}}]
     return config(plans=plans, routes=routes, default_plan="free")
 
@@ -43,9 +51,9 @@ def uvicorn_process(storage: str, config_file: Path) -> Iterator[str]:
 
 @pytest.fixture
 def config_file(tmp_path: Path):
-    def write(limit: int) -> Path:
+    def write(limit: int, shape: dict | None = None) -> Path:
         path = tmp_path / "plangate.yaml"
-        path.write_text(yaml.safe_dump(_plan_config(limit)))
+        path.write_text(yaml.safe_dump(_plan_config(limit, shape)))
         return path
 
     return write
@@ -68,13 +76,14 @@ async def _burst(urls: list[str], customers: list[str], per_customer: int) -> Ta
         return Tally(await asyncio.gather(*jobs))
 
 
+@pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize(
     "backend", ["redis", pytest.param("redis-cluster", marks=pytest.mark.cluster)]
 )
-def test_two_processes_sharing_redis_admit_exactly_the_limit(backend, config_file, request):
+def test_two_processes_sharing_redis_admit_exactly_the_limit(backend, shape, config_file, request):
     server = request.getfixturevalue("redis_server" if backend == "redis" else "redis_cluster")
     server.flush() if backend == "redis-cluster" else _flush(server)
-    path = config_file(50)
+    path = config_file(50, shape)
     # Exactness, not timeouts, is under test: a loaded test machine can starve an event loop
     # past the 50 ms default, and a request that times out is counted in its process instead.
     uri = (
@@ -83,12 +92,13 @@ def test_two_processes_sharing_redis_admit_exactly_the_limit(backend, config_fil
     with uvicorn_process(uri, path) as a, uvicorn_process(uri, path) as b:
         one = asyncio.run(_burst([a, b], ["acme"], 200))
         assert one == {("acme", 200): 50, ("acme", 429): 150}
-        several = asyncio.run(_burst([a, b], ["globex", "initech", "umbrella"], 120))
+        several = asyncio.run(_burst([a, b], FIVE, 120))
     assert several == {
-        (customer, status): count
-        for customer in ("globex", "initech", "umbrella")
-        for status, count in ((200, 50), (429, 70))
+        (customer, status): count for customer in FIVE for status, count in ((200, 50), (429, 70))
     }
+
+
+FIVE = ["globex", "initech", "umbrella", "hooli", "soylent"]
 
 
 def test_counts_outlive_the_process(redis_server, config_file):

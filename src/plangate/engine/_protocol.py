@@ -198,6 +198,8 @@ class ReserveResult(NamedTuple):
     waits: tuple[float, ...] = ()  # refused: seconds until each counter could take its cost
     credits: tuple[CreditState, ...] = ()  # one per credit charge of the reservation
     short: tuple[int, ...] = ()  # indices of the credit charges the balance could not cover
+    #: a lease (``Reserve.lease``): how many more of the request's costs were counted with it
+    leased: int = 0
 
 
 def _frozen(value: Any) -> Any:
@@ -388,6 +390,19 @@ class Op(ABC, Generic[T]):
 
 
 @dataclass(frozen=True, slots=True)
+class Lease:
+    """What a reservation asks for beyond its request (plangate.storage's local leases):
+    up to ``want`` more of its costs, counted with it, at most ``fraction`` of what each
+    limit has left and none once a counter is at ``near`` of its limit; and, per counter,
+    the units (and their slot) this process holds and gives back first."""
+
+    want: int
+    fraction: float
+    near: float
+    held: tuple[tuple[int, int], ...]  # per counter: (units, slot)
+
+
+@dataclass(frozen=True, slots=True)
 class Reserve(Op[ReserveResult]):
     """All counters take their cost, or none does. ``enforce=False`` takes it regardless."""
 
@@ -398,6 +413,8 @@ class Reserve(Op[ReserveResult]):
     reservation_id: str = ""
     #: credit balances taken from in the same atomic step (a route's credits and overage)
     credits: tuple[CreditCharge, ...] = ()
+    #: a lease asked for with it (a store that keeps none answers ``leased=0``)
+    lease: Lease | None = None
 
     def run(self, backend: Backend) -> ReserveResult:
         return backend.reserve(self)

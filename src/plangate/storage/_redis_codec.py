@@ -30,6 +30,7 @@ from ._base import (
     CustomerRecord,
     GrantCredits,
     GrantResult,
+    Lease,
     Peek,
     ReadCredits,
     Record,
@@ -128,6 +129,14 @@ def reserve_call(op: Reserve) -> tuple[list[str], list[Any]]:
         _CALLS[id(counters)] = cached
     credits = op.credits
     flag = "1" if op.enforce else "0"
+    lease = op.lease
+    if lease is not None:  # never with credits (storage/_leases.py)
+        args = [repr(op.now), flag, *cached[2], _lease_spec(lease)]
+        if not cached[3]:
+            return cached[1], args
+        usage, ttl = _usage_target(cached[3], cached[4], op.now)
+        args[1] = f"{flag} 0 {op.reservation_id or '-'} {ttl}"
+        return [*cached[1], usage], args
     if not credits and not cached[3]:
         return cached[1], [repr(op.now), flag, *cached[2]]
     keys = cached[1]
@@ -150,6 +159,11 @@ def reserve_call(op: Reserve) -> tuple[list[str], list[Any]]:
     return keys, [repr(op.now), flag, *args]
 
 
+def _lease_spec(lease: Lease) -> str:
+    held = "".join(f" {units} {slot}" for units, slot in lease.held)
+    return f"{lease.want} {lease.fraction!r} {lease.near!r}{held}"
+
+
 def _credit_keys(charges: Sequence[CreditCharge]) -> list[str]:
     return [key for c in charges for key in (c.key, c.ledger_key)]
 
@@ -168,7 +182,11 @@ def _period(charge: CreditCharge) -> str:
 
 def reserve_result(reply: Any, op: Reserve) -> ReserveResult:
     """The reserve script's one string (see lua/reserve.lua)."""
-    head, *balances = _text(reply).split(";")
+    text = _text(reply)
+    if op.lease is not None:
+        text, _, granted = text.partition("|")
+        return reserve_result(text, replace(op, lease=None))._replace(leased=int(granted or 0))
+    head, *balances = text.split(";")
     parts = head.split(" ")
     nviolated = int(parts[2])
     if nviolated == 0 and len(parts) == 6 and parts[0] == "1" and not balances:

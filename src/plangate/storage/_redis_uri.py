@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qsl, unquote, urlencode, urlsplit
 
+from ._leases import LEASE_FRACTION, LEASE_HORIZON, LEASE_TTL
 from ._registry import schemes_for
 
 SCHEMES = schemes_for("redis")
@@ -20,6 +21,9 @@ OPTIONS = {
     "breaker_failures": int,
     "breaker_reset": float,
     "refusal_ttl": float,
+    "lease_ttl": float,
+    "lease_horizon": float,
+    "lease_fraction": float,
 }
 #: what plangate sets where the URI says nothing (redis-py's defaults wait forever)
 # Every call is bounded: an unreachable Redis costs a request one timeout at most, and none
@@ -33,6 +37,9 @@ _NUMBERS: dict[str, tuple[type[int] | type[float], int, bool]] = {
     "breaker_failures": (int, 1, True),
     "breaker_reset": (float, 0, False),
     "refusal_ttl": (float, 0, True),
+    "lease_ttl": (float, 0, False),
+    "lease_horizon": (float, 0, False),
+    "lease_fraction": (float, 0, False),
     "db": (int, 0, True),
     "socket_timeout": (float, 0, False),
     "socket_connect_timeout": (float, 0, False),
@@ -42,6 +49,7 @@ _NUMBERS: dict[str, tuple[type[int] | type[float], int, bool]] = {
     "socket_read_size": (int, 1, True),
     "ssl_min_version": (int, 0, True),
 }
+_RATIOS = ("db", "lease_fraction")
 _BOOLEANS = ("socket_keepalive", "retry_on_timeout", "legacy_responses", "ssl_check_hostname")
 _TRUE, _FALSE = ("true", "yes", "1"), ("false", "no", "0")
 #: redis-py's options that take text; every other name is refused (redis-py would hand it to
@@ -72,6 +80,10 @@ class RedisTarget:
     breaker_failures: int = 3  # consecutive failures that open the circuit breaker
     breaker_reset: float = 1.0  # seconds the breaker stays open before a probe
     refusal_ttl: float = 1.0  # seconds a refusal is answered without asking Redis again
+    leases: bool = True  # local quota leases (storage/_leases.py)
+    lease_ttl: float = LEASE_TTL  # seconds a lease is used at most
+    lease_horizon: float = LEASE_HORIZON  # seconds of this process's rate a lease covers
+    lease_fraction: float = LEASE_FRACTION  # the largest share of a headroom one lease takes
 
     @property
     def max_connections(self) -> int:
@@ -80,7 +92,7 @@ class RedisTarget:
 
 def _number(name: str, value: str) -> int | float:
     kind, least, inclusive = _NUMBERS[name]
-    what = "a whole number" if kind is int else "seconds" if name != "db" else "a number"
+    what = "a whole number" if kind is int else "a number" if name in _RATIOS else "seconds"
     bound = f"at least {least}" if inclusive else f"more than {least}"
     try:
         number = kind(value)
@@ -130,8 +142,14 @@ def parse_redis_uri(uri: str) -> RedisTarget:
             if value.lower() not in _TRUE + _FALSE:
                 raise ValueError(f"invalid value for 'ssl': {value!r} (true or false)")
             tls = tls or value.lower() in _TRUE
+        elif name == "leases":
+            if value.lower() not in (*_TRUE, *_FALSE, "on", "off"):
+                raise ValueError(f"invalid value for 'leases': {value!r} (on or off)")
+            ours[name] = value.lower() in (*_TRUE, "on")
         elif name in OPTIONS:
             ours[name] = OPTIONS[name](_number(name, value))
+            if name == "lease_fraction" and ours[name] > 1:
+                raise ValueError(f"invalid value for 'lease_fraction': {value!r} (at most 1)")
         else:
             theirs.append((name, value))
     for name, value in theirs:

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 from ._base import Storage
 from ._breaker import CircuitBreaker
+from ._leases import Leases
 from ._memory import MemoryStorage
 from ._resilient import ResilientStorage
 
@@ -37,7 +38,13 @@ def _open_redis(uri: str) -> Storage:
 
     redis = RedisStorage(uri)
     breaker = CircuitBreaker(redis.target.breaker_failures, redis.target.breaker_reset)
-    return ResilientStorage(redis, breaker=breaker, refusal_ttl=redis.target.refusal_ttl)
+    target = redis.target
+    leases = None
+    if target.leases:
+        leases = Leases(
+            ttl=target.lease_ttl, horizon=target.lease_horizon, fraction=target.lease_fraction
+        )
+    return ResilientStorage(redis, breaker=breaker, refusal_ttl=target.refusal_ttl, leases=leases)
 
 
 def _check_redis(uri: str) -> None:

@@ -17,6 +17,8 @@ blocking methods and by ``adrive`` for the asyncio ones.
 from __future__ import annotations
 
 import logging
+import threading
+import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import replace
 from typing import TypeVar
@@ -50,6 +52,7 @@ from ._base import (
     Storage,
 )
 from ._breaker import CircuitBreaker, StorageRejected, StorageUnavailable
+from ._leases import Leases
 from ._memory import MemoryStorage
 from ._outbox import OUTBOX_LIMIT, Entry, Outbox, Usage
 from ._remembered import REFUSAL_TTL, REPORTED, Refusals, ReportedUsage
@@ -72,8 +75,12 @@ class ResilientStorage(Storage):
         outbox_limit: int = OUTBOX_LIMIT,
         replay_batch: int = REPLAY_BATCH,
         refusal_ttl: float = REFUSAL_TTL,
+        leases: Leases | None = None,
     ) -> None:
         self.inner = inner
+        #: local quota leases (``_leases``); None: every request asks the backend
+        self.leases = leases
+        self._flusher: _Flusher | None = None
         self.customer_cache_ttl = inner.customer_cache_ttl
         self.breaker = breaker or CircuitBreaker()
         self.local = MemoryStorage()
@@ -173,22 +180,45 @@ class ResilientStorage(Storage):
     # operations ----------------------------------------------------------------------------
 
     def _reserve(self, op: Reserve) -> Flow[ReserveResult]:
+        leases = self.leases
+        ask = op
+        if leases is not None and leases.eligible(op):
+            held = leases.admit(op)
+            if held is not None:
+                return held
         refused = self.refusals.answer(op)
         if refused is not None:
             return refused
+        if leases is not None and leases.eligible(op):
+            ask = leases.ask(op)
         try:
-            result = yield from self._call(op, op.counters)
-        except StorageRejected as exc:
-            logger.error(
-                "storage refused a reservation of %s (not an outage; on_storage_error "
-                "decides this request): %s",
-                op.counters[0].key if op.counters else "nothing",
-                exc,
-            )
-            return self._reserve_locally(op, exc)
+            result = yield from self._call(ask, op.counters)
         except StorageError as exc:
+            # What the ask gave back is still held in the backend if the call never reached
+            # it; one that did may have given it back already (a script is not rolled back).
+            rejected = isinstance(exc, StorageRejected)
+            if ask.lease is not None and not exc.maybe_applied and not rejected:
+                assert leases is not None
+                leases.failed(ask)
+            if rejected:
+                logger.error(
+                    "storage refused a reservation of %s (not an outage; on_storage_error "
+                    "decides this request): %s",
+                    op.counters[0].key if op.counters else "nothing",
+                    exc,
+                )
             return self._reserve_locally(op, exc)
         self.reported.note(op.counters, result.states, op.now)
+        if not result.admitted and leases is not None and leases.holding and op.enforce:
+            # refused while a request of this process was being leased units: use them
+            held = leases.admit(op)
+            if held is not None:
+                return held
+        if ask.lease is not None and leases is not None:
+            result = leases.granted(ask, result)
+            if result.admitted and (self._flusher is None or not self._flusher.is_alive()):
+                self._flusher = _Flusher(self, leases.ttl)
+                self._flusher.start()
         if op.credits:
             self._note_balances(op, result)
         if not result.admitted and op.enforce and result.waits:
@@ -252,6 +282,11 @@ class ResilientStorage(Storage):
     def _settle(self, op: Settle) -> Flow[bool]:
         if self.refusals and any(d < 0 for d in op.deltas):
             self.refusals.forget(op.counters)  # units given back: what was refused may fit now
+        if self.leases is not None and self.leases.holding and not op.credits:
+            left = self.leases.absorb(op)
+            if left is None:
+                return True
+            op = left
         outage = self.outbox.settle(op)
         if outage is None:
             return (yield from self._settle_on_backend(op))
@@ -448,8 +483,52 @@ class ResilientStorage(Storage):
     async def acheck_connection(self) -> str | None:
         return await self.inner.acheck_connection()
 
+    # what leases left unused goes back ------------------------------------------------------
+
+    def _give_back(self, everything: bool) -> Flow[None]:
+        if self.leases is None:
+            return
+        for settle in self.leases.ended(self.leases.clock(), everything=everything):
+            yield from self._settle_on_backend(settle)
+
+    def flush_leases(self, *, everything: bool = False) -> None:
+        """Give back what ended leases (``everything``: all leases) left unused."""
+        drive(self._give_back(everything), self.inner)
+
+    async def aflush_leases(self, *, everything: bool = False) -> None:
+        await adrive(self._give_back(everything), self.inner)
+
     def close(self) -> None:
+        if self._flusher is not None:
+            self._flusher.stop.set()
+        self.flush_leases(everything=True)
         self.inner.close()
 
     async def aclose(self) -> None:
+        if self._flusher is not None:
+            self._flusher.stop.set()
+        await self.aflush_leases(everything=True)
         await self.inner.aclose()
+
+
+class _Flusher(threading.Thread):
+    """Gives back, every ``interval`` seconds, what ended leases left unused: a customer
+    that stops sending requests gets its units back within two lease lifetimes. Holds its
+    store weakly and ends with it (or its ``close``)."""
+
+    def __init__(self, storage: ResilientStorage, interval: float) -> None:
+        super().__init__(name="plangate-leases", daemon=True)
+        self._storage = weakref.ref(storage)
+        self.interval = interval
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        while not self.stop.wait(self.interval):
+            storage = self._storage()
+            if storage is None:
+                return
+            try:
+                storage.flush_leases()
+            except Exception:  # never let the thread die: the next round tries again
+                logger.exception("giving back unused lease units failed")
+            del storage

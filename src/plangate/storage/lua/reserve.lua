@@ -16,6 +16,14 @@
 -- then per balance: "cost direct grant start finish" and, per overage, " index rate group":
 --   the units of counter index (0-based) over its limit are charged at rate sub-units each,
 --   the most over any limit of a group; a counter with overage never refuses by itself.
+-- then, for a lease (no balances; storage/_leases.py), one more argument: "want fraction
+--   near" then per counter " held slot". First the units this process held on the counter
+--   and did not use go back (from the bucket or period they were counted in; an exact log is
+--   never leased); then, if every counter admits, up to `want` more of the request's costs
+--   are counted with it, at most `fraction` of what each limit has left after it and none
+--   once a counter is at `near` of its limit. The units are counted in the bucket of now:
+--   the caller uses them before that bucket ends, so they count at least as long as their
+--   use would.
 --
 -- Returns one string (one reply element costs the client less to read than many):
 --   "admitted retry_after_ms #violated violated indices (1-based)..." then per counter
@@ -23,6 +31,7 @@
 --   balance ";short balance required charged" (short 1: it cannot cover it) and its burns,
 --   " grant units" each.
 -- "used" and "balance" are after the reservation when admitted, else before it.
+-- A lease adds "|granted": how many more of the request's costs were counted for it.
 
 local now_arg = ARGV[1]
 local now = tonumber(now_arg)
@@ -34,10 +43,41 @@ usage_ttl = tonumber(usage_ttl) or 0
 local ncounters = #KEYS - 2 * ncredits - (usage_ttl > 0 and 1 or 0)
 local nbuckets = __SLIDING_BUCKETS__
 
+local lease = ARGV[3 + ncounters + ncredits] -- nil: no lease asked for
+local want, fraction, near, held_back = 0, 0, 0, {}
+if lease ~= nil then
+  local w, f, n, rest = string.match(lease, "^(%d+) (%S+) (%S+)(.*)$")
+  want, fraction, near = tonumber(w), tonumber(f), tonumber(n)
+  for held, slot in string.gmatch(rest, "(%d+) (%S+)") do
+    held_back[#held_back + 1] = {tonumber(held), slot}
+  end
+end
+
 local counters = {}
 for i = 1, ncounters do
   local limit, cost, window, resets, bound, meter =
     string.match(ARGV[2 + i], "(%S+) (%S+) (%S+) (%S+) (%S+) ?(%S*)")
+  local back = held_back[i]
+  if back ~= nil and back[1] > 0 then
+    -- what an earlier lease left unused: never more than its bucket or period still holds
+    local held
+    if tonumber(window) > 0 then
+      held = redis.pcall("HGET", KEYS[i], back[2]) -- an error: a log now (a plan changed)
+    else
+      held = redis.call("GET", KEYS[i]) -- none: its period ended
+    end
+    if type(held) == "string" then
+      local change = math.min(back[1], tonumber(held))
+      if change > 0 and tonumber(window) > 0 then
+        redis.call("HINCRBY", KEYS[i], back[2], -change)
+      elseif change > 0 then
+        redis.call("DECRBY", KEYS[i], change)
+      end
+    end
+    if usage_ttl > 0 and meter ~= "" then -- the lease's units were counted as used
+      usage_add(KEYS[#KEYS], meter, -back[1], usage_ttl)
+    end
+  end
   local c = {
     meter = meter,
     key = KEYS[i],
@@ -256,6 +296,25 @@ if (#violated > 0 or short > 0) and enforce then
   return table.concat(reply, " ") .. credits_reply(false)
 end
 
+-- A lease: as many more of the request's costs as every counter has room for.
+local granted = 0
+if want > 0 and #violated == 0 and enforce then
+  granted = want
+  for _, c in ipairs(counters) do
+    if c.limit >= 0 and c.cost > 0 then
+      local after = c.total + c.cost
+      local room = 0
+      if after < near * c.limit then
+        room = math.floor(fraction * (c.limit - after) / c.cost)
+      end
+      granted = math.min(granted, room)
+    end
+  end
+  for _, c in ipairs(counters) do
+    c.cost = c.cost * (1 + granted)
+  end
+end
+
 local used = false
 reply = {string.format("%d 0 %d", (#violated == 0 and short == 0) and 1 or 0, #violated)}
 for _, i in ipairs(violated) do
@@ -297,5 +356,8 @@ if used and ncredits == 0 and reservation ~= "-" then
   -- the last reservation made: a client whose reply was lost replays its usage, and the
   -- replay finds it made here (a reservation with credits is found in its ledger)
   redis.call("HSET", KEYS[#KEYS], "#last", reservation)
+end
+if lease ~= nil then
+  return table.concat(reply, " ") .. "|" .. granted
 end
 return table.concat(reply, " ") .. credits_reply(enforce)
