@@ -7,8 +7,10 @@ run is deterministic; the background thread itself is tested on its own.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
+import socket
 import threading
 import uuid
 from collections.abc import Callable, Iterator
@@ -356,8 +358,10 @@ def test_two_requests_asking_at_once_both_give_back_what_they_do_not_use(process
     assert store.leases is not None
     held = store.leases._held[counter.key]
     assert held.left > 0
-    # a second lease on the same counter, as two coroutines asking at once make
-    store.leases._hold(type(held)(counter, held.slot, 0, held.until, held.used, held.reset_at))
+    # a second lease on the same counter, as two coroutines asking at once make (counted
+    # elsewhere: a slot of its own)
+    twin = type(held)(counter, held.slot + 1, 0, held.until, held.used, held.reset_at, held.at)
+    store.leases._hold(twin)
     store.flush_leases(everything=True)
     assert counted(store, counter, clock.now) == 30
 
@@ -506,3 +510,144 @@ def test_units_leased_before_an_outage_still_admit_during_it(processes, clock):
         assert store.reserve(Reserve((counter,), clock.now)).admitted
     assert store.backend_calls == calls
     assert store.pending == 0  # nothing to replay: Redis counted them when they were leased
+
+
+# What a review found: each would have admitted past a limit or lost units ------------------
+
+
+def test_a_request_refused_for_its_credits_is_not_admitted_from_a_lease(processes, clock):
+    store = processes()
+    counter = period(1_000_000)
+    warm(store, clock, counter, 100)  # a credit-free route of the meter holds a lease
+    ai = CreditCharge(f"{K}credits:ai", "ai", cost=5, direct=True, on_error="deny")
+    paid = store.reserve(Reserve((counter,), clock.now, reservation_id="paid", credits=(ai,)))
+    assert not paid.admitted
+    assert paid.short == (0,)
+
+
+def test_units_given_back_after_their_hour_leave_that_hours_usage(processes, clock):
+    store = processes()
+    hour = int(T0 // 3600 * 3600) + 3600
+    clock.now = hour - 0.2
+    counter = Counter(
+        f"{K}calls-month:{uuid.uuid4().hex}",
+        1_000_000,
+        1,
+        resets_at=hour + 86_400,
+        usage="api_calls",
+        usage_ttl=86_400,
+    )
+    warm(store, clock, counter, 40)
+    clock.now = hour + 0.1  # the lease ended with its hour; given back in the next
+    assert store.reserve(Reserve((counter,), clock.now)).admitted
+    store.flush_leases(everything=True)
+    hours = store.inner.usage_hours("acme", hour - 3600, hour + 3600)
+    assert hours == {hour - 3600: {"api_calls": 40}, hour: {"api_calls": 1}}
+
+
+def test_a_lease_call_whose_reply_is_lost_gives_nothing_back_twice(request, clock, monkeypatch):
+    # redis-py sends a call again on a connection broken after it was sent: the script ran,
+    # its reply is lost, and the second run must not give the held units back again
+    server = request.getfixturevalue("redis_server")
+    _flush(server)
+    monkeypatch.setattr(_Flusher, "start", lambda self: None)
+    proxy = ReplyDropper(server.port)
+    store = open_storage(f"redis://127.0.0.1:{proxy.port}/0")
+    other = open_storage(f"{server.url}?leases=off")
+    assert isinstance(store, ResilientStorage)
+    assert store.leases is not None
+    store.leases.clock = clock
+    key = f"{K}calls-month:{uuid.uuid4().hex}"
+    counter = period(2000, key=key)
+    used = 0
+    for _ in range(300):
+        clock.now += 0.0005
+        used += store.reserve(Reserve((counter,), clock.now)).admitted
+    top = 1910 - counted(store, counter, clock.now)
+    assert other.reserve(Reserve((period(2000, top, key),), clock.now)).admitted
+    used += top
+    clock.now += 1.0  # the lease ended: the next call gives its units back
+    proxy.drop_next_reply()
+    used += store.reserve(Reserve((counter,), clock.now)).admitted
+    assert proxy.dropped == 1
+    while True:
+        admitted = store.reserve(Reserve((counter,), clock.now)).admitted
+        admitted += other.reserve(Reserve((counter,), clock.now)).admitted
+        if not admitted:
+            break
+        used += admitted
+    assert used == 2000
+    store.close()
+    other.close()
+    proxy.close()
+
+
+def test_units_held_when_a_plan_makes_the_window_an_exact_log_go_back(processes, clock):
+    store = processes()
+    key = f"{K}calls-{uuid.uuid4().hex}"
+    used = 0
+    for _ in range(300):
+        clock.now += 0.0005
+        used += store.reserve(
+            Reserve((buckets(5000, key=key, seconds=3600.0),), clock.now)
+        ).admitted
+    assert store.leases is not None
+    assert store.leases._held[key].left > 0
+    lowered = Counter(key, 1000, 1, window=3600.0)  # at most 1 000: an exact log now
+    clock.now += 0.01
+    used += store.reserve(Reserve((lowered,), clock.now)).admitted
+    clock.now += 1.0
+    store.flush_leases(everything=True)
+    assert counted(store, lowered, clock.now) == used == 301
+
+
+class ReplyDropper:
+    """A TCP proxy to Redis that, once told, lets the next EVALSHA through and drops the
+    client's connection instead of its reply: the script ran, the client never hears."""
+
+    def __init__(self, target: int) -> None:
+        self.target = target
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.armed = False
+        self.dropped = 0
+        self.lock = threading.Lock()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def drop_next_reply(self) -> None:
+        self.armed = True
+
+    def close(self) -> None:
+        self.listener.close()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(("127.0.0.1", self.target))
+            state = {"drop": False}
+            threading.Thread(target=self._up, args=(client, upstream, state), daemon=True).start()
+            threading.Thread(target=self._down, args=(upstream, client, state), daemon=True).start()
+
+    def _up(self, client: socket.socket, upstream: socket.socket, state: dict) -> None:
+        with contextlib.suppress(OSError):
+            while data := client.recv(65536):
+                with self.lock:
+                    if self.armed and b"EVALSHA" in data.upper():
+                        self.armed, state["drop"] = False, True
+                upstream.sendall(data)
+        with contextlib.suppress(OSError):
+            upstream.close()
+
+    def _down(self, upstream: socket.socket, client: socket.socket, state: dict) -> None:
+        with contextlib.suppress(OSError):
+            while data := upstream.recv(65536):
+                if state["drop"]:
+                    self.dropped += 1
+                    client.shutdown(socket.SHUT_RDWR)
+                    client.close()
+                    upstream.close()
+                    return
+                client.sendall(data)

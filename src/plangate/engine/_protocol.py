@@ -400,6 +400,11 @@ class Lease:
     fraction: float
     near: float
     held: tuple[tuple[int, int], ...]  # per counter: (units, slot)
+    #: names the call: its reply is kept under this id (a settled marker, as ``Settle``'s),
+    #: so the same call again — a client that lost the reply — changes nothing and answers
+    #: the same, and a ``Settle`` with this id giving the same units back changes nothing
+    #: if the call was made
+    id: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -437,6 +442,9 @@ class Settle(Op[bool]):
     credits: tuple[CreditCharge, ...] = ()
     credit_deltas: tuple[int, ...] = ()
     burns: tuple[Burns, ...] = ()
+    #: the time whose hour of usage aggregates the deltas change (0: ``now``'s): a lease's
+    #: units given back after its hour ended belong to the hour they were leased in
+    usage_at: float = 0.0
 
     def run(self, backend: Backend) -> bool:
         return backend.settle(self)

@@ -64,6 +64,7 @@ class _Held:
     until: float  # admit from them only before this (epoch seconds)
     used: int  # the counter's usage as of the store's answer, what is held unused left out
     reset_at: float  # when capacity next returns, as of that answer
+    at: float  # when they were leased: the hour of usage aggregates they count in
 
 
 class Leases:
@@ -90,6 +91,9 @@ class Leases:
         self._rates: OrderedDict[str, tuple[float, float]] = OrderedDict()  # key → (count, at)
         self._eligible: dict[int, tuple[tuple[Counter, ...], bool]] = {}
         self._spare: list[_Held] = []  # held no longer (a newer lease took their place)
+        #: units a call meant to give back that may not have reached the store: given back
+        #: by a settle with that call's id, which changes nothing if the call was made
+        self._unsent: list[Settle] = []
         self._lock = threading.Lock()
         self.granted_units = 0  # units leased (for the benchmarks' counts)
         _ALL.add(self)
@@ -97,7 +101,7 @@ class Leases:
     @property
     def holding(self) -> bool:
         """Whether this process holds any units (or has some to give back)."""
-        return bool(self._held) or bool(self._spare)
+        return bool(self._held) or bool(self._spare) or bool(self._unsent)
 
     def after_fork(self) -> None:
         """In a forked child: the parent holds these units, not the child."""
@@ -105,6 +109,7 @@ class Leases:
         self._held.clear()
         self._ends.clear()
         self._spare.clear()
+        self._unsent.clear()
         self._rates.clear()
 
     def eligible(self, op: Reserve) -> bool:
@@ -162,25 +167,35 @@ class Leases:
         """``op`` as it goes to the store: with what this process holds on its counters given
         back, and a lease asked for as its rate warrants (``op`` itself if neither)."""
         now = op.now
+        hour = now // USAGE_HOUR
         with self._lock:
             rate = min(self._rate(c.key, now) for c in op.counters)
             want = max(0, round(rate * self.horizon) - 1)
             back = []
             for c in op.counters:
                 h = self._held.pop(c.key, None)
-                back.append((h.left, h.slot) if h is not None else (0, 0))
+                if h is None or not h.left:
+                    back.append((0, 0))
+                elif c.usage and h.at // USAGE_HOUR != hour:
+                    self._spare.append(h)  # its hour's usage is another key: a settle's
+                    back.append((0, 0))
+                else:
+                    back.append((h.left, h.slot))
         if not want and not any(units for units, _ in back):
             return op
-        return replace(op, lease=Lease(want, self.fraction, self.near, tuple(back)))
+        lease = Lease(want, self.fraction, self.near, tuple(back), f"lease:{os.urandom(8).hex()}")
+        return replace(op, lease=lease)
 
     def failed(self, ask: Reserve) -> None:
-        """``ask`` never reached the store: the units it gave back are still held there,
-        so they go back later (a flush), not lost until their window ends."""
-        assert ask.lease is not None
-        with self._lock:
-            for c, (units, slot) in zip(ask.counters, ask.lease.held, strict=True):
-                if units and c.key not in self._held:
-                    self._hold(_Held(c, slot, units, ask.now, 0, ask.now))
+        """``ask`` failed: what it gave back may still be held in the store. A settle with its
+        id gives it back later; if the call was made after all, that settle changes nothing."""
+        lease = ask.lease
+        assert lease is not None
+        if any(units for units, _ in lease.held):
+            slots = tuple(slot for _, slot in lease.held)
+            deltas = tuple(-units for units, _ in lease.held)
+            with self._lock:
+                self._unsent.append(Settle(lease.id, ask.counters, slots, deltas, ask.now))
 
     def granted(self, ask: Reserve, result: ReserveResult) -> ReserveResult:
         """Hold what the store leased with ``ask``; ``result`` as the request sees it (the
@@ -201,7 +216,7 @@ class Leases:
                     until = min(ends, c.resets_at)
                 units = leased * c.cost
                 used = state.used - units
-                self._hold(_Held(c, slot, units, until, used, now + state.reset_after))
+                self._hold(_Held(c, slot, units, until, used, now + state.reset_after, now))
                 states.append(CounterState(used, state.reset_after))
             self.granted_units += leased
         return result._replace(states=tuple(states))
@@ -246,11 +261,11 @@ class Leases:
     def ended(self, now: float, *, everything: bool = False) -> Iterator[Settle]:
         """Settles giving back what leases ended by ``now`` left unused (``everything``:
         every lease, ended or not), one per customer; they are held no longer."""
-        returned: dict[str, list[_Held]] = {}
+        # per customer and hour of usage: one settle each
+        returned: dict[tuple[str, float], list[_Held]] = {}
         with self._lock:
-            for spare in self._spare:
-                returned.setdefault(prefix_of_key(spare.counter.key), []).append(spare)
-            self._spare.clear()
+            unsent, self._unsent = self._unsent, []
+            ended, self._spare = self._spare, []
             ends = self._ends
             while ends and (everything or ends[0][0] <= now):
                 _, ident, key = heapq.heappop(ends)
@@ -258,8 +273,12 @@ class Leases:
                 if h is None or id(h) != ident or (not everything and h.until > now):
                     continue
                 del self._held[key]
-                if h.left:
-                    returned.setdefault(prefix_of_key(key), []).append(h)
+                ended.append(h)
+        for h in ended:
+            if h.left:
+                group = (prefix_of_key(h.counter.key), h.at // USAGE_HOUR)
+                returned.setdefault(group, []).append(h)
+        yield from unsent
         for leases in returned.values():
             yield Settle(
                 f"lease:{os.urandom(8).hex()}",
@@ -267,6 +286,7 @@ class Leases:
                 tuple(h.slot for h in leases),
                 tuple(-h.left for h in leases),
                 now,
+                usage_at=leases[0].at,
             )
 
     @property

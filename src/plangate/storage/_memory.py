@@ -448,7 +448,7 @@ class MemoryStorage(Storage):
                     state.adjust(slot, delta, now, max(counter.limit or 0, 1))
                 elif isinstance(state, _Sliding) and not counter.exact:
                     state.adjust(slot, delta)  # a bucket already out of the window stays out
-            self._count_usage(op.counters, op.deltas, now)
+            self._count_usage(op.counters, op.deltas, op.usage_at or now)
             now_us = micros(now)
             for charge, change, burns in zip(op.credits, op.credit_deltas, op.burns, strict=True):
                 if change > 0:

@@ -77,6 +77,7 @@ def script_source(name: str) -> str:
         ("__LEDGER_SLACK__", LEDGER_SLACK),
         ("__PRUNE_AFTER__", PRUNE_AFTER),
         ("__MAX_UNITS__", MAX_UNITS),
+        ("__SETTLED_TTL__", SETTLED_TTL),
     ):
         text = text.replace(name_, str(value))
     return text
@@ -108,9 +109,10 @@ def _usage_of(counters: Sequence[Counter]) -> tuple[str, int]:
     return "", 0
 
 
-def _usage_target(prefix: str, retention: int, now: float) -> tuple[str, int]:
-    """The aggregates of the hour of ``now`` and the seconds from now they expire in."""
-    hour = usage_hour(now)
+def _usage_target(prefix: str, retention: int, now: float, at: float = 0.0) -> tuple[str, int]:
+    """The aggregates of the hour of ``at`` (0: of ``now``) and the seconds from ``now`` they
+    expire in."""
+    hour = usage_hour(at or now)
     return usage_key(prefix, hour), max(1, math.ceil(hour + USAGE_HOUR + retention - now))
 
 
@@ -131,12 +133,13 @@ def reserve_call(op: Reserve) -> tuple[list[str], list[Any]]:
     flag = "1" if op.enforce else "0"
     lease = op.lease
     if lease is not None:  # never with credits (storage/_leases.py)
-        args = [repr(op.now), flag, *cached[2], _lease_spec(lease)]
-        if not cached[3]:
-            return cached[1], args
-        usage, ttl = _usage_target(cached[3], cached[4], op.now)
-        args[1] = f"{flag} 0 {op.reservation_id or '-'} {ttl}"
-        return [*cached[1], usage], args
+        keys = [*cached[1], f"{counters[0].key}:settled:{lease.id}"]
+        ttl = 0
+        if cached[3]:
+            usage, ttl = _usage_target(cached[3], cached[4], op.now)
+            keys.append(usage)
+        head = f"{flag} 0 {op.reservation_id or '-'} {ttl} L"
+        return keys, [repr(op.now), head, *cached[2], _lease_spec(lease)]
     if not credits and not cached[3]:
         return cached[1], [repr(op.now), flag, *cached[2]]
     keys = cached[1]
@@ -239,7 +242,7 @@ def settle_call(op: Settle) -> tuple[list[str], list[Any]]:
     ttl: Any = f"{SETTLED_TTL} {len(op.credits)}" if op.credits else SETTLED_TTL
     prefix, retention = _usage_of(op.counters)
     if prefix and any(op.deltas):
-        usage, seconds = _usage_target(prefix, retention, op.now)
+        usage, seconds = _usage_target(prefix, retention, op.now, op.usage_at)
         keys.append(usage)
         ttl = f"{SETTLED_TTL} {len(op.credits)} {seconds}"
     args: list[Any] = [repr(op.now), ttl]

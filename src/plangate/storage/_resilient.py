@@ -16,6 +16,7 @@ blocking methods and by ``adrive`` for the asyncio ones.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 import weakref
@@ -62,6 +63,7 @@ logger = logging.getLogger("plangate.storage")
 T = TypeVar("T")
 
 REPLAY_BATCH = 50  # records replayed after each successful backend call
+FLUSH_JOIN = 5.0  # seconds close waits for a background flush under way
 
 
 class ResilientStorage(Storage):
@@ -194,13 +196,10 @@ class ResilientStorage(Storage):
         try:
             result = yield from self._call(ask, op.counters)
         except StorageError as exc:
-            # What the ask gave back is still held in the backend if the call never reached
-            # it; one that did may have given it back already (a script is not rolled back).
-            rejected = isinstance(exc, StorageRejected)
-            if ask.lease is not None and not exc.maybe_applied and not rejected:
+            if ask.lease is not None:
                 assert leases is not None
-                leases.failed(ask)
-            if rejected:
+                leases.failed(ask)  # what it gave back goes back later, once
+            if isinstance(exc, StorageRejected):
                 logger.error(
                     "storage refused a reservation of %s (not an outage; on_storage_error "
                     "decides this request): %s",
@@ -209,7 +208,7 @@ class ResilientStorage(Storage):
                 )
             return self._reserve_locally(op, exc)
         self.reported.note(op.counters, result.states, op.now)
-        if not result.admitted and leases is not None and leases.holding and op.enforce:
+        if not result.admitted and leases is not None and leases.holding and leases.eligible(op):
             # refused while a request of this process was being leased units: use them
             held = leases.admit(op)
             if held is not None:
@@ -498,15 +497,22 @@ class ResilientStorage(Storage):
     async def aflush_leases(self, *, everything: bool = False) -> None:
         await adrive(self._give_back(everything), self.inner)
 
+    def _stop_flusher(self) -> None:
+        """Stop the background flush, and wait for one under way (it would reopen what
+        ``close`` closes)."""
+        flusher = self._flusher
+        if flusher is not None and flusher.is_alive() and flusher is not threading.current_thread():
+            flusher.stop.set()
+            flusher.join(FLUSH_JOIN)
+
     def close(self) -> None:
-        if self._flusher is not None:
-            self._flusher.stop.set()
+        self._stop_flusher()
         self.flush_leases(everything=True)
         self.inner.close()
 
     async def aclose(self) -> None:
-        if self._flusher is not None:
-            self._flusher.stop.set()
+        if self._flusher is not None and self._flusher.is_alive():
+            await asyncio.to_thread(self._stop_flusher)
         await self.aflush_leases(everything=True)
         await self.inner.aclose()
 

@@ -7,7 +7,8 @@
 -- ARGV[2]  "1": refuse when a limit would be exceeded; "0": count regardless (shadow mode);
 --   with credits or usage, followed by " <number of balances> <reservation id>" ("0 -":
 --   none), and with usage by " <seconds>": the last KEY is the hour's usage aggregates, a
---   hash (meter -> units), which expires that many seconds from now when it is made
+--   hash (meter -> units), which expires that many seconds from now when it is made (0: no
+--   usage); then " L" for a lease (see below)
 -- ARGV[2 + i]  counter i, as "limit cost window resets bound [meter]": limit (-1:
 --   unlimited), cost, window seconds (0: a period), period end (epoch seconds; 0 for a
 --   window), for an exact log its bound on entries (0: buckets), and the meter whose usage
@@ -16,8 +17,9 @@
 -- then per balance: "cost direct grant start finish" and, per overage, " index rate group":
 --   the units of counter index (0-based) over its limit are charged at rate sub-units each,
 --   the most over any limit of a group; a counter with overage never refuses by itself.
--- then, for a lease (no balances; storage/_leases.py), one more argument: "want fraction
---   near" then per counter " held slot". First the units this process held on the counter
+-- With " L" after those (a lease; no balances; storage/_leases.py), KEYS[n + 1] (n: the
+-- number of counters) is the call's marker, and one more argument: "want fraction near"
+--   then per counter " held slot". First the units this process held on the counter
 --   and did not use go back (from the bucket or period they were counted in; an exact log is
 --   never leased); then, if every counter admits, up to `want` more of the request's costs
 --   are counted with it, at most `fraction` of what each limit has left after it and none
@@ -35,15 +37,32 @@
 
 local now_arg = ARGV[1]
 local now = tonumber(now_arg)
-local flag, ncredits, reservation, usage_ttl =
-  string.match(ARGV[2], "^(%d) ?(%d*) ?(%S*) ?(%d*)$")
+local flag, ncredits, reservation, usage_ttl, mode =
+  string.match(ARGV[2], "^(%d) ?(%d*) ?(%S*) ?(%d*) ?(%S*)$")
 local enforce = flag == "1"
 ncredits = tonumber(ncredits) or 0
 usage_ttl = tonumber(usage_ttl) or 0
-local ncounters = #KEYS - 2 * ncredits - (usage_ttl > 0 and 1 or 0)
+local leasing = mode == "L"
+local ncounters = #KEYS - 2 * ncredits - (usage_ttl > 0 and 1 or 0) - (leasing and 1 or 0)
 local nbuckets = __SLIDING_BUCKETS__
 
-local lease = ARGV[3 + ncounters + ncredits] -- nil: no lease asked for
+-- A lease's call is made once: the same call again (a client that lost the reply and sent it
+-- again) answers what the first did and changes nothing.
+local marker = leasing and KEYS[ncounters + 1] or nil
+if marker ~= nil then
+  local done = redis.call("GET", marker)
+  if done then
+    return done
+  end
+end
+local function answer(text)
+  if marker ~= nil then
+    redis.call("SET", marker, text, "EX", __SETTLED_TTL__)
+  end
+  return text
+end
+
+local lease = leasing and ARGV[3 + ncounters + ncredits] or nil
 local want, fraction, near, held_back = 0, 0, 0, {}
 if lease ~= nil then
   local w, f, n, rest = string.match(lease, "^(%d+) (%S+) (%S+)(.*)$")
@@ -293,7 +312,7 @@ if (#violated > 0 or short > 0) and enforce then
     -- refused: no slot, but how long this counter refuses
     reply[#reply + 1] = string.format("%d %d %d", c.total, ms(reset_after(c)), ms(c.wait or 0))
   end
-  return table.concat(reply, " ") .. credits_reply(false)
+  return answer(table.concat(reply, " ") .. credits_reply(false))
 end
 
 -- A lease: as many more of the request's costs as every counter has room for.
@@ -358,6 +377,6 @@ if used and ncredits == 0 and reservation ~= "-" then
   redis.call("HSET", KEYS[#KEYS], "#last", reservation)
 end
 if lease ~= nil then
-  return table.concat(reply, " ") .. "|" .. granted
+  return answer(table.concat(reply, " ") .. "|" .. granted)
 end
 return table.concat(reply, " ") .. credits_reply(enforce)

@@ -71,6 +71,29 @@ local function log_settle(key, window, seq, delta, bound)
   log_flush(log)
 end
 
+-- Units given back to a log that was buckets when they were counted (a plan changed the
+-- limit; a lease's units, storage/_leases.py): taken from the oldest entries, so that every
+-- unit still counted counts at least as long as before.
+local function log_give_back(key, window, units)
+  local log = log_open(key, window, now, ARGV[1], true)
+  if log == nil then
+    return
+  end
+  local index = log.n
+  while units > 0 and index >= 1 do
+    local seq, _, held, time_text = log_entry(redis.call("LINDEX", key, index))
+    local take = math.min(held, units)
+    if take > 0 then
+      redis.call("LSET", key, index, string.format("%d %s %d", seq, time_text, held - take))
+      log.total = log.total - take
+      log.dirty = true
+      units = units - take
+    end
+    index = index - 1
+  end
+  log_flush(log)
+end
+
 for i = 1, n do
   local base = 2 + (i - 1) * 6
   local key = KEYS[i]
@@ -95,6 +118,8 @@ for i = 1, n do
         if change ~= 0 then -- never "-0", which HINCRBY refuses
           redis.call("HINCRBY", key, slot, string.format("%d", change))
         end
+      elseif type(held) == "table" and delta < 0 then
+        log_give_back(key, window, -delta)
       end
     elseif resets > now then
       local held = tonumber(redis.call("GET", key) or "0")
