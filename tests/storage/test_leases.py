@@ -7,11 +7,15 @@ run is deterministic; the background thread itself is tested on its own.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import random
 import socket
+import subprocess
+import sys
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator
 
@@ -421,8 +425,6 @@ def test_the_background_flush_gives_back_an_idle_customers_units(server, request
             flushed.set()
 
     store.flush_leases = flush  # type: ignore[method-assign]
-    import time
-
     counter = Counter(
         f"{K}calls-month:{uuid.uuid4().hex}", 1_000_000, 1, resets_at=time.time() + 3600
     )
@@ -474,8 +476,6 @@ def test_hourly_usage_aggregates_hold_what_was_used_once_leases_are_given_back(p
 
 
 def test_the_asyncio_path_leases_settles_and_gives_back_on_aclose(processes, clock):
-    import asyncio
-
     store, other = processes(), processes()
     counter = period(1_000_000)
 
@@ -651,3 +651,23 @@ class ReplyDropper:
                     upstream.close()
                     return
                 client.sendall(data)
+
+
+def test_a_process_that_exits_without_closing_its_store_gives_back_its_leases(redis_server):
+    _flush(redis_server)
+    key = f"{K}calls-month:{uuid.uuid4().hex}"
+    script = f"""
+import time
+from plangate.storage import Counter, Reserve, open_storage
+store = open_storage({redis_server.url!r})
+counter = Counter({key!r}, 1_000_000, 1, resets_at=time.time() + 3600)
+for _ in range(40):
+    assert store.reserve(Reserve((counter,), time.time())).admitted
+assert store.leases.holding
+"""  # and exits, the store never closed (a WSGI worker's end)
+    subprocess.run([sys.executable, "-c", script], check=True, timeout=60)
+    store = open_storage(f"{redis_server.url}?leases=off")
+    assert isinstance(store, ResilientStorage)
+    counter = Counter(key, 1_000_000, 1, resets_at=time.time() + 3600)
+    assert store.inner.peek(Peek((counter,), time.time()))[0].used == 40
+    store.close()

@@ -17,6 +17,7 @@ blocking methods and by ``adrive`` for the asyncio ones.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import logging
 import threading
 import weakref
@@ -216,6 +217,8 @@ class ResilientStorage(Storage):
         if ask.lease is not None and leases is not None:
             result = leases.granted(ask, result)
             if result.admitted and (self._flusher is None or not self._flusher.is_alive()):
+                if self._flusher is None:  # a process ending without close gives back too
+                    atexit.register(_give_back_at_exit, weakref.ref(self))
                 self._flusher = _Flusher(self, leases.ttl)
                 self._flusher.start()
         if op.credits:
@@ -515,6 +518,18 @@ class ResilientStorage(Storage):
             await asyncio.to_thread(self._stop_flusher)
         await self.aflush_leases(everything=True)
         await self.inner.aclose()
+
+
+def _give_back_at_exit(ref: weakref.ReferenceType[ResilientStorage]) -> None:
+    """At interpreter exit (a WSGI worker, a gateway that never closes its store): give back
+    every lease still held, as ``close`` does."""
+    storage = ref()
+    if storage is None or storage.leases is None or not storage.leases.holding:
+        return
+    try:
+        storage.flush_leases(everything=True)
+    except Exception:  # leaving anyway: the units stay counted until their window ends
+        logger.exception("giving back lease units at exit failed")
 
 
 class _Flusher(threading.Thread):
