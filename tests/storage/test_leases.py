@@ -671,3 +671,110 @@ assert store.leases.holding
     counter = Counter(key, 1_000_000, 1, resets_at=time.time() + 3600)
     assert store.inner.peek(Peek((counter,), time.time()))[0].used == 40
     store.close()
+
+
+# What a second review found ---------------------------------------------------------------
+
+
+def test_a_late_refund_of_a_bucket_gone_from_a_window_that_became_a_log_takes_nothing(
+    processes, clock
+):
+    plain = processes("leases=off")
+    key = f"{K}calls-{uuid.uuid4().hex}"
+    old = Counter(key, 2000, 100, window=60.0)  # buckets
+    early = plain.reserve(Reserve((old,), T0, reservation_id="early"))
+    assert plain.reserve(Reserve((old,), T0 + 30)).admitted  # still in the window later
+    new = Counter(key, 500, 1, window=60.0)  # a plan lowers the limit: an exact log
+    at = T0 + 65  # the first bucket has left the window
+    assert plain.reserve(Reserve((new,), at)).admitted
+    assert plain.settle(Settle("early", (old,), early.slots, (-100,), at))
+    assert counted(plain, new, at) == 101  # nothing taken: those units had left already
+    admitted = 0
+    while plain.reserve(Reserve((new,), at)).admitted:
+        admitted += 1
+    assert 101 + admitted == 500
+
+
+def test_two_leases_asked_across_an_hour_keep_their_hours_usage(processes, clock):
+    store = processes()
+    leases = store.leases
+    assert leases is not None
+    hour = int(T0 // 3600 * 3600) + 3600
+    counter = Counter(
+        f"{K}calls-month:{uuid.uuid4().hex}",
+        1_000_000,
+        1,
+        resets_at=hour + 86_400,
+        usage="api_calls",
+        usage_ttl=86_400,
+    )
+    clock.now = hour - 0.5
+    warm(store, clock, counter, 40)
+    store.flush_leases(everything=True)
+    first, second = Reserve((counter,), hour - 0.05), Reserve((counter,), hour + 0.05)
+    asked = leases.ask(first), leases.ask(second)  # the second asks before the first hears
+    answers = [store.inner.reserve(op) for op in asked]
+    for op, answer in zip(asked, answers, strict=True):
+        assert answer.leased > 0
+        leases.granted(op, answer)
+    clock.now = hour + 5
+    store.flush_leases(everything=True)
+    hours = store.inner.usage_hours("acme", hour - 3600, hour + 3600)
+    assert hours == {hour - 3600: {"api_calls": 41}, hour: {"api_calls": 1}}
+
+
+def test_units_given_back_to_a_window_another_process_made_a_log_go_back(processes, clock):
+    store, other = processes(), processes("leases=off")
+    key = f"{K}calls-{uuid.uuid4().hex}"
+    old, new = Counter(key, 5000, 1, window=3600.0), Counter(key, 1000, 1, window=3600.0)
+    used = 0
+    for _ in range(300):
+        clock.now += 0.0005
+        used += store.reserve(Reserve((old,), clock.now)).admitted
+    clock.now += 0.01
+    used += other.reserve(Reserve((new,), clock.now)).admitted  # the other plan: a log now
+    clock.now += 1.0
+    used += store.reserve(Reserve((old,), clock.now)).admitted  # gives its units back
+    store.flush_leases(everything=True)
+    assert counted(other, new, clock.now) == used == 302
+
+
+def test_a_give_back_of_a_failed_call_is_dropped_once_the_store_may_have_forgotten_it(
+    processes, clock
+):
+    store = processes()
+    counter = period(1_000_000)
+    warm(store, clock, counter)
+    assert store.leases is not None
+    held = store.leases._held[counter.key].left
+    assert held > 0
+    clock.now += 1.0
+    for _ in range(3):
+        store.breaker.failed(OSError("down"))  # the next call fails: its give-back is queued
+    assert store.reserve(Reserve((counter,), clock.now)).admitted
+    store.breaker.succeeded()
+    clock.now += 301.0  # the call's marker may be gone by the time this settle arrives
+    store.flush_leases()
+    store.peek(Peek((counter,), clock.now))  # a call: the request admitted meanwhile replays
+    # the units stay counted: never given back twice
+    assert counted(store, counter, clock.now) == 30 + held + 1
+
+
+def test_an_interrupted_flush_leaves_the_rest_for_the_next(processes, clock, monkeypatch):
+    store = processes()
+    counters = [period(1_000_000) for _ in range(2)]
+    for counter in counters:
+        warm(store, clock, Counter(counter.key, counter.limit, 1, resets_at=counter.resets_at))
+    sent = store._settle_on_backend
+
+    def interrupted(op):
+        monkeypatch.setattr(store, "_settle_on_backend", sent)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(store, "_settle_on_backend", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        store.flush_leases(everything=True)
+    assert store.leases is not None
+    assert store.leases.holding
+    store.flush_leases(everything=True)
+    assert [counted(store, c, clock.now) for c in counters] == [30, 30]

@@ -52,6 +52,17 @@ LEASE_FRACTION = 0.10  # the largest share of a limit's headroom one lease may t
 NEAR_LIMIT = 0.95  # from this share of a limit used on, no leases: every request asks
 RATE_MEMORY = 1.0  # seconds: how long a request weighs in the rate estimate
 KEPT = 100_000  # counters whose rate is kept; the oldest are forgotten first
+LEASE = "lease:"  # the id of a lease's call, and of the settle giving back what it could not
+RETURN = "return:"  # the id of a settle giving back what a lease did not use
+#: seconds within which a settle with a lease call's id is sent, or never: the store keeps the
+#: call's marker for SETTLED_TTL (600 s), and a settle after it would give the units back again
+GIVE_BACK_WITHIN = 300.0
+
+
+def too_late(settle: Settle, now: float) -> bool:
+    """Whether ``settle`` gives back what a lease's call may have given back already, and
+    the store may have forgotten that call: its units stay counted until their window ends."""
+    return settle.reservation_id.startswith(LEASE) and now - settle.now >= GIVE_BACK_WITHIN
 
 
 @dataclass(slots=True)
@@ -183,7 +194,7 @@ class Leases:
                     back.append((h.left, h.slot))
         if not want and not any(units for units, _ in back):
             return op
-        lease = Lease(want, self.fraction, self.near, tuple(back), f"lease:{os.urandom(8).hex()}")
+        lease = Lease(want, self.fraction, self.near, tuple(back), f"{LEASE}{os.urandom(8).hex()}")
         return replace(op, lease=lease)
 
     def failed(self, ask: Reserve) -> None:
@@ -196,6 +207,12 @@ class Leases:
             deltas = tuple(-units for units, _ in lease.held)
             with self._lock:
                 self._unsent.append(Settle(lease.id, ask.counters, slots, deltas, ask.now))
+
+    def requeue(self, settles: list[Settle]) -> None:
+        """Settles from ``ended`` that were not sent (the flush was interrupted): sent by the
+        next flush (each once: its id makes a second one change nothing)."""
+        with self._lock:
+            self._unsent.extend(settles)
 
     def granted(self, ask: Reserve, result: ReserveResult) -> ReserveResult:
         """Hold what the store leased with ``ask``; ``result`` as the request sees it (the
@@ -224,7 +241,12 @@ class Leases:
     def _hold(self, lease: _Held) -> None:
         before = self._held.get(lease.counter.key)
         if before is not None and before.left:  # two requests asked at once: both count
-            if before.slot == lease.slot and before.counter.limit == lease.counter.limit:
+            if (
+                before.slot == lease.slot
+                and before.counter.limit == lease.counter.limit
+                and before.until > lease.at
+                and before.at // USAGE_HOUR == lease.at // USAGE_HOUR
+            ):
                 lease.left += before.left  # counted where the new ones are: one lease
                 lease.used -= before.left
                 lease.until = min(lease.until, before.until)
@@ -281,7 +303,7 @@ class Leases:
         yield from unsent
         for leases in returned.values():
             yield Settle(
-                f"lease:{os.urandom(8).hex()}",
+                f"{RETURN}{os.urandom(8).hex()}",
                 tuple(h.counter for h in leases),
                 tuple(h.slot for h in leases),
                 tuple(-h.left for h in leases),

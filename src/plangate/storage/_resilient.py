@@ -54,7 +54,7 @@ from ._base import (
     Storage,
 )
 from ._breaker import CircuitBreaker, StorageRejected, StorageUnavailable
-from ._leases import Leases
+from ._leases import Leases, too_late
 from ._memory import MemoryStorage
 from ._outbox import OUTBOX_LIMIT, Entry, Outbox, Usage
 from ._remembered import REFUSAL_TTL, REPORTED, Refusals, ReportedUsage
@@ -64,6 +64,10 @@ logger = logging.getLogger("plangate.storage")
 T = TypeVar("T")
 
 REPLAY_BATCH = 50  # records replayed after each successful backend call
+_TOO_LATE = (
+    "lease units a failed call meant to give back waited too long (the store may have "
+    "forgotten the call): they stay counted until their window or period ends"
+)
 FLUSH_JOIN = 5.0  # seconds close waits for a background flush under way
 
 
@@ -160,6 +164,10 @@ class ResilientStorage(Storage):
     def _replay(self, entry: Entry) -> Flow[None]:
         op = self.outbox.take(entry)
         if op is None:
+            return
+        if isinstance(op, Settle) and too_late(op, self.leases.clock() if self.leases else 0.0):
+            self.outbox.discard(entry)
+            logger.warning(_TOO_LATE)
             return
         try:
             result = yield op
@@ -488,10 +496,20 @@ class ResilientStorage(Storage):
     # what leases left unused goes back ------------------------------------------------------
 
     def _give_back(self, everything: bool) -> Flow[None]:
-        if self.leases is None:
+        leases = self.leases
+        if leases is None:
             return
-        for settle in self.leases.ended(self.leases.clock(), everything=everything):
-            yield from self._settle_on_backend(settle)
+        now = leases.clock()
+        settles = list(leases.ended(now, everything=everything))
+        for i, settle in enumerate(settles):
+            if too_late(settle, now):
+                logger.warning(_TOO_LATE)
+                continue
+            try:
+                yield from self._settle_on_backend(settle)
+            except BaseException:  # cancelled, interrupted: the rest go with the next flush
+                leases.requeue(settles[i:])
+                raise
 
     def flush_leases(self, *, everything: bool = False) -> None:
         """Give back what ended leases (``everything``: all leases) left unused."""

@@ -81,7 +81,11 @@ for i = 1, ncounters do
     -- what an earlier lease left unused: never more than its bucket or period still holds
     local held
     if tonumber(window) > 0 then
-      held = redis.pcall("HGET", KEYS[i], back[2]) -- an error: a log now (a plan changed)
+      if redis.call("TYPE", KEYS[i]).ok == "list" then
+        -- a log (another process's plan): buckets again, as this counter reads it below
+        buckets_from_log(KEYS[i], tonumber(window), tonumber(window) / nbuckets, now, now_arg)
+      end
+      held = redis.call("HGET", KEYS[i], back[2])
     else
       held = redis.call("GET", KEYS[i]) -- none: its period ended
     end

@@ -73,10 +73,15 @@ end
 
 -- Units given back to a log that was buckets when they were counted (a plan changed the
 -- limit; a lease's units, storage/_leases.py): taken from the oldest entries, so that every
--- unit still counted counts at least as long as before.
-local function log_give_back(key, window, units)
+-- unit still counted counts at least as long as before; nothing once their bucket has left
+-- the window (the units left with it).
+local function log_give_back(key, window, slot, units)
   local log = log_open(key, window, now, ARGV[1], true)
   if log == nil then
+    return
+  end
+  if (tonumber(slot) + 1) * window / __SLIDING_BUCKETS__ + window <= log.t then
+    log_flush(log)
     return
   end
   local index = log.n
@@ -119,7 +124,7 @@ for i = 1, n do
           redis.call("HINCRBY", key, slot, string.format("%d", change))
         end
       elseif type(held) == "table" and delta < 0 then
-        log_give_back(key, window, -delta)
+        log_give_back(key, window, slot, -delta)
       end
     elseif resets > now then
       local held = tonumber(redis.call("GET", key) or "0")
