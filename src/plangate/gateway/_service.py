@@ -119,7 +119,8 @@ class GatewayService:
     @contextlib.asynccontextmanager
     async def _lifespan(self, app: Any) -> AsyncIterator[None]:
         """Config reloads followed and the periodic usage export (``billing.export``) run,
-        for as long as the service runs."""
+        for as long as the service runs; at shutdown the store's connections of this event
+        loop close (and what its leases did not use goes back), as the ASGI middleware's do."""
         self.gate.start()
         task = None if self.export is None else asyncio.create_task(self.export.run())
         try:
@@ -130,6 +131,7 @@ class GatewayService:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
+            await self.gate.storage.aclose()
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         await self.app(scope, receive, send)
