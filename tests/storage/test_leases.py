@@ -778,3 +778,39 @@ def test_an_interrupted_flush_leaves_the_rest_for_the_next(processes, clock, mon
     assert store.leases.holding
     store.flush_leases(everything=True)
     assert [counted(store, c, clock.now) for c in counters] == [30, 30]
+
+
+def test_two_leases_asked_at_once_in_one_bucket_are_one_lease(processes, clock):
+    store = processes()
+    leases = store.leases
+    assert leases is not None
+    counter = period(1_000_000)
+    warm(store, clock, counter, 40)
+    store.flush_leases(everything=True)
+    first, second = Reserve((counter,), clock.now), Reserve((counter,), clock.now + 0.001)
+    asked = leases.ask(first), leases.ask(second)  # the second asks before the first hears
+    answers = [store.inner.reserve(op) for op in asked]
+    for op, answer in zip(asked, answers, strict=True):
+        leases.granted(op, answer)
+    merged = leases._held[counter.key]
+    assert merged.left == sum(a.leased for a in answers)  # both, usable as one
+    calls = store.backend_calls
+    for _ in range(merged.left):
+        assert store.reserve(Reserve((counter,), clock.now + 0.002)).admitted
+    assert store.backend_calls == calls
+    store.flush_leases(everything=True)
+    assert counted(store, counter, clock.now) == 40 + 2 + sum(a.leased for a in answers)
+
+
+def test_a_settle_of_two_counters_leaves_the_store_what_the_lease_cannot_take(processes, clock):
+    store = processes()
+    far, other = period(1_000_000), period(1_000_000)
+    warm(store, clock, far)
+    assert store.inner.reserve(Reserve((other,), clock.now)).admitted  # no lease here
+    result = store.reserve(Reserve((far,), clock.now))  # from the lease
+    calls = store.backend_calls
+    settle = Settle("two", (far, other), (result.slots[0], 0), (-1, -1), clock.now)
+    assert store.settle(settle)
+    assert store.backend_calls == calls + 1  # `other`'s refund only: `far`'s joined the lease
+    store.flush_leases(everything=True)
+    assert [counted(store, c, clock.now) for c in (far, other)] == [30, 0]

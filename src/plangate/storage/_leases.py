@@ -311,12 +311,6 @@ class Leases:
                 usage_at=leases[0].at,
             )
 
-    @property
-    def next_end(self) -> float | None:
-        """When the soonest lease ends (epoch seconds); None: none is held."""
-        with self._lock:
-            return self._ends[0][0] if self._ends else None
-
 
 _ALL: weakref.WeakSet[Leases] = weakref.WeakSet()
 
