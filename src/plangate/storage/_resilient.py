@@ -191,16 +191,16 @@ class ResilientStorage(Storage):
     # operations ----------------------------------------------------------------------------
 
     def _reserve(self, op: Reserve) -> Flow[ReserveResult]:
-        leases = self.leases
+        leases = self.leases if self.leases is not None and self.leases.eligible(op) else None
         ask = op
-        if leases is not None and leases.eligible(op):
+        if leases is not None:
             held = leases.admit(op)
             if held is not None:
                 return held
         refused = self.refusals.answer(op)
         if refused is not None:
             return refused
-        if leases is not None and leases.eligible(op):
+        if leases is not None:
             ask = leases.ask(op)
         try:
             result = yield from self._call(ask, op.counters)
@@ -217,7 +217,7 @@ class ResilientStorage(Storage):
                 )
             return self._reserve_locally(op, exc)
         self.reported.note(op.counters, result.states, op.now)
-        if not result.admitted and leases is not None and leases.holding and leases.eligible(op):
+        if not result.admitted and leases is not None and leases.holding:
             # refused while a request of this process was being leased units: use them
             held = leases.admit(op)
             if held is not None:
